@@ -1,0 +1,1 @@
+"""Corpora, tokenizers, length distributions and global-batch sampling."""

@@ -1,0 +1,1 @@
+"""The chunk-aware LLaMA-style decoder."""

@@ -1,0 +1,1 @@
+"""Planning: the plan IR, the cost model, the sequence processor, schedules and the solver."""

@@ -1,0 +1,276 @@
+"""Cost model: time and memory of a chunk on a stage, from fitted per-layer coefficients.
+
+Time per layer follows the paper's form: an attention term proportional to the number of
+(query, key) pairs a chunk attends (quadratic in a segment, bilinear in a slice and its cached
+prefix), a per-token term and a fixed per-chunk overhead, with separate forward and backward
+coefficients. The first stage adds the embedding and the last stage the final norm, LM head and
+loss, both linear in tokens. Memory is linear in tokens per layer (plus an attention-area term
+for back-ends that keep the attention matrix), so it can be written straight into the
+checkpointing ILP.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..model.config import ModelConfig
+from .ir import Chunk
+
+PROFILE_FORMAT_VERSION = 1
+
+DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class ChunkShape:
+    """What the cost model needs to know of a chunk.
+
+    ``seg_lens[0]`` is the slice that attends to ``prefix`` cached tokens (``prefix`` is 0 for a
+    batched chunk); ``kept`` is how many of its tokens keep K/V for later slices of the same
+    sequence (the tokens of a split sequence's non-last slice).
+    """
+
+    seg_lens: tuple[int, ...]
+    prefix: int = 0
+    kept: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seg_lens", tuple(int(s) for s in self.seg_lens))
+        if not self.seg_lens or min(self.seg_lens) < 1:
+            raise ValueError(f"chunk shape needs non-empty segments, got {self.seg_lens}")
+        if self.prefix < 0 or self.kept < 0 or self.kept > self.seg_lens[0]:
+            raise ValueError(f"invalid chunk shape prefix={self.prefix} kept={self.kept} segs={self.seg_lens}")
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.seg_lens)
+
+    @property
+    def attn_pairs(self) -> float:
+        """Causal (query, key) pairs, bottom-right aligned: slice s with prefix C sees C + i + 1 keys."""
+        total = 0.0
+        for i, s in enumerate(self.seg_lens):
+            c = self.prefix if i == 0 else 0
+            total += s * (s + 1) / 2 + c * s
+        return total
+
+    @property
+    def kv_len(self) -> int:
+        """Keys attended in total (cached prefix included): what memory-bound kernels read."""
+        return self.tokens + self.prefix
+
+    @classmethod
+    def of(cls, chunk: Chunk, seq_lengths: Sequence[int]) -> "ChunkShape":
+        segs = sorted(chunk.segments, key=lambda s: (s.start == 0 and s.end == seq_lengths[s.seq_id], -s.start))
+        first = segs[0]
+        kept = first.length if first.end < seq_lengths[first.seq_id] else 0
+        return cls(tuple(s.length for s in segs), prefix=first.start, kept=kept)
+
+
+FEATURES = ("attn", "tokens", "kv", "chunk")
+
+
+def features(shape: ChunkShape) -> dict[str, float]:
+    return {"attn": shape.attn_pairs, "tokens": float(shape.tokens), "kv": float(shape.kv_len), "chunk": 1.0}
+
+
+@dataclass(frozen=True)
+class LinearTerm:
+    """``sum(coef[f] * feature[f])`` over the named features (missing ones count 0)."""
+
+    coef: Mapping[str, float]
+
+    def __call__(self, shape: ChunkShape) -> float:
+        feats = features(shape)
+        return sum(v * feats[k] for k, v in self.coef.items())
+
+    def to_json(self) -> dict[str, float]:
+        return dict(self.coef)
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, float]) -> "LinearTerm":
+        unknown = set(obj) - set(FEATURES)
+        if unknown:
+            raise ValueError(f"unknown cost feature(s) {sorted(unknown)}; known: {FEATURES}")
+        return cls({k: float(v) for k, v in obj.items()})
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Fitted coefficients for one (device, dtype, model shape), with where they came from.
+
+    Times are milliseconds, memory bytes. ``layer_*`` are per decoder layer; ``embed_*`` belong
+    to the first stage and ``head_*`` (final norm, LM head, blocked loss) to the last.
+    """
+
+    model: ModelConfig
+    device: str
+    dtype: str
+    layer_fwd: LinearTerm
+    layer_bwd: LinearTerm
+    layer_act_bytes: LinearTerm
+    head_fwd: LinearTerm = LinearTerm({})
+    head_bwd: LinearTerm = LinearTerm({})
+    embed_fwd: LinearTerm = LinearTerm({})
+    embed_bwd: LinearTerm = LinearTerm({})
+    head_work_bytes: LinearTerm = LinearTerm({})
+    torch_version: str = ""
+    source: str = ""
+    derived_from: str | None = None
+    fit_error: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": PROFILE_FORMAT_VERSION,
+            "device": self.device,
+            "dtype": self.dtype,
+            "torch": self.torch_version,
+            "source": self.source,
+            "derived_from": self.derived_from,
+            "model": self.model.to_json(),
+            "terms": {
+                name: getattr(self, name).to_json()
+                for name in ("layer_fwd", "layer_bwd", "layer_act_bytes", "head_fwd", "head_bwd",
+                             "embed_fwd", "embed_bwd", "head_work_bytes")
+            },
+            "fit_error": self.fit_error,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "Profile":
+        if obj.get("version") != PROFILE_FORMAT_VERSION:
+            raise ValueError(
+                f"profile format version {obj.get('version')!r} is not supported "
+                f"(this build reads version {PROFILE_FORMAT_VERSION})"
+            )
+        if obj.get("dtype") not in DTYPE_BYTES:
+            raise ValueError(f"profile dtype {obj.get('dtype')!r} is not one of {sorted(DTYPE_BYTES)}")
+        terms = {k: LinearTerm.from_json(v) for k, v in obj["terms"].items()}
+        return cls(
+            model=ModelConfig.from_json(obj["model"]),
+            device=obj["device"],
+            dtype=obj["dtype"],
+            torch_version=obj.get("torch", ""),
+            source=obj.get("source", ""),
+            derived_from=obj.get("derived_from"),
+            fit_error=dict(obj.get("fit_error", {})),
+            **terms,
+        )
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Profile":
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+@dataclass(frozen=True)
+class OptimizerStates:
+    """Bytes per parameter for weights, gradients and optimizer state (AdamW in fp32 by default)."""
+
+    param_bytes: int = 4
+    grad_bytes: int = 4
+    state_bytes: int = 8
+
+    @property
+    def per_param(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.state_bytes
+
+
+MIXED_PRECISION_ADAM = OptimizerStates(param_bytes=2, grad_bytes=2, state_bytes=12)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Time and memory of a chunk on a stage holding ``n`` layers, from a `Profile`.
+
+    ``model`` may differ from the profile's only in its number of layers (layers are identical,
+    so a profile of a few layers serves the whole model); any other difference is refused.
+    """
+
+    profile: Profile
+    model: ModelConfig
+    optimizer: OptimizerStates = OptimizerStates()
+
+    def __post_init__(self) -> None:
+        if self.model.with_layers(1) != self.profile.model.with_layers(1):
+            raise ValueError(
+                f"profile was made for model shape {self.profile.model.to_json()}, "
+                f"not {self.model.to_json()}"
+            )
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.profile.dtype]
+
+    def _stage(self, layer: float, embed: float, head: float, n_layers: int, first: bool, last: bool) -> float:
+        return n_layers * layer + (embed if first else 0.0) + (head if last else 0.0)
+
+    def forward_ms(self, shape: ChunkShape, n_layers: int, first: bool = False, last: bool = False) -> float:
+        p = self.profile
+        return self._stage(p.layer_fwd(shape), p.embed_fwd(shape), p.head_fwd(shape), n_layers, first, last)
+
+    def backward_ms(self, shape: ChunkShape, n_layers: int, first: bool = False, last: bool = False) -> float:
+        """Backward alone, without recompute."""
+        p = self.profile
+        return self._stage(p.layer_bwd(shape), p.embed_bwd(shape), p.head_bwd(shape), n_layers, first, last)
+
+    def recompute_ms(self, shape: ChunkShape, layers: int) -> float:
+        """Recomputing ``layers`` checkpointed layers costs their forward once more."""
+        return layers * self.profile.layer_fwd(shape)
+
+    def layer_act_bytes(self, shape: ChunkShape) -> float:
+        """Bytes one fully stored layer keeps for backward."""
+        return self.profile.layer_act_bytes(shape)
+
+    def ckpt_layer_bytes(self, shape: ChunkShape) -> float:
+        """A checkpointed layer keeps only its input (hidden states)."""
+        return shape.tokens * self.model.hidden * self.dtype_bytes
+
+    def kv_bytes(self, shape: ChunkShape, n_layers: int) -> float:
+        """K/V a split slice keeps on the stage for later slices (kept even on checkpointed layers)."""
+        return 2 * shape.kept * self.model.kv_dim * self.dtype_bytes * n_layers
+
+    def dkv_bytes(self, shape: ChunkShape, n_layers: int) -> float:
+        """Gradients of that K/V, accumulated from later slices until the slice's own backward."""
+        return self.kv_bytes(shape, n_layers)
+
+    def activation_bytes(self, shape: ChunkShape, n_layers: int, recompute: int = 0,
+                         first: bool = False, last: bool = False) -> float:
+        """Everything a chunk keeps on a stage from its forward until its backward."""
+        if not 0 <= recompute <= n_layers:
+            raise ValueError(f"recompute {recompute} outside 0..{n_layers}")
+        full = n_layers - recompute
+        total = full * self.layer_act_bytes(shape) + recompute * self.ckpt_layer_bytes(shape)
+        total += self.kv_bytes(shape, n_layers) + self.dkv_bytes(shape, n_layers)
+        if first:
+            total += shape.tokens * 8  # token ids kept by the embedding's backward
+        if last:
+            total += shape.tokens * self.model.hidden * self.dtype_bytes  # final-norm input
+        return total
+
+    def head_work_bytes(self, shape: ChunkShape) -> float:
+        """Transient working memory of the blocked loss on the last stage."""
+        return self.profile.head_work_bytes(shape)
+
+    def model_state_bytes(self, n_layers: int, first: bool = False, last: bool = False) -> float:
+        params = n_layers * self.model.layer_params()
+        if first:
+            params += self.model.embedding_params()
+        if last:
+            params += self.model.head_params()
+        return params * self.optimizer.per_param
+
+    def check_range(self, shape: ChunkShape) -> None:
+        """Warn when a chunk lies far outside the shapes the profile was fitted on."""
+        hi = self.profile.fit_error.get("max_kv_len")
+        if hi and shape.kv_len > 4 * hi:
+            warnings.warn(
+                f"chunk with {shape.kv_len} keys is far outside the profiled range (<= {hi}); "
+                "the cost model extrapolates",
+                stacklevel=2,
+            )

@@ -1,0 +1,1 @@
+"""Execution of plans: single-process reference executor and the distributed stage executor."""

@@ -1,0 +1,1 @@
+"""Event-driven simulation of plans on the cost model."""
