@@ -1,0 +1,127 @@
+"""Attention over a chunk: causal inside each segment, bottom-right aligned, never across segments.
+
+A segment with a cached prefix of ``C`` tokens has queries for its own ``s`` tokens and keys for
+``C + s`` tokens; query ``i`` sees keys ``0 .. C + i``. Back-ends:
+
+- ``sdpa``: ``scaled_dot_product_attention`` once per segment (CPU and any device);
+- ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash, CUDA) over all segments at once;
+- ``naive``: explicit masked softmax, the reference the others are tested against.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "sdpa", "varlen", "naive")
+
+try:
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+
+    _VARLEN_HAS_GQA = "enable_gqa" in inspect.signature(_varlen_attn).parameters
+except ImportError:  # torch without the varlen API
+    _varlen_attn = None
+    _VARLEN_HAS_GQA = False
+
+
+def varlen_available(device: torch.device) -> bool:
+    return _varlen_attn is not None and device.type == "cuda"
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``auto`` picks flash varlen on CUDA in half precision, SDPA otherwise."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose from {BACKENDS}")
+    if name == "varlen" and not varlen_available(device):
+        raise ValueError("attention backend 'varlen' needs CUDA and torch.nn.attention.varlen (torch>=2.10)")
+    if name != "auto":
+        return name
+    if varlen_available(device) and dtype in (torch.float16, torch.bfloat16):
+        return "varlen"
+    return "sdpa"
+
+
+def _segments(seg_lens, starts, prefix_kv, k, v):
+    """Yield (q_slice, keys, values, prefix) per segment, prefixed keys concatenated in front."""
+    off = 0
+    for s, c in zip(seg_lens, starts):
+        ks, vs = k[off:off + s], v[off:off + s]
+        if c > 0:
+            pk, pv = prefix_kv
+            ks, vs = torch.cat([pk, ks]), torch.cat([pv, vs])
+        yield off, s, ks, vs, c
+        off += s
+
+
+def _check_prefix(starts, prefix_kv, k) -> None:
+    c = max(starts)
+    if c == 0:
+        if prefix_kv is not None:
+            raise ValueError("cached K/V given for a chunk that has no prefixed segment")
+        return
+    if prefix_kv is None:
+        raise ValueError(f"segment with start {c} needs cached K/V of its {c}-token prefix")
+    pk, pv = prefix_kv
+    want = (c, k.shape[1], k.shape[2])
+    if tuple(pk.shape) != want or tuple(pv.shape) != want:
+        raise ValueError(f"cached K/V shapes {tuple(pk.shape)}/{tuple(pv.shape)} do not match prefix {want}")
+
+
+def _sdpa(q, k, v, seg_lens, starts, prefix_kv):
+    outs = []
+    gqa = q.shape[1] != k.shape[1]
+    for off, s, ks, vs, c in _segments(seg_lens, starts, prefix_kv, k, v):
+        qh, kh, vh = q[off:off + s].transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1)
+        if c == 0:
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=gqa)
+        else:
+            mask = torch.ones(s, c + s, dtype=torch.bool, device=q.device).tril(diagonal=c)
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs)
+
+
+def _naive(q, k, v, seg_lens, starts, prefix_kv):
+    outs = []
+    rep = q.shape[1] // k.shape[1]
+    scale = q.shape[-1] ** -0.5
+    for off, s, ks, vs, c in _segments(seg_lens, starts, prefix_kv, k, v):
+        kh = ks.repeat_interleave(rep, dim=1).transpose(0, 1)
+        vh = vs.repeat_interleave(rep, dim=1).transpose(0, 1)
+        qh = q[off:off + s].transpose(0, 1)
+        scores = qh @ kh.transpose(-1, -2) * scale
+        mask = torch.ones(s, c + s, dtype=torch.bool, device=q.device).tril(diagonal=c)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        outs.append((scores.softmax(-1) @ vh).transpose(0, 1))
+    return torch.cat(outs)
+
+
+def _varlen(q, k, v, seg_lens, starts, prefix_kv):
+    keys, values, cu_k, max_k = [], [], [0], 0
+    for _, _, ks, vs, _ in _segments(seg_lens, starts, prefix_kv, k, v):
+        keys.append(ks)
+        values.append(vs)
+        cu_k.append(cu_k[-1] + ks.shape[0])
+        max_k = max(max_k, ks.shape[0])
+    kk, vv = torch.cat(keys), torch.cat(values)
+    cu_q = torch.tensor([0, *torch.tensor(seg_lens).cumsum(0).tolist()], dtype=torch.int32, device=q.device)
+    cu_kt = torch.tensor(cu_k, dtype=torch.int32, device=q.device)
+    gqa = q.shape[1] != k.shape[1]
+    kwargs = {}
+    if gqa and _VARLEN_HAS_GQA:
+        kwargs["enable_gqa"] = True
+    elif gqa:
+        rep = q.shape[1] // k.shape[1]
+        kk, vv = kk.repeat_interleave(rep, dim=1), vv.repeat_interleave(rep, dim=1)
+    return _varlen_attn(q, kk, vv, cu_q, cu_kt, max(seg_lens), max_k, window_size=(-1, 0), **kwargs)
+
+
+_IMPL: dict[str, Callable] = {"sdpa": _sdpa, "naive": _naive, "varlen": _varlen}
+
+
+def chunk_attention(q, k, v, seg_lens, starts, prefix_kv, backend: str = "sdpa") -> torch.Tensor:
+    """q: [T, H, d]; k, v: [T, H_kv, d]; prefix_kv: cached (k, v) [C, H_kv, d] or None -> [T, H, d]."""
+    _check_prefix(starts, prefix_kv, k)
+    return _IMPL[backend](q, k, v, seg_lens, starts, prefix_kv)

@@ -1,0 +1,104 @@
+"""LLaMA-style decoder layer that processes one chunk (segments concatenated, no batch dim)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..plan.ir import Chunk
+from .attention import chunk_attention, resolve_backend
+from .config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ChunkMeta:
+    """Segment lengths, their absolute starts (= cached prefix) and every token's position."""
+
+    seg_lens: tuple[int, ...]
+    starts: tuple[int, ...]
+    positions: torch.Tensor
+
+    @classmethod
+    def build(cls, seg_lens: Sequence[int], starts: Sequence[int], device=None) -> "ChunkMeta":
+        seg_lens, starts = tuple(int(s) for s in seg_lens), tuple(int(s) for s in starts)
+        if len(seg_lens) != len(starts) or not seg_lens or min(seg_lens) < 1 or min(starts) < 0:
+            raise ValueError(f"invalid chunk layout: seg_lens={seg_lens} starts={starts}")
+        if sum(1 for s in starts if s > 0) > 1:
+            raise ValueError(f"at most one segment may have a cached prefix, starts={starts}")
+        positions = torch.cat([torch.arange(c, c + s, device=device) for s, c in zip(seg_lens, starts)])
+        return cls(seg_lens, starts, positions)
+
+    @classmethod
+    def of(cls, chunk: Chunk, device=None) -> "ChunkMeta":
+        return cls.build([s.length for s in chunk.segments], [s.start for s in chunk.segments], device)
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.seg_lens)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin for absolute positions (HF 'rotate_half' layout); computed in >= fp32."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=work) / head_dim))
+    freqs = positions.to(work)[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention + SwiGLU MLP; returns its K/V so later slices can attend to them."""
+
+    def __init__(self, cfg: ModelConfig, backend: str = "auto"):
+        super().__init__()
+        self.cfg = cfg
+        self.backend = backend
+        d, hd = cfg.hidden, cfg.head_dim
+        self.attn_norm = RMSNorm(d, cfg.norm_eps)
+        self.wq = nn.Linear(d, cfg.heads * hd, bias=False)
+        self.wk = nn.Linear(d, cfg.kv_heads * hd, bias=False)
+        self.wv = nn.Linear(d, cfg.kv_heads * hd, bias=False)
+        self.wo = nn.Linear(cfg.heads * hd, d, bias=False)
+        self.mlp_norm = RMSNorm(d, cfg.norm_eps)
+        self.w_gate = nn.Linear(d, cfg.ffn, bias=False)
+        self.w_up = nn.Linear(d, cfg.ffn, bias=False)
+        self.w_down = nn.Linear(cfg.ffn, d, bias=False)
+
+    def forward(self, h: torch.Tensor, meta: ChunkMeta, prefix_kv=None):
+        cfg = self.cfg
+        t = h.shape[0]
+        if t != meta.tokens:
+            raise ValueError(f"hidden states have {t} tokens, the chunk has {meta.tokens}")
+        x = self.attn_norm(h)
+        q = self.wq(x).view(t, cfg.heads, cfg.head_dim)
+        k = self.wk(x).view(t, cfg.kv_heads, cfg.head_dim)
+        v = self.wv(x).view(t, cfg.kv_heads, cfg.head_dim)
+        cos, sin = rope_cos_sin(meta.positions, cfg.head_dim, cfg.rope_theta, q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        backend = resolve_backend(self.backend, h.device, q.dtype)
+        o = chunk_attention(q, k, v, meta.seg_lens, meta.starts, prefix_kv, backend)
+        h = h + self.wo(o.reshape(t, cfg.heads * cfg.head_dim))
+        x = self.mlp_norm(h)
+        h = h + self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return h, k, v

@@ -1,0 +1,34 @@
+"""Next-token cross-entropy in token blocks, normalised over the global batch.
+
+Each block's logits are recomputed in backward (non-reentrant checkpoint), so a long chunk never
+holds logits for all its tokens at once. Dividing by the number of predicted tokens in the whole
+global batch makes the sum over chunks independent of how the batch was cut.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE = -100
+
+
+def _block_loss(h: torch.Tensor, labels: torch.Tensor, norm: nn.Module, head: nn.Module) -> torch.Tensor:
+    logits = head(norm(h)).float()
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+
+
+def blocked_cross_entropy(h: torch.Tensor, norm: nn.Module, head: nn.Module, labels: torch.Tensor,
+                          normaliser: int, block_tokens: int = 2048) -> torch.Tensor:
+    """Sum of token losses / ``normaliser``; ``labels`` is ``IGNORE`` where nothing is predicted."""
+    if normaliser < 1:
+        raise ValueError(f"loss normaliser must be >= 1 predicted token, got {normaliser}")
+    if labels.shape[0] != h.shape[0]:
+        raise ValueError(f"{labels.shape[0]} labels for {h.shape[0]} tokens")
+    total = h.new_zeros((), dtype=torch.float32 if h.dtype != torch.float64 else h.dtype)
+    for b in range(0, h.shape[0], block_tokens):
+        hb, lb = h[b:b + block_tokens], labels[b:b + block_tokens]
+        if (lb != IGNORE).any():
+            total = total + checkpoint(_block_loss, hb, lb, norm, head, use_reentrant=False)
+    return total / normaliser

@@ -1,0 +1,56 @@
+"""A pipeline stage of the decoder: a contiguous range of layers, plus embedding or head."""
+from __future__ import annotations
+
+import zlib
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .layers import DecoderLayer, RMSNorm
+
+
+class StageModel(nn.Module):
+    """Layers ``layer_ids`` of the model; the first stage embeds, the last normalises and predicts.
+
+    Layers live in a ``ModuleDict`` keyed by their global index, so every stage's state dict uses
+    the full model's parameter names (``layers.7.wq.weight``) and stages merge without renaming.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_ids: range, first: bool, last: bool, backend: str = "auto"):
+        super().__init__()
+        if layer_ids.start < 0 or layer_ids.stop > cfg.layers or len(layer_ids) < 1:
+            raise ValueError(f"stage layers {layer_ids} outside the model's 0..{cfg.layers - 1}")
+        if cfg.tie_embeddings and first != last:
+            raise ValueError("tied embeddings need the embedding and the head on the same stage")
+        self.cfg, self.layer_ids, self.first, self.last = cfg, layer_ids, first, last
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, backend) for i in layer_ids})
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden) if first else None
+        if last:
+            self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+            self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+            if cfg.tie_embeddings:
+                self.head.weight = self.embed.weight
+        else:
+            self.norm = self.head = None
+
+    def ordered_layers(self) -> list[DecoderLayer]:
+        return [self.layers[str(i)] for i in self.layer_ids]
+
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if (token_ids < 0).any() or (token_ids >= self.cfg.vocab_size).any():
+            bad = token_ids[(token_ids < 0) | (token_ids >= self.cfg.vocab_size)][0].item()
+            raise ValueError(f"token id {bad} outside the vocabulary 0..{self.cfg.vocab_size - 1}")
+        return self.embed(token_ids)
+
+
+def init_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
+    """Deterministic init keyed by parameter name, so a stage gets the same weights as the whole model."""
+    for name, p in model.named_parameters():
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+        with torch.no_grad():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).mul_(std).to(p.dtype))
+

@@ -1,0 +1,76 @@
+"""Run a Plan in one process: the single-process chunked executor and an in-process pipeline.
+
+With one stage this is the reference chunked executor; with several it plays every stage's
+action list in dependency order, handing tensors from stage to stage in memory. The distributed
+runtime must give the same loss and gradients.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..model.config import ModelConfig
+from ..model.stage import StageModel, init_weights
+from ..plan.ir import Plan, validate_plan
+from .batch import Batch
+from .stage_compute import StageCompute
+
+
+def build_stages(cfg: ModelConfig, layers_per_stage: Sequence[int], seed: int = 0,
+                 dtype: torch.dtype = torch.float32, backend: str = "auto") -> list[StageModel]:
+    """One `StageModel` per stage; weights equal those of the whole model built with the same seed."""
+    if sum(layers_per_stage) != cfg.layers:
+        raise ValueError(f"layers_per_stage {tuple(layers_per_stage)} sums to {sum(layers_per_stage)}, "
+                         f"the model has {cfg.layers} layers")
+    stages, lo = [], 0
+    for s, n in enumerate(layers_per_stage):
+        m = StageModel(cfg, range(lo, lo + n), first=s == 0, last=s == len(layers_per_stage) - 1,
+                       backend=backend).to(dtype)
+        init_weights(m, seed)
+        stages.append(m)
+        lo += n
+    return stages
+
+
+def run_plan_local(plan: Plan, stages: Sequence[StageModel], batch: Batch,
+                   normaliser: int | None = None, loss_block_tokens: int = 2048) -> float:
+    """Execute ``plan`` over ``stages`` in this process; returns the loss, leaves gradients in ``.grad``."""
+    validate_plan(plan)
+    if len(stages) != plan.num_stages:
+        raise ValueError(f"plan has {plan.num_stages} stages, got {len(stages)} stage models")
+    if tuple(batch.lengths) != plan.seq_lengths:
+        raise ValueError("the batch's sequence lengths differ from the plan's")
+    computes = [StageCompute(m, batch, normaliser, loss_block_tokens) for m in stages]
+    acts: dict[tuple[int, int], torch.Tensor] = {}
+    grads: dict[tuple[int, int], torch.Tensor] = {}
+    ptr = [0] * plan.num_stages
+    last = plan.num_stages - 1
+    loss = 0.0
+    remaining = sum(len(a) for a in plan.stage_actions)
+    while remaining:
+        moved = False
+        for s, actions in enumerate(plan.stage_actions):
+            while ptr[s] < len(actions):
+                a = actions[ptr[s]]
+                chunk = plan.chunks[a.chunk_id]
+                if a.kind == "F":
+                    if s > 0 and (s, a.chunk_id) not in acts:
+                        break
+                    out = computes[s].forward(chunk, acts.pop((s, a.chunk_id), None), a.recompute_layers)
+                    if s == last:
+                        loss += float(out)
+                    else:
+                        acts[(s + 1, a.chunk_id)] = out
+                else:
+                    if s < last and (s, a.chunk_id) not in grads:
+                        break
+                    g = computes[s].backward(chunk, grads.pop((s, a.chunk_id), None))
+                    if s > 0:
+                        grads[(s - 1, a.chunk_id)] = g
+                ptr[s] += 1
+                remaining -= 1
+                moved = True
+        if not moved:
+            raise RuntimeError("plan made no progress (validate_plan should have rejected it)")
+    return loss

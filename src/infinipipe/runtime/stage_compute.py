@@ -1,0 +1,167 @@
+"""Forward and backward of one chunk on one stage, with the K/V hand-off of split sequences.
+
+A split sequence's earlier slices keep their K/V on the stage as *detached* leaves that require
+grad; later slices attend to them, so their gradients accumulate in the leaves' ``.grad`` without
+running the earlier slice's graph early. When the earlier slice's own backward comes (later, in
+reverse slice order) those gradients are fed in as extra roots next to the output gradient.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..model.layers import ChunkMeta
+from ..model.loss import blocked_cross_entropy
+from ..model.stage import StageModel
+from ..plan.ir import Chunk
+from .batch import Batch
+
+
+@dataclass
+class _SliceKV:
+    """K/V of one slice on every layer of the stage: graph tensors and the leaves others use."""
+
+    end: int
+    roots: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    leaves: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class _Live:
+    """What a chunk's forward leaves for its backward."""
+
+    inp: torch.Tensor | None
+    out: torch.Tensor
+
+
+class StageCompute:
+    """Runs chunks through a `StageModel`; gradients accumulate in its parameters."""
+
+    def __init__(self, model: StageModel, batch: Batch, normaliser: int | None = None,
+                 loss_block_tokens: int = 2048, device: torch.device | str = "cpu",
+                 dtype: torch.dtype | None = None):
+        self.model = model
+        self.batch = batch
+        self.lengths = batch.lengths
+        self.normaliser = batch.predicted_tokens if normaliser is None else normaliser
+        self.loss_block_tokens = loss_block_tokens
+        self.device = torch.device(device)
+        self.dtype = dtype or next(model.parameters()).dtype
+        self._live: dict[int, _Live] = {}
+        self._kv: dict[int, dict[int, _SliceKV]] = {}
+
+    @property
+    def pending(self) -> int:
+        """Chunks whose forward ran and whose backward has not."""
+        return len(self._live)
+
+    def _prefix(self, chunk: Chunk) -> tuple[int | None, list | None]:
+        """(seq_id, per-layer cached (k, v)) for the chunk's prefixed segment, if any."""
+        seg = next((s for s in chunk.segments if s.start > 0), None)
+        if seg is None:
+            return None, None
+        slices = self._kv.get(seg.seq_id, {})
+        pos, parts = 0, []
+        for start in sorted(slices):
+            if start >= seg.start:
+                break
+            if start != pos:
+                break
+            parts.append(slices[start])
+            pos = slices[start].end
+        if pos != seg.start:
+            raise ValueError(
+                f"chunk {chunk.id}: sequence {seg.seq_id} needs cached K/V of tokens [0, {seg.start}) "
+                f"on this stage, but only [0, {pos}) is cached; run its earlier slices first"
+            )
+        n_layers = len(self.model.layer_ids)
+        per_layer = []
+        for j in range(n_layers):
+            ks = [p.leaves[j][0] for p in parts]
+            vs = [p.leaves[j][1] for p in parts]
+            per_layer.append((torch.cat(ks), torch.cat(vs)) if len(ks) > 1 else (ks[0], vs[0]))
+        return seg.seq_id, per_layer
+
+    def forward(self, chunk: Chunk, x: torch.Tensor | None, recompute_layers: int = 0) -> torch.Tensor:
+        """Returns the hidden states to send on (detached), or the loss on the last stage."""
+        if chunk.id in self._live:
+            raise ValueError(f"chunk {chunk.id}: forward ran twice on this stage")
+        model = self.model
+        meta = ChunkMeta.of(chunk, self.device)
+        if model.first:
+            inp = None
+            h = model.embed_tokens(self.batch.chunk_tokens(chunk).to(self.device))
+        else:
+            if x is None or tuple(x.shape) != (meta.tokens, model.cfg.hidden):
+                got = None if x is None else tuple(x.shape)
+                raise ValueError(
+                    f"chunk {chunk.id}: stage input has shape {got}, expected {(meta.tokens, model.cfg.hidden)}"
+                )
+            inp = x.detach().requires_grad_(True)
+            h = inp
+        _, prefix = self._prefix(chunk)
+        kept = next((s for s in chunk.segments if s.end < self.lengths[s.seq_id]), None)
+        if kept is not None:
+            off = 0
+            for s in chunk.segments:
+                if s is kept:
+                    break
+                off += s.length
+            slice_kv = _SliceKV(end=kept.end)
+        for j, layer in enumerate(model.ordered_layers()):
+            pkv = prefix[j] if prefix is not None else None
+            if j < recompute_layers:
+                h, k, v = checkpoint(layer, h, meta, pkv, use_reentrant=False)
+            else:
+                h, k, v = layer(h, meta, pkv)
+            if kept is not None:
+                k_root, v_root = k[off:off + kept.length], v[off:off + kept.length]
+                slice_kv.roots.append((k_root, v_root))
+                slice_kv.leaves.append((k_root.detach().requires_grad_(True), v_root.detach().requires_grad_(True)))
+        if kept is not None:
+            self._kv.setdefault(kept.seq_id, {})[kept.start] = slice_kv
+        if model.last:
+            labels = self.batch.chunk_labels(chunk).to(self.device)
+            out = blocked_cross_entropy(h, model.norm, model.head, labels, self.normaliser, self.loss_block_tokens)
+        else:
+            out = h
+        self._live[chunk.id] = _Live(inp, out)
+        return out.detach()
+
+    def backward(self, chunk: Chunk, grad: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Runs the chunk's backward; returns the gradient of its input (None on the first stage)."""
+        live = self._live.pop(chunk.id, None)
+        if live is None:
+            raise ValueError(f"chunk {chunk.id}: backward without a pending forward on this stage")
+        if self.model.last:
+            roots, grads = [live.out], [None]
+        else:
+            if grad is None or grad.shape != live.out.shape:
+                got = None if grad is None else tuple(grad.shape)
+                raise ValueError(f"chunk {chunk.id}: output gradient shape {got}, expected {tuple(live.out.shape)}")
+            roots, grads = [live.out], [grad]
+        kept = next((s for s in chunk.segments if s.end < self.lengths[s.seq_id]), None)
+        if kept is not None:
+            slices = self._kv[kept.seq_id]
+            if any(start > kept.start for start in slices):
+                raise ValueError(
+                    f"chunk {chunk.id}: backward of sequence {kept.seq_id}'s slice at {kept.start} "
+                    "runs before the backward of its later slices"
+                )
+            sl = slices.pop(kept.start)
+            for (k_root, v_root), (k_leaf, v_leaf) in zip(sl.roots, sl.leaves):
+                for root, leaf in ((k_root, k_leaf), (v_root, v_leaf)):
+                    if leaf.grad is not None:
+                        roots.append(root)
+                        grads.append(leaf.grad)
+            if not slices:
+                del self._kv[kept.seq_id]
+        pairs = [(r, g) for r, g in zip(roots, grads) if r.requires_grad]
+        if pairs:
+            torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs])
+        if live.inp is None:
+            return None
+        # A chunk whose tokens predict nothing (sequences of one token) sends back zeros.
+        return live.inp.grad if live.inp.grad is not None else torch.zeros_like(live.inp)

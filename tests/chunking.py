@@ -1,0 +1,47 @@
+"""Random ways of cutting a batch into chunks, for exactness tests."""
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+from infinipipe.plan.ir import Action, Chunk, Plan, Segment
+
+
+def random_chunks(lengths: Sequence[int], rng: random.Random, max_slices: int = 4) -> list[Chunk]:
+    """Split some sequences into slices, pack whole ones anywhere (hybrid chunks included)."""
+    slices = {}
+    for sid, n in enumerate(lengths):
+        k = rng.randint(1, min(max_slices, n))
+        cuts = sorted(rng.sample(range(1, n), k - 1)) if k > 1 else []
+        bounds = [0, *cuts, n]
+        slices[sid] = [Segment(sid, a, b) for a, b in zip(bounds, bounds[1:])]
+    groups: list[list[Segment]] = []
+    split = [sid for sid, sl in slices.items() if len(sl) > 1]
+    whole = [sl[0] for sid, sl in slices.items() if len(sl) == 1]
+    queues = {sid: list(slices[sid]) for sid in split}
+    while queues:
+        sid = rng.choice(sorted(queues))
+        groups.append([queues[sid].pop(0)])
+        if not queues[sid]:
+            del queues[sid]
+    for seg in whole:
+        if groups and rng.random() < 0.6:
+            rng.choice(groups).append(seg)
+        else:
+            groups.insert(rng.randint(0, len(groups)), [seg])
+    for g in groups:
+        rng.shuffle(g)
+    return [Chunk(i, tuple(g)) for i, g in enumerate(groups)]
+
+
+def sequential_plan(chunks: list[Chunk], lengths: Sequence[int], layers_per_stage: Sequence[int],
+                    recompute: dict[int, int] | None = None) -> Plan:
+    """All forwards in chunk order, then all backwards in reverse (valid for any chunking)."""
+    stage_actions = []
+    for s, n in enumerate(layers_per_stage):
+        rec = {c.id: min(n, (recompute or {}).get(c.id, 0)) for c in chunks}
+        fwd = [Action("F", c.id, rec[c.id]) for c in chunks]
+        bwd = [Action("B", c.id, rec[c.id]) for c in reversed(chunks)]
+        stage_actions.append(fwd + bwd)
+    return Plan(tuple(lengths), tuple(chunks), stage_actions, tuple(layers_per_stage),
+                metadata={"planner": "test-sequential"})

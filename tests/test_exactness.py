@@ -1,0 +1,147 @@
+"""Any chunking, ordering and recompute gives the loss and gradients of the full-sequence run."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from chunking import random_chunks, sequential_plan
+from infinipipe.model.config import ModelConfig
+from infinipipe.model.layers import ChunkMeta
+from infinipipe.plan.ir import Action, Chunk, Plan, Segment
+from infinipipe.runtime.batch import Batch
+from infinipipe.runtime.local import build_stages, run_plan_local
+from infinipipe.runtime.reference import reference_loss
+
+CFG = ModelConfig(vocab_size=97, hidden=32, layers=4, heads=4, kv_heads=2, ffn=64)
+TOL = {torch.float64: 1e-5, torch.float32: 1e-4}
+
+
+def _random_batch(lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    return Batch(tuple(torch.randint(0, CFG.vocab_size, (n,), generator=g) for n in lengths))
+
+
+def _reference(batch, dtype, seed=0):
+    (model,) = build_stages(CFG, [CFG.layers], seed=seed, dtype=dtype)
+    loss = reference_loss(model, batch)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _grads(stages):
+    return {n: p.grad.clone() for m in stages for n, p in m.named_parameters() if p.grad is not None}
+
+
+def assert_close(loss, grads, ref_loss, ref_grads, tol):
+    assert abs(loss - ref_loss) <= tol * abs(ref_loss), (loss, ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        err = (grads[name] - g).abs().max() / g.abs().max().clamp_min(1e-30)
+        assert err <= tol, f"{name}: relative error {err:.3e}"
+
+
+lengths_st = st.lists(st.integers(1, 40), min_size=1, max_size=6).filter(lambda ls: sum(ls) > len(ls))
+
+
+@settings(max_examples=25, deadline=None)
+@given(lengths=lengths_st, seed=st.integers(0, 10_000), dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_exact_random_chunking_single_stage(lengths, seed, dtype):
+    rng = random.Random(seed)
+    batch = _random_batch(lengths, seed)
+    chunks = random_chunks(lengths, rng)
+    recompute = {c.id: rng.randint(0, CFG.layers) for c in chunks}
+    plan = sequential_plan(chunks, lengths, [CFG.layers], recompute)
+    stages = build_stages(CFG, [CFG.layers], dtype=dtype)
+    loss = run_plan_local(plan, stages, batch, loss_block_tokens=rng.choice([3, 16, 2048]))
+    assert_close(loss, _grads(stages), *_reference(batch, dtype), TOL[dtype])
+
+
+@settings(max_examples=15, deadline=None)
+@given(lengths=lengths_st, seed=st.integers(0, 10_000), split=st.sampled_from([(1, 3), (2, 2), (1, 1, 1, 1)]))
+def test_exact_random_chunking_multi_stage_in_process(lengths, seed, split):
+    rng = random.Random(seed)
+    batch = _random_batch(lengths, seed)
+    chunks = random_chunks(lengths, rng)
+    recompute = {c.id: rng.randint(0, 2) for c in chunks}
+    plan = sequential_plan(chunks, lengths, split, recompute)
+    stages = build_stages(CFG, split, dtype=torch.float64)
+    loss = run_plan_local(plan, stages, batch)
+    assert_close(loss, _grads(stages), *_reference(batch, torch.float64), TOL[torch.float64])
+
+
+def test_exact_slices_of_length_one_and_sequences_of_length_one():
+    lengths = [5, 1, 3]
+    batch = _random_batch(lengths, 3)
+    chunks = [
+        Chunk(0, (Segment(0, 0, 1), Segment(1, 0, 1))),
+        Chunk(1, (Segment(0, 1, 2),)),
+        Chunk(2, (Segment(0, 2, 5), Segment(2, 0, 3))),
+    ]
+    plan = sequential_plan(chunks, lengths, [CFG.layers], {0: 4, 1: 2, 2: 0})
+    stages = build_stages(CFG, [CFG.layers], dtype=torch.float64)
+    loss = run_plan_local(plan, stages, batch)
+    assert_close(loss, _grads(stages), *_reference(batch, torch.float64), TOL[torch.float64])
+
+
+def test_exact_interleaved_backward_one_sequence_done_before_next_starts():
+    lengths = [12, 7, 9]
+    batch = _random_batch(lengths, 5)
+    chunks = [Chunk(0, (Segment(0, 0, 6),)), Chunk(1, (Segment(0, 6, 12), Segment(1, 0, 7))),
+              Chunk(2, (Segment(2, 0, 4),)), Chunk(3, (Segment(2, 4, 9),))]
+    order = [Action("F", 0), Action("F", 1, 1), Action("B", 1, 1), Action("B", 0),
+             Action("F", 2, 3), Action("F", 3, 2), Action("B", 3, 2), Action("B", 2, 3)]
+    plan = Plan(tuple(lengths), tuple(chunks), [order], (CFG.layers,))
+    stages = build_stages(CFG, [CFG.layers], dtype=torch.float64)
+    loss = run_plan_local(plan, stages, batch)
+    assert_close(loss, _grads(stages), *_reference(batch, torch.float64), TOL[torch.float64])
+
+
+def test_two_slice_run_gives_the_logits_of_the_whole_sequence():
+    torch.manual_seed(0)
+    (model,) = build_stages(CFG, [CFG.layers], dtype=torch.float64)
+    seq = torch.randint(0, CFG.vocab_size, (20,))
+
+    def run(h, meta, caches=None):
+        kvs = []
+        for j, layer in enumerate(model.ordered_layers()):
+            h, k, v = layer(h, meta, None if caches is None else caches[j])
+            kvs.append((k, v))
+        return model.head(model.norm(h)), kvs
+
+    full, _ = run(model.embed_tokens(seq), ChunkMeta.build([20], [0]))
+    first, kvs = run(model.embed_tokens(seq[:8]), ChunkMeta.build([8], [0]))
+    second, _ = run(model.embed_tokens(seq[8:]), ChunkMeta.build([12], [8]), kvs)
+    torch.testing.assert_close(torch.cat([first, second]), full, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda: [Chunk(0, (Segment(0, 0, 4),)), Chunk(1, (Segment(0, 3, 6),))], "overlap"),
+    (lambda: [Chunk(0, (Segment(0, 0, 3),)), Chunk(1, (Segment(0, 4, 6),))], "in no chunk"),
+    (lambda: [Chunk(0, (Segment(0, 2, 6), Segment(1, 1, 3)))], "cached prefix"),
+])
+def test_invalid_chunk_lists_are_rejected_with_the_reason(bad, message):
+    from infinipipe.plan.ir import check_coverage
+    with pytest.raises(ValueError, match=message):
+        check_coverage(bad(), [6, 3])
+
+
+def test_out_of_range_token_ids_are_rejected():
+    lengths = [4]
+    batch = Batch.of([[1, 2, CFG.vocab_size + 5, 3]])
+    plan = sequential_plan([Chunk(0, (Segment(0, 0, 4),))], lengths, [CFG.layers])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        run_plan_local(plan, build_stages(CFG, [CFG.layers]), batch)
+
+
+def test_mismatched_cache_is_rejected():
+    (model,) = build_stages(CFG, [CFG.layers], dtype=torch.float64)
+    layer = model.ordered_layers()[0]
+    h = torch.randn(5, CFG.hidden, dtype=torch.float64)
+    bad = (torch.randn(3, CFG.kv_heads, CFG.head_dim, dtype=torch.float64),) * 2
+    with pytest.raises(ValueError, match="do not match prefix"):
+        layer(h, ChunkMeta.build([5], [4]), bad)
+    with pytest.raises(ValueError, match="needs cached K/V"):
+        layer(h, ChunkMeta.build([5], [4]), None)
