@@ -145,3 +145,20 @@ def test_mismatched_cache_is_rejected():
         layer(h, ChunkMeta.build([5], [4]), bad)
     with pytest.raises(ValueError, match="needs cached K/V"):
         layer(h, ChunkMeta.build([5], [4]), None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_exact_random_chunking_on_cuda(dtype, tol):
+    """fp32 runs SDPA, bf16 runs varlen flash attention; bf16 is compared at bf16 tolerance."""
+    rng = random.Random(7)
+    lengths = [300, 41, 7, 1, 120]
+    batch = Batch(tuple(s.cuda() for s in _random_batch(lengths, 7).sequences))
+    chunks = random_chunks(lengths, rng)
+    plan = sequential_plan(chunks, lengths, [CFG.layers], {c.id: rng.randint(0, CFG.layers) for c in chunks})
+    stages = [m.cuda() for m in build_stages(CFG, [CFG.layers], dtype=dtype)]
+    loss = run_plan_local(plan, stages, batch)
+    (ref,) = [m.cuda() for m in build_stages(CFG, [CFG.layers], dtype=dtype)]
+    ref_loss = reference_loss(ref, batch)
+    ref_loss.backward()
+    assert_close(loss, _grads(stages), ref_loss.item(), {n: p.grad for n, p in ref.named_parameters()}, tol)

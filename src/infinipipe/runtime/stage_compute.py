@@ -40,15 +40,13 @@ class StageCompute:
     """Runs chunks through a `StageModel`; gradients accumulate in its parameters."""
 
     def __init__(self, model: StageModel, batch: Batch, normaliser: int | None = None,
-                 loss_block_tokens: int = 2048, device: torch.device | str = "cpu",
-                 dtype: torch.dtype | None = None):
+                 loss_block_tokens: int = 2048):
         self.model = model
         self.batch = batch
         self.lengths = batch.lengths
         self.normaliser = batch.predicted_tokens if normaliser is None else normaliser
         self.loss_block_tokens = loss_block_tokens
-        self.device = torch.device(device)
-        self.dtype = dtype or next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
         self._live: dict[int, _Live] = {}
         self._kv: dict[int, dict[int, _SliceKV]] = {}
 
