@@ -1,0 +1,1 @@
+"""The training job: the loop, metrics, checkpoints and reports."""
