@@ -1,7 +1,6 @@
 """Metrics are written one JSON line per step and drawn into a PNG report."""
 from __future__ import annotations
 
-
 from infinipipe.cli import main
 from infinipipe.train.metrics import MetricsWriter, read_metrics
 
