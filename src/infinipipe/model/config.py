@@ -18,6 +18,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    qkv_bias: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden", "layers", "heads", "kv_heads", "ffn"):
@@ -40,6 +41,8 @@ class ModelConfig:
 
     def layer_params(self) -> int:
         attn = self.hidden * (self.hidden + 2 * self.kv_dim) + self.hidden * self.hidden
+        if self.qkv_bias:
+            attn += self.hidden + 2 * self.kv_dim
         mlp = 3 * self.hidden * self.ffn
         return attn + mlp + 2 * self.hidden
 
@@ -67,8 +70,7 @@ class ModelConfig:
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab_size=512, hidden=64, layers=4, heads=4, kv_heads=2, ffn=176),
-    "small": ModelConfig(vocab_size=100277, hidden=256, layers=8, heads=8, kv_heads=4, ffn=704,
-                         tie_embeddings=True),
+    "small": ModelConfig(vocab_size=8192, hidden=128, layers=8, heads=4, kv_heads=2, ffn=352),
     "llama-7b": ModelConfig(vocab_size=32000, hidden=4096, layers=32, heads=32, kv_heads=32, ffn=11008),
     "llama3-8b": ModelConfig(vocab_size=128256, hidden=4096, layers=32, heads=32, kv_heads=8, ffn=14336,
                              rope_theta=500000.0),

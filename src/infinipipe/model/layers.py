@@ -76,9 +76,9 @@ class DecoderLayer(nn.Module):
         self.backend = backend
         d, hd = cfg.hidden, cfg.head_dim
         self.attn_norm = RMSNorm(d, cfg.norm_eps)
-        self.wq = nn.Linear(d, cfg.heads * hd, bias=False)
-        self.wk = nn.Linear(d, cfg.kv_heads * hd, bias=False)
-        self.wv = nn.Linear(d, cfg.kv_heads * hd, bias=False)
+        self.wq = nn.Linear(d, cfg.heads * hd, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(d, cfg.kv_heads * hd, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(d, cfg.kv_heads * hd, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.heads * hd, d, bias=False)
         self.mlp_norm = RMSNorm(d, cfg.norm_eps)
         self.w_gate = nn.Linear(d, cfg.ffn, bias=False)

@@ -1,0 +1,524 @@
+"""Run configuration: TOML sections as frozen dataclasses, overridable from the command line.
+
+Section and key names follow torchtitan's TOML where the concept is the same (``[job]``,
+``[model]``, ``[training]``, ``[optimizer]``, ``[lr_scheduler]``, ``[parallelism]``,
+``[checkpoint]``, ``[metrics]``, ``[comm]``), so its users can read our files at a glance. Data
+settings live in ``[data]`` and EPP's planner settings in ``[epp]``.
+
+The dataclass defaults *are* the embedded default run (``examples/default.toml`` spells them out
+and a test keeps the two equal), so ``infinipipe train`` with no file needs nothing on disk.
+Every key is checked on load: an unknown key, a wrong type or a bad value is a ``ValueError``
+that names ``section.key``, because a typo silently falling back to a default wastes a GPU run.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union
+
+from .model.attention import BACKENDS
+from .model.config import ModelConfig, preset
+
+_BYTE_UNITS = {
+    "": 1, "B": 1,
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}
+_BYTES_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_bytes(value: str | int, name: str = "value") -> int:
+    """``"80GiB"`` -> 85899345920. Binary (KiB, MiB, GiB, TiB) and decimal (KB, MB, GB, TB) units.
+
+    Memory budgets are written by people, so both unit families are accepted and the unit is
+    case-insensitive; a bare number is bytes. ``name`` is used in the error message.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a size like '80GiB', got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0 bytes, got {value}")
+        return value
+    m = _BYTES_RE.match(str(value))
+    unit = m.group(2).upper() if m else None
+    if m is None or unit not in _BYTE_UNITS:
+        raise ValueError(f"{name} must be a size like '80GiB' or '512MiB', got {value!r}")
+    return int(float(m.group(1)) * _BYTE_UNITS[unit])
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _at_least(name: str, value: float, low: float) -> None:
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    dump_folder: str = "./outputs"
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """Which model: a preset (``flavor``), a local HF checkpoint (``hf_path``), plus size overrides.
+
+    Size keys left out take the preset's value; they may not be combined with ``hf_path`` (the
+    checkpoint fixes the shape). ``vocab_size`` left out follows ``data.vocab_size`` when the data
+    section caps the vocabulary, so the embedding matches the token ids the data produces.
+    """
+
+    flavor: str = "tiny"
+    hf_path: str = ""
+    attention: str = "auto"
+    vocab_size: int | None = None
+    hidden: int | None = None
+    layers: int | None = None
+    heads: int | None = None
+    kv_heads: int | None = None
+    ffn: int | None = None
+    rope_theta: float | None = None
+    norm_eps: float | None = None
+    tie_embeddings: bool | None = None
+
+    SIZE_KEYS = ("vocab_size", "hidden", "layers", "heads", "kv_heads", "ffn", "rope_theta", "norm_eps",
+                 "tie_embeddings")
+
+    def __post_init__(self) -> None:
+        _choice("model.attention", self.attention, BACKENDS)
+        if self.hf_path:
+            given = [k for k in self.SIZE_KEYS if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"model.{given[0]} cannot be set together with model.hf_path "
+                                 "(the checkpoint's config.json fixes the model's shape)")
+        else:
+            try:
+                preset(self.flavor)
+            except ValueError as exc:
+                raise ValueError(f"model.flavor: {exc}") from None
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Steps, seed, global batch, sequence length, precision and gradient clipping.
+
+    The global batch is given either as a token budget (``global_batch_tokens``, the natural unit
+    for skewed lengths: every step does about the same work) or as a sequence count
+    (``global_batch_size``); exactly one must be > 0. ``seq_len`` is the longest sequence trained
+    on: longer documents are truncated or rejected per ``data.over_long``. ``max_norm = 0`` turns
+    gradient clipping off.
+    """
+
+    steps: int = 30
+    seed: int = 0
+    global_batch_tokens: int = 16384
+    global_batch_size: int = 0
+    seq_len: int = 8192
+    mixed_precision: str = "fp32"
+    max_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        _at_least("training.steps", self.steps, 1)
+        _at_least("training.seed", self.seed, 0)
+        _at_least("training.seq_len", self.seq_len, 2)
+        _at_least("training.global_batch_tokens", self.global_batch_tokens, 0)
+        _at_least("training.global_batch_size", self.global_batch_size, 0)
+        if (self.global_batch_tokens > 0) == (self.global_batch_size > 0):
+            raise ValueError("set exactly one of training.global_batch_tokens and training.global_batch_size "
+                             f"(> 0), got {self.global_batch_tokens} and {self.global_batch_size}")
+        if 0 < self.global_batch_tokens < self.seq_len:
+            raise ValueError(f"training.global_batch_tokens ({self.global_batch_tokens}) must be >= "
+                             f"training.seq_len ({self.seq_len}) so a longest sequence fits in a batch")
+        _choice("training.mixed_precision", self.mixed_precision, ("fp32", "bf16"))
+        _at_least("training.max_norm", self.max_norm, 0.0)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "AdamW"
+    lr: float = 3e-3
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+
+    def __post_init__(self) -> None:
+        _choice("optimizer.name", self.name, ("AdamW",))
+        if not self.lr > 0:
+            raise ValueError(f"optimizer.lr must be > 0, got {self.lr}")
+        _at_least("optimizer.eps", self.eps, 0.0)
+        _at_least("optimizer.weight_decay", self.weight_decay, 0.0)
+        for key in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"optimizer.{key} must be in [0, 1), got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
+class LRSchedulerConfig:
+    """Warmup, then constant, then decay over the last ``decay_ratio`` of the post-warmup steps.
+
+    ``decay_ratio`` left out decays over all post-warmup steps (torchtitan's meaning).
+    """
+
+    warmup_steps: int = 5
+    decay_ratio: float | None = None
+    decay_type: str = "cosine"
+    min_lr_factor: float = 0.1
+
+    def __post_init__(self) -> None:
+        _at_least("lr_scheduler.warmup_steps", self.warmup_steps, 0)
+        if self.decay_ratio is not None and not 0.0 <= self.decay_ratio <= 1.0:
+            raise ValueError(f"lr_scheduler.decay_ratio must be in [0, 1], got {self.decay_ratio}")
+        _choice("lr_scheduler.decay_type", self.decay_type, ("linear", "sqrt", "cosine"))
+        if not 0.0 <= self.min_lr_factor <= 1.0:
+            raise ValueError(f"lr_scheduler.min_lr_factor must be in [0, 1], got {self.min_lr_factor}")
+
+    def factor(self, step: int, total_steps: int) -> float:
+        """LR multiplier for 0-based optimizer step ``step`` of ``total_steps`` (for ``LambdaLR``).
+
+        A pure function of the step, so a resumed run gets the same LR as an uninterrupted one.
+        """
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        after = max(total_steps - self.warmup_steps, 0)
+        decay = after if self.decay_ratio is None else round(self.decay_ratio * after)
+        start = total_steps - decay
+        if decay == 0 or step < start:
+            return 1.0
+        p = min((step - start) / decay, 1.0)
+        curve = {"linear": 1.0 - p, "sqrt": 1.0 - math.sqrt(p), "cosine": 0.5 * (1.0 + math.cos(math.pi * p))}
+        return self.min_lr_factor + (1.0 - self.min_lr_factor) * curve[self.decay_type]
+
+
+@dataclass(frozen=True)
+class ParallelismConfig:
+    """Pipeline and data parallel degrees; ``data_parallel_shard_degree = -1`` takes the ranks left.
+
+    Sequence/context and tensor parallelism are recognised keys so a torchtitan file reads, but
+    only degree 1 runs today.
+    """
+
+    pipeline_parallel_degree: int = 4
+    data_parallel_shard_degree: int = 1
+    data_parallel_replicate_degree: int = 1
+    context_parallel_degree: int = 1
+    tensor_parallel_degree: int = 1
+
+    def __post_init__(self) -> None:
+        _at_least("parallelism.pipeline_parallel_degree", self.pipeline_parallel_degree, 1)
+        _at_least("parallelism.data_parallel_replicate_degree", self.data_parallel_replicate_degree, 1)
+        if self.data_parallel_shard_degree == 0 or self.data_parallel_shard_degree < -1:
+            raise ValueError("parallelism.data_parallel_shard_degree must be >= 1 or -1 (all remaining ranks), "
+                             f"got {self.data_parallel_shard_degree}")
+        for key in ("context_parallel_degree", "tensor_parallel_degree"):
+            value = getattr(self, key)
+            _at_least(f"parallelism.{key}", value, 1)
+            if value > 1:
+                raise ValueError(f"parallelism.{key} = {value}: not supported yet (only 1)")
+
+    def resolve(self, world_size: int) -> tuple[int, int, int]:
+        """(pipeline, dp_replicate, dp_shard) degrees whose product is ``world_size``."""
+        fixed = self.pipeline_parallel_degree * self.data_parallel_replicate_degree
+        shard = self.data_parallel_shard_degree
+        if shard == -1:
+            if world_size % fixed:
+                raise ValueError(f"world size {world_size} is not divisible by pipeline_parallel_degree x "
+                                 f"data_parallel_replicate_degree = {fixed}")
+            shard = world_size // fixed
+        if fixed * shard != world_size:
+            raise ValueError(f"parallel degrees pp={self.pipeline_parallel_degree} x dp_replicate="
+                             f"{self.data_parallel_replicate_degree} x dp_shard={shard} = {fixed * shard} "
+                             f"!= world size {world_size}")
+        return self.pipeline_parallel_degree, self.data_parallel_replicate_degree, shard
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """``folder`` is relative to ``job.dump_folder``; ``keep_latest_k = 0`` keeps every checkpoint."""
+
+    enable: bool = False
+    folder: str = "checkpoint"
+    interval: int = 10
+    keep_latest_k: int = 2
+
+    def __post_init__(self) -> None:
+        _at_least("checkpoint.interval", self.interval, 1)
+        _at_least("checkpoint.keep_latest_k", self.keep_latest_k, 0)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    log_freq: int = 1
+    enable_tensorboard: bool = False
+    save_tb_folder: str = "tb"
+
+    def __post_init__(self) -> None:
+        _at_least("metrics.log_freq", self.log_freq, 1)
+
+
+@dataclass(frozen=True)
+class CommConfig:
+    init_timeout_seconds: int = 300
+    train_timeout_seconds: int = 100
+
+    def __post_init__(self) -> None:
+        _at_least("comm.init_timeout_seconds", self.init_timeout_seconds, 1)
+        _at_least("comm.train_timeout_seconds", self.train_timeout_seconds, 1)
+
+
+DATA_SOURCES = ("stdlib", "jsonl", "text", "parquet")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where text comes from and how it becomes token ids.
+
+    ``source = "stdlib"`` is the embedded corpus (this Python's standard library sources, present
+    on every machine); the others read ``path``. ``tokenizer`` is ``cl100k_base``, ``o200k_base``
+    or a local Hugging Face tokenizer path. ``vocab_size > 0`` maps the tokenizer onto that many
+    ids (see ``infinipipe.data.tokenizer.VocabMap``) so small models stay small. ``max_docs > 0``
+    keeps only the first documents, for quick runs. ``cache_dir = ""`` uses the user cache.
+    """
+
+    source: str = "stdlib"
+    path: str = ""
+    text_field: str = "text"
+    tokenizer: str = "cl100k_base"
+    vocab_size: int = 4096
+    over_long: str = "truncate"
+    min_doc_tokens: int = 2
+    max_docs: int = 0
+    cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        _choice("data.source", self.source, DATA_SOURCES)
+        if self.source == "stdlib" and self.path:
+            raise ValueError("data.path must be empty for data.source = 'stdlib'")
+        if self.source != "stdlib" and not self.path:
+            raise ValueError(f"data.path is required for data.source = {self.source!r}")
+        if not self.tokenizer:
+            raise ValueError("data.tokenizer must name a tokenizer ('cl100k_base', 'o200k_base' or a local path)")
+        if self.vocab_size != 0:
+            _at_least("data.vocab_size", self.vocab_size, 512)
+        _choice("data.over_long", self.over_long, ("truncate", "reject"))
+        _at_least("data.min_doc_tokens", self.min_doc_tokens, 2)
+        _at_least("data.max_docs", self.max_docs, 0)
+
+
+@dataclass(frozen=True)
+class EPPConfig:
+    """EPP planner settings: memory budget per device, cost profile, slice-count search, MILP limits.
+
+    ``profile = ""`` means the profile measured for (or shipped for) the device being used; a
+    name or a JSON file path picks another. ``prefetch`` plans step i+1 while step i trains.
+    """
+
+    planner: str = "epp"
+    memory_per_device: str = "4GiB"
+    profile: str = ""
+    min_slices: int = 1
+    max_slices: int = 16
+    mip_gap: float = 0.02
+    time_limit_s: float = 10.0
+    prefetch: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.planner:
+            raise ValueError("epp.planner must name a planner")
+        if parse_bytes(self.memory_per_device, "epp.memory_per_device") <= 0:
+            raise ValueError(f"epp.memory_per_device must be > 0, got {self.memory_per_device!r}")
+        _at_least("epp.min_slices", self.min_slices, 1)
+        if self.max_slices < self.min_slices:
+            raise ValueError(f"epp.max_slices ({self.max_slices}) must be >= epp.min_slices ({self.min_slices})")
+        if not 0.0 <= self.mip_gap < 1.0:
+            raise ValueError(f"epp.mip_gap must be in [0, 1), got {self.mip_gap}")
+        if not self.time_limit_s > 0:
+            raise ValueError(f"epp.time_limit_s must be > 0, got {self.time_limit_s}")
+
+    @property
+    def memory_bytes(self) -> int:
+        return parse_bytes(self.memory_per_device, "epp.memory_per_device")
+
+
+@dataclass(frozen=True)
+class Config:
+    job: JobConfig = field(default_factory=JobConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    epp: EPPConfig = field(default_factory=EPPConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.hf_path and self.data.vocab_size:
+            raise ValueError("data.vocab_size must be 0 with model.hf_path: a pretrained model keeps its "
+                             "tokenizer's vocabulary")
+        if self.model.vocab_size is not None and self.data.vocab_size > self.model.vocab_size:
+            raise ValueError(f"model.vocab_size ({self.model.vocab_size}) is smaller than data.vocab_size "
+                             f"({self.data.vocab_size}): token ids would fall outside the embedding")
+
+    def model_config(self) -> ModelConfig:
+        """The model's shape: from the HF checkpoint's config.json, or the preset plus overrides."""
+        if self.model.hf_path:
+            from .model.hf import read_hf_config
+
+            return read_hf_config(self.model.hf_path)
+        overrides = {k: getattr(self.model, k) for k in ModelSection.SIZE_KEYS if getattr(self.model, k) is not None}
+        if "vocab_size" not in overrides and self.data.vocab_size:
+            overrides["vocab_size"] = self.data.vocab_size
+        base = preset(self.model.flavor).to_json()
+        return ModelConfig.from_json({**base, **overrides})
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict; keys left unset (None) are omitted, as they would be in a TOML file."""
+        return {f.name: {k.name: getattr(getattr(self, f.name), k.name) for k in fields(getattr(self, f.name))
+                         if getattr(getattr(self, f.name), k.name) is not None}
+                for f in fields(self)}
+
+    def to_toml(self) -> str:
+        """TOML text that ``load_config`` reads back to an equal ``Config`` (saved into run dirs)."""
+        lines: list[str] = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return ("-inf" if value < 0 else "inf") if math.isinf(value) else "nan"
+    return repr(value)
+
+
+def _allowed_types(hint: Any) -> tuple[type, ...]:
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return tuple(t for t in typing.get_args(hint) if t is not type(None))
+    return (hint,)
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check a TOML value against the field's type; ints are accepted where a float is expected."""
+    allowed = _allowed_types(hint)
+    if isinstance(value, bool):
+        if bool in allowed:
+            return value
+    elif isinstance(value, int) and int in allowed:
+        return value
+    elif isinstance(value, (int, float)) and float in allowed:
+        return float(value)
+    elif isinstance(value, str) and str in allowed:
+        return value
+    want = " or ".join(t.__name__ for t in allowed)
+    raise ValueError(f"{name} must be {want}, got {type(value).__name__} {value!r}")
+
+
+def _unknown(kind: str, name: str, known: list[str]) -> ValueError:
+    close = difflib.get_close_matches(name.split(".")[-1], known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"unknown {kind} {name!r}{hint}")
+
+
+def _build(raw: dict[str, Any]) -> Config:
+    sections = {f.name: f for f in fields(Config)}
+    built = {}
+    for section, values in raw.items():
+        if section not in sections:
+            raise _unknown("section", section, list(sections))
+        if not isinstance(values, dict):
+            raise ValueError(f"[{section}] must be a table of keys, got {type(values).__name__}")
+        cls = sections[section].default_factory
+        hints = typing.get_type_hints(cls)
+        keys = [f.name for f in fields(cls)]
+        kwargs = {}
+        for key, value in values.items():
+            if key not in keys:
+                raise _unknown("key", f"{section}.{key}", keys)
+            kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
+        built[section] = cls(**kwargs)
+    return Config(**built)
+
+
+def _override(raw: dict[str, Any], item: str) -> None:
+    """Apply ``section.key=value``; the value is read as TOML, or as a bare string for str keys."""
+    text = item[2:] if item.startswith("--") else item
+    dotted, sep, value = text.partition("=")
+    section, dot, key = dotted.strip().partition(".")
+    if not sep or not dot or not key:
+        raise ValueError(f"override {item!r} must look like --section.key=value")
+    sections = {f.name: f.default_factory for f in fields(Config)}
+    if section not in sections:
+        raise _unknown("section", section, list(sections))
+    hints = typing.get_type_hints(sections[section])
+    if key not in hints:
+        raise _unknown("key", f"{section}.{key}", [f.name for f in fields(sections[section])])
+    value = value.strip()
+    if str in _allowed_types(hints[key]):
+        parsed: Any = value[1:-1] if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'" else value
+    else:
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value
+    raw.setdefault(section, {})[key] = parsed
+
+
+def collect_overrides(argv: list[str]) -> list[str]:
+    """Turn leftover CLI words (``--training.steps=5`` or ``--training.steps 5``) into overrides."""
+    out, i = [], 0
+    while i < len(argv):
+        word = argv[i]
+        if not word.startswith("--") or "." not in word.split("=", 1)[0]:
+            raise ValueError(f"unrecognised argument {word!r}; config overrides look like --section.key=value")
+        if "=" not in word:
+            if i + 1 >= len(argv):
+                raise ValueError(f"override {word!r} has no value")
+            word, i = f"{word}={argv[i + 1]}", i + 1
+        out.append(word)
+        i += 1
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML file (or start from the embedded defaults), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} not found")
+        with path.open("rb") as f:
+            try:
+                raw = tomllib.load(f)
+            except tomllib.TOMLDecodeError as exc:
+                raise ValueError(f"{path}: invalid TOML: {exc}") from None
+    for item in overrides:
+        _override(raw, item)
+    return _build(raw)
+
+
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """``cfg`` with overrides applied (e.g. a saved run config plus ``--training.steps=...``)."""
+    raw: dict[str, Any] = cfg.to_dict()
+    for item in overrides:
+        _override(raw, item)
+    return _build(raw)
+

@@ -1,0 +1,225 @@
+"""Hugging Face interop: read and write Llama-style checkpoint folders (config.json + safetensors).
+
+Our decoder is the Llama architecture with HF's rotate-half RoPE layout, so weights move across
+by renaming alone, with no permutation. Only ``transformers``' file format is used here, not the
+library: loading needs ``safetensors`` and the standard library, so a training node needs no
+``transformers`` install. Anything our model cannot represent exactly (RoPE scaling, biases,
+sliding windows, another activation) is refused with the config key that asks for it, rather than
+loaded into a model that would compute something else.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+
+_LAYER_NAMES = {
+    "self_attn.q_proj.weight": "wq.weight",
+    "self_attn.k_proj.weight": "wk.weight",
+    "self_attn.v_proj.weight": "wv.weight",
+    "self_attn.o_proj.weight": "wo.weight",
+    "self_attn.q_proj.bias": "wq.bias",
+    "self_attn.k_proj.bias": "wk.bias",
+    "self_attn.v_proj.bias": "wv.bias",
+    "mlp.gate_proj.weight": "w_gate.weight",
+    "mlp.up_proj.weight": "w_up.weight",
+    "mlp.down_proj.weight": "w_down.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "mlp_norm.weight",
+}
+_TOP_NAMES = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
+              "lm_head.weight": "head.weight"}
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_OUR_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+_OUR_TO_HF_LAYER = {ours: hf for hf, ours in _LAYER_NAMES.items()}
+_OUR_TO_HF_TOP = {ours: hf for hf, ours in _TOP_NAMES.items()}
+
+
+def hf_to_ours(name: str) -> str:
+    """``model.layers.3.self_attn.q_proj.weight`` -> ``layers.3.wq.weight``."""
+    m = _HF_LAYER.match(name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name]
+    raise ValueError(f"checkpoint tensor {name!r} has no counterpart in our model")
+
+
+def ours_to_hf(name: str) -> str:
+    m = _OUR_LAYER.match(name)
+    if m and m.group(2) in _OUR_TO_HF_LAYER:
+        return f"model.layers.{m.group(1)}.{_OUR_TO_HF_LAYER[m.group(2)]}"
+    if name in _OUR_TO_HF_TOP:
+        return _OUR_TO_HF_TOP[name]
+    raise ValueError(f"parameter {name!r} has no Hugging Face counterpart")
+
+
+def _rope_theta(hf: dict) -> float:
+    """RoPE base from ``rope_parameters`` (transformers >= 5) or the older top-level keys."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise ValueError(f"config.json: RoPE type {kind!r} is not supported (only plain RoPE)")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """Our ``ModelConfig`` from the contents of an HF ``config.json``; refuses what we cannot run."""
+    kind = hf.get("model_type")
+    if kind not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"config.json: model_type {kind!r} is not supported; "
+                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
+    if hf.get("mlp_bias") or hf.get("attention_bias"):
+        raise ValueError("config.json: attention_bias / mlp_bias are not supported (our layers have no biases)")
+    if hf.get("use_sliding_window"):
+        raise ValueError("config.json: use_sliding_window is not supported (full causal attention only)")
+    try:
+        hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+        cfg = ModelConfig(
+            vocab_size=int(hf["vocab_size"]), hidden=hidden, layers=int(hf["num_hidden_layers"]), heads=heads,
+            kv_heads=int(hf.get("num_key_value_heads") or heads), ffn=int(hf["intermediate_size"]),
+            rope_theta=_rope_theta(hf), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=kind == "qwen2")
+    except KeyError as exc:
+        raise ValueError(f"config.json: missing key {exc.args[0]!r}") from None
+    if hf.get("head_dim") not in (None, cfg.head_dim):
+        raise ValueError(f"config.json: head_dim {hf['head_dim']} != hidden_size / num_attention_heads "
+                         f"({cfg.head_dim}) is not supported")
+    return cfg
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32, max_position_embeddings: int = 8192) -> dict:
+    """An HF ``config.json`` for a ``LlamaForCausalLM`` with our shape."""
+    return {
+        "architectures": ["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"],
+        "model_type": "qwen2" if cfg.qkv_bias else "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden, "intermediate_size": cfg.ffn,
+        "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads, "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "max_position_embeddings": max_position_embeddings,
+        "torch_dtype": str(dtype).removeprefix("torch."), "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def read_hf_config(path: str | Path) -> ModelConfig:
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"model.hf_path: no config.json in {str(path)!r}")
+    return config_from_hf(json.loads(file.read_text(encoding="utf-8")))
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    d, kv = cfg.hidden, cfg.kv_dim
+    shapes = {"embed.weight": (cfg.vocab_size, d), "norm.weight": (d,), "head.weight": (cfg.vocab_size, d)}
+    for i in range(cfg.layers):
+        shapes.update({
+            f"layers.{i}.attn_norm.weight": (d,), f"layers.{i}.mlp_norm.weight": (d,),
+            f"layers.{i}.wq.weight": (cfg.heads * cfg.head_dim, d), f"layers.{i}.wk.weight": (kv, d),
+            f"layers.{i}.wv.weight": (kv, d), f"layers.{i}.wo.weight": (d, cfg.heads * cfg.head_dim),
+            f"layers.{i}.w_gate.weight": (cfg.ffn, d), f"layers.{i}.w_up.weight": (cfg.ffn, d),
+            f"layers.{i}.w_down.weight": (d, cfg.ffn),
+        })
+        if cfg.qkv_bias:
+            shapes.update({f"layers.{i}.wq.bias": (cfg.heads * cfg.head_dim,), f"layers.{i}.wk.bias": (kv,),
+                           f"layers.{i}.wv.bias": (kv,)})
+    return shapes
+
+
+def _check_state(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str) -> None:
+    shapes = _expected_shapes(cfg)
+    missing = sorted(set(shapes) - set(state))
+    extra = sorted(set(state) - set(shapes))
+    if missing or extra:
+        raise ValueError(f"{where}: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, shape in shapes.items():
+        if tuple(state[name].shape) != shape:
+            raise ValueError(f"{where}: {name} has shape {tuple(state[name].shape)}, expected {shape}")
+
+
+def _shard_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return [path / f for f in sorted(set(weight_map.values()))]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"model.hf_path: no model.safetensors or model.safetensors.index.json in "
+                            f"{str(path)!r} (only safetensors checkpoints are read)")
+
+
+def load_hf_checkpoint(path: str | Path,
+                       dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(ModelConfig, full-model state dict in our parameter names) from an HF checkpoint folder.
+
+    With tied embeddings, ``head.weight`` is the same tensor as ``embed.weight``, as in a tied
+    ``StageModel``'s own state dict. ``dtype`` casts every tensor (default: as stored).
+    """
+    path = Path(path)
+    cfg = read_hf_config(path)
+    state: dict[str, torch.Tensor] = {}
+    for f in _shard_files(path):
+        for name, tensor in load_file(str(f)).items():
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            state[hf_to_ours(name)] = tensor if dtype is None else tensor.to(dtype)
+    if cfg.tie_embeddings and "embed.weight" in state:
+        head = state.get("head.weight")
+        if head is not None and not torch.equal(head, state["embed.weight"]):
+            raise ValueError(f"{path}: tie_word_embeddings is set but lm_head.weight differs from embed_tokens")
+        state["head.weight"] = state["embed.weight"]
+    _check_state(cfg, state, str(path))
+    return cfg, state
+
+
+def save_hf_checkpoint(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], path: str | Path,
+                       max_shard_bytes: int = 5 * 2**30, max_position_embeddings: int = 8192) -> None:
+    """Write ``config.json`` and safetensors shards (with an index when more than one) to ``path``.
+
+    ``state_dict`` is the full model in our names (stages' state dicts merged). Tied embeddings
+    are written once, as HF does. Shards are filled in parameter order up to ``max_shard_bytes``.
+    """
+    _check_state(cfg, state_dict, "state_dict")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {ours_to_hf(k): v.detach().to("cpu").contiguous() for k, v in state_dict.items()
+               if not (cfg.tie_embeddings and k == "head.weight")}
+    dtype = state_dict["embed.weight"].dtype
+    (path / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype, max_position_embeddings), indent=2) + "\n",
+                                      encoding="utf-8")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    meta = {"format": "pt"}
+    index = path / "model.safetensors.index.json"
+    if len(shards) == 1:
+        index.unlink(missing_ok=True)
+        save_file(shards[0], str(path / "model.safetensors"), metadata=meta)
+        return
+    (path / "model.safetensors").unlink(missing_ok=True)
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / fname), metadata=meta)
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index.write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n", encoding="utf-8")
