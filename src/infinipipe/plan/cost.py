@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..model.config import ModelConfig
+from ..model.config import ModelConfig, preset
 from .ir import Chunk
 
 PROFILE_FORMAT_VERSION = 1
@@ -58,6 +59,18 @@ class ChunkShape:
         return total
 
     @property
+    def attn_area(self) -> float:
+        """Full (query, key) score rectangle per segment, masked entries included: what an attention
+        back-end that materialises the score matrix (SDPA's math path) keeps for backward."""
+        return float(sum(s * (s + (self.prefix if i == 0 else 0)) for i, s in enumerate(self.seg_lens)))
+
+    @property
+    def attn_area_sq(self) -> float:
+        """Sum of squared per-segment score areas: on CPU the cost per score grows once a segment's
+        score matrix no longer fits in cache, and this convex term captures that without a knot."""
+        return float(sum((s * (s + (self.prefix if i == 0 else 0))) ** 2 for i, s in enumerate(self.seg_lens)))
+
+    @property
     def kv_len(self) -> int:
         """Keys attended in total (cached prefix included): what memory-bound kernels read."""
         return self.tokens + self.prefix
@@ -70,11 +83,12 @@ class ChunkShape:
         return cls(tuple(s.length for s in segs), prefix=first.start, kept=kept)
 
 
-FEATURES = ("attn", "tokens", "kv", "chunk")
+FEATURES = ("attn", "area", "area_sq", "tokens", "kv", "chunk")
 
 
 def features(shape: ChunkShape) -> dict[str, float]:
-    return {"attn": shape.attn_pairs, "tokens": float(shape.tokens), "kv": float(shape.kv_len), "chunk": 1.0}
+    return {"attn": shape.attn_pairs, "area": shape.attn_area, "area_sq": shape.attn_area_sq,
+            "tokens": float(shape.tokens), "kv": float(shape.kv_len), "chunk": 1.0}
 
 
 @dataclass(frozen=True)
@@ -274,3 +288,40 @@ class CostModel:
                 "the cost model extrapolates",
                 stacklevel=2,
             )
+
+
+def _profiles_dir():
+    return resources.files("infinipipe") / "profiles"
+
+
+def committed_profiles() -> list[str]:
+    """Names of the profiles shipped with the package (``load_profile`` accepts them)."""
+    return sorted(p.name[:-5] for p in _profiles_dir().iterdir() if p.name.endswith(".json"))
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """A committed profile by name (``"h100-bf16-llama-13b"``) or a profile JSON file by path."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.exists():
+        return Profile.load(path)
+    entry = _profiles_dir() / f"{name_or_path}.json"
+    if not entry.is_file():
+        raise ValueError(f"no committed profile {str(name_or_path)!r}; known: {', '.join(committed_profiles())}")
+    return Profile.from_json(json.loads(entry.read_text()))
+
+
+DEFAULT_PROFILE_PREFIXES = ("h100-bf16", "cpu-fp32")
+
+
+def default_profile_name(preset_name: str) -> str:
+    """The committed profile for a model preset: the H100 one where it exists, else the CPU one."""
+    shape = preset(preset_name).with_layers(1)
+    for prefix in DEFAULT_PROFILE_PREFIXES:
+        name = f"{prefix}-{preset_name}"
+        if name in committed_profiles() and load_profile(name).model.with_layers(1) == shape:
+            return name
+    raise ValueError(f"no committed profile for preset {preset_name!r}; known: {', '.join(committed_profiles())}")
+
+
+def default_profile(preset_name: str) -> Profile:
+    return load_profile(default_profile_name(preset_name))

@@ -1,0 +1,83 @@
+"""``infinipipe profile``: fit a cost profile by measuring this device, from a measurement file,
+or by scaling a measured profile to a larger model shape."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..model.config import PRESETS, preset
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profile", help="measure layer costs and fit a cost profile",
+                       description=__doc__)
+    p.add_argument("--model", default="tiny", help=f"model preset ({', '.join(PRESETS)})")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--from-measurements", metavar="FILE",
+                     help="fit from a JSON file of measured layer costs instead of measuring")
+    src.add_argument("--scale-from", metavar="PROFILE",
+                     help="derive the profile by scaling a measured profile (name or file) to --model")
+    p.add_argument("--layers", type=int, default=2, help="layers to measure (layers are identical)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="longest chunk in the grid (default 512 on cpu, 32768 on cuda)")
+    p.add_argument("--min-len", type=int, default=64, help="shortest segment in the grid")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--passes", type=int, default=3, help="passes over the grid; the lowest median is kept")
+    p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads while measuring")
+    p.add_argument("--out", metavar="FILE", help="write the profile JSON here")
+    p.add_argument("--measurements-out", metavar="FILE", help="also write the raw measurements (rows)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..plan.cost import load_profile
+    from ..plan.fit import profile_from_measurements, scale_profile
+
+    cfg = preset(args.model)
+    fit_rows, held_rows = [], []
+    if args.from_measurements:
+        path = Path(args.from_measurements)
+        prof = profile_from_measurements(json.loads(path.read_text()), args.model, cfg, path.name)
+    elif args.scale_from:
+        prof = scale_profile(load_profile(args.scale_from), cfg, Path(args.scale_from).stem)
+    else:
+        import torch
+
+        from ..profile import profile_device
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+        max_tokens = args.max_tokens or (32768 if device.startswith("cuda") else 512)
+        if args.layers < 1 or args.layers > cfg.layers:
+            raise ValueError(f"--layers must be in 1..{cfg.layers} for {args.model}, got {args.layers}")
+        prof, fit_rows, held_rows = profile_device(
+            cfg, layers=args.layers, device=device, dtype=dtype, max_tokens=max_tokens, min_len=args.min_len,
+            warmup=args.warmup, reps=args.reps, passes=args.passes, threads=args.threads,
+            progress=not args.no_progress,
+            name=args.model)
+    if args.out:
+        prof.save(args.out)
+    if args.measurements_out:
+        Path(args.measurements_out).write_text(json.dumps(
+            {"device": prof.device, "dtype": prof.dtype, "model": args.model,
+             "fit": [m.to_row() for m in fit_rows], "held_out": [m.to_row() for m in held_rows]}, indent=1) + "\n")
+    summary = {"model": args.model, "device": prof.device, "dtype": prof.dtype, "source": prof.source,
+               "derived_from": prof.derived_from, "out": args.out, "fit_error": prof.fit_error}
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"{args.model} on {prof.device} ({prof.dtype}): {prof.source}")
+        fe = prof.fit_error
+        for key in ("fwd", "bwd", "time", "act_bytes", "embed_time", "head_time"):
+            if key in fe and fe[key].get("n"):
+                print(f"  {fe['method']} {key:9s} relative error: median {fe[key]['median']:.2%}, "
+                      f"max {fe[key]['max']:.2%} over {fe[key]['n']} predictions")
+        if args.out:
+            print(f"  wrote {args.out}")
+    return 0

@@ -1,0 +1,216 @@
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from infinipipe.cli import main
+from infinipipe.model.config import preset
+from infinipipe.plan.cost import (ChunkShape, CostModel, Profile, committed_profiles,
+                                  default_profile, default_profile_name, load_profile)
+from infinipipe.plan.fit import Measurement, fit_layer, profile_from_measurements, scale_profile
+
+MEASUREMENTS = Path(__file__).resolve().parents[1] / "src/infinipipe/profiles/measurements/h100-layer-costs.json"
+GPU_FITTED = {"h100-bf16-llama-7b": "llama-7b", "h100-bf16-llama3-8b": "llama3-8b"}
+GPU_DERIVED = {"h100-bf16-llama-13b": "llama-13b", "h100-bf16-llama-30b": "llama-30b"}
+ALL = {**GPU_FITTED, **GPU_DERIVED, "cpu-fp32-tiny": "tiny", "cpu-fp32-small": "small"}
+
+
+def cost(name: str) -> CostModel:
+    return CostModel(load_profile(name), preset(ALL[name]))
+
+
+def test_every_expected_profile_is_committed_and_matches_its_preset():
+    assert set(ALL) <= set(committed_profiles())
+    for name, model in ALL.items():
+        prof = load_profile(name)
+        assert prof.model.with_layers(1) == preset(model).with_layers(1)
+        assert prof.device and prof.source and prof.torch_version
+        assert default_profile_name(model) == name
+    assert default_profile("llama-13b").derived_from == "h100-bf16-llama-7b"
+
+
+@pytest.mark.parametrize("name", sorted(GPU_FITTED))
+def test_leave_one_out_time_error_on_gpu_profiles_meets_target(name):
+    data = json.loads(MEASUREMENTS.read_text())
+    fresh = profile_from_measurements(data, GPU_FITTED[name], preset(GPU_FITTED[name]), MEASUREMENTS.name)
+    committed = load_profile(name)
+    assert committed.fit_error["method"] == "leave-one-out"
+    for key in ("fwd", "bwd", "time"):
+        assert fresh.fit_error[key] == pytest.approx(committed.fit_error[key])
+        assert committed.fit_error[key]["median"] < 0.05
+        assert committed.fit_error[key]["max"] < 0.15
+    assert committed.fit_error["act_bytes"]["max"] < 0.01
+
+
+@pytest.mark.parametrize("name", sorted(GPU_FITTED))
+def test_gpu_profile_reproduces_measured_activation_bytes(name):
+    rows = [Measurement.from_row(r) for r in json.loads(MEASUREMENTS.read_text())["rows"]
+            if r["model"] == GPU_FITTED[name]]
+    prof = load_profile(name)
+    for m in rows:
+        assert prof.layer_act_bytes(m.shape) == pytest.approx(m.act_bytes, rel=0.01)
+
+
+@pytest.mark.parametrize("name", ["cpu-fp32-tiny", "cpu-fp32-small"])
+def test_cpu_profile_held_out_errors_meet_targets(name):
+    fe = load_profile(name).fit_error
+    assert fe["method"] == "held-out" and fe["n_held_out"] >= 10
+    assert fe["time"]["median"] < 0.10
+    assert fe["act_bytes"]["max"] < 0.05
+
+
+segments = st.lists(st.integers(1, 8192), min_size=1, max_size=6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(sorted(ALL)), segs=segments, prefix=st.integers(0, 65536), more=st.integers(1, 65536))
+def test_more_prefix_never_predicts_less(name, segs, prefix, more):
+    cm = cost(name)
+    a, b = ChunkShape(tuple(segs), prefix=prefix), ChunkShape(tuple(segs), prefix=prefix + more)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cm.forward_ms(b, 4) >= cm.forward_ms(a, 4)
+        assert cm.backward_ms(b, 4) >= cm.backward_ms(a, 4)
+        assert cm.recompute_ms(b, 2) >= cm.recompute_ms(a, 2)
+        assert cm.activation_bytes(b, 4) >= cm.activation_bytes(a, 4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(name=st.sampled_from(sorted(ALL)), segs=segments, extra=st.integers(1, 4096))
+def test_longer_segment_never_predicts_less(name, segs, extra):
+    cm = cost(name)
+    longer = ChunkShape((segs[0] + extra, *segs[1:]))
+    shape = ChunkShape(tuple(segs))
+    assert cm.forward_ms(longer, 2, first=True, last=True) > cm.forward_ms(shape, 2, first=True, last=True)
+    assert cm.backward_ms(longer, 2) > cm.backward_ms(shape, 2)
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_split_slice_keeps_more_memory_than_packed_chunk_of_same_tokens(name):
+    cm = cost(name)
+    packed = ChunkShape((2048, 1024, 1024))
+    split = ChunkShape((2048, 1024, 1024), kept=2048)
+    assert cm.activation_bytes(split, 4) > cm.activation_bytes(packed, 4)
+    assert cm.activation_bytes(split, 4) - cm.activation_bytes(packed, 4) == pytest.approx(
+        cm.kv_bytes(split, 4) + cm.dkv_bytes(split, 4))
+    assert cm.kv_bytes(packed, 4) == 0
+
+
+def test_recompute_trades_memory_for_time():
+    cm = cost("h100-bf16-llama-7b")
+    shape = ChunkShape((8192,))
+    assert cm.activation_bytes(shape, 8, recompute=8) < cm.activation_bytes(shape, 8, recompute=0)
+    assert cm.recompute_ms(shape, 8) == pytest.approx(cm.forward_ms(shape, 8))
+    with pytest.raises(ValueError, match="recompute"):
+        cm.activation_bytes(shape, 8, recompute=9)
+
+
+def test_derived_profile_scales_up_from_its_base():
+    small, big = cost("h100-bf16-llama-7b"), cost("h100-bf16-llama-13b")
+    shape = ChunkShape((4096, 2048), prefix=8192)
+    assert 1.2 < big.forward_ms(shape, 1) / small.forward_ms(shape, 1) < 1.8
+    assert 1.2 < big.layer_act_bytes(shape) / small.layer_act_bytes(shape) < 1.4
+
+
+def test_profile_from_another_model_shape_is_refused():
+    with pytest.raises(ValueError, match="profile was made for model shape"):
+        CostModel(load_profile("h100-bf16-llama-7b"), preset("llama-13b"))
+    # a different layer count is the same shape
+    CostModel(load_profile("h100-bf16-llama-7b"), preset("llama-7b").with_layers(2))
+
+
+def test_unknown_version_and_unknown_terms_are_refused():
+    obj = load_profile("h100-bf16-llama-7b").to_json()
+    with pytest.raises(ValueError, match="version 99 is not supported"):
+        Profile.from_json({**obj, "version": 99})
+    with pytest.raises(ValueError, match="unknown cost feature"):
+        Profile.from_json({**obj, "terms": {**obj["terms"], "layer_fwd": {"cubic": 1.0}}})
+    with pytest.raises(ValueError, match="no committed profile"):
+        load_profile("h100-bf16-gpt-5")
+
+
+def test_measurements_of_another_shape_are_refused():
+    data = json.loads(MEASUREMENTS.read_text())
+    with pytest.raises(ValueError, match="differs from the preset"):
+        profile_from_measurements(data, "llama-7b", preset("llama3-8b"), "m")
+    with pytest.raises(ValueError, match="no model"):
+        profile_from_measurements(data, "llama-13b", preset("llama-13b"), "m")
+
+
+def test_far_extrapolation_warns():
+    cm = cost("h100-bf16-llama-7b")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cm.check_range(ChunkShape((8192,), prefix=120000))
+    with pytest.warns(UserWarning, match="far outside the profiled range"):
+        cm.check_range(ChunkShape((4096,), prefix=4 * 131072))
+
+
+def test_profile_json_round_trip(tmp_path):
+    for name in ALL:
+        prof = load_profile(name)
+        path = tmp_path / f"{name}.json"
+        prof.save(path)
+        assert Profile.load(path) == prof
+        assert load_profile(str(path)) == prof
+
+
+def test_fit_recovers_known_coefficients_exactly():
+    shapes = [ChunkShape((n,), prefix=c) for n in (256, 1024, 4096) for c in (0, 2048)] + [ChunkShape((512,) * 4)]
+    truth = {"attn": 2e-8, "tokens": 1e-3, "kv": 5e-5, "chunk": 0.3}
+
+    def f(s):
+        return truth["attn"] * s.attn_pairs + truth["tokens"] * s.tokens + truth["kv"] * s.kv_len + truth["chunk"]
+
+    rows = [Measurement(s, f(s), 2 * f(s), 100 * s.tokens + 10 * s.kv_len) for s in shapes]
+    fit = fit_layer(rows)
+    for k, v in truth.items():
+        assert fit.terms["layer_fwd"].coef[k] == pytest.approx(v, rel=1e-6)
+    assert fit.fit_error["fwd"]["max"] < 1e-6
+
+
+def test_cost_cli_matches_the_cost_model(capsys):
+    assert main(["cost", "--profile", "h100-bf16-llama-7b", "--layers", "8", "--segments", "4096,1024,512",
+                 "--prefix", "8192", "--recompute", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"forward_ms", "backward_ms", "recompute_ms", "activation_bytes", "kv_bytes"}
+    cm = cost("h100-bf16-llama-7b")
+    shape = ChunkShape((4096, 1024, 512), prefix=8192)
+    assert out["forward_ms"] == pytest.approx(cm.forward_ms(shape, 8))
+    assert out["recompute_ms"] == pytest.approx(cm.recompute_ms(shape, 3))
+    assert out["activation_bytes"] == pytest.approx(cm.activation_bytes(shape, 8, recompute=3))
+    assert out["kv_bytes"] == 0
+
+
+def test_cost_cli_rejects_bad_input(capsys):
+    assert main(["cost", "--profile", "h100-bf16-llama-7b", "--layers", "2", "--segments", "64",
+                 "--recompute", "3"]) == 2
+    assert "--recompute" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["cost", "--profile", "h100-bf16-llama-7b", "--layers", "2", "--segments", "64,x"])
+
+
+def test_profile_cli_from_measurements_reports_held_out_error(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert main(["profile", "--from-measurements", str(MEASUREMENTS), "--model", "llama3-8b",
+                 "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["fit_error"]["time"]["median"] < 0.05
+    assert Profile.load(out) == load_profile("h100-bf16-llama3-8b")
+    assert np.isfinite(summary["fit_error"]["time"]["max"])
+
+
+def test_flop_scaling_from_llama_7b_predicts_the_measured_llama3_8b_layer():
+    """The derivation used for the 13B/30B profiles, checked where both shapes were measured."""
+    scaled = scale_profile(load_profile("h100-bf16-llama-7b"), preset("llama3-8b"), "h100-bf16-llama-7b")
+    rows = [Measurement.from_row(r) for r in json.loads(MEASUREMENTS.read_text())["rows"]
+            if r["model"] == "llama3-8b"]
+    checks = (("fwd_ms", scaled.layer_fwd, 0.05, 0.15), ("bwd_ms", scaled.layer_bwd, 0.05, 0.15),
+              ("act_bytes", scaled.layer_act_bytes, 0.03, 0.03))
+    for quantity, term, med, worst in checks:
+        errors = np.array([abs(term(m.shape) - m.value(quantity)) / m.value(quantity) for m in rows])
+        assert np.median(errors) < med and errors.max() < worst, quantity

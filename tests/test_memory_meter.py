@@ -1,0 +1,52 @@
+import torch
+
+from infinipipe.runtime.memory import SavedTensorMeter
+
+
+def test_counts_saved_storage_and_releases_it_in_backward():
+    x = torch.randn(100, 10, requires_grad=True)
+    with SavedTensorMeter() as meter:
+        y = (x * 2).exp()  # exp saves its output: 100*10 fp32
+    assert meter.current == 100 * 10 * 4
+    y.sum().backward()
+    assert meter.current == 0
+    assert meter.peak == 100 * 10 * 4
+
+
+def test_views_of_one_storage_are_counted_once():
+    x = torch.randn(64, 64, requires_grad=True)
+    with SavedTensorMeter() as meter:
+        y = x * 1.0
+        z = y[:32].sin() + y[32:].sin() + y.t().sin().t()[:32]
+    assert meter.current == 64 * 64 * 4
+    z.sum().backward()
+    assert meter.current == 0
+
+
+def test_excluded_parameters_are_not_activations():
+    lin = torch.nn.Linear(32, 16, bias=False)
+    x = torch.randn(8, 32, requires_grad=True)
+    with SavedTensorMeter(exclude=lin.parameters()) as meter:
+        out = lin(x)
+    assert meter.current == x.numel() * 4
+    del out
+
+
+def test_peak_tracks_the_largest_held_amount():
+    x = torch.randn(1000, requires_grad=True)
+    with SavedTensorMeter() as meter:
+        a = x.exp()
+        b = a.exp()
+    b.sum().backward()
+    assert meter.peak == 2 * 1000 * 4 and meter.current == 0
+    meter.reset_peak()
+    assert meter.peak == 0
+
+
+def test_tensors_saved_outside_the_context_are_not_counted():
+    x = torch.randn(10, requires_grad=True)
+    with SavedTensorMeter() as meter:
+        pass
+    y = x.exp()
+    assert meter.current == 0
+    y.sum().backward()

@@ -1,0 +1,79 @@
+import json
+
+import pytest
+import torch
+
+from infinipipe.cli import main
+from infinipipe.model.config import preset
+from infinipipe.plan.cost import ChunkShape, CostModel, Profile
+from infinipipe.profile import LayerBench, fit_grid, held_out_grid, profile_device
+
+TINY = preset("tiny")
+
+
+def test_grid_covers_what_plans_produce_and_held_out_shapes_are_new():
+    grid = fit_grid(512)
+    assert any(len(s.seg_lens) == 1 and s.prefix == 0 for s in grid)  # whole sequences
+    assert any(len(s.seg_lens) > 1 and s.prefix == 0 for s in grid)  # packed short ones
+    assert any(len(s.seg_lens) == 1 and s.prefix >= 4 * s.seg_lens[0] for s in grid)  # long prefixes
+    assert any(len(s.seg_lens) > 1 and s.prefix > 0 for s in grid)  # hybrid
+    assert min(min(s.seg_lens) for s in grid) == 64 and max(s.tokens for s in grid) == 512
+    held = held_out_grid(512)
+    assert held and not set(held) & set(grid)
+
+
+def test_memory_model_matches_saved_tensor_accounting_on_every_held_out_shape():
+    fit = [ChunkShape((n,)) for n in (64, 128, 256)] + [ChunkShape((64, 64))] + \
+          [ChunkShape((64,), prefix=c) for c in (64, 192)] + [ChunkShape((128, 64), prefix=128)]
+    held = [ChunkShape((96,)), ChunkShape((160, 48, 16)), ChunkShape((80,), prefix=300),
+            ChunkShape((100, 30), prefix=70)]
+    prof, _, measured = profile_device(TINY, layers=1, max_tokens=256, warmup=1, reps=3, passes=1,
+                                       fit_shapes=fit, held_out=held, progress=False, name="tiny")
+    assert prof.fit_error["method"] == "held-out" and prof.fit_error["n_held_out"] == len(held)
+    for m in measured:
+        assert prof.layer_act_bytes(m.shape) == pytest.approx(m.act_bytes, rel=0.05)
+    assert prof.fit_error["act_bytes"]["max"] < 0.05
+    # time on a shared CPU is noisy: only a loose sanity bound here; the committed profile is held to 10%
+    assert prof.fit_error["time"]["median"] < 0.5
+    assert Profile.from_json(json.loads(json.dumps(prof.to_json()))) == prof
+
+
+def test_stack_of_layers_keeps_per_layer_bytes_times_layers():
+    shape = ChunkShape((100, 28), prefix=50)
+    one = LayerBench(TINY, layers=1, warmup=0, reps=1).saved_bytes(shape)
+    three = LayerBench(TINY, layers=3, warmup=0, reps=1).saved_bytes(shape)
+    assert three == 3 * one
+
+
+def test_split_slice_measures_more_memory_than_packed_chunk_of_same_tokens():
+    """What the cost model adds for a kept slice (its K/V) is what the runtime holds on to."""
+    bench = LayerBench(TINY, layers=1, warmup=0, reps=1)
+    packed = ChunkShape((128, 64, 64))
+    prof, _, _ = profile_device(TINY, layers=1, warmup=0, reps=1, passes=1, progress=False,
+                                fit_shapes=fit_grid(256)[:12], held_out=[packed])
+    cm = CostModel(prof, TINY)
+    split = ChunkShape((128, 64, 64), kept=128)
+    assert cm.activation_bytes(split, 1) > cm.activation_bytes(packed, 1)
+    assert cm.kv_bytes(split, 1) == 2 * 128 * TINY.kv_dim * 4
+    assert bench.saved_bytes(packed) == pytest.approx(cm.layer_act_bytes(packed), rel=0.05)
+
+
+def test_profile_cli_on_cpu_writes_a_profile_with_held_out_errors(tmp_path, capsys):
+    out = tmp_path / "tiny.json"
+    assert main(["profile", "--model", "tiny", "--layers", "1", "--max-tokens", "256", "--warmup", "1",
+                 "--reps", "2", "--passes", "1", "--no-progress", "--device", "cpu", "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["fit_error"]["method"] == "held-out"
+    assert summary["fit_error"]["act_bytes"]["max"] < 0.05
+    prof = Profile.load(out)
+    assert prof.device == "cpu" and prof.dtype == "float32" and prof.torch_version == torch.__version__
+    assert prof.model == TINY
+    # embedding and head are measured too, and judged on token counts outside their fit
+    assert summary["fit_error"]["head_time"]["n"] > 0 and summary["fit_error"]["embed_time"]["n"] > 0
+    shape = ChunkShape((200,))
+    assert prof.head_fwd(shape) > 0 and prof.head_bwd(shape) > 0 and prof.embed_bwd(shape) > 0
+
+
+def test_profile_cli_rejects_too_many_layers(capsys):
+    assert main(["profile", "--model", "tiny", "--layers", "9", "--no-progress"]) == 2
+    assert "--layers" in capsys.readouterr().err
