@@ -1,0 +1,105 @@
+"""``infinipipe plan``: plan one global batch with a named planner and write the Plan as JSON."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+from pathlib import Path
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``80GiB``, ``1.5TB``, ``4096`` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in UNITS:
+        raise ValueError(f"--memory: cannot read {text!r} as a size (e.g. 80GiB, 40GB, 1073741824)")
+    value = float(m.group(1)) * UNITS[m.group(2).lower()]
+    if value <= 0:
+        raise ValueError(f"--memory must be > 0, got {text!r}")
+    return int(value)
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """``key=value``; the value is read as JSON when it parses (numbers, true/false), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--option expects key=value, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def build_cost(profile_ref: str, model_ref: str | dict | None):
+    """A CostModel from a committed profile name or a profile file, for a preset (or the profile's model)."""
+    from ..model.config import ModelConfig, preset
+    from ..plan.cost import CostModel, load_profile
+
+    profile = load_profile(profile_ref)
+    if model_ref is None:
+        model = profile.model
+    elif isinstance(model_ref, dict):
+        model = ModelConfig.from_json(model_ref)
+    else:
+        model = preset(model_ref)
+    return CostModel(profile, model)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..data.lengths import DISTRIBUTIONS
+    from ..plan.planners import PLANNERS
+
+    p = sub.add_parser("plan", help="plan one global batch and write the Plan as JSON",
+                       description=__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--lengths", type=Path, help="file of sequence lengths, one integer per line")
+    src.add_argument("--dist", choices=DISTRIBUTIONS, help="sample lengths from a named distribution")
+    p.add_argument("--batch", type=int, default=128, help="sequences to sample with --dist (default 128)")
+    p.add_argument("--max-len", type=int, default=65536,
+                   help="context length: sampled lengths are truncated to it (default 65536)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", help="model preset (default: the profile's model)")
+    p.add_argument("--profile", required=True, help="committed profile name or profile JSON file")
+    p.add_argument("--stages", type=int, required=True, help="pipeline stages")
+    p.add_argument("--memory", default="80GiB", help="memory per device (default 80GiB)")
+    p.add_argument("--layers", help="layers per stage, comma separated (default: balanced by cost)")
+    p.add_argument("--planner", default="epp", choices=sorted(PLANNERS))
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="planner option, repeatable (e.g. chunk_tokens=8192, recompute=2)")
+    p.add_argument("--out", type=Path, required=True, help="where to write the plan JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.lengths import read_lengths, sample_lengths
+    from ..plan.planners import PlanRequest, make_plan
+
+    if args.lengths is not None:
+        lengths = read_lengths(args.lengths)
+        source = f"file {args.lengths.name}"
+    else:
+        lengths = sample_lengths(args.dist, args.batch, args.max_len, args.seed)
+        source = f"{args.dist} (batch {args.batch}, max length {args.max_len}, seed {args.seed})"
+    cost = build_cost(args.profile, args.model)
+    layers = None
+    if args.layers:
+        try:
+            layers = [int(x) for x in args.layers.split(",")]
+        except ValueError:
+            raise ValueError(f"--layers expects comma-separated integers, got {args.layers!r}") from None
+    request = PlanRequest(lengths, cost, args.stages, parse_bytes(args.memory), layers,
+                          dict(parse_option(o) for o in args.option))
+    plan = make_plan(args.planner, request)
+    plan = dataclasses.replace(plan, metadata={
+        **plan.metadata, "profile": args.profile, "model": cost.model.to_json(),
+        "memory_bytes": request.memory_bytes, "lengths_source": source,
+    })
+    args.out.write_text(plan.dumps() + "\n")
+    print(f"{args.planner}: {len(lengths)} sequences ({sum(lengths)} tokens) -> {len(plan.chunks)} chunks, "
+          f"{len(plan.pipelines)} pipeline(s), layers {list(plan.layers_per_stage)}; wrote {args.out}",
+          file=sys.stderr)
+    return 0

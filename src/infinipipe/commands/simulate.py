@@ -1,0 +1,52 @@
+"""``infinipipe simulate PLAN``: cost a Plan with the simulator (iteration time, bubbles, memory)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="simulate a plan: iteration time, bubbles, peak memory",
+                       description=__doc__)
+    p.add_argument("plan", type=Path, help="plan JSON written by `infinipipe plan`")
+    p.add_argument("--profile", help="profile name or file (default: the one the plan was made with)")
+    p.add_argument("--model", help="model preset (default: the model the plan was made for)")
+    p.add_argument("--memory", help="memory per device, e.g. 80GiB (default: the plan's budget)")
+    p.add_argument("--latency-us", type=float, default=10.0, help="P2P latency in microseconds (default 10)")
+    p.add_argument("--bandwidth-gbps", type=float, default=200.0,
+                   help="P2P bandwidth in Gbit/s (default 200)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--chart", type=Path, help="write a Gantt chart and memory timeline PNG here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..plan.ir import Plan, validate_plan
+    from ..sim.simulator import LinkModel, simulate
+    from .plan import build_cost, parse_bytes
+
+    plan = Plan.loads(args.plan.read_text())
+    validate_plan(plan)
+    profile = args.profile or plan.metadata.get("profile")
+    if profile is None:
+        raise ValueError("the plan does not name its profile; pass --profile")
+    cost = build_cost(profile, args.model or plan.metadata.get("model"))
+    memory = parse_bytes(args.memory) if args.memory else plan.metadata.get("memory_bytes")
+    link = LinkModel(latency_s=args.latency_us * 1e-6, bandwidth_Bps=args.bandwidth_gbps * 1e9 / 8)
+    result = simulate(plan, cost, memory, link)
+    if args.chart:
+        from ..sim.charts import draw_chart
+
+        draw_chart(plan, result, args.chart)
+    if args.json:
+        print(json.dumps({**result.to_json(), "simulated": True, "profile": profile}, indent=1))
+    else:
+        print(f"SIMULATED with profile {profile}: {result.planner or 'plan'}, {result.num_chunks} chunks, "
+              f"{result.num_pipelines} pipeline(s)")
+        print(f"  iteration time {result.iteration_time_s:.4f} s, bubble ratio {result.bubble_ratio:.1%}, "
+              f"recompute {result.recompute_time_s:.4f} s (all stages)")
+        for s, peak in enumerate(result.peak_memory_bytes):
+            print(f"  stage {s}: busy {result.busy_s[s]:.4f} s, peak memory {peak / 2**30:.2f} GiB")
+        print("  fits in memory" if result.feasible else "  OUT OF MEMORY: " + "; ".join(map(str, result.oom)))
+    return 0

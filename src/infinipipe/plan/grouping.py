@@ -1,0 +1,194 @@
+"""Pipeline grouping (paper eq. 14): split one batch's chunks into back-to-back 1F1B pipelines.
+
+One pipeline pays one warm-up/cool-down, but every chunk in it shares the in-flight window of its
+longest sequence: a short sequence scheduled behind a long one must checkpoint more. Several
+pipelines (gradients accumulate across them) pay more fill and drain but less recompute. A
+dynamic program over the sequences sorted by chunk count picks the cut points:
+``dp[j] = min_i dp[i] + delta(i..j) + T_ckpt(i..j)``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, MutableMapping, Sequence
+
+import numpy as np
+
+from .cost import ChunkShape, CostModel
+from .ilp import InfeasibleMemoryError, build_problem, check_full_recompute, solve_checkpointing
+from .ir import Chunk, Segment
+from .schedule import epp_schedule
+
+Checkpointing = Literal["ilp", "none", "full"]
+CHECKPOINTING = ("ilp", "none", "full")
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """Chunk ids of each pipeline in run order, the DP's cost estimate, and whether it fits."""
+
+    pipelines: tuple[tuple[int, ...], ...]
+    cost_ms: float
+    feasible: bool
+    evaluated: int
+
+
+def sequence_units(chunks: Sequence[Chunk]) -> list[list[int]]:
+    """Chunk ids that must share a pipeline: those linked through a common sequence."""
+    parent = list(range(len(chunks)))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    home: dict[int, int] = {}
+    for c in chunks:
+        for s in c.segments:
+            other = home.setdefault(s.seq_id, c.id)
+            parent[find(c.id)] = find(other)
+    units: dict[int, list[int]] = {}
+    for c in chunks:
+        units.setdefault(find(c.id), []).append(c.id)
+    return list(units.values())
+
+
+def sub_batch(chunks: Sequence[Chunk], seq_lengths: Sequence[int], ids: Sequence[int]) -> tuple[list[Chunk], list[int]]:
+    """The chunks ``ids`` as a batch of their own (sequences and chunks renumbered in order)."""
+    seq_map: dict[int, int] = {}
+    lengths: list[int] = []
+    out = []
+    for new_id, cid in enumerate(ids):
+        segs = []
+        for s in chunks[cid].segments:
+            if s.seq_id not in seq_map:
+                seq_map[s.seq_id] = len(lengths)
+                lengths.append(seq_lengths[s.seq_id])
+            segs.append(Segment(seq_map[s.seq_id], s.start, s.end))
+        out.append(Chunk(new_id, tuple(segs)))
+    return out, lengths
+
+
+class PipelineCoster:
+    """Recompute cost of running a set of chunks as one pipeline (``inf`` when it cannot fit)."""
+
+    def __init__(self, chunks: Sequence[Chunk], seq_lengths: Sequence[int], cost: CostModel,
+                 layers_per_stage: Sequence[int], memory_bytes: float | Sequence[float],
+                 checkpointing: Checkpointing = "ilp", cache: MutableMapping | None = None,
+                 mip_gap: float = 0.02, time_limit_s: float = 10.0):
+        if checkpointing not in CHECKPOINTING:
+            raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {checkpointing!r}")
+        self.chunks, self.seq_lengths, self.cost = list(chunks), list(seq_lengths), cost
+        self.layers = tuple(layers_per_stage)
+        self.memory_bytes = memory_bytes
+        self.checkpointing = checkpointing
+        self.cache = {} if cache is None else cache
+        self.mip_gap, self.time_limit_s = mip_gap, time_limit_s
+        shapes = [ChunkShape.of(c, seq_lengths) for c in chunks]
+        n = len(self.layers)
+        self.stage_ms = np.array([
+            sum(cost.forward_ms(sh, nl, s == 0, s == n - 1) + cost.backward_ms(sh, nl, s == 0, s == n - 1)
+                for s, nl in enumerate(self.layers)) / n
+            for sh in shapes])
+        self.evaluated = 0
+
+    def fill_ms(self, ids: Sequence[int]) -> float:
+        """Warm-up plus cool-down of one more pipeline: ``(d_p - 1)`` mean chunk times."""
+        return (len(self.layers) - 1) * float(self.stage_ms[list(ids)].mean())
+
+    def recompute_ms(self, ids: Sequence[int]) -> float:
+        self.evaluated += 1
+        sub_chunks, lengths = sub_batch(self.chunks, self.seq_lengths, ids)
+        plan = epp_schedule(sub_chunks, lengths, len(self.layers), self.layers)
+        if self.checkpointing == "ilp":
+            try:
+                solved = solve_checkpointing(plan, self.cost, self.memory_bytes, self.mip_gap,
+                                             self.time_limit_s, cache=self.cache)
+            except InfeasibleMemoryError:
+                return math.inf
+            return solved.metadata["checkpointing"]["objective_ms"]
+        pp = build_problem(plan, self.cost, self.memory_bytes, memo=self.cache)
+        if self.checkpointing == "none":
+            return 0.0 if not pp.windows else math.inf
+        try:
+            check_full_recompute(pp)
+        except InfeasibleMemoryError:
+            return math.inf
+        return float(pp.problem.upper @ pp.problem.weight_ms)
+
+
+def group_pipelines(coster: PipelineCoster, max_pipelines: int = 4, max_cuts: int = 12) -> Grouping:
+    """Run the grouping DP over sequence units sorted by chunk count (most first).
+
+    Cut points are restricted to where the chunk count changes, thinned to at most ``max_cuts``
+    (plus evenly spaced points inside long runs of equal count), which keeps the number of ILPs
+    small; candidates whose fill cost alone cannot beat the best found skip their ILP.
+    """
+    if max_pipelines < 1:
+        raise ValueError(f"max_pipelines must be >= 1, got {max_pipelines}")
+    units = sequence_units(coster.chunks)
+    tokens = [sum(coster.chunks[c].tokens for c in u) for u in units]
+    order = sorted(range(len(units)), key=lambda i: (-len(units[i]), -tokens[i], units[i][0]))
+    units = [units[i] for i in order]
+    counts = [len(u) for u in units]
+    n = len(units)
+
+    def ids(i: int, j: int) -> list[int]:
+        return [c for u in units[i:j] for c in u]
+
+    whole = coster.recompute_ms(ids(0, n))
+    if whole == 0.0 or max_pipelines == 1:
+        return Grouping((tuple(ids(0, n)),), coster.fill_ms(ids(0, n)) + whole, math.isfinite(whole),
+                        coster.evaluated)
+    cuts = _cut_points(counts, max_cuts)
+    memo = {(0, len(cuts) - 1): whole}
+
+    def group_cost(a: int, b: int) -> float:
+        if (a, b) not in memo:
+            memo[(a, b)] = coster.recompute_ms(ids(cuts[a], cuts[b]))
+        return memo[(a, b)]
+
+    # dp[g][j]: best cost of units[:cuts[j]] in exactly g pipelines. Every further pipeline
+    # pays at least its fill, so a prefix whose cost plus the fill of the rest cannot beat the
+    # best complete grouping is dropped before its ILP is solved.
+    inf = math.inf
+    m = len(cuts)
+    dp = np.full((max_pipelines + 1, m), inf)
+    back = np.full((max_pipelines + 1, m), -1, dtype=int)
+    dp[0][0] = 0.0
+    dp[1][m - 1], back[1][m - 1] = coster.fill_ms(ids(0, n)) + whole, 0
+    bound = dp[1][m - 1]
+    for j in range(1, m):
+        rest = coster.fill_ms(ids(cuts[j], n)) if j < m - 1 else 0.0
+        for g in range(1, max_pipelines + 1):
+            cands = sorted((dp[g - 1][i] + coster.fill_ms(ids(cuts[i], cuts[j])), i)
+                           for i in range(j) if dp[g - 1][i] < inf)
+            for lower, i in cands:
+                if lower >= dp[g][j] or lower + rest >= bound:
+                    break
+                total = lower + group_cost(i, j)
+                if total < dp[g][j]:
+                    dp[g][j], back[g][j] = total, i
+            if j == m - 1:
+                bound = min(bound, dp[g][j])
+    g_best = int(np.argmin(dp[1:, m - 1])) + 1
+    best = dp[g_best][m - 1]
+    if not math.isfinite(best):
+        return Grouping((tuple(ids(0, n)),), inf, False, coster.evaluated)
+    groups, j, g = [], m - 1, g_best
+    while j > 0:
+        i = back[g][j]
+        groups.append(tuple(ids(cuts[i], cuts[j])))
+        j, g = i, g - 1
+    return Grouping(tuple(reversed(groups)), float(best), True, coster.evaluated)
+
+
+def _cut_points(counts: Sequence[int], max_cuts: int) -> list[int]:
+    n = len(counts)
+    changes = [i for i in range(1, n) if counts[i] != counts[i - 1]]
+    if len(changes) > max_cuts:
+        changes = [changes[round(k * (len(changes) - 1) / (max_cuts - 1))] for k in range(max_cuts)]
+    spare = max(max_cuts - len(changes), 0)
+    even = [round(k * n / (spare + 1)) for k in range(1, spare + 1)] if spare else []
+    return sorted({0, n, *changes, *even})

@@ -1,0 +1,425 @@
+"""Stage-aware chunk-level adaptive checkpointing (paper §6) as a small integer program.
+
+A recompute on one stage delays that stage, and the delay reaches every other stage as a bubble.
+Backwards that run at the same moment of a 1F1B pipeline (stage ``s``'s ``k``-th backward and
+stage ``s + i``'s ``(k + i)``-th) lie on one *diagonal* and can share a checkpoint depth at no
+extra cost, so each pipeline of ``n`` chunks gets ``n + d_p - 1`` integer variables: the layers
+recomputed by the chunks on each diagonal.
+
+Memory of a stage is linear in those variables, so every in-flight window of every stage (the
+chunks whose backward is pending, found by walking the stage's actions) is one linear
+constraint. The objective weights each variable by the one-layer forward time of the largest
+chunk on its diagonal: that is the delay one more recomputed layer adds there (the paper counts
+layers; chunks of very different sizes make time the better measure).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any, MutableMapping, Sequence
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import coo_matrix, csr_matrix
+from scipy.sparse.csgraph import connected_components
+
+from .cost import ChunkShape, CostModel
+from .ir import Action, Plan
+
+GIB = float(1 << 30)
+_FEAS_TOL = 1.0  # bytes: slack allowed when checking a rounded solution
+
+
+class InfeasibleMemoryError(ValueError):
+    """Even recomputing every layer, one window of one stage does not fit its budget."""
+
+    def __init__(self, stage: int, window: tuple[int, ...], min_memory_bytes: float, budget: float):
+        self.stage = stage
+        self.window = window
+        self.min_memory_bytes = min_memory_bytes
+        self.budget = budget
+        super().__init__(
+            f"stage {stage} cannot hold chunks {list(window)} in {budget / GIB:.2f} GiB even with "
+            f"every layer recomputed; the smallest budget that fits this stage is "
+            f"{min_memory_bytes / GIB:.2f} GiB ({min_memory_bytes:.0f} bytes)"
+        )
+
+
+@dataclass(frozen=True)
+class Window:
+    """Chunks a stage holds at one moment, plus the transient work memory of that moment."""
+
+    stage: int
+    chunks: tuple[int, ...]
+    transient: float
+
+
+@dataclass
+class CheckpointProblem:
+    """The integer program of one plan (or one independent part of it), as plain arrays."""
+
+    upper: np.ndarray                    # layers each diagonal may recompute
+    weight_ms: np.ndarray                # recompute time of one layer on each diagonal
+    need: np.ndarray                     # bytes each window must save by recompute
+    rows: np.ndarray                     # sparse entries: window row,
+    cols: np.ndarray                     #   diagonal variable,
+    slope: np.ndarray                    #   bytes saved per recomputed layer,
+    layer_cap: np.ndarray                #   layers of that entry's stage
+
+    def savings(self, c: np.ndarray) -> np.ndarray:
+        per_entry = self.slope * np.minimum(c[self.cols], self.layer_cap)
+        return np.bincount(self.rows, weights=per_entry, minlength=len(self.need))
+
+    def deficit(self, c: np.ndarray) -> np.ndarray:
+        return self.need - self.savings(c)
+
+    def key(self) -> str:
+        """Digest of everything the solution depends on, for caching across identical problems."""
+        h = hashlib.blake2b(digest_size=16)
+        for arr in (self.upper, self.weight_ms, self.need, self.rows, self.cols, self.slope, self.layer_cap):
+            h.update(np.ascontiguousarray(arr).tobytes())
+        return h.hexdigest()
+
+    def parts(self) -> list[tuple[np.ndarray, "CheckpointProblem"]]:
+        """Independent sub-problems (variables linked through shared windows), with their variables.
+
+        Back-to-back pipelines share no window, so each is solved (and cached) on its own: the
+        grouping search and the final plan then hit the same cache entries.
+        """
+        n_rows, n_vars = len(self.need), len(self.upper)
+        if not n_rows:
+            return []
+        graph = coo_matrix((np.ones(len(self.rows)), (self.rows, n_rows + self.cols)),
+                           shape=(n_rows + n_vars, n_rows + n_vars))
+        _, label = connected_components(graph, directed=False)
+        out = []
+        for lab in np.unique(label[:n_rows]):
+            row_ids = np.flatnonzero(label[:n_rows] == lab)
+            var_ids = np.flatnonzero(label[n_rows:] == lab)
+            entry = np.isin(self.rows, row_ids)
+            out.append((var_ids, CheckpointProblem(
+                upper=self.upper[var_ids], weight_ms=self.weight_ms[var_ids], need=self.need[row_ids],
+                rows=np.searchsorted(row_ids, self.rows[entry]), cols=np.searchsorted(var_ids, self.cols[entry]),
+                slope=self.slope[entry], layer_cap=self.layer_cap[entry])))
+        return out
+
+
+@dataclass
+class PlanProblem:
+    """A plan's checkpointing problem with the bookkeeping to map answers back to actions."""
+
+    plan: Plan
+    var_of: dict[tuple[int, int], int]   # (stage, chunk) -> diagonal variable
+    windows: list[Window]                # the window of each row
+    full_memory: np.ndarray              # each window's memory with every layer recomputed
+    caps: np.ndarray                     # budget of each stage
+    problem: CheckpointProblem
+
+
+def stage_budgets(memory_bytes: float | Sequence[float], num_stages: int) -> np.ndarray:
+    if isinstance(memory_bytes, (int, float)):
+        caps = np.full(num_stages, float(memory_bytes))
+    else:
+        caps = np.asarray([float(m) for m in memory_bytes])
+        if len(caps) != num_stages:
+            raise ValueError(f"memory_bytes has {len(caps)} entries for {num_stages} stages")
+    if not np.all(np.isfinite(caps)) or np.any(caps <= 0):
+        raise ValueError(f"memory_bytes must be positive and finite, got {caps.tolist()}")
+    return caps
+
+
+def stage_windows(plan: Plan, stage: int, transient: Sequence[float]) -> list[Window]:
+    """In-flight windows of one stage: after each forward, and at each backward that adds work memory."""
+    pending: list[int] = []
+    out: list[Window] = []
+    for a in plan.stage_actions[stage]:
+        if a.kind == "F":
+            pending.append(a.chunk_id)
+            out.append(Window(stage, tuple(pending), transient[a.chunk_id]))
+        else:
+            if transient[a.chunk_id] > 0:
+                out.append(Window(stage, tuple(pending), transient[a.chunk_id]))
+            pending.remove(a.chunk_id)
+    return out
+
+
+def diagonal_variables(plan: Plan) -> tuple[dict[tuple[int, int], int], list[int]]:
+    """Map each (stage, chunk) to its diagonal variable; return also each pipeline's variable offset."""
+    num_stages = plan.num_stages
+    b_order = [a.chunk_id for a in plan.stage_actions[0] if a.kind == "B"]
+    var_of: dict[tuple[int, int], int] = {}
+    offsets = []
+    offset = 0
+    for pipe in plan.pipelines:
+        members = set(pipe)
+        order = [c for c in b_order if c in members]
+        offsets.append(offset)
+        for pos, cid in enumerate(order):
+            for s in range(num_stages):
+                var_of[(s, cid)] = offset + pos + (num_stages - 1 - s)
+        offset += len(order) + num_stages - 1
+    return var_of, offsets
+
+
+def build_problem(plan: Plan, cost: CostModel, memory_bytes: float | Sequence[float],
+                  memo: MutableMapping | None = None) -> PlanProblem:
+    """Windows and their linear memory constraints; ``memo`` keeps per-shape cost terms across calls."""
+    num_stages = plan.num_stages
+    caps = stage_budgets(memory_bytes, num_stages)
+    layers = plan.layers_per_stage
+    memo = {} if memo is None else memo
+    shapes = [ChunkShape.of(c, plan.seq_lengths) for c in plan.chunks]
+    var_of, _ = diagonal_variables(plan)
+    nvars = max(var_of.values()) + 1 if var_of else 0
+    # Diagonal of (stage s, chunk c) = diagonal of (last stage, c) + (last - s).
+    var_last = np.array([var_of[(num_stages - 1, c.id)] for c in plan.chunks], dtype=np.int64)
+
+    def term(key: tuple, fn) -> float:
+        if key not in memo:
+            memo[key] = fn()
+        return memo[key]
+
+    one_layer = np.array([term(("rec1", sh), lambda sh=sh: cost.recompute_ms(sh, 1)) for sh in shapes])
+    upper = np.zeros(nvars)
+    weight = np.zeros(nvars)
+    for s in range(num_stages):
+        v = var_last + (num_stages - 1 - s)
+        np.maximum.at(upper, v, layers[s])
+        np.maximum.at(weight, v, one_layer)
+
+    windows: list[Window] = []
+    need, full_mem, rows, cols, slope, lcap = [], [], [], [], [], []
+    for s in range(num_stages):
+        first, last, n_l = s == 0, s == num_stages - 1, layers[s]
+        base = np.array([term(("act", sh, n_l, first, last, 0),
+                              lambda sh=sh: cost.activation_bytes(sh, n_l, 0, first, last)) for sh in shapes])
+        full = np.array([term(("act", sh, n_l, first, last, n_l),
+                              lambda sh=sh: cost.activation_bytes(sh, n_l, n_l, first, last)) for sh in shapes])
+        transient = np.array([term(("work", sh), lambda sh=sh: cost.head_work_bytes(sh)) if last else 0.0
+                              for sh in shapes])
+        states = cost.model_state_bytes(n_l, first, last)
+        stage_w = stage_windows(plan, s, transient.tolist())
+        lens = np.array([len(w.chunks) for w in stage_w], dtype=np.int64)
+        flat = np.fromiter((c for w in stage_w for c in w.chunks), dtype=np.int64, count=int(lens.sum()))
+        row = np.repeat(np.arange(len(stage_w)), lens)
+        work = np.array([w.transient for w in stage_w])
+        no_ckpt = states + work + np.bincount(row, weights=base[flat], minlength=len(stage_w))
+        keep = no_ckpt > caps[s]
+        if not keep.any():
+            continue
+        new_row = np.cumsum(keep) - 1 + len(windows)
+        entry = keep[row]
+        windows.extend(w for w, k in zip(stage_w, keep) if k)
+        need.append(no_ckpt[keep] - caps[s])
+        full_mem.append((states + work + np.bincount(row, weights=full[flat], minlength=len(stage_w)))[keep])
+        kept = flat[entry]
+        rows.append(new_row[row[entry]])
+        cols.append(var_last[kept] + (num_stages - 1 - s))
+        slope.append((base[kept] - full[kept]) / n_l)
+        lcap.append(np.full(len(kept), float(n_l)))
+
+    def cat(parts: list, dtype) -> np.ndarray:
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
+
+    problem = CheckpointProblem(
+        upper=upper, weight_ms=weight, need=cat(need, float), rows=cat(rows, np.int64),
+        cols=cat(cols, np.int64), slope=cat(slope, float), layer_cap=cat(lcap, float))
+    return PlanProblem(plan=plan, var_of=var_of, windows=windows, full_memory=cat(full_mem, float),
+                       caps=caps, problem=problem)
+
+
+def check_full_recompute(pp: PlanProblem) -> None:
+    """Raise `InfeasibleMemoryError` for the worst window that full recompute cannot fit."""
+    if not pp.windows:
+        return
+    over = pp.full_memory - pp.caps[[w.stage for w in pp.windows]]
+    worst = int(np.argmax(over))
+    if over[worst] <= _FEAS_TOL:
+        return
+    stage = pp.windows[worst].stage
+    on_stage = [i for i, w in enumerate(pp.windows) if w.stage == stage]
+    raise InfeasibleMemoryError(
+        stage=stage,
+        window=pp.windows[worst].chunks,
+        min_memory_bytes=float(max(pp.full_memory[i] for i in on_stage)),
+        budget=float(pp.caps[stage]),
+    )
+
+
+def greedy(problem: CheckpointProblem, start: np.ndarray | None = None) -> np.ndarray:
+    """Raise diagonals one layer at a time, best memory saved per millisecond first, until all fit."""
+    c = np.zeros(len(problem.upper)) if start is None else start.astype(float).copy()
+    weight = np.maximum(problem.weight_ms, 1e-12)
+    while True:
+        deficit = problem.deficit(c)
+        violated = deficit > _FEAS_TOL
+        if not violated.any():
+            return c
+        live = violated[problem.rows] & (c[problem.cols] < problem.layer_cap)
+        gain = np.bincount(problem.cols[live], weights=np.minimum(problem.slope[live], deficit[problem.rows[live]]),
+                           minlength=len(c))
+        best = int(np.argmax(gain / weight))
+        if gain[best] <= 0:
+            raise RuntimeError("greedy checkpointing stalled although full recompute fits")
+        c[best] += 1
+
+
+def descend(problem: CheckpointProblem, c: np.ndarray) -> np.ndarray:
+    """Lower diagonals one layer at a time, dearest first, while every window still fits."""
+    c = c.astype(float).copy()
+    slack = problem.savings(c) - problem.need
+    by_var = np.argsort(problem.cols, kind="stable")
+    bounds = np.searchsorted(problem.cols[by_var], np.arange(len(c) + 1))
+    for v in np.argsort(-problem.weight_ms, kind="stable"):
+        entries = by_var[bounds[v]:bounds[v + 1]]
+        rows, slope, cap = problem.rows[entries], problem.slope[entries], problem.layer_cap[entries]
+        while c[v] > 0:
+            loss = slope * (np.minimum(c[v], cap) - np.minimum(c[v] - 1, cap))
+            if np.any(slack[rows] - loss < -_FEAS_TOL):
+                break
+            slack[rows] -= loss
+            c[v] -= 1
+    return c
+
+
+def solve_problem(problem: CheckpointProblem, mip_gap: float, time_limit_s: float) -> tuple[np.ndarray, dict[str, Any]]:
+    """LP relaxation rounded up (always feasible: every coefficient saves memory) and lowered
+    again; accepted when it is within ``mip_gap`` of the LP bound, else HiGHS branch and bound.
+    If the MILP hits its time limit, the better of its incumbent and the rounded answer is used."""
+    nvars = len(problem.upper)
+    # Variables: one integer per diagonal, then one continuous min(c_d, layers of stage) per
+    # entry whose stage has fewer layers than the diagonal's bound (unequal stage splits).
+    clipped = np.flatnonzero(problem.layer_cap < problem.upper[problem.cols])
+    n_aux = len(clipped)
+    entry_var = problem.cols.copy()
+    entry_var[clipped] = nvars + np.arange(n_aux)
+    scale = 1.0 / GIB
+    a_mem = csr_matrix((problem.slope * scale, (problem.rows, entry_var)), shape=(len(problem.need), nvars + n_aux))
+    constraints = [LinearConstraint(a_mem, lb=problem.need * scale, ub=np.inf)]
+    if n_aux:
+        link = np.arange(n_aux)
+        a_link = csr_matrix((np.r_[np.ones(n_aux), -np.ones(n_aux)],
+                             (np.r_[link, link], np.r_[nvars + link, problem.cols[clipped]])),
+                            shape=(n_aux, nvars + n_aux))
+        constraints.append(LinearConstraint(a_link, lb=-np.inf, ub=0.0))
+    objective = np.concatenate([problem.weight_ms, np.zeros(n_aux)])
+    bounds = Bounds(np.zeros(nvars + n_aux), np.concatenate([problem.upper, problem.layer_cap[clipped]]))
+    options = {"time_limit": time_limit_s, "disp": False}
+
+    relaxed = milp(objective, constraints=constraints, bounds=bounds, options=options)
+    if relaxed.x is not None:
+        rounded = np.minimum(np.ceil(relaxed.x[:nvars] - 1e-6), problem.upper)
+        rounded = greedy(problem, rounded) if (problem.deficit(rounded) > _FEAS_TOL).any() else rounded
+    else:
+        rounded = greedy(problem)
+    rounded = descend(problem, rounded)
+    heuristic = float(rounded @ problem.weight_ms)
+    if relaxed.status == 0 and heuristic - relaxed.fun <= mip_gap * heuristic + 1e-9 * max(heuristic, 1.0):
+        return rounded, {"status": "optimal", "method": "lp_rounding", "lp_bound_ms": float(relaxed.fun),
+                         "greedy_fallback": False}
+
+    integrality = np.concatenate([np.ones(nvars), np.zeros(n_aux)])
+    res = milp(objective, constraints=constraints, integrality=integrality, bounds=bounds,
+               options={**options, "mip_rel_gap": mip_gap})
+    info: dict[str, Any] = {"status": _STATUS.get(res.status, str(res.status)), "method": "branch_and_bound",
+                            "greedy_fallback": False}
+    if relaxed.status == 0:
+        info["lp_bound_ms"] = float(relaxed.fun)
+    if res.x is None:
+        info["greedy_fallback"] = True
+        return rounded, info
+    c = np.clip(np.round(res.x[:nvars]), 0, problem.upper)
+    if (problem.deficit(c) > _FEAS_TOL).any():
+        info["greedy_repair"] = True
+        c = descend(problem, greedy(problem, c))
+    if res.status != 0 and heuristic < c @ problem.weight_ms:
+        info["greedy_fallback"] = True
+        c = rounded
+    return c, info
+
+
+_STATUS = {0: "optimal", 1: "time_limit", 2: "infeasible", 3: "unbounded", 4: "error"}
+
+
+def solve_checkpointing(
+    plan: Plan,
+    cost: CostModel,
+    memory_bytes: float | Sequence[float],
+    mip_gap: float = 0.02,
+    time_limit_s: float = 10.0,
+    cache: MutableMapping[str, tuple[np.ndarray, dict[str, Any]]] | None = None,
+) -> Plan:
+    """Return ``plan`` with every action's ``recompute_layers`` set by the checkpointing ILP.
+
+    ``memory_bytes`` is one budget for all stages or one per stage. ``cache`` (any dict) reuses
+    answers of identical problems. Raises `InfeasibleMemoryError` when a window cannot fit even
+    with every layer recomputed.
+    """
+    if not 0 <= mip_gap < 1:
+        raise ValueError(f"mip_gap must be in [0, 1), got {mip_gap}")
+    if time_limit_s <= 0:
+        raise ValueError(f"time_limit_s must be positive, got {time_limit_s}")
+    pp = build_problem(plan, cost, memory_bytes, memo=cache)
+    check_full_recompute(pp)
+    c = np.zeros(len(pp.problem.upper))
+    infos = []
+    for var_ids, part in pp.problem.parts():
+        key = f"{part.key()}:{mip_gap}" if cache is not None else ""
+        if cache is not None and key in cache:
+            sol, info = cache[key]
+            info = {**info, "cached": True}
+        else:
+            sol, info = solve_problem(part, mip_gap, time_limit_s)
+            if cache is not None:
+                cache[key] = (sol, info)
+        c[var_ids] = sol
+        infos.append(info)
+    return apply_solution(pp, c, {
+        "status": _worst_status([i["status"] for i in infos]),
+        "solver": "highs",
+        "greedy_fallback": any(i["greedy_fallback"] for i in infos),
+        "greedy_repair": any(i.get("greedy_repair", False) for i in infos),
+        "cached_parts": sum(bool(i.get("cached")) for i in infos),
+        "parts": len(infos),
+        "mip_gap": mip_gap,
+        "time_limit_s": time_limit_s,
+    })
+
+
+def _worst_status(statuses: list[str]) -> str:
+    if not statuses:
+        return "no_recompute_needed"
+    for s in ("time_limit", "error", "infeasible", "unbounded"):
+        if s in statuses:
+            return s
+    return "optimal"
+
+
+def apply_solution(pp: PlanProblem, c: np.ndarray, info: dict[str, Any]) -> Plan:
+    plan = pp.plan
+    layers = plan.layers_per_stage
+    stage_actions = tuple(
+        tuple(Action(a.kind, a.chunk_id, int(min(c[pp.var_of[(s, a.chunk_id)]], layers[s])))
+              for a in actions)
+        for s, actions in enumerate(plan.stage_actions)
+    )
+    _, offsets = diagonal_variables(plan)
+    bounds = offsets[1:] + [len(c)]
+    meta = {
+        **info,
+        "objective_ms": float(c @ pp.problem.weight_ms),
+        "windows": len(pp.windows),
+        "variables": len(c),
+        "diagonal_layers": [[int(x) for x in c[lo:hi]] for lo, hi in zip(offsets, bounds)],
+    }
+    return dataclasses.replace(plan, stage_actions=stage_actions,
+                               metadata={**plan.metadata, "checkpointing": meta})
+
+
+def recompute_time_ms(plan: Plan, cost: CostModel) -> float:
+    """Sum over stages and chunks of the recompute the plan asks for."""
+    shapes = [ChunkShape.of(c, plan.seq_lengths) for c in plan.chunks]
+    return math.fsum(cost.recompute_ms(shapes[a.chunk_id], a.recompute_layers)
+                     for actions in plan.stage_actions for a in actions if a.kind == "B")

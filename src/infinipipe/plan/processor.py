@@ -1,0 +1,179 @@
+"""Sequence processor (the paper's Algorithm 1): workload-balanced chunking of one global batch.
+
+The longest sequence is cut into K slices of equal predicted forward time (later slices are
+shorter because they attend to a longer prefix); every other long sequence is cut at the same
+points; short sequences are packed best-fit-decreasing around the tail slices under a time and a
+token threshold. Equal *time* rather than equal *tokens* is what keeps the pipeline's stages in
+step, since causal attention makes later tokens dearer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .cost import ChunkShape, CostModel
+from .ir import Chunk, Segment, check_coverage
+
+
+@dataclass(frozen=True)
+class SliceTimer:
+    """One layer's forward time of a chunk, recovered from ``cost.forward_ms(shape, n_layers=1)``.
+
+    The cost model is linear in (attention pairs, tokens, keys read, 1), so four probes pin its
+    coefficients; with them the length of a slice of a given time is a closed-form root, which
+    makes the equal-time split cheap enough to run for every candidate K.
+    """
+
+    attn: float
+    tokens: float
+    kv: float
+    chunk: float
+
+    @classmethod
+    def of(cls, cost: CostModel) -> "SliceTimer":
+        probes = [ChunkShape((1000,)), ChunkShape((2000,)), ChunkShape((3000,)), ChunkShape((1000,), prefix=1000)]
+        a = np.array([[s.attn_pairs, s.tokens, s.kv_len, 1.0] for s in probes])
+        y = np.array([cost.forward_ms(s, n_layers=1) for s in probes])
+        timer = cls(*(float(v) for v in np.linalg.solve(a, y)))
+        for check in (ChunkShape((1500,), prefix=700), ChunkShape((300, 200, 50))):
+            want = cost.forward_ms(check, n_layers=1)
+            if not np.isclose(timer.shape_ms(check), want, rtol=1e-6, atol=1e-9):
+                raise ValueError(
+                    "the sequence processor needs a cost model linear in attention pairs, tokens, "
+                    f"keys read and chunks; forward_ms({check}) = {want} breaks that"
+                )
+        return timer
+
+    def shape_ms(self, shape: ChunkShape) -> float:
+        return self.attn * shape.attn_pairs + self.tokens * shape.tokens + self.kv * shape.kv_len + self.chunk
+
+    def slice_ms(self, prefix: int, length: int) -> float:
+        """A lone slice of ``length`` tokens after ``prefix`` cached tokens."""
+        return (self.attn * (length * (length + 1) / 2 + prefix * length)
+                + (self.tokens + self.kv) * length + self.kv * prefix + self.chunk)
+
+    def longest_slice(self, prefix: int, budget_ms: float) -> int:
+        """Most tokens a slice after ``prefix`` may hold within ``budget_ms`` (at least 1)."""
+        a = self.attn / 2
+        b = self.attn / 2 + self.attn * prefix + self.tokens + self.kv
+        c = self.kv * prefix + self.chunk - budget_ms
+        if a > 0:
+            root = (-b + np.sqrt(max(b * b - 4 * a * c, 0.0))) / (2 * a)
+        elif b > 0:
+            root = -c / b
+        else:
+            raise ValueError("cost model predicts no time growth with tokens; cannot balance slices")
+        s = max(int(np.floor(root)), 1)
+        while s > 1 and self.slice_ms(prefix, s) > budget_ms:
+            s -= 1
+        return s
+
+
+def equal_time_cuts(length: int, num_slices: int, timer: SliceTimer) -> list[int]:
+    """Cut points ``0 < p_1 < ... < length`` splitting one sequence into slices of equal time.
+
+    Bisection on the per-slice time: greedy slices of at most that time, the remainder last; the
+    smallest time whose remainder also fits gives the balanced cut.
+    """
+    k = min(num_slices, length)
+    if k == 1:
+        return [length]
+
+    def cuts_for(budget: float) -> tuple[list[int], bool]:
+        pos, cuts = 0, []
+        for _ in range(k - 1):
+            pos += timer.longest_slice(pos, budget)
+            if pos >= length:
+                return cuts + [length], True
+            cuts.append(pos)
+        return cuts + [length], timer.slice_ms(pos, length - pos) <= budget
+
+    lo, hi = 0.0, timer.slice_ms(0, length)
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if cuts_for(mid)[1]:
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo <= 1e-12 * hi:
+            break
+    return cuts_for(hi)[0]
+
+
+@dataclass
+class _Bucket:
+    segments: list[Segment]
+    time: float
+    tokens: int
+    seeded_by: int | None = None  # sequence whose tail slice seeded it
+
+
+def process_sequences(lengths: Sequence[int], cost: CostModel, num_slices: int, token_capacity: int) -> list[Chunk]:
+    """Chunks for one global batch (ids ``0..n-1``): the split slices of each long sequence in order
+    (its tail last, with packed short sequences), then the chunks of short sequences only.
+
+    ``token_capacity`` bounds a chunk's tokens (what one stage can hold for one chunk); a first
+    slice of the longest sequence larger than it is refused with a ValueError asking for more slices.
+    """
+    lengths = [int(n) for n in lengths]
+    if not lengths:
+        raise ValueError("lengths: the batch has no sequences")
+    if min(lengths) < 1:
+        raise ValueError(f"lengths: every sequence needs at least one token, got {min(lengths)}")
+    if num_slices < 1:
+        raise ValueError(f"num_slices must be >= 1, got {num_slices}")
+    if token_capacity < 1:
+        raise ValueError(f"token_capacity must be >= 1, got {token_capacity}")
+
+    timer = SliceTimer.of(cost)
+    longest = max(lengths)
+    cuts = equal_time_cuts(longest, num_slices, timer)
+    first = cuts[0]
+    if first > token_capacity:
+        raise ValueError(
+            f"num_slices={num_slices}: the longest sequence's first slice holds {first} tokens, more "
+            f"than the token capacity {token_capacity}; use more slices"
+        )
+    time_limit = max(timer.slice_ms(a, b - a) for a, b in zip([0] + cuts[:-1], cuts))
+    token_limit = min(token_capacity, first)
+
+    ordered: list[list[Segment]] = []
+    buckets: list[_Bucket] = []
+    shorts: list[int] = []
+    for seq in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[seq]
+        if n <= first:
+            shorts.append(seq)
+            continue
+        points = [0] + [p for p in cuts if p < n] + [n]
+        ordered.extend([Segment(seq, a, b)] for a, b in zip(points[:-2], points[1:-1]))
+        a = points[-2]
+        ordered.append([])  # its tail's chunk, filled once packing is done
+        buckets.append(_Bucket([Segment(seq, a, n)], timer.slice_ms(a, n - a), n - a, seeded_by=seq))
+
+    shorts.sort(key=lambda i: (-timer.slice_ms(0, lengths[i]), i))
+    for seq in shorts:
+        n = lengths[seq]
+        extra = timer.slice_ms(0, n) - timer.chunk
+        if not buckets or min(b.tokens for b in buckets) + n > token_limit:
+            buckets.append(_Bucket([Segment(seq, 0, n)], timer.slice_ms(0, n), n))
+            continue
+        while True:
+            by_rate = sorted(buckets, key=lambda b: b.time / b.tokens)
+            target = next((b for b in by_rate
+                           if b.time + extra <= time_limit and b.tokens + n <= token_limit), None)
+            if target is not None:
+                break
+            time_limit = min(b.time + extra for b in buckets if b.tokens + n <= token_limit)
+        target.segments.append(Segment(seq, 0, n))
+        target.time += extra
+        target.tokens += n
+
+    tails = iter(b for b in buckets if b.seeded_by is not None)
+    ordered = [segs or next(tails).segments for segs in ordered]
+    ordered.extend(b.segments for b in buckets if b.seeded_by is None)
+    chunks = [Chunk(i, tuple(segs)) for i, segs in enumerate(ordered)]
+    check_coverage(chunks, lengths)
+    return chunks

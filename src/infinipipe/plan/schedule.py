@@ -1,0 +1,111 @@
+"""EPP 1F1B schedule: per-stage F/B order for one or more back-to-back 1F1B pipelines.
+
+Inside a pipeline, sequences with more chunks go first (a short one first would stall the
+steady phase while a long one is half in flight), a sequence's slices run forward in order and
+backward in reverse, and stage ``p`` (0-indexed) warms up with ``d - 1 - p + N_split`` forwards so
+the last slice of the longest sequence can turn round on the last stage. Every stage runs the same
+forward order and the same backward order, so sends and receives pair up.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Sequence
+
+from .ir import Action, Chunk, Plan, validate_plan
+
+
+def _owner(chunk: Chunk, seq_lengths: Sequence[int]) -> int | None:
+    """The split sequence a chunk carries a slice of, if any."""
+    for s in chunk.segments:
+        if s.length < seq_lengths[s.seq_id]:
+            return s.seq_id
+    return None
+
+
+def pipeline_orders(chunks: Sequence[Chunk], seq_lengths: Sequence[int], ids: Sequence[int]) -> tuple[list[int], list[int], int]:
+    """Forward order, backward order and N_split of one pipeline holding chunks ``ids``."""
+    by_seq: dict[int, list[Chunk]] = defaultdict(list)
+    whole: list[int] = []
+    for cid in ids:
+        owner = _owner(chunks[cid], seq_lengths)
+        if owner is None:
+            whole.append(cid)
+        else:
+            by_seq[owner].append(chunks[cid])
+    groups = [[c.id for c in sorted(cs, key=lambda c: next(s.start for s in c.segments if s.seq_id == seq))]
+              for seq, cs in by_seq.items()]
+    groups.sort(key=lambda g: (-len(g), g[0]))
+    groups += [[cid] for cid in whole]
+    forward = [cid for g in groups for cid in g]
+    backward = [cid for g in groups for cid in reversed(g)]
+    return forward, backward, max(len(g) for g in groups)
+
+
+def one_f_one_b(forward: Sequence[int], backward: Sequence[int], warmup: int) -> list[tuple[str, int]]:
+    """``warmup`` forwards, then alternate backward/forward, then the remaining backwards."""
+    warmup = min(warmup, len(forward))
+    out = [("F", c) for c in forward[:warmup]]
+    fi, bi = warmup, 0
+    while bi < len(backward):
+        out.append(("B", backward[bi]))
+        bi += 1
+        if fi < len(forward):
+            out.append(("F", forward[fi]))
+            fi += 1
+    return out
+
+
+def epp_schedule(
+    chunks: Sequence[Chunk],
+    seq_lengths: Sequence[int],
+    num_stages: int,
+    layers_per_stage: Sequence[int],
+    pipelines: Sequence[Sequence[int]] | None = None,
+    recompute: Callable[[int, int], int] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Plan:
+    """A validated `Plan`; ``pipelines`` groups chunk ids into back-to-back 1F1B pipelines.
+
+    ``recompute(stage, chunk_id)`` gives the layers that chunk recomputes on that stage (0 if
+    omitted). A sequence's chunks must all sit in one pipeline (its K/V lives there).
+    """
+    if num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+    if len(layers_per_stage) != num_stages:
+        raise ValueError(f"layers_per_stage has {len(layers_per_stage)} entries for {num_stages} stages")
+    chunks = list(chunks)
+    if not chunks:
+        raise ValueError("chunks: nothing to schedule")
+    groups = [list(range(len(chunks)))] if pipelines is None else [list(p) for p in pipelines]
+    if any(not g for g in groups):
+        raise ValueError("pipelines: every pipeline needs at least one chunk")
+    home: dict[int, int] = {}
+    for gi, g in enumerate(groups):
+        for cid in g:
+            if not 0 <= cid < len(chunks):
+                raise ValueError(f"pipelines: chunk id {cid} is not one of 0..{len(chunks) - 1}")
+            for s in chunks[cid].segments:
+                if home.setdefault(s.seq_id, gi) != gi:
+                    raise ValueError(
+                        f"pipelines: sequence {s.seq_id} has chunks in pipelines {home[s.seq_id]} and {gi}; "
+                        "a sequence's slices must share one pipeline"
+                    )
+    stage_ops: list[list[Action]] = [[] for _ in range(num_stages)]
+    ordered_pipes = []
+    for g in groups:
+        forward, backward, n_split = pipeline_orders(chunks, seq_lengths, g)
+        ordered_pipes.append(tuple(forward))
+        for p in range(num_stages):
+            for kind, cid in one_f_one_b(forward, backward, num_stages - 1 - p + n_split):
+                rec = recompute(p, cid) if recompute else 0
+                stage_ops[p].append(Action(kind, cid, int(rec)))
+    plan = Plan(
+        seq_lengths=tuple(seq_lengths),
+        chunks=tuple(chunks),
+        stage_actions=tuple(tuple(ops) for ops in stage_ops),
+        layers_per_stage=tuple(layers_per_stage),
+        pipelines=tuple(ordered_pipes),
+        metadata=dict(metadata or {}),
+    )
+    validate_plan(plan)
+    return plan

@@ -1,0 +1,199 @@
+"""Event-driven simulation of a `Plan` on a `CostModel`: timeline, bubbles and memory.
+
+Each stage runs its actions in plan order; an action starts when the stage is free and its input
+has arrived (a forward needs the previous stage's forward of the chunk, a backward the next
+stage's backward), transfers paying the link's latency plus bytes over bandwidth. Memory of a
+stage is its model states plus the activations of every chunk from the end of its forward to
+the end of its backward, plus the loss's transient working memory on the last stage while it
+runs a chunk.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..plan.cost import ChunkShape, CostModel
+from ..plan.ir import Plan
+
+
+@dataclass(frozen=True)
+class LinkModel:
+    """Point-to-point link between neighbouring stages (default: one 200 Gb/s InfiniBand port)."""
+
+    latency_s: float = 10e-6
+    bandwidth_Bps: float = 25e9
+
+    def __post_init__(self) -> None:
+        if self.latency_s < 0:
+            raise ValueError(f"link latency_s must be >= 0, got {self.latency_s}")
+        if self.bandwidth_Bps <= 0:
+            raise ValueError(f"link bandwidth_Bps must be > 0, got {self.bandwidth_Bps}")
+
+    def transfer_s(self, nbytes: float) -> float:
+        return self.latency_s + nbytes / self.bandwidth_Bps
+
+
+@dataclass(frozen=True)
+class Interval:
+    """One action as it ran: ``recompute_s`` is the leading part of a backward spent recomputing."""
+
+    stage: int
+    kind: str
+    chunk_id: int
+    start_s: float
+    end_s: float
+    recompute_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class OutOfMemory:
+    """Stage ``stage`` first passes its budget at ``time_s``; its worst excess is ``over_bytes``."""
+
+    stage: int
+    time_s: float
+    over_bytes: float
+    peak_bytes: float
+    budget_bytes: float
+
+    def __str__(self) -> str:
+        return (f"stage {self.stage} exceeds its {self.budget_bytes / 2**30:.2f} GiB budget at "
+                f"t={self.time_s:.4f}s by up to {self.over_bytes / 2**30:.2f} GiB")
+
+
+@dataclass(frozen=True)
+class SimResult:
+    planner: str
+    iteration_time_s: float
+    busy_s: tuple[float, ...]
+    recompute_s: tuple[float, ...]
+    peak_memory_bytes: tuple[float, ...]
+    memory_budget_bytes: float | None
+    oom: tuple[OutOfMemory, ...]
+    num_chunks: int
+    num_pipelines: int
+    intervals: tuple[Interval, ...]
+    memory_timeline: tuple[tuple[tuple[float, float], ...], ...]
+
+    @property
+    def idle_s(self) -> tuple[float, ...]:
+        return tuple(self.iteration_time_s - b for b in self.busy_s)
+
+    @property
+    def bubble_ratio(self) -> float:
+        """Idle share of all stages' time over the iteration."""
+        total = self.iteration_time_s * len(self.busy_s)
+        return sum(self.idle_s) / total if total > 0 else 0.0
+
+    @property
+    def recompute_time_s(self) -> float:
+        """Recompute time summed over stages."""
+        return sum(self.recompute_s)
+
+    @property
+    def feasible(self) -> bool:
+        return not self.oom
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "planner": self.planner,
+            "iteration_time_s": self.iteration_time_s,
+            "bubble_ratio": self.bubble_ratio,
+            "recompute_time_s": self.recompute_time_s,
+            "feasible": self.feasible,
+            "peak_memory_bytes": list(self.peak_memory_bytes),
+            "memory_budget_bytes": self.memory_budget_bytes,
+            "num_chunks": self.num_chunks,
+            "num_pipelines": self.num_pipelines,
+            "busy_s": list(self.busy_s),
+            "idle_s": list(self.idle_s),
+            "recompute_per_stage_s": list(self.recompute_s),
+            "oom": [{"stage": o.stage, "time_s": o.time_s, "over_bytes": o.over_bytes,
+                     "message": str(o)} for o in self.oom],
+        }
+
+
+def simulate(plan: Plan, cost: CostModel, memory_bytes: float | None = None,
+             link: LinkModel = LinkModel()) -> SimResult:
+    """Run ``plan`` on ``cost``; ``memory_bytes`` (per device) defaults to the plan's metadata."""
+    if sum(plan.layers_per_stage) != cost.model.layers:
+        raise ValueError(
+            f"plan splits {sum(plan.layers_per_stage)} layers, the cost model's model has {cost.model.layers}"
+        )
+    budget = memory_bytes if memory_bytes is not None else plan.metadata.get("memory_bytes")
+    stages = plan.num_stages
+    last = stages - 1
+    shapes = [ChunkShape.of(c, plan.seq_lengths) for c in plan.chunks]
+    wire = [link.transfer_s(sh.tokens * cost.model.hidden * cost.dtype_bytes) for sh in shapes]
+
+    def duration(stage: int, kind: str, cid: int, rec: int) -> tuple[float, float]:
+        n, first, is_last = plan.layers_per_stage[stage], stage == 0, stage == last
+        if kind == "F":
+            return cost.forward_ms(shapes[cid], n, first, is_last) / 1e3, 0.0
+        r = cost.recompute_ms(shapes[cid], rec) / 1e3
+        return r + cost.backward_ms(shapes[cid], n, first, is_last) / 1e3, r
+
+    end: dict[tuple[str, int, int], float] = {}
+    free = [0.0] * stages
+    ptr = [0] * stages
+    intervals: list[Interval] = []
+    progressed = True
+    while progressed:
+        progressed = False
+        for s, actions in enumerate(plan.stage_actions):
+            while ptr[s] < len(actions):
+                a = actions[ptr[s]]
+                src = ("F", s - 1, a.chunk_id) if a.kind == "F" else ("B", s + 1, a.chunk_id)
+                needs_input = (a.kind == "F" and s > 0) or (a.kind == "B" and s < last)
+                if needs_input and src not in end:
+                    break
+                ready = end[src] + wire[a.chunk_id] if needs_input else 0.0
+                start = max(free[s], ready)
+                dur, rec = duration(s, a.kind, a.chunk_id, a.recompute_layers)
+                free[s] = end[(a.kind, s, a.chunk_id)] = start + dur
+                intervals.append(Interval(s, a.kind, a.chunk_id, start, start + dur, rec))
+                ptr[s] += 1
+                progressed = True
+    stuck = [s for s in range(stages) if ptr[s] < len(plan.stage_actions[s])]
+    if stuck:
+        raise ValueError(f"plan deadlocks: stages {stuck} wait forever (run validate_plan for details)")
+
+    timelines, peaks, ooms = [], [], []
+    for s in range(stages):
+        n, first, is_last = plan.layers_per_stage[s], s == 0, s == last
+        rec = {a.chunk_id: a.recompute_layers for a in plan.stage_actions[s]}
+        events: list[tuple[float, float]] = []
+        for iv in intervals:
+            if iv.stage != s:
+                continue
+            shape = shapes[iv.chunk_id]
+            act = cost.activation_bytes(shape, n, rec[iv.chunk_id], first, is_last)
+            events.append((iv.end_s, act if iv.kind == "F" else -act))
+            if is_last:
+                work = cost.head_work_bytes(shape)
+                events += [(iv.start_s, work), (iv.end_s, -work)]
+        events.sort()
+        level = cost.model_state_bytes(n, first, is_last)
+        timeline = [(0.0, level)]
+        for t, delta in events:
+            level += delta
+            timeline.append((t, level))
+        peak = max(v for _, v in timeline)
+        timelines.append(tuple(timeline))
+        peaks.append(peak)
+        if budget is not None and peak > budget:
+            when = next(t for t, v in timeline if v > budget)
+            ooms.append(OutOfMemory(s, when, peak - budget, peak, float(budget)))
+
+    return SimResult(
+        planner=str(plan.metadata.get("planner", "")),
+        iteration_time_s=max(free),
+        busy_s=tuple(sum(i.end_s - i.start_s for i in intervals if i.stage == s) for s in range(stages)),
+        recompute_s=tuple(sum(i.recompute_s for i in intervals if i.stage == s) for s in range(stages)),
+        peak_memory_bytes=tuple(peaks),
+        memory_budget_bytes=None if budget is None else float(budget),
+        oom=tuple(ooms),
+        num_chunks=len(plan.chunks),
+        num_pipelines=len(plan.pipelines),
+        intervals=tuple(intervals),
+        memory_timeline=tuple(timelines),
+    )

@@ -1,0 +1,108 @@
+"""The epp planner end to end: valid plans that fit, ablations that behave as named, K search."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from infinipipe.model.config import PRESETS
+from infinipipe.plan.cost import CostModel, LinearTerm, Profile
+from infinipipe.plan.epp import slice_count_ladder, token_capacity
+from infinipipe.plan.ir import validate_plan
+from infinipipe.plan.planners import PlanRequest, make_plan
+from infinipipe.sim.simulator import simulate
+
+MODEL = PRESETS["tiny"].with_layers(8)
+COST = CostModel(Profile(
+    model=MODEL, device="synthetic", dtype="float16",
+    layer_fwd=LinearTerm({"attn": 2e-6, "tokens": 1e-3, "chunk": 0.05}),
+    layer_bwd=LinearTerm({"attn": 4e-6, "tokens": 2e-3, "chunk": 0.05}),
+    layer_act_bytes=LinearTerm({"tokens": 2048.0}),
+    head_work_bytes=LinearTerm({"tokens": 1024.0})), MODEL)
+LENGTHS = [30000, 12000, 7000, 3000, 2500, 2000, 1500, 900, 600, 400, 300, 200, 100, 50]
+STAGES = 4
+
+
+def request(memory: float, **options) -> PlanRequest:
+    return PlanRequest(LENGTHS, COST, STAGES, memory, options=options)
+
+
+def no_recompute_peak() -> float:
+    plan = make_plan("epp-no-ckpt", request(1e12))
+    return max(simulate(plan, COST).peak_memory_bytes)
+
+
+def test_epp_plan_is_valid_fits_and_reports_its_search():
+    budget = no_recompute_peak() * 0.6
+    plan = make_plan("epp", request(budget))
+    validate_plan(plan)
+    sim = simulate(plan, COST, budget)
+    assert sim.feasible
+    meta = plan.metadata
+    assert meta["planner"] == "epp" and meta["feasible"]
+    assert meta["iteration_time_s"] == pytest.approx(sim.iteration_time_s)
+    assert meta["num_slices"] in {t["num_slices"] for t in meta["search"]}
+    assert meta["checkpointing"]["status"] in ("optimal", "no_recompute_needed", "time_limit")
+    fitting = [t["iteration_time_s"] for t in meta["search"] if t["feasible"]]
+    assert sim.iteration_time_s == pytest.approx(min(fitting))
+
+
+def test_ablations_recompute_nothing_and_everything():
+    roomy = no_recompute_peak() * 1.5
+    none = make_plan("epp-no-ckpt", request(roomy))
+    full = make_plan("epp-full-ckpt", request(roomy))
+    assert all(a.recompute_layers == 0 for acts in none.stage_actions for a in acts)
+    assert all(a.recompute_layers == full.layers_per_stage[s]
+               for s, acts in enumerate(full.stage_actions) for a in acts)
+    assert none.metadata["planner"] == "epp-no-ckpt" and full.metadata["planner"] == "epp-full-ckpt"
+
+
+def test_epp_fits_where_no_checkpointing_cannot_and_beats_full_checkpointing():
+    budget = no_recompute_peak() * 0.3
+    none = make_plan("epp-no-ckpt", request(budget, token_capacity=10**6))
+    assert not none.metadata["feasible"]
+    assert not simulate(none, COST, budget).feasible
+    epp = simulate(make_plan("epp", request(budget)), COST, budget)
+    full = simulate(make_plan("epp-full-ckpt", request(budget)), COST, budget)
+    assert epp.feasible and full.feasible
+    assert epp.iteration_time_s <= full.iteration_time_s
+    assert epp.recompute_time_s < full.recompute_time_s
+
+
+def test_fixed_slice_count_is_used():
+    plan = make_plan("epp", request(no_recompute_peak(), num_slices=3))
+    assert plan.metadata["num_slices"] == 3 and len(plan.metadata["search"]) == 1
+
+
+def test_budget_below_model_states_is_a_clear_error():
+    with pytest.raises(ValueError, match="GiB"):
+        make_plan("epp", request(1e5))
+
+
+def test_slice_count_ladder_is_increasing_and_spans_the_range():
+    ladder = slice_count_ladder(3, 40)
+    assert ladder[0] == 3 and ladder[-1] == 40 and ladder == sorted(set(ladder))
+
+
+def test_token_capacity_is_the_largest_single_chunk_that_fits():
+    layers = (2, 2, 2, 2)
+    budget = no_recompute_peak() * 0.4
+    cap = token_capacity(COST, layers, budget, 10**6, full_recompute=True)
+    assert 1 <= cap < 10**6
+    assert token_capacity(COST, layers, budget * 2, 10**6, full_recompute=True) > cap
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lengths=st.lists(st.integers(1, 20000), min_size=1, max_size=12),
+       stages=st.sampled_from([1, 2, 4]), frac=st.floats(0.2, 1.2))
+def test_every_epp_plan_fits_its_budget_in_simulation(lengths, stages, frac):
+    roomy = PlanRequest(lengths, COST, stages, 1e12)
+    peak = max(simulate(make_plan("epp-no-ckpt", roomy), COST).peak_memory_bytes)
+    budget = peak * frac
+    try:
+        plan = make_plan("epp", PlanRequest(lengths, COST, stages, budget))
+    except ValueError as exc:
+        assert "fits" in str(exc)
+        return
+    validate_plan(plan)
+    sim = simulate(plan, COST, budget)
+    assert sim.feasible, sim.oom

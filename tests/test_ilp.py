@@ -1,0 +1,253 @@
+"""The checkpointing ILP: optimal on brute-forceable cases, always within budget, never worse than uniform."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from infinipipe.model.config import PRESETS
+from infinipipe.plan.cost import ChunkShape, CostModel, LinearTerm, Profile
+from infinipipe.plan.ilp import (
+    InfeasibleMemoryError, build_problem, greedy, recompute_time_ms, solve_checkpointing,
+)
+from infinipipe.plan.ir import Action, Chunk, Plan, Segment, validate_plan
+from infinipipe.sim.simulator import simulate
+
+MODEL = PRESETS["tiny"].with_layers(8)
+PROFILE = Profile(
+    model=MODEL, device="synthetic", dtype="float16",
+    layer_fwd=LinearTerm({"attn": 2e-6, "tokens": 1e-3, "chunk": 0.05}),
+    layer_bwd=LinearTerm({"attn": 4e-6, "tokens": 2e-3, "chunk": 0.05}),
+    layer_act_bytes=LinearTerm({"tokens": 2048.0}),
+    head_fwd=LinearTerm({"tokens": 1e-3}), head_bwd=LinearTerm({"tokens": 2e-3}),
+    head_work_bytes=LinearTerm({"tokens": 4096.0}),
+)
+COST = CostModel(PROFILE, MODEL)
+
+
+def one_f_one_b(seq_slices: list[list[int]], num_stages: int, layers: tuple[int, ...]) -> Plan:
+    """A single 1F1B pipeline: ``seq_slices[i]`` are the slice lengths of sequence i, each its own chunk."""
+    lengths = [sum(s) for s in seq_slices]
+    chunks, f_order, b_order = [], [], []
+    for seq_id, slices in enumerate(seq_slices):
+        ids, start = [], 0
+        for n in slices:
+            ids.append(len(chunks))
+            chunks.append(Chunk(len(chunks), (Segment(seq_id, start, start + n),)))
+            start += n
+        f_order += ids
+        b_order += ids[::-1]
+    n_split = max(len(s) for s in seq_slices)
+    stage_actions = []
+    for s in range(num_stages):
+        warm = min(len(chunks), num_stages - s - 1 + n_split)
+        acts = [Action("F", c) for c in f_order[:warm]]
+        fi, bi = warm, 0
+        while bi < len(b_order):
+            acts.append(Action("B", b_order[bi]))
+            bi += 1
+            if fi < len(f_order):
+                acts.append(Action("F", f_order[fi]))
+                fi += 1
+        stage_actions.append(tuple(acts))
+    plan = Plan(tuple(lengths), tuple(chunks), tuple(stage_actions), layers)
+    validate_plan(plan)
+    return plan
+
+
+def stage_peaks(plan: Plan, cost: CostModel) -> list[float]:
+    """Independent memory walk: states + held activations + the running chunk's head work."""
+    shapes = [ChunkShape.of(c, plan.seq_lengths) for c in plan.chunks]
+    peaks = []
+    last_stage = plan.num_stages - 1
+    for s, actions in enumerate(plan.stage_actions):
+        first, last, n_l = s == 0, s == last_stage, plan.layers_per_stage[s]
+        held = cost.model_state_bytes(n_l, first, last)
+        peak = held
+        for a in actions:
+            sh = shapes[a.chunk_id]
+            act = cost.activation_bytes(sh, n_l, a.recompute_layers, first, last)
+            work = cost.head_work_bytes(sh) if last else 0.0
+            if a.kind == "F":
+                held += act
+                peak = max(peak, held + work)
+            else:
+                peak = max(peak, held + work)
+                held -= act
+        peaks.append(peak)
+    return peaks
+
+
+def diagonal_weights(plan: Plan, cost: CostModel) -> dict[int, float]:
+    shapes = [ChunkShape.of(c, plan.seq_lengths) for c in plan.chunks]
+    b_order = [a.chunk_id for a in plan.stage_actions[0] if a.kind == "B"]
+    weights: dict[int, float] = {}
+    for pos, cid in enumerate(b_order):
+        for s in range(plan.num_stages):
+            d = pos + plan.num_stages - 1 - s
+            weights[d] = max(weights.get(d, 0.0), cost.recompute_ms(shapes[cid], 1))
+    return weights
+
+
+def with_diagonals(plan: Plan, c: dict[int, int]) -> Plan:
+    b_order = [a.chunk_id for a in plan.stage_actions[0] if a.kind == "B"]
+    pos = {cid: i for i, cid in enumerate(b_order)}
+    acts = tuple(
+        tuple(Action(a.kind, a.chunk_id, min(c[pos[a.chunk_id] + plan.num_stages - 1 - s],
+                                              plan.layers_per_stage[s])) for a in actions)
+        for s, actions in enumerate(plan.stage_actions))
+    return Plan(plan.seq_lengths, plan.chunks, acts, plan.layers_per_stage, plan.pipelines)
+
+
+def brute_force(plan: Plan, cost: CostModel, budget: float) -> float | None:
+    weights = diagonal_weights(plan, cost)
+    diags = sorted(weights)
+    best = None
+    for values in itertools.product(range(max(plan.layers_per_stage) + 1), repeat=len(diags)):
+        c = dict(zip(diags, values))
+        obj = sum(weights[d] * c[d] for d in diags)
+        if best is not None and obj >= best:
+            continue
+        if max(stage_peaks(with_diagonals(plan, c), cost)) <= budget:
+            best = obj
+    return best
+
+
+def budget_between(plan: Plan, frac: float) -> float:
+    """A budget ``frac`` of the way from full-recompute peak to no-recompute peak."""
+    full = with_diagonals(plan, {d: 99 for d in range(10_000)})
+    lo, hi = max(stage_peaks(full, COST)), max(stage_peaks(plan, COST))
+    return lo + frac * (hi - lo)
+
+
+@pytest.mark.parametrize("seq_slices,stages,layers,frac", [
+    ([[3000], [2000], [1000]], 2, (2, 2), 0.5),
+    ([[3000], [2000], [1000]], 2, (2, 2), 0.1),
+    ([[2000, 1500], [1000]], 2, (2, 2), 0.4),
+    ([[4000], [500]], 3, (2, 2, 2), 0.3),
+    ([[2500, 2000], [3000]], 2, (3, 1), 0.5),
+])
+def test_ilp_matches_brute_force_optimum(seq_slices, stages, layers, frac):
+    plan = one_f_one_b(seq_slices, stages, layers)
+    budget = budget_between(plan, frac)
+    solved = solve_checkpointing(plan, COST, budget, mip_gap=0.0)
+    validate_plan(solved)
+    assert max(stage_peaks(solved, COST)) <= budget + 1.0
+    best = brute_force(plan, COST, budget)
+    assert solved.metadata["checkpointing"]["objective_ms"] == pytest.approx(best, rel=1e-6, abs=1e-9)
+
+
+def test_no_recompute_when_everything_fits():
+    plan = one_f_one_b([[3000], [2000]], 2, (2, 2))
+    roomy = max(stage_peaks(plan, COST)) * 1.01
+    solved = solve_checkpointing(plan, COST, roomy)
+    assert all(a.recompute_layers == 0 for acts in solved.stage_actions for a in acts)
+    assert solved.metadata["checkpointing"]["status"] == "no_recompute_needed"
+
+
+def test_infeasible_budget_names_stage_window_and_smallest_budget():
+    plan = one_f_one_b([[3000], [2000], [1000]], 2, (2, 2))
+    full = with_diagonals(plan, {d: 99 for d in range(100)})
+    peaks = stage_peaks(full, COST)
+    worst = int(np.argmax(peaks))
+    with pytest.raises(InfeasibleMemoryError) as err:
+        solve_checkpointing(plan, COST, peaks[worst] * 0.99)
+    assert err.value.stage == worst
+    assert err.value.min_memory_bytes == pytest.approx(peaks[worst])
+    assert len(err.value.window) >= 1 and f"stage {worst}" in str(err.value)
+    # The reported budget is enough: solving at it succeeds.
+    solve_checkpointing(plan, COST, [err.value.min_memory_bytes] * 2)
+
+
+def test_per_stage_budgets_are_respected_separately():
+    plan = one_f_one_b([[3000], [2000], [1000], [800]], 3, (2, 2, 2))
+    no_ckpt = stage_peaks(plan, COST)
+    budgets = [no_ckpt[0] * 0.8, no_ckpt[1] * 1.5, no_ckpt[2] * 1.5]
+    solved = solve_checkpointing(plan, COST, budgets)
+    peaks = stage_peaks(solved, COST)
+    assert all(p <= b + 1.0 for p, b in zip(peaks, budgets))
+    assert any(a.recompute_layers for a in solved.stage_actions[0])
+
+
+def test_bad_inputs_raise_value_errors():
+    plan = one_f_one_b([[3000]], 2, (2, 2))
+    with pytest.raises(ValueError, match="memory_bytes"):
+        solve_checkpointing(plan, COST, [1e9])
+    with pytest.raises(ValueError, match="memory_bytes"):
+        solve_checkpointing(plan, COST, -5.0)
+    with pytest.raises(ValueError, match="mip_gap"):
+        solve_checkpointing(plan, COST, 1e9, mip_gap=1.5)
+
+
+def test_greedy_answer_fits_the_budget():
+    plan = one_f_one_b([[3000, 2000], [2500], [1000], [700]], 3, (3, 2, 3))
+    budget = budget_between(plan, 0.3)
+    problem = build_problem(plan, COST, budget).problem
+    c = greedy(problem)
+    assert (problem.deficit(c) <= 1.0).all()
+    assert np.all(c <= problem.upper)
+
+
+def test_cache_reuses_identical_problems():
+    plan = one_f_one_b([[3000], [2000], [1000]], 2, (2, 2))
+    budget = budget_between(plan, 0.5)
+    cache: dict = {}
+    a = solve_checkpointing(plan, COST, budget, cache=cache)
+    b = solve_checkpointing(plan, COST, budget, cache=cache)
+    meta = b.metadata["checkpointing"]
+    assert meta["parts"] >= 1 and meta["cached_parts"] == meta["parts"]
+    assert a.stage_actions == b.stage_actions
+
+
+def uniform_checkpointing(plan: Plan, budget: float) -> Plan | None:
+    """Static checkpointing: the smallest equal layer count on every chunk and stage that fits."""
+    for r in range(max(plan.layers_per_stage) + 1):
+        p = with_diagonals(plan, {d: r for d in range(10_000)})
+        if max(stage_peaks(p, COST)) <= budget:
+            return p
+    return None
+
+
+batches = st.lists(
+    st.lists(st.integers(200, 4000), min_size=1, max_size=3), min_size=1, max_size=6)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=batches, split=st.sampled_from([(8,), (4, 4), (3, 5), (2, 3, 3), (2, 2, 2, 2), (1, 2, 2, 3)]),
+       frac=st.floats(0.0, 1.0))
+def test_solver_plans_stay_within_budget_and_beat_uniform(batch, split, frac):
+    plan = one_f_one_b(batch, len(split), split)
+    budget = budget_between(plan, frac) + 1.0
+    solved = solve_checkpointing(plan, COST, budget, mip_gap=0.0)
+    validate_plan(solved)
+    assert max(stage_peaks(solved, COST)) <= budget + 1.0
+    sim = simulate(solved, COST, budget)
+    assert sim.feasible, sim.oom
+    uniform = uniform_checkpointing(plan, budget)
+    assert uniform is not None
+    assert solved.metadata["checkpointing"]["objective_ms"] <= _objective(uniform) * (1 + 1e-9) + 1e-9
+    assert recompute_time_ms(solved, COST) <= recompute_time_ms(uniform, COST) * (1 + 1e-9) + 1e-9
+    assert sim.recompute_time_s <= simulate(uniform, COST, budget).recompute_time_s * (1 + 1e-9) + 1e-12
+
+
+def _objective(plan: Plan) -> float:
+    w = diagonal_weights(plan, COST)
+    b_order = [a.chunk_id for a in plan.stage_actions[0] if a.kind == "B"]
+    pos = {cid: i for i, cid in enumerate(b_order)}
+    c: dict[int, int] = {}
+    for s, acts in enumerate(plan.stage_actions):
+        for a in acts:
+            d = pos[a.chunk_id] + plan.num_stages - 1 - s
+            c[d] = max(c.get(d, 0), a.recompute_layers)
+    return sum(w[d] * c[d] for d in w)
+
+
+def test_time_limit_falls_back_to_a_feasible_answer_and_says_so():
+    plan = one_f_one_b([[3000, 2500, 2000], [2800], [1500], [900], [700], [600]], 4, (2, 2, 2, 2))
+    budget = budget_between(plan, 0.37)
+    solved = solve_checkpointing(plan, COST, budget, mip_gap=0.0, time_limit_s=1e-9)
+    meta = solved.metadata["checkpointing"]
+    assert max(stage_peaks(solved, COST)) <= budget + 1.0
+    assert meta["status"] == "time_limit" and meta["greedy_fallback"]

@@ -1,0 +1,49 @@
+"""Background planning: plans arrive in order, the queue stays bounded, failures surface intact."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from infinipipe.model.config import PRESETS
+from infinipipe.plan.cost import CostModel, LinearTerm, Profile
+from infinipipe.plan.ir import validate_plan
+from infinipipe.plan.planners import PlanRequest, make_plan
+from infinipipe.plan.prefetch import PlanPrefetcher
+
+MODEL = PRESETS["tiny"].with_layers(4)
+COST = CostModel(Profile(
+    model=MODEL, device="synthetic", dtype="float16",
+    layer_fwd=LinearTerm({"attn": 2e-6, "tokens": 1e-3, "chunk": 0.05}),
+    layer_bwd=LinearTerm({"attn": 4e-6, "tokens": 2e-3, "chunk": 0.05}),
+    layer_act_bytes=LinearTerm({"tokens": 2048.0})), MODEL)
+
+
+def batches() -> list[PlanRequest]:
+    return [PlanRequest([4000 + 100 * i, 900, 300, 50 * (i + 1)], COST, 2, 2**30) for i in range(4)]
+
+
+def test_prefetched_plans_match_direct_planning_in_order():
+    requests = batches()
+    with PlanPrefetcher(functools.partial(make_plan, "epp"), requests, depth=2) as plans:
+        got = []
+        for plan in plans:
+            assert plans.in_flight <= 2
+            got.append(plan)
+    assert [p.seq_lengths for p in got] == [r.lengths for r in requests]
+    for plan, request in zip(got, requests):
+        validate_plan(plan)
+        assert plan.stage_actions == make_plan("epp", request).stage_actions
+
+
+def test_planning_error_is_reraised_in_the_consumer_with_its_message():
+    requests = batches()
+    with PlanPrefetcher(functools.partial(make_plan, "no-such-planner"), requests) as plans:
+        with pytest.raises(ValueError, match="unknown planner 'no-such-planner'") as err:
+            next(plans)
+    assert any("iteration 0" in note for note in err.value.__notes__)
+
+
+def test_depth_must_be_positive():
+    with pytest.raises(ValueError, match="depth"):
+        PlanPrefetcher(functools.partial(make_plan, "epp"), [], depth=0)

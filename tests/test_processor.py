@@ -1,0 +1,109 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from infinipipe.plan.ir import check_coverage
+from infinipipe.plan.processor import SliceTimer, equal_time_cuts, process_sequences
+from test_simulator import h100_like_cost
+
+COST = h100_like_cost()
+TIMER = SliceTimer.of(COST)
+BIG = 10**9
+
+
+def slice_times(cuts):
+    return [TIMER.slice_ms(a, b - a) for a, b in zip([0] + cuts[:-1], cuts)]
+
+
+def test_slice_timer_reproduces_the_cost_model():
+    from infinipipe.plan.cost import ChunkShape
+
+    for prefix, length in [(0, 1), (0, 4096), (12345, 777), (100000, 30000)]:
+        want = COST.forward_ms(ChunkShape((length,), prefix=prefix), n_layers=1)
+        assert TIMER.slice_ms(prefix, length) == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("length,k", [(131072, 8), (65536, 3), (262144, 16), (5000, 2)])
+def test_longest_sequence_splits_into_equal_time_slices_with_later_ones_shorter(length, k):
+    cuts = equal_time_cuts(length, k, TIMER)
+    assert len(cuts) == k and cuts[-1] == length
+    sizes = [b - a for a, b in zip([0] + cuts[:-1], cuts)]
+    assert sizes == sorted(sizes, reverse=True)
+    times = slice_times(cuts)
+    one_token = TIMER.slice_ms(length, 1) - TIMER.chunk
+    assert max(times) - min(times) <= 2 * one_token + 1e-9
+
+
+def test_other_long_sequences_are_cut_at_the_same_points():
+    lengths = [100000, 70000, 300]
+    chunks = process_sequences(lengths, COST, 4, BIG)
+    cuts = equal_time_cuts(100000, 4, TIMER)
+    starts = sorted(s.start for c in chunks for s in c.segments if s.seq_id == 1)
+    assert starts == [0] + [p for p in cuts if p < 70000]
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(1, 256 * 1024), min_size=1, max_size=40), k=st.integers(1, 16))
+def test_chunks_cover_every_token_once_and_never_hold_two_split_sequences(lengths, k):
+    chunks = process_sequences(lengths, COST, k, BIG)
+    assert [c.id for c in chunks] == list(range(len(chunks)))
+    check_coverage(chunks, lengths)
+    for c in chunks:
+        partial = [s for s in c.segments if s.length < lengths[s.seq_id]]
+        assert len(partial) <= 1
+        if any(s.end < lengths[s.seq_id] for s in partial):
+            assert len(c.segments) == 1, "a non-tail slice travels alone"
+
+
+@settings(max_examples=25, deadline=None)
+@given(lengths=st.lists(st.integers(1, 64 * 1024), min_size=1, max_size=40), k=st.integers(1, 8),
+       cap=st.integers(1024, 64 * 1024))
+def test_no_chunk_exceeds_the_token_threshold(lengths, k, cap):
+    try:
+        chunks = process_sequences(lengths, COST, k, cap)
+    except ValueError as exc:
+        assert "token capacity" in str(exc)
+        assert equal_time_cuts(max(lengths), k, TIMER)[0] > cap
+        return
+    limit = min(cap, equal_time_cuts(max(lengths), k, TIMER)[0])
+    assert all(c.tokens <= limit for c in chunks)
+
+
+def test_short_sequences_fill_buckets_within_the_time_and_token_thresholds():
+    from infinipipe.plan.cost import ChunkShape
+
+    lengths = [8192] + [1024] * 20
+    chunks = process_sequences(lengths, COST, 1, BIG)
+    slice_ms = TIMER.slice_ms(0, 8192)
+    assert all(COST.forward_ms(ChunkShape.of(c, lengths), 1) <= slice_ms * (1 + 1e-9) for c in chunks)
+    assert all(c.tokens <= 8192 for c in chunks)
+    assert len(chunks) == 1 + 3
+
+
+def test_tail_slices_seed_hybrid_chunks_and_the_time_threshold_loosens_only_within_tokens():
+    lengths = [65536] + [512] * 64
+    chunks = process_sequences(lengths, COST, 4, BIG)
+    first = equal_time_cuts(65536, 4, TIMER)[0]
+    tail = next(c for c in chunks if any(s.seq_id == 0 and s.end == 65536 for s in c.segments))
+    assert len(tail.segments) > 1, "the tail slice is a hybrid chunk"
+    assert all(c.tokens <= first for c in chunks)
+    assert len(chunks) == 3 + 1 + (64 * 512 - (first - tail.segments[0].length)) // first + 1
+
+
+def test_one_slice_keeps_every_sequence_whole():
+    lengths = [3000, 2000, 1000, 900, 50]
+    chunks = process_sequences(lengths, COST, 1, BIG)
+    assert all(s.start == 0 and s.end == lengths[s.seq_id] for c in chunks for s in c.segments)
+    assert all(c.tokens <= 3000 for c in chunks)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(lengths=[], num_slices=1, token_capacity=10), "no sequences"),
+    (dict(lengths=[5, 0], num_slices=1, token_capacity=10), "at least one token"),
+    (dict(lengths=[5], num_slices=0, token_capacity=10), "num_slices"),
+    (dict(lengths=[5], num_slices=1, token_capacity=0), "token_capacity"),
+    (dict(lengths=[100000], num_slices=2, token_capacity=1000), "more slices"),
+])
+def test_bad_input_is_refused_with_a_clear_message(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        process_sequences(cost=COST, **kwargs)

@@ -1,0 +1,105 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from infinipipe.plan.ir import Chunk, Segment, validate_plan
+from infinipipe.plan.processor import process_sequences
+from infinipipe.plan.schedule import epp_schedule
+from test_simulator import h100_like_cost
+
+COST = h100_like_cost()
+
+
+def layers_for(stages, total=32):
+    out = [total // stages] * stages
+    out[-1] += total - sum(out)
+    return out
+
+
+def order(plan, stage, kind):
+    return [a.chunk_id for a in plan.stage_actions[stage] if a.kind == kind]
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(1, 256 * 1024), min_size=1, max_size=30), k=st.integers(1, 12),
+       stages=st.integers(1, 16), groups=st.integers(1, 3))
+def test_schedules_of_processed_batches_pass_the_validator(lengths, k, stages, groups):
+    chunks = process_sequences(lengths, COST, k, 10**9)
+    seq_home = {}
+    pipes = [[] for _ in range(groups)]
+    for c in chunks:
+        g = seq_home.setdefault(c.segments[0].seq_id, c.segments[0].seq_id % groups)
+        for s in c.segments:
+            seq_home.setdefault(s.seq_id, g)
+        pipes[g].append(c.id)
+    pipes = [p for p in pipes if p]
+    plan = epp_schedule(chunks, lengths, stages, layers_for(stages), pipelines=pipes)
+    validate_plan(plan)
+    assert len(plan.pipelines) == len(pipes)
+
+
+def split_batch():
+    # sequence 0 in 3 slices (tail packed with seq 2), sequence 1 in 2 slices, seq 3 alone
+    chunks = [
+        Chunk(0, (Segment(1, 0, 500),)),
+        Chunk(1, (Segment(0, 0, 600),)),
+        Chunk(2, (Segment(0, 600, 1000),)),
+        Chunk(3, (Segment(1, 500, 800),)),
+        Chunk(4, (Segment(0, 1000, 1200), Segment(2, 0, 100))),
+        Chunk(5, (Segment(3, 0, 400),)),
+    ]
+    return chunks, [1200, 800, 100, 400]
+
+
+def test_longer_sequences_first_slices_forward_in_order_backward_in_reverse():
+    chunks, lengths = split_batch()
+    plan = epp_schedule(chunks, lengths, 3, [10, 11, 11])
+    for p in range(3):
+        assert order(plan, p, "F") == [1, 2, 4, 0, 3, 5]
+        assert order(plan, p, "B") == [4, 2, 1, 3, 0, 5]
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3, 5])
+def test_warm_up_is_stages_minus_one_minus_p_plus_n_split(stages):
+    chunks, lengths = split_batch()
+    plan = epp_schedule(chunks, lengths, stages, layers_for(stages))
+    for p in range(stages):
+        kinds = [a.kind for a in plan.stage_actions[p]]
+        assert kinds.index("B") == min(len(chunks), stages - 1 - p + 3)
+
+
+def test_equal_whole_chunks_give_classic_1f1b():
+    chunks = [Chunk(i, (Segment(i, 0, 10),)) for i in range(4)]
+    plan = epp_schedule(chunks, [10] * 4, 2, [16, 16])
+    as_text = [" ".join(f"{a.kind}{a.chunk_id}" for a in ops) for ops in plan.stage_actions]
+    assert as_text == ["F0 F1 B0 F2 B1 F3 B2 B3", "F0 B0 F1 B1 F2 B2 F3 B3"]
+
+
+def test_pipelines_run_back_to_back_each_with_its_own_warm_up():
+    chunks, lengths = split_batch()
+    plan = epp_schedule(chunks, lengths, 2, [16, 16], pipelines=[[0, 3, 5], [1, 2, 4]])
+    assert plan.pipelines == ((0, 3, 5), (1, 2, 4))
+    ops = [f"{a.kind}{a.chunk_id}" for a in plan.stage_actions[1]]
+    assert ops == ["F0", "F3", "B3", "F5", "B0", "B5", "F1", "F2", "F4", "B4", "B2", "B1"]
+
+
+def test_recompute_callback_sets_both_actions_of_a_chunk():
+    chunks, lengths = split_batch()
+    plan = epp_schedule(chunks, lengths, 2, [16, 16], recompute=lambda s, c: s + c)
+    for s in range(2):
+        for a in plan.stage_actions[s]:
+            assert a.recompute_layers == s + a.chunk_id
+
+
+def test_a_sequence_split_across_pipelines_is_refused():
+    chunks, lengths = split_batch()
+    with pytest.raises(ValueError, match="sequence 0"):
+        epp_schedule(chunks, lengths, 2, [16, 16], pipelines=[[0, 1, 3, 5], [2, 4]])
+
+
+def test_bad_arguments_are_refused():
+    chunks, lengths = split_batch()
+    with pytest.raises(ValueError, match="layers_per_stage"):
+        epp_schedule(chunks, lengths, 2, [32])
+    with pytest.raises(ValueError, match="chunk id 9"):
+        epp_schedule(chunks, lengths, 2, [16, 16], pipelines=[[0, 1, 2, 3, 4, 5, 9]])
