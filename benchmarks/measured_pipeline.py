@@ -1,0 +1,188 @@
+"""MEASURED pipeline iteration time of EPP and baselines on this machine, next to the simulator.
+
+Each planner plans the same skewed batch of the ``tiny`` model; the plan runs on real processes
+(gloo, one process per stage, one thread each) and the table prints the measured iteration time
+(median over steps of the slowest stage's pipeline phase) and each stage's measured peak
+activation bytes, beside what the simulator predicts with the committed CPU profile. As an outside
+reference the same batch goes through ``torch.distributed.pipelining.Schedule1F1B``: it needs
+micro-batches of equal shape, so sequences are packed into rows of the longest sequence's length
+and padded (the padding fraction is printed); each row keeps per-document causal attention.
+
+Usage: ``python benchmarks/measured_pipeline.py [--stages 2] [--steps 3]``.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from infinipipe.model.config import preset
+from infinipipe.model.layers import ChunkMeta
+from infinipipe.model.stage import StageModel, init_weights
+from infinipipe.plan.cost import ChunkShape, CostModel, default_profile
+from infinipipe.plan.planners import PlanRequest, make_plan
+from infinipipe.runtime.batch import Batch
+from infinipipe.runtime.executor import PipelineWorker, RuntimeSettings
+from infinipipe.runtime.launch import RankFailed, launch_local
+from infinipipe.runtime.mesh import make_mesh
+from infinipipe.sim.simulator import LinkModel, simulate
+
+PLANNERS = ("epp", "batch-1f1b", "seq1f1b")
+MODEL = "tiny"
+# Loopback gloo between processes on one machine: measured order of magnitude, not a profile.
+LOCAL_LINK = LinkModel(latency_s=100e-6, bandwidth_Bps=1e9)
+
+
+def skewed_lengths(seed: int) -> list[int]:
+    """A long-tailed batch: one long document, a few medium ones, many short ones."""
+    rng = random.Random(seed)
+    return [2048, 768, 512] + [rng.randint(64, 256) for _ in range(6)] + [rng.randint(8, 64) for _ in range(12)]
+
+
+def run_plans(plans, batch, layers, steps):
+    mesh = make_mesh(1, len(layers))
+    worker = PipelineWorker(preset(MODEL), layers, mesh, RuntimeSettings())
+    out = []
+    for plan in plans:
+        results = [worker.run_step(plan, batch) for _ in range(steps + 1)][1:]
+        out.append([(r.pipeline_s, r.busy_s, r.peak_activation_bytes) for r in results])
+    return out
+
+
+def pack_rows(lengths: list[int], row: int) -> list[list[int]]:
+    """First-fit decreasing: sequence ids per row of ``row`` tokens."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        j = next((k for k, r in enumerate(room) if r >= lengths[i]), None)
+        if j is None:
+            rows.append([])
+            room.append(row)
+            j = len(rows) - 1
+        rows[j].append(i)
+        room[j] -= lengths[i]
+    return rows
+
+
+class _PackedStage(torch.nn.Module):
+    """A `StageModel` over padded rows; the row's document boundaries come in micro-batch order."""
+
+    def __init__(self, model: StageModel, metas: list[ChunkMeta]):
+        super().__init__()
+        self.model, self.metas, self.calls = model, metas, 0
+
+    def forward(self, x):
+        meta = self.metas[self.calls % len(self.metas)]
+        self.calls += 1
+        h = self.model.embed_tokens(x[0]) if self.model.first else x[0]
+        for layer in self.model.ordered_layers():
+            h, _, _ = layer(h, meta)
+        return (self.model.head(self.model.norm(h)) if self.model.last else h).unsqueeze(0)
+
+
+def run_torch_1f1b(batch, layers, rows, steps):
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+    cfg = preset(MODEL)
+    stage, n = dist.get_rank(), dist.get_world_size()
+    width = max(batch.lengths)
+    tokens, labels, metas = [], [], []
+    for ids in rows:
+        pad = width - sum(batch.lengths[i] for i in ids)
+        seqs = [batch.sequences[i] for i in ids]
+        tokens.append(torch.cat(seqs + [torch.zeros(pad, dtype=torch.long)]))
+        labels.append(torch.cat([torch.cat([s[1:], torch.tensor([-100])]) for s in seqs]
+                                + [torch.full((pad,), -100, dtype=torch.long)]))
+        metas.append(ChunkMeta.build([batch.lengths[i] for i in ids] + ([pad] if pad else []), [0] * (len(ids) + (pad > 0))))
+    lo = sum(layers[:stage])
+    model = StageModel(cfg, range(lo, lo + layers[stage]), first=stage == 0, last=stage == n - 1)
+    init_weights(model, 0)
+    norm = batch.predicted_tokens
+
+    def loss_fn(logits, target):
+        return F.cross_entropy(logits[0], target[0], ignore_index=-100, reduction="sum") / norm
+
+    inp = torch.zeros(1, width, dtype=torch.long) if stage == 0 else torch.zeros(1, width, cfg.hidden, requires_grad=True)
+    out = torch.zeros(1, width, cfg.vocab_size if stage == n - 1 else cfg.hidden)
+    pstage = PipelineStage(_PackedStage(model, metas), stage, n, torch.device("cpu"), input_args=(inp,), output_args=(out,))
+    schedule = Schedule1F1B(pstage, len(rows), loss_fn=loss_fn)
+    times = []
+    for _ in range(steps + 1):
+        model.zero_grad(set_to_none=True)
+        dist.barrier()
+        t0 = time.perf_counter()
+        if stage == 0:
+            schedule.step(torch.stack(tokens))
+        elif stage == n - 1:
+            schedule.step(target=torch.stack(labels))
+        else:
+            schedule.step()
+        times.append(time.perf_counter() - t0)
+    return times[1:]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stages", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cfg = preset(MODEL)
+    cost = CostModel(default_profile(MODEL), cfg)
+    lengths = skewed_lengths(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    batch = Batch(tuple(torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in lengths))
+    # A budget that the longest sequence does not fit whole without recompute: chunking matters.
+    longest = cost.activation_bytes(ChunkShape((max(lengths),)), cfg.layers // args.stages)
+    memory = cost.model_state_bytes(cfg.layers) + 0.75 * longest
+    names, plans, sims = [], [], []
+    for name in PLANNERS:
+        try:
+            plan = make_plan(name, PlanRequest(lengths, cost, args.stages, memory, link=LOCAL_LINK))
+        except ValueError as exc:
+            print(f"{name}: no plan ({exc})")
+            continue
+        names.append(name)
+        plans.append(plan)
+        sims.append(simulate(plan, cost, memory, LOCAL_LINK))
+    layers = plans[0].layers_per_stage
+    if any(p.layers_per_stage != layers for p in plans):
+        raise SystemExit("planners chose different layer splits; this benchmark needs one")
+    print(f"model {MODEL}, {args.stages} stages (layers {layers}), {len(lengths)} sequences, "
+          f"{sum(lengths)} tokens, longest {max(lengths)}; memory budget {memory / 2**20:.1f} MiB/stage")
+    measured = launch_local(run_plans, args.stages, (plans, batch, layers, args.steps), timeout_s=600)
+    print(f"\n{'planner':12} {'chunks':>6} {'pipes':>5} {'MEASURED s':>10} {'simulated s':>11} "
+          f"{'meas/sim':>8}  peak activation MiB per stage (MEASURED / simulated)")
+    for i, (name, plan, sim) in enumerate(zip(names, plans, sims)):
+        per_step = [max(rank[i][k][0] for rank in measured) for k in range(args.steps)]
+        t = statistics.median(per_step)
+        mem = []
+        for s in range(args.stages):
+            act = measured[s][i][0][2]
+            first, last = s == 0, s == args.stages - 1
+            pred = sim.peak_memory_bytes[s] - cost.model_state_bytes(layers[s], first, last)
+            mem.append(f"{act / 2**20:.2f}/{pred / 2**20:.2f}")
+        print(f"{name:12} {len(plan.chunks):>6} {len(plan.pipelines):>5} {t:>10.3f} {sim.iteration_time_s:>11.3f} "
+              f"{t / sim.iteration_time_s:>8.2f}  {'  '.join(mem)}")
+    rows = pack_rows(lengths, max(lengths))
+    pad = 1 - sum(lengths) / (len(rows) * max(lengths))
+    try:
+        ref = launch_local(run_torch_1f1b, args.stages, (batch, layers, rows, args.steps), timeout_s=600)
+    except RankFailed as exc:
+        print(f"{'Schedule1F1B':12} reference run failed on rank {exc.rank}: "
+              f"{exc.detail.strip().splitlines()[-1]}")
+        return
+    t_ref = statistics.median(max(r[k] for r in ref) for k in range(args.steps))
+    print(f"{'Schedule1F1B':12} {len(rows):>6} {1:>5} {t_ref:>10.3f} {'-':>11} {'-':>8}  "
+          f"(torch.distributed.pipelining, {len(rows)} padded rows of {max(lengths)} tokens, "
+          f"padding {pad:.1%})")
+
+
+if __name__ == "__main__":
+    main()

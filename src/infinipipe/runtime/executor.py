@@ -1,0 +1,220 @@
+"""The stage executor: one process runs one stage's action list of a Plan.
+
+Each rank owns a contiguous slice of layers (`StageModel`), receives activations or gradients
+into buffers sized from the Plan, computes with `StageCompute` (K/V of split sequences kept on
+the stage, per-chunk recompute), sends the result on, and accumulates gradients over every chunk
+and pipeline of the step. Data-parallel replicas then sum their gradients; every token loss is
+divided by the global batch's predicted tokens, so the sum is the exact global-batch gradient.
+The optimizer step is the caller's: `PipelineWorker.model` holds the parameters.
+"""
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from ..model.config import ModelConfig
+from ..model.stage import StageModel, init_weights
+from ..plan.ir import Plan, validate_plan
+from .batch import Batch
+from .memory import SavedTensorMeter
+from .mesh import ParallelMesh
+from .p2p import StageLink, TransferMismatch, plan_digest
+from .stage_compute import StageCompute
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """Plan-independent settings of a worker.
+
+    ``recv_lookahead`` is how many input-needing actions ahead a receive is posted, so the
+    transfer overlaps the current compute; ``seed`` gives the same weights as `build_stages`.
+    """
+
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    seed: int = 0
+    attention_backend: str = "auto"
+    loss_block_tokens: int = 2048
+    recv_lookahead: int = 1
+
+    def __post_init__(self) -> None:
+        if self.recv_lookahead < 0:
+            raise ValueError(f"recv_lookahead must be >= 0, got {self.recv_lookahead}")
+        if self.loss_block_tokens < 1:
+            raise ValueError(f"loss_block_tokens must be >= 1, got {self.loss_block_tokens}")
+
+
+@dataclass(frozen=True)
+class ActionTime:
+    kind: str
+    chunk_id: int
+    compute_s: float
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one rank measured in one step. ``loss`` is the global batch's, on every rank.
+
+    ``busy_s`` sums the compute of the stage's actions, ``idle_s`` is the rest of the pipeline
+    phase (waiting for neighbours); the gradient all-reduce is timed apart. ``peak_activation_bytes``
+    is the saved-tensor peak (what the simulator predicts); ``peak_allocated_bytes`` the CUDA
+    allocator's peak (None on CPU).
+    """
+
+    loss: float
+    stage: int
+    dp_rank: int
+    step_s: float
+    pipeline_s: float
+    busy_s: float
+    idle_s: float
+    allreduce_s: float
+    actions: tuple[ActionTime, ...]
+    peak_activation_bytes: int
+    peak_allocated_bytes: int | None
+
+
+class PipelineWorker:
+    """Holds one stage of the model for a fixed layer split and runs any Plan made for that split."""
+
+    def __init__(self, cfg: ModelConfig, layers_per_stage: tuple[int, ...], mesh: ParallelMesh,
+                 settings: RuntimeSettings = RuntimeSettings()):
+        layers_per_stage = tuple(int(n) for n in layers_per_stage)
+        if len(layers_per_stage) != mesh.pp:
+            raise ValueError(f"layers_per_stage has {len(layers_per_stage)} entries for pp={mesh.pp} stages")
+        if sum(layers_per_stage) != cfg.layers or min(layers_per_stage) < 1:
+            raise ValueError(f"layers_per_stage {layers_per_stage} must be >= 1 each and sum to "
+                             f"the model's {cfg.layers} layers")
+        self.cfg, self.mesh, self.settings = cfg, mesh, settings
+        self.layers_per_stage = layers_per_stage
+        self.device = torch.device(settings.device)
+        lo = sum(layers_per_stage[:mesh.stage])
+        model = StageModel(cfg, range(lo, lo + layers_per_stage[mesh.stage]), first=mesh.stage == 0,
+                           last=mesh.is_last_stage, backend=settings.attention_backend)
+        init_weights(model, settings.seed)
+        self.model = model.to(device=self.device, dtype=settings.dtype)
+
+    def _agree_on_plan(self, digest: int) -> None:
+        """All stages of this pipeline must run the same plan; one small all-gather per step."""
+        group = self.mesh.pp_group
+        mine = torch.tensor([digest], dtype=torch.long, device=self.device)
+        every = [torch.empty_like(mine) for _ in range(self.mesh.pp)]
+        dist.all_gather(every, mine, group=group)
+        digests = [int(t.item()) for t in every]
+        if len(set(digests)) > 1:
+            raise TransferMismatch(
+                f"stages of data-parallel replica {self.mesh.dp_rank} hold different plans "
+                f"(digests per stage: {[hex(d) for d in digests]})")
+
+    def _global_normaliser(self, batch: Batch) -> int:
+        t = torch.tensor([batch.predicted_tokens], dtype=torch.long, device=self.device)
+        if self.mesh.dp > 1:
+            dist.all_reduce(t, group=self.mesh.dp_group)
+        return int(t.item())
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def run_step(self, plan: Plan, batch: Batch, normaliser: int | None = None) -> StepResult:
+        """Run ``plan`` over this replica's ``batch``; gradients are left in ``model``'s ``.grad``.
+
+        Gradients are reset first (one step is one global batch). ``normaliser`` defaults to the
+        predicted tokens of the global batch (summed over data-parallel replicas).
+        """
+        validate_plan(plan)
+        if plan.layers_per_stage != self.layers_per_stage:
+            raise ValueError(f"plan splits layers as {plan.layers_per_stage}, this worker holds "
+                             f"{self.layers_per_stage}")
+        if plan.num_stages != self.mesh.pp:
+            raise ValueError(f"plan has {plan.num_stages} stages, the mesh has pp={self.mesh.pp}")
+        if tuple(batch.lengths) != plan.seq_lengths:
+            raise ValueError(f"batch sequence lengths {batch.lengths} differ from the plan's {plan.seq_lengths}")
+        stage, last = self.mesh.stage, self.mesh.pp - 1
+        t_step = time.perf_counter()
+        digest = plan_digest(plan)
+        self._agree_on_plan(digest)
+        if normaliser is None:
+            normaliser = self._global_normaliser(batch)
+        self.model.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        compute = StageCompute(self.model, batch, normaliser, self.settings.loss_block_tokens)
+        link = StageLink(self.mesh.pp_group, stage, self.mesh.pp, self.cfg.hidden, self.settings.dtype,
+                         self.device, digest)
+        actions = plan.stage_actions[stage]
+        tokens = [c.tokens for c in plan.chunks]
+
+        def incoming(a):
+            if a.kind == "F" and stage > 0:
+                return "act"
+            if a.kind == "B" and stage < last:
+                return "grad"
+            return None
+
+        needs = [i for i, a in enumerate(actions) if incoming(a)]
+        posted = 0
+        times: list[ActionTime] = []
+        loss = 0.0
+        meter = SavedTensorMeter(exclude=self.model.parameters())
+        self._sync()
+        t_pipe = time.perf_counter()
+        with meter:
+            for i, a in enumerate(actions):
+                due = bisect.bisect_right(needs, i) + self.settings.recv_lookahead
+                while posted < min(due, len(needs)):
+                    b = actions[needs[posted]]
+                    link.post_recv(incoming(b), b.chunk_id, tokens[b.chunk_id])
+                    posted += 1
+                link.flush()
+                chunk = plan.chunks[a.chunk_id]
+                direction = incoming(a)
+                x = link.wait_recv(direction, a.chunk_id, tokens[a.chunk_id]) if direction else None
+                t0 = time.perf_counter()
+                if a.kind == "F":
+                    out = compute.forward(chunk, x, a.recompute_layers)
+                else:
+                    out = compute.backward(chunk, x)
+                self._sync()
+                times.append(ActionTime(a.kind, a.chunk_id, time.perf_counter() - t0))
+                if a.kind == "F" and stage == last:
+                    loss += float(out)
+                elif a.kind == "F":
+                    link.send("act", a.chunk_id, out)
+                elif stage > 0:
+                    link.send("grad", a.chunk_id, out)
+            link.wait_sends()
+        pipeline_s = time.perf_counter() - t_pipe
+        busy = sum(t.compute_s for t in times)
+        t_red = time.perf_counter()
+        loss = self._reduce(loss)
+        self._sync()
+        allreduce_s = time.perf_counter() - t_red
+        return StepResult(
+            loss=loss, stage=stage, dp_rank=self.mesh.dp_rank,
+            step_s=time.perf_counter() - t_step, pipeline_s=pipeline_s, busy_s=busy,
+            idle_s=max(0.0, pipeline_s - busy), allreduce_s=allreduce_s, actions=tuple(times),
+            peak_activation_bytes=meter.peak,
+            peak_allocated_bytes=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
+        )
+
+    def _reduce(self, local_loss: float) -> float:
+        """Loss from the last stage to every stage, then both loss and gradients over replicas."""
+        mesh = self.mesh
+        loss = torch.tensor([local_loss], dtype=torch.float64, device=self.device)
+        if mesh.pp > 1:
+            dist.broadcast(loss, src=dist.get_global_rank(mesh.pp_group, mesh.pp - 1), group=mesh.pp_group)
+        if mesh.dp > 1:
+            params = list(self.model.parameters())
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=mesh.dp_group)
+            dist.all_reduce(loss, group=mesh.dp_group)
+            for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
+                p.grad = g
+        return float(loss.item())

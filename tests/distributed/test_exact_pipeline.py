@@ -1,0 +1,147 @@
+"""Plans run across real gloo processes give the loss and gradients of the full-sequence run."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from chunking import random_chunks, sequential_plan
+from infinipipe.model.config import ModelConfig
+from infinipipe.plan.cost import CostModel, LinearTerm, Profile
+from infinipipe.plan.ir import Plan
+from infinipipe.plan.schedule import epp_schedule
+from infinipipe.runtime.batch import Batch
+from infinipipe.runtime.executor import PipelineWorker, RuntimeSettings
+from infinipipe.runtime.launch import launch_local
+from infinipipe.runtime.local import build_stages
+from infinipipe.runtime.mesh import make_mesh, split_batch, whole_sequence_cost
+from infinipipe.runtime.reference import reference_loss
+
+pytestmark = pytest.mark.slow
+
+CFG = ModelConfig(vocab_size=97, hidden=32, layers=4, heads=4, kv_heads=2, ffn=64)
+TOL = 1e-4
+PLANNERS = ("epp", "batch-1f1b", "seq1f1b", "gpipe")
+
+
+def synthetic_cost() -> CostModel:
+    """Plausible coefficients for planning only: exactness must hold whatever the planner decides."""
+    prof = Profile(model=CFG, device="cpu", dtype="float32",
+                   layer_fwd=LinearTerm({"attn": 2e-5, "tokens": 2e-3, "chunk": 0.05}),
+                   layer_bwd=LinearTerm({"attn": 4e-5, "tokens": 4e-3, "chunk": 0.1}),
+                   layer_act_bytes=LinearTerm({"tokens": 40 * CFG.hidden, "area": 16}),
+                   head_fwd=LinearTerm({"tokens": 1e-3}), head_bwd=LinearTerm({"tokens": 2e-3}))
+    return CostModel(prof, CFG)
+
+
+def _batch(lengths, seed) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return Batch(tuple(torch.randint(0, CFG.vocab_size, (n,), generator=g) for n in lengths))
+
+
+def _reference(batch: Batch):
+    (model,) = build_stages(CFG, [CFG.layers], seed=0)
+    loss = reference_loss(model, batch)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _pipelines_by_sequence(chunks, lengths, groups: int) -> list[list[int]]:
+    """Chunks of one split sequence stay together; the groups go round-robin."""
+    owner = {}
+    for c in chunks:
+        part = next((s.seq_id for s in c.segments if s.length < lengths[s.seq_id]), None)
+        owner[c.id] = ("seq", part) if part is not None else ("chunk", c.id)
+    keys = list(dict.fromkeys(owner.values()))
+    pipes = [[c.id for c in chunks if keys.index(owner[c.id]) % groups == g] for g in range(groups)]
+    return [p for p in pipes if p]
+
+
+def hand_plans(lengths, layers, rng: random.Random) -> dict[str, Plan]:
+    """Random chunkings as GPipe-order plans and as EPP 1F1B plans with several pipelines."""
+    chunks = random_chunks(lengths, rng)
+    rec = {c.id: rng.randint(0, min(layers)) for c in chunks}
+    pipes = _pipelines_by_sequence(chunks, lengths, 2)
+    per_stage = {(s, c.id): rng.randint(0, n) for s, n in enumerate(layers) for c in chunks}
+    return {
+        "sequential+recompute": sequential_plan(chunks, lengths, layers, rec),
+        "1f1b-multi-pipeline+recompute": epp_schedule(chunks, lengths, len(layers), layers, pipes,
+                                                      recompute=lambda s, c: per_stage[s, c]),
+    }
+
+
+def planner_plans(lengths, layers) -> dict[str, Plan]:
+    """Each planner on a synthetic cost model; a tight budget first, so EPP splits and recomputes."""
+    from infinipipe.plan.planners import PlanRequest, make_plan
+
+    cost = synthetic_cost()
+    states = max(cost.model_state_bytes(n, s == 0, s == len(layers) - 1) for s, n in enumerate(layers))
+    opts = {"micro_batch_tokens": 40, "chunk_tokens": 12, "recompute": 1, "num_slices": 3}
+    out = {}
+    for name in PLANNERS:
+        for extra in (5e4, 1e6, 1e9):
+            try:
+                out[name] = make_plan(name, PlanRequest(lengths, cost, len(layers), states + extra, layers, opts))
+                break
+            except ValueError:
+                continue
+        else:
+            raise AssertionError(f"planner {name} found no plan for lengths {lengths}")
+    return out
+
+
+def run_cases(dp: int, pp: int, layers: tuple[int, ...], cases):
+    """Worker: one mesh, one stage model, every case a step; returns grads per (replica, stage)."""
+    mesh = make_mesh(dp, pp)
+    worker = PipelineWorker(CFG, layers, mesh, RuntimeSettings(seed=0, loss_block_tokens=7))
+    out = []
+    for plans, batches in cases:
+        res = worker.run_step(plans[mesh.dp_rank], batches[mesh.dp_rank])
+        out.append((res.loss, {n: p.grad.clone() for n, p in worker.model.named_parameters()}))
+    return mesh.dp_rank, mesh.stage, out
+
+
+def check_all(results, refs, names):
+    for i, (ref_loss, ref_grads) in enumerate(refs):
+        for dp_rank in {r[0] for r in results}:
+            grads = {}
+            for d, _, out in results:
+                if d == dp_rank:
+                    loss, g = out[i]
+                    assert abs(loss - ref_loss) <= TOL * abs(ref_loss), (names[i], loss, ref_loss)
+                    grads.update(g)
+            assert grads.keys() == ref_grads.keys(), names[i]
+            for n, g in ref_grads.items():
+                err = (grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-30)
+                assert err <= TOL, f"{names[i]}: {n} relative error {err:.2e}"
+
+
+def _cases(pp, layers, seeds, dp=1):
+    cases, refs, names = [], [], []
+    for seed in seeds:
+        rng = random.Random(seed)
+        lengths = [rng.randint(1, 40) for _ in range(rng.randint(dp + 1, 6))]
+        lengths[0] = max(lengths[0], 30)
+        batch = _batch(lengths, seed)
+        shares = split_batch(lengths, dp, whole_sequence_cost(synthetic_cost()))
+        local = [Batch(tuple(batch.sequences[i] for i in share)) for share in shares]
+        per_replica = [hand_plans(b.lengths, layers, rng) for b in local]
+        more = [planner_plans(b.lengths, layers) for b in local]
+        for name in list(per_replica[0]) + list(more[0]):
+            plans = [{**h, **m}[name] for h, m in zip(per_replica, more)]
+            cases.append((plans, local))
+            refs.append(_reference(batch))
+            names.append(f"seed {seed}, {name}, lengths {lengths}")
+    return cases, refs, names
+
+
+@pytest.mark.parametrize("dp, pp, layers, seeds", [
+    (1, 2, (1, 3), (1, 2)),
+    (1, 4, (1, 1, 1, 1), (3,)),
+    (2, 2, (2, 2), (4,)),
+], ids=["pp2", "pp4", "dp2xpp2"])
+def test_multiprocess_loss_and_gradients_equal_full_sequence_reference(dp, pp, layers, seeds):
+    cases, refs, names = _cases(pp, layers, seeds, dp)
+    results = launch_local(run_cases, dp * pp, (dp, pp, layers, cases), timeout_s=240)
+    check_all(results, refs, names)

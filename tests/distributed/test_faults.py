@@ -1,0 +1,73 @@
+"""A failing, killed or mismatched rank ends the job quickly with a message that names the cause."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from chunking import sequential_plan
+from infinipipe.model.config import ModelConfig
+from infinipipe.plan.ir import Chunk, Segment
+from infinipipe.runtime.batch import Batch
+from infinipipe.runtime.executor import PipelineWorker, RuntimeSettings
+from infinipipe.runtime.launch import RankFailed, launch_local
+from infinipipe.runtime.mesh import make_mesh
+
+pytestmark = pytest.mark.slow
+
+CFG = ModelConfig(vocab_size=97, hidden=32, layers=2, heads=4, kv_heads=2, ffn=64)
+LENGTHS = [9, 4]
+BATCH = Batch.of([list(range(9)), [5, 6, 7, 8]])
+CHUNKS = [Chunk(0, (Segment(0, 0, 5),)), Chunk(1, (Segment(0, 5, 9), Segment(1, 0, 4)))]
+
+
+def _worker(fault: str):
+    mesh = make_mesh(1, 2)
+    rank = dist.get_rank()
+    dtype = torch.float64 if fault == "dtype" and rank == 1 else torch.float32
+    worker = PipelineWorker(CFG, (1, 1), mesh, RuntimeSettings(dtype=dtype))
+    plan = sequential_plan(CHUNKS, LENGTHS, (1, 1))
+    if fault == "plan" and rank == 1:
+        plan = sequential_plan(CHUNKS, LENGTHS, (1, 1), recompute={0: 1})
+    worker.run_step(plan, BATCH)
+    if rank == 1 and fault == "raise":
+        raise RuntimeError("injected failure on rank 1")
+    if rank == 1 and fault == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    worker.run_step(plan, BATCH)  # rank 0 now waits on a peer that is gone
+    return rank
+
+
+def _fail(fault: str) -> tuple[RankFailed, float]:
+    t0 = time.monotonic()
+    with pytest.raises(RankFailed) as info:
+        launch_local(_worker, 2, (fault,), collective_timeout_s=30, timeout_s=120)
+    return info.value, time.monotonic() - t0
+
+
+def test_raising_rank_stops_the_job_with_its_own_traceback_within_60s():
+    err, elapsed = _fail("raise")
+    assert err.rank == 1 and "injected failure on rank 1" in err.detail
+    assert elapsed < 60
+
+
+def test_killed_rank_stops_the_job_and_is_named_within_60s():
+    err, elapsed = _fail("kill")
+    assert err.rank == 1 and "SIGKILL" in str(err)
+    assert elapsed < 60
+
+
+def test_stages_running_different_plans_are_rejected_before_any_transfer():
+    err, _ = _fail("plan")
+    assert "hold different plans" in err.detail
+
+
+def test_dtype_mismatch_between_stages_names_stage_and_chunk():
+    err, _ = _fail("dtype")
+    assert err.rank == 1
+    assert "stage 1, chunk 0: expected the act of chunk 0 from stage 0" in err.detail
+    assert "float64" in err.detail and "float32" in err.detail
