@@ -7,7 +7,7 @@ from infinipipe.plan.processor import SliceTimer, equal_time_cuts, process_seque
 from test_simulator import h100_like_cost
 
 COST = h100_like_cost()
-TIMER = SliceTimer.of(COST)
+TIMER = SliceTimer(COST)
 BIG = 10**9
 
 
@@ -32,6 +32,21 @@ def test_longest_sequence_splits_into_equal_time_slices_with_later_ones_shorter(
     times = slice_times(cuts)
     one_token = TIMER.slice_ms(length, 1) - TIMER.chunk
     assert max(times) - min(times) <= 2 * one_token + 1e-9
+
+
+@pytest.mark.parametrize("length,k", [(8192, 4), (20000, 7), (3000, 2)])
+def test_equal_time_slices_with_a_profile_nonlinear_in_attention_area(length, k):
+    from infinipipe.plan.cost import CostModel, load_profile
+
+    profile = load_profile("cpu-fp32-tiny")
+    timer = SliceTimer(CostModel(profile, profile.model))
+    assert not timer.linear
+    cuts = equal_time_cuts(length, k, timer)
+    sizes = [b - a for a, b in zip([0] + cuts[:-1], cuts)]
+    assert len(cuts) == k and sizes == sorted(sizes, reverse=True)
+    times = [timer.slice_ms(a, b - a) for a, b in zip([0] + cuts[:-1], cuts)]
+    one_token = max(timer.slice_ms(a, b - a + 1) - timer.slice_ms(a, b - a) for a, b in zip([0] + cuts[:-1], cuts))
+    assert max(times) - min(times) <= 2 * one_token
 
 
 def test_other_long_sequences_are_cut_at_the_same_points():

@@ -17,45 +17,36 @@ from .cost import ChunkShape, CostModel
 from .ir import Chunk, Segment, check_coverage
 
 
-@dataclass(frozen=True)
-class SliceTimer:
-    """One layer's forward time of a chunk, recovered from ``cost.forward_ms(shape, n_layers=1)``.
+_LINEAR = frozenset({"attn", "tokens", "kv", "chunk"})
 
-    The cost model is linear in (attention pairs, tokens, keys read, 1), so four probes pin its
-    coefficients; with them the length of a slice of a given time is a closed-form root, which
-    makes the equal-time split cheap enough to run for every candidate K.
+
+class SliceTimer:
+    """One layer's forward time of a chunk, from ``cost.forward_ms(shape, n_layers=1)``.
+
+    For a profile linear in (attention pairs, tokens, keys read, 1) -- every GPU profile -- the
+    length of a slice of a given time is a closed-form root, cheap enough to run for every
+    candidate K. Other profiles (the CPU one keeps an attention-area term) are searched by
+    bisection, which only needs time to grow with a slice's length.
     """
 
-    attn: float
-    tokens: float
-    kv: float
-    chunk: float
-
-    @classmethod
-    def of(cls, cost: CostModel) -> "SliceTimer":
-        probes = [ChunkShape((1000,)), ChunkShape((2000,)), ChunkShape((3000,)), ChunkShape((1000,), prefix=1000)]
-        a = np.array([[s.attn_pairs, s.tokens, s.kv_len, 1.0] for s in probes])
-        y = np.array([cost.forward_ms(s, n_layers=1) for s in probes])
-        timer = cls(*(float(v) for v in np.linalg.solve(a, y)))
-        for check in (ChunkShape((1500,), prefix=700), ChunkShape((300, 200, 50))):
-            want = cost.forward_ms(check, n_layers=1)
-            if not np.isclose(timer.shape_ms(check), want, rtol=1e-6, atol=1e-9):
-                raise ValueError(
-                    "the sequence processor needs a cost model linear in attention pairs, tokens, "
-                    f"keys read and chunks; forward_ms({check}) = {want} breaks that"
-                )
-        return timer
+    def __init__(self, cost: CostModel):
+        self.cost = cost
+        coef = cost.profile.layer_fwd.coef
+        self.linear = set(coef) <= _LINEAR
+        self.attn, self.tokens, self.kv = (coef.get(k, 0.0) for k in ("attn", "tokens", "kv"))
+        self.chunk = coef.get("chunk", 0.0)
 
     def shape_ms(self, shape: ChunkShape) -> float:
-        return self.attn * shape.attn_pairs + self.tokens * shape.tokens + self.kv * shape.kv_len + self.chunk
+        return self.cost.forward_ms(shape, n_layers=1)
 
     def slice_ms(self, prefix: int, length: int) -> float:
         """A lone slice of ``length`` tokens after ``prefix`` cached tokens."""
-        return (self.attn * (length * (length + 1) / 2 + prefix * length)
-                + (self.tokens + self.kv) * length + self.kv * prefix + self.chunk)
+        return self.shape_ms(ChunkShape((length,), prefix=prefix))
 
     def longest_slice(self, prefix: int, budget_ms: float) -> int:
         """Most tokens a slice after ``prefix`` may hold within ``budget_ms`` (at least 1)."""
+        if not self.linear:
+            return self._search(prefix, budget_ms)
         a = self.attn / 2
         b = self.attn / 2 + self.attn * prefix + self.tokens + self.kv
         c = self.kv * prefix + self.chunk - budget_ms
@@ -69,6 +60,16 @@ class SliceTimer:
         while s > 1 and self.slice_ms(prefix, s) > budget_ms:
             s -= 1
         return s
+
+    def _search(self, prefix: int, budget_ms: float) -> int:
+        hi = 1
+        while self.slice_ms(prefix, hi) <= budget_ms:
+            hi *= 2
+        lo = max(hi // 2, 1)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.slice_ms(prefix, mid) <= budget_ms else (lo, mid)
+        return lo
 
 
 def equal_time_cuts(length: int, num_slices: int, timer: SliceTimer) -> list[int]:
@@ -97,7 +98,7 @@ def equal_time_cuts(length: int, num_slices: int, timer: SliceTimer) -> list[int
             hi = mid
         else:
             lo = mid
-        if hi - lo <= 1e-12 * hi:
+        if hi - lo <= 1e-6 * hi:
             break
     return cuts_for(hi)[0]
 
@@ -127,7 +128,7 @@ def process_sequences(lengths: Sequence[int], cost: CostModel, num_slices: int, 
     if token_capacity < 1:
         raise ValueError(f"token_capacity must be >= 1, got {token_capacity}")
 
-    timer = SliceTimer.of(cost)
+    timer = SliceTimer(cost)
     longest = max(lengths)
     cuts = equal_time_cuts(longest, num_slices, timer)
     first = cuts[0]
