@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from infinipipe.model.config import PRESETS
 from infinipipe.plan.cost import CostModel, LinearTerm, Profile
 from infinipipe.plan.epp import slice_count_ladder, token_capacity
+from infinipipe.plan.ilp import InfeasibleMemoryError
 from infinipipe.plan.ir import validate_plan
 from infinipipe.plan.planners import PlanRequest, make_plan
 from infinipipe.sim.simulator import simulate
@@ -73,9 +74,10 @@ def test_fixed_slice_count_is_used():
     assert plan.metadata["num_slices"] == 3 and len(plan.metadata["search"]) == 1
 
 
-def test_budget_below_model_states_is_a_clear_error():
-    with pytest.raises(ValueError, match="GiB"):
+def test_budget_below_model_states_names_the_stage_and_the_smallest_budget():
+    with pytest.raises(InfeasibleMemoryError, match=r"stage \d+ cannot hold even a one-token chunk") as err:
         make_plan("epp", request(1e5))
+    assert err.value.min_memory_bytes > 1e5
 
 
 def test_slice_count_ladder_is_increasing_and_spans_the_range():

@@ -73,13 +73,15 @@ def _sdpa(q, k, v, seg_lens, starts, prefix_kv):
     outs = []
     gqa = q.shape[1] != k.shape[1]
     for off, s, ks, vs, c in _segments(seg_lens, starts, prefix_kv, k, v):
-        qh, kh, vh = q[off:off + s].transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1)
+        # A batch dimension of 1 matters: without one SDPA falls back to its math kernel on CPU,
+        # which is several times slower and keeps the whole score matrix for backward.
+        qh, kh, vh = (x.transpose(0, 1)[None] for x in (q[off:off + s], ks, vs))
         if c == 0:
             o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=gqa)
         else:
             mask = torch.ones(s, c + s, dtype=torch.bool, device=q.device).tril(diagonal=c)
             o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)
-        outs.append(o.transpose(0, 1))
+        outs.append(o[0].transpose(0, 1))
     return torch.cat(outs)
 
 

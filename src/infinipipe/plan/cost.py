@@ -59,16 +59,11 @@ class ChunkShape:
         return total
 
     @property
-    def attn_area(self) -> float:
-        """Full (query, key) score rectangle per segment, masked entries included: what an attention
-        back-end that materialises the score matrix (SDPA's math path) keeps for backward."""
-        return float(sum(s * (s + (self.prefix if i == 0 else 0)) for i, s in enumerate(self.seg_lens)))
-
-    @property
-    def attn_area_sq(self) -> float:
-        """Sum of squared per-segment score areas: on CPU the cost per score grows once a segment's
-        score matrix no longer fits in cache, and this convex term captures that without a knot."""
-        return float(sum((s * (s + (self.prefix if i == 0 else 0))) ** 2 for i, s in enumerate(self.seg_lens)))
+    def mask_area(self) -> float:
+        """Score rectangle of the prefixed slice (``s0 x (C + s0)``), 0 without a prefix: a kernel
+        that needs an explicit mask for bottom-right causality (SDPA on CPU) builds and keeps one
+        of this size per layer, and runs the masked entries too."""
+        return float(self.seg_lens[0] * (self.prefix + self.seg_lens[0])) if self.prefix else 0.0
 
     @property
     def kv_len(self) -> int:
@@ -83,12 +78,12 @@ class ChunkShape:
         return cls(tuple(s.length for s in segs), prefix=first.start, kept=kept)
 
 
-FEATURES = ("attn", "area", "area_sq", "tokens", "kv", "chunk")
+FEATURES = ("attn", "mask_area", "tokens", "kv", "chunk")
 
 
 def features(shape: ChunkShape) -> dict[str, float]:
-    return {"attn": shape.attn_pairs, "area": shape.attn_area, "area_sq": shape.attn_area_sq,
-            "tokens": float(shape.tokens), "kv": float(shape.kv_len), "chunk": 1.0}
+    return {"attn": shape.attn_pairs, "mask_area": shape.mask_area, "tokens": float(shape.tokens),
+            "kv": float(shape.kv_len), "chunk": 1.0}
 
 
 @dataclass(frozen=True)

@@ -38,20 +38,23 @@ def token_capacity(cost: CostModel, layers: tuple[int, ...], memory_bytes: float
     """
     last = len(layers) - 1
 
-    def fits(tokens: int) -> bool:
+    def needs(tokens: int) -> list[float]:
         shape = ChunkShape((tokens,), kept=tokens)
+        out = []
         for s, n in enumerate(layers):
             first, is_last = s == 0, s == last
             need = cost.model_state_bytes(n, first, is_last) + cost.activation_bytes(
                 shape, n, n if full_recompute else 0, first, is_last)
-            if is_last:
-                need += cost.head_work_bytes(shape)
-            if need > memory_bytes:
-                return False
-        return True
+            out.append(need + (cost.head_work_bytes(shape) if is_last else 0.0))
+        return out
+
+    def fits(tokens: int) -> bool:
+        return max(needs(tokens)) <= memory_bytes
 
     if not fits(1):
-        raise InfeasibleMemoryError(stage=0, window=(), min_memory_bytes=math.inf, budget=memory_bytes)
+        smallest = needs(1)
+        worst = max(range(len(layers)), key=smallest.__getitem__)
+        raise InfeasibleMemoryError(stage=worst, window=(), min_memory_bytes=smallest[worst], budget=memory_bytes)
     lo, hi = 1, longest
     if fits(hi):
         return hi

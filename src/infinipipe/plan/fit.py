@@ -18,10 +18,10 @@ from .cost import DTYPE_BYTES, FEATURES, ChunkShape, LinearTerm, Profile, featur
 
 TIME_FEATURES_FLASH = ("attn", "tokens", "kv", "chunk")
 MEM_FEATURES_FLASH = ("tokens", "kv", "chunk")
-# SDPA per segment materialises the score matrix: time and memory follow its area, and on CPU the
-# time per score grows once the matrix leaves the cache (area_sq).
-TIME_FEATURES_SDPA = ("area", "area_sq", "tokens", "kv", "chunk")
-MEM_FEATURES_SDPA = ("area", "tokens", "kv", "chunk")
+# SDPA per segment runs causal segments with a flash kernel, but a slice with a cached prefix
+# needs an explicit mask: the kernel then computes and keeps the whole masked rectangle.
+TIME_FEATURES_SDPA = ("attn", "mask_area", "tokens", "kv", "chunk")
+MEM_FEATURES_SDPA = ("mask_area", "tokens", "kv", "chunk")
 
 ERROR_MIN_TOKENS = 1024
 LOSS_BLOCK_TOKENS = 2048
@@ -202,8 +202,8 @@ def scale_profile(base: Profile, target: ModelConfig, base_name: str) -> Profile
     lin = layer_matmul_flops_per_token(target) / layer_matmul_flops_per_token(src)
     kv = attn  # the measured kernels read and keep K/V at full head count (repeated for GQA)
     width = layer_saved_width(target) / layer_saved_width(src)
-    time_scale = {"attn": attn, "area": attn, "area_sq": attn, "tokens": lin, "kv": kv, "chunk": 1.0}
-    mem_scale = {"attn": attn, "area": attn, "area_sq": attn, "tokens": width, "kv": kv, "chunk": 1.0}
+    time_scale = {"attn": attn, "mask_area": attn, "tokens": lin, "kv": kv, "chunk": 1.0}
+    mem_scale = {"attn": attn, "mask_area": attn, "tokens": width, "kv": kv, "chunk": 1.0}
 
     def scaled(term: LinearTerm, factors: Mapping[str, float]) -> LinearTerm:
         return LinearTerm({k: v * factors[k] for k, v in term.coef.items()})

@@ -40,11 +40,15 @@ class InfeasibleMemoryError(ValueError):
         self.window = window
         self.min_memory_bytes = min_memory_bytes
         self.budget = budget
+        what = f"chunks {list(window)}" if window else "even a one-token chunk"
         super().__init__(
-            f"stage {stage} cannot hold chunks {list(window)} in {budget / GIB:.2f} GiB even with "
-            f"every layer recomputed; the smallest budget that fits this stage is "
-            f"{min_memory_bytes / GIB:.2f} GiB ({min_memory_bytes:.0f} bytes)"
+            f"stage {stage} cannot hold {what} in {_size(budget)} even with every layer recomputed; "
+            f"the smallest budget that fits this stage is {_size(min_memory_bytes)} ({min_memory_bytes:.0f} bytes)"
         )
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / (1 << 20):.1f} MiB"
 
 
 @dataclass(frozen=True)
