@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from chunking import random_chunks, sequential_plan
+from reference_check import assert_matches_reference
 from infinipipe.model.config import ModelConfig
 from infinipipe.model.layers import ChunkMeta
 from infinipipe.plan.ir import Action, Chunk, Plan, Segment
@@ -35,14 +36,6 @@ def _grads(stages):
     return {n: p.grad.clone() for m in stages for n, p in m.named_parameters() if p.grad is not None}
 
 
-def assert_close(loss, grads, ref_loss, ref_grads, tol):
-    assert abs(loss - ref_loss) <= tol * abs(ref_loss), (loss, ref_loss)
-    assert grads.keys() == ref_grads.keys()
-    for name, g in ref_grads.items():
-        err = (grads[name] - g).abs().max() / g.abs().max().clamp_min(1e-30)
-        assert err <= tol, f"{name}: relative error {err:.3e}"
-
-
 lengths_st = st.lists(st.integers(1, 40), min_size=1, max_size=6).filter(lambda ls: sum(ls) > len(ls))
 
 
@@ -56,7 +49,7 @@ def test_exact_random_chunking_single_stage(lengths, seed, dtype):
     plan = sequential_plan(chunks, lengths, [CFG.layers], recompute)
     stages = build_stages(CFG, [CFG.layers], dtype=dtype)
     loss = run_plan_local(plan, stages, batch, loss_block_tokens=rng.choice([3, 16, 2048]))
-    assert_close(loss, _grads(stages), *_reference(batch, dtype), TOL[dtype])
+    assert_matches_reference(loss, _grads(stages), *_reference(batch, dtype), TOL[dtype])
 
 
 @settings(max_examples=15, deadline=None)
@@ -69,7 +62,7 @@ def test_exact_random_chunking_multi_stage_in_process(lengths, seed, split):
     plan = sequential_plan(chunks, lengths, split, recompute)
     stages = build_stages(CFG, split, dtype=torch.float64)
     loss = run_plan_local(plan, stages, batch)
-    assert_close(loss, _grads(stages), *_reference(batch, torch.float64), TOL[torch.float64])
+    assert_matches_reference(loss, _grads(stages), *_reference(batch, torch.float64), TOL[torch.float64])
 
 
 def test_exact_slices_of_length_one_and_sequences_of_length_one():
@@ -83,7 +76,7 @@ def test_exact_slices_of_length_one_and_sequences_of_length_one():
     plan = sequential_plan(chunks, lengths, [CFG.layers], {0: 4, 1: 2, 2: 0})
     stages = build_stages(CFG, [CFG.layers], dtype=torch.float64)
     loss = run_plan_local(plan, stages, batch)
-    assert_close(loss, _grads(stages), *_reference(batch, torch.float64), TOL[torch.float64])
+    assert_matches_reference(loss, _grads(stages), *_reference(batch, torch.float64), TOL[torch.float64])
 
 
 def test_exact_interleaved_backward_one_sequence_done_before_next_starts():
@@ -96,7 +89,7 @@ def test_exact_interleaved_backward_one_sequence_done_before_next_starts():
     plan = Plan(tuple(lengths), tuple(chunks), [order], (CFG.layers,))
     stages = build_stages(CFG, [CFG.layers], dtype=torch.float64)
     loss = run_plan_local(plan, stages, batch)
-    assert_close(loss, _grads(stages), *_reference(batch, torch.float64), TOL[torch.float64])
+    assert_matches_reference(loss, _grads(stages), *_reference(batch, torch.float64), TOL[torch.float64])
 
 
 def test_two_slice_run_gives_the_logits_of_the_whole_sequence():
@@ -161,4 +154,4 @@ def test_exact_random_chunking_on_cuda(dtype, tol):
     (ref,) = [m.cuda() for m in build_stages(CFG, [CFG.layers], dtype=dtype)]
     ref_loss = reference_loss(ref, batch)
     ref_loss.backward()
-    assert_close(loss, _grads(stages), ref_loss.item(), {n: p.grad for n, p in ref.named_parameters()}, tol)
+    assert_matches_reference(loss, _grads(stages), ref_loss.item(), {n: p.grad for n, p in ref.named_parameters()}, tol)

@@ -12,21 +12,24 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
+DEFAULT_BLOCK_TOKENS = 2048
 
 
 def _block_loss(h: torch.Tensor, labels: torch.Tensor, norm: nn.Module, head: nn.Module) -> torch.Tensor:
-    logits = head(norm(h)).float()
+    logits = head(norm(h))
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
 
 
 def blocked_cross_entropy(h: torch.Tensor, norm: nn.Module, head: nn.Module, labels: torch.Tensor,
-                          normaliser: int, block_tokens: int = 2048) -> torch.Tensor:
+                          normaliser: int, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> torch.Tensor:
     """Sum of token losses / ``normaliser``; ``labels`` is ``IGNORE`` where nothing is predicted."""
     if normaliser < 1:
         raise ValueError(f"loss normaliser must be >= 1 predicted token, got {normaliser}")
     if labels.shape[0] != h.shape[0]:
         raise ValueError(f"{labels.shape[0]} labels for {h.shape[0]} tokens")
-    total = h.new_zeros((), dtype=torch.float32 if h.dtype != torch.float64 else h.dtype)
+    total = h.new_zeros((), dtype=torch.float64 if h.dtype == torch.float64 else torch.float32)
     for b in range(0, h.shape[0], block_tokens):
         hb, lb = h[b:b + block_tokens], labels[b:b + block_tokens]
         if (lb != IGNORE).any():

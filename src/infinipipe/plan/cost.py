@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..model.config import ModelConfig, preset
+from ..model.loss import DEFAULT_BLOCK_TOKENS
 from .ir import Chunk
 
 PROFILE_FORMAT_VERSION = 1
@@ -263,8 +264,12 @@ class CostModel:
         return total
 
     def head_work_bytes(self, shape: ChunkShape) -> float:
-        """Transient working memory of the blocked loss on the last stage."""
-        return self.profile.head_work_bytes(shape)
+        """Transient working memory of the blocked loss on the last stage.
+
+        The profile's term is one full token block's logits and gradients; a chunk shorter than a
+        block only ever forms its own tokens' logits.
+        """
+        return self.profile.head_work_bytes(shape) * min(1.0, shape.tokens / DEFAULT_BLOCK_TOKENS)
 
     def model_state_bytes(self, n_layers: int, first: bool = False, last: bool = False) -> float:
         params = n_layers * self.model.layer_params()

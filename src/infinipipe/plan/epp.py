@@ -204,7 +204,7 @@ class _Search:
     def run(self) -> _Trial:
         """Screen a ladder of K, bisect towards the best rung, then fully plan the top few."""
         hi = max(1, min(self.max_slices, self.longest // MIN_SLICE_TOKENS))
-        lo = 1
+        lo = min(hi, max(1, int(self.request.option("min_slices", 1))))
         while lo < hi and "use more slices" in self.trial(lo, True).error:
             lo = min(hi, lo * 2)
         tried = sorted({k for k in slice_count_ladder(lo, hi)})

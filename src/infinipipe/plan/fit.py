@@ -14,6 +14,7 @@ import numpy as np
 from scipy.optimize import nnls
 
 from ..model.config import ModelConfig
+from ..model.loss import DEFAULT_BLOCK_TOKENS
 from .cost import DTYPE_BYTES, FEATURES, ChunkShape, LinearTerm, Profile, features
 
 TIME_FEATURES_FLASH = ("attn", "tokens", "kv", "chunk")
@@ -24,7 +25,7 @@ TIME_FEATURES_SDPA = ("attn", "mask_area", "tokens", "kv", "chunk")
 MEM_FEATURES_SDPA = ("mask_area", "tokens", "kv", "chunk")
 
 ERROR_MIN_TOKENS = 1024
-LOSS_BLOCK_TOKENS = 2048
+LOSS_BLOCK_TOKENS = DEFAULT_BLOCK_TOKENS
 # H100 SXM5 HBM3 datasheet bandwidth; only used for the embedding, which does no FLOPs.
 H100_HBM_BYTES_PER_S = 3.35e12
 

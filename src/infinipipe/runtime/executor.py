@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..model.config import ModelConfig
+from ..model.loss import DEFAULT_BLOCK_TOKENS
 from ..model.stage import StageModel, init_weights
 from ..plan.ir import Plan, validate_plan
 from .batch import Batch
@@ -39,7 +40,7 @@ class RuntimeSettings:
     device: str = "cpu"
     seed: int = 0
     attention_backend: str = "auto"
-    loss_block_tokens: int = 2048
+    loss_block_tokens: int = DEFAULT_BLOCK_TOKENS
     recv_lookahead: int = 1
 
     def __post_init__(self) -> None:

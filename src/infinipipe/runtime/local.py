@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from ..model.config import ModelConfig
+from ..model.loss import DEFAULT_BLOCK_TOKENS
 from ..model.stage import StageModel, init_weights
 from ..plan.ir import Plan, validate_plan
 from .batch import Batch
@@ -34,7 +35,7 @@ def build_stages(cfg: ModelConfig, layers_per_stage: Sequence[int], seed: int = 
 
 
 def run_plan_local(plan: Plan, stages: Sequence[StageModel], batch: Batch,
-                   normaliser: int | None = None, loss_block_tokens: int = 2048) -> float:
+                   normaliser: int | None = None, loss_block_tokens: int = DEFAULT_BLOCK_TOKENS) -> float:
     """Execute ``plan`` over ``stages`` in this process; returns the loss, leaves gradients in ``.grad``."""
     validate_plan(plan)
     if len(stages) != plan.num_stages:

@@ -13,7 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..model.layers import ChunkMeta
-from ..model.loss import blocked_cross_entropy
+from ..model.loss import DEFAULT_BLOCK_TOKENS, blocked_cross_entropy
 from ..model.stage import StageModel
 from ..plan.ir import Chunk
 from .batch import Batch
@@ -40,7 +40,7 @@ class StageCompute:
     """Runs chunks through a `StageModel`; gradients accumulate in its parameters."""
 
     def __init__(self, model: StageModel, batch: Batch, normaliser: int | None = None,
-                 loss_block_tokens: int = 2048):
+                 loss_block_tokens: int = DEFAULT_BLOCK_TOKENS):
         self.model = model
         self.batch = batch
         self.lengths = batch.lengths

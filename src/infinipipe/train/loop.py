@@ -1,0 +1,213 @@
+"""The training job: data once, then one process per (replica, stage) running planned steps.
+
+Rank 0 plans (in a background process when ``epp.prefetch`` is on, so step i+1 is planned while
+step i trains) and broadcasts each step's plans; every rank samples the same global batch from
+``(seed, step)``, trains its replica's share, and the optimizer steps after gradients are summed.
+Rank 0 writes ``metrics.jsonl``, the progress bar and the checkpoints' pointer.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config
+from ..data.dataset import TokenDataset, build_dataset, build_sampler
+from ..plan.cost import CostModel
+from ..plan.layers import balance_layers
+from ..plan.prefetch import PlanPrefetcher
+from ..runtime.batch import Batch
+from ..runtime.executor import PipelineWorker, RuntimeSettings, StepResult
+from ..runtime.launch import init_from_env, launch_local, under_torchrun
+from ..runtime.mesh import ParallelMesh, make_mesh
+from ..sim.simulator import simulate
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .metrics import MetricsWriter
+from .planning import StepPlanner, StepPlans, profile_for
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What rank 0 saw: per-step losses (first step first) and throughput."""
+
+    start_step: int
+    losses: tuple[float, ...]
+    tokens: int
+    wall_s: float
+    run_dir: str
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+def world_size(cfg: Config) -> int:
+    """Ranks a local run starts: pipeline x replicate x shard (a shard degree of -1 counts as 1)."""
+    p = cfg.parallelism
+    return p.pipeline_parallel_degree * p.data_parallel_replicate_degree * max(1, p.data_parallel_shard_degree)
+
+
+def run_training(cfg: Config, run_dir: str | Path, *, progress: bool = True, timeout_s: float = 24 * 3600) -> TrainResult:
+    """Run the job of ``cfg``: under torchrun on this rank, else as local gloo processes on CPU."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(cfg.to_toml())
+    dataset, _ = build_dataset(cfg)
+    if under_torchrun():
+        device = init_from_env(collective_timeout_s=cfg.comm.train_timeout_seconds)
+        try:
+            return _rank_main(cfg, str(run_dir), dataset, device, progress)
+        finally:
+            dist.destroy_process_group()
+    world = world_size(cfg)
+    threads = max(1, (os.cpu_count() or 1) // world)
+    results = launch_local(_rank_main, world, args=(cfg, str(run_dir), dataset, "cpu", progress), threads=threads,
+                           collective_timeout_s=cfg.comm.train_timeout_seconds, timeout_s=timeout_s)
+    return results[0]
+
+
+def _clip(worker: PipelineWorker, mesh: ParallelMesh, max_norm: float) -> float:
+    """Global gradient norm over every stage (replicas agree after their all-reduce); clip to it."""
+    params = [p for p in worker.model.parameters() if p.grad is not None]
+    local = torch.nn.utils.get_total_norm([p.grad for p in params]).double() ** 2
+    if mesh.pp > 1:
+        dist.all_reduce(local, group=mesh.pp_group)
+    total = local.sqrt()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return float(total)
+
+
+def _record(step: int, sp: StepPlans, results: list[dict], tokens: int, step_s: float, lr: float,
+            grad_norm: float, loss: float, predicted: dict) -> dict:
+    stages = sorted(results, key=lambda r: (r["dp"], r["stage"]))
+    busy = sum(r["busy_s"] for r in stages)
+    span = sum(r["pipeline_s"] for r in stages)
+    return {
+        "step": step + 1,
+        "loss": loss,
+        "tokens": tokens,
+        "step_time_s": step_s,
+        "tokens_per_s": tokens / step_s if step_s > 0 else 0.0,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "bubble_ratio_measured": 1.0 - busy / span if span > 0 else 0.0,
+        "bubble_ratio_predicted": predicted["bubble_ratio"],
+        "iteration_time_predicted_s": predicted["iteration_time_s"],
+        "peak_activation_bytes": [r["peak_activation_bytes"] for r in stages],
+        "peak_activation_bytes_predicted": predicted["peak_memory_bytes"],
+        "planning_s": sp.planning_s,
+        "plan": [
+            {"planner": p.metadata.get("planner"), "num_chunks": len(p.chunks), "num_pipelines": len(p.pipelines),
+             "sequences": len(p.seq_lengths), "max_len": max(p.seq_lengths),
+             "num_slices": p.metadata.get("num_slices")}
+            for p in sp.plans
+        ],
+    }
+
+
+def _predict(sp: StepPlans, cost: CostModel, memory_bytes: int) -> dict:
+    sims = [simulate(p, cost, memory_bytes) for p in sp.plans]
+    return {
+        "bubble_ratio": max(s.bubble_ratio for s in sims),
+        "iteration_time_s": max(s.iteration_time_s for s in sims),
+        "peak_memory_bytes": [list(s.peak_memory_bytes) for s in sims],
+    }
+
+
+def _rank_main(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progress: bool) -> TrainResult | None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    pp, replicate, shard = cfg.parallelism.resolve(world)
+    mesh = make_mesh(replicate * shard, pp, torch.device(device).type)
+    model_cfg = cfg.model_config()
+    cost = CostModel(profile_for(cfg, model_cfg), model_cfg)
+    layers = balance_layers(cost, pp)
+    worker = PipelineWorker(model_cfg, layers, mesh, RuntimeSettings(device=device, seed=cfg.training.seed,
+                                                                     attention_backend=cfg.model.attention))
+    if cfg.model.hf_path:
+        from ..model.hf import load_hf_checkpoint
+
+        _, full = load_hf_checkpoint(cfg.model.hf_path)
+        worker.model.load_state_dict({k: full[k] for k in worker.model.state_dict()})
+    o = cfg.optimizer
+    optimizer = torch.optim.AdamW(worker.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                  weight_decay=o.weight_decay)
+    steps = cfg.training.steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cfg.lr_scheduler.factor(s, steps))
+    ckpt_dir = Path(run_dir) / cfg.checkpoint.folder
+    start = 0
+    if cfg.checkpoint.enable and (latest := latest_checkpoint(ckpt_dir)) is not None:
+        start = load_checkpoint(latest, worker.model, optimizer, scheduler)
+    sampler = build_sampler(cfg, dataset)
+    memory = cfg.epp.memory_bytes
+    planner = StepPlanner(cost, sampler, cfg.epp.planner, pp, mesh.dp, memory, layers,
+                          {"min_slices": cfg.epp.min_slices, "max_slices": cfg.epp.max_slices,
+                           "mip_gap": cfg.epp.mip_gap, "time_limit_s": cfg.epp.time_limit_s})
+    root = rank == 0
+    losses: list[float] = []
+    tokens = 0
+    with contextlib.ExitStack() as stack:
+        plans = None
+        if root:
+            todo = range(start, steps)
+            plans = stack.enter_context(PlanPrefetcher(planner, todo)) if cfg.epp.prefetch else map(planner, todo)
+        metrics = None
+        bar = None
+        if root:
+            tb = Path(run_dir) / cfg.metrics.save_tb_folder if cfg.metrics.enable_tensorboard else None
+            metrics = MetricsWriter(run_dir, tb, resume_step=start)
+            stack.callback(metrics.close)
+            if progress:
+                from tqdm import tqdm
+
+                bar = stack.enter_context(tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True))
+        autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+                    if cfg.training.mixed_precision == "bf16" else contextlib.nullcontext())
+        t_start = time.perf_counter()
+        for step in range(start, steps):
+            t0 = time.perf_counter()
+            box = [next(plans) if root else None]
+            dist.broadcast_object_list(box, src=0)
+            sp: StepPlans = box[0]
+            if sp.step != step:
+                raise RuntimeError(f"received the plans of step {sp.step} at step {step}")
+            gb = sampler.batch(dataset, step)
+            share = sp.shares[mesh.dp_rank]
+            batch = Batch(tuple(gb.sequences[i] for i in share))
+            with autocast:
+                res: StepResult = worker.run_step(sp.plans[mesh.dp_rank], batch, normaliser=gb.predicted_tokens)
+            if not math.isfinite(res.loss):
+                raise FloatingPointError(f"step {step + 1}: loss is {res.loss}")
+            grad_norm = _clip(worker, mesh, cfg.training.max_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            mine = {"stage": res.stage, "dp": res.dp_rank, "busy_s": res.busy_s, "pipeline_s": res.pipeline_s,
+                    "peak_activation_bytes": res.peak_activation_bytes}
+            gathered = [None] * world if root else None
+            dist.gather_object(mine, gathered, dst=0)
+            step_s = time.perf_counter() - t0
+            if root:
+                losses.append(res.loss)
+                tokens += gb.num_tokens
+                if (step + 1) % cfg.metrics.log_freq == 0 or step + 1 == steps:
+                    record = _record(step, sp, gathered, gb.num_tokens, step_s, lr, grad_norm, res.loss,
+                                     _predict(sp, cost, memory))
+                    metrics.write(record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{gb.num_tokens / step_s:,.0f}",
+                                    bubble=f"{1 - res.busy_s / max(res.pipeline_s, 1e-9):.0%}",
+                                    plan_s=f"{sp.planning_s:.2f}")
+                    bar.update(1)
+            if cfg.checkpoint.enable and ((step + 1) % cfg.checkpoint.interval == 0 or step + 1 == steps):
+                save_checkpoint(ckpt_dir, step + 1, worker.model, optimizer, scheduler, cfg.checkpoint.keep_latest_k)
+        wall = time.perf_counter() - t_start
+    if not root:
+        return None
+    return TrainResult(start, tuple(losses), tokens, wall, run_dir)

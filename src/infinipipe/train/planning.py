@@ -1,0 +1,78 @@
+"""What the trainer plans each step: the global batch's split over replicas and one Plan each.
+
+`StepPlanner` is a plain, picklable value: the planner of step ``i`` needs only the corpus's
+document lengths, the sampler's seed and the cost model, so it can run in a background process
+while step ``i - 1`` trains, and every rank can check it received the plan for the right batch.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+from ..config import Config
+from ..data.dataset import BatchSampler
+from ..model.config import ModelConfig
+from ..plan.cost import CostModel, Profile, default_profile_name, load_profile
+from ..plan.fit import flops_head_terms
+from ..plan.ir import Plan
+from ..plan.planners import PlanRequest, make_plan
+from ..runtime.mesh import split_batch, whole_sequence_cost
+
+
+@dataclass(frozen=True)
+class StepPlans:
+    """Plans of one step: ``shares[r]`` are the global-batch positions replica ``r`` trains on."""
+
+    step: int
+    shares: tuple[tuple[int, ...], ...]
+    plans: tuple[Plan, ...]
+    planning_s: float
+
+
+def profile_for(cfg: Config, model: ModelConfig) -> Profile:
+    """The configured profile (or the committed one of the model's preset), fitted to ``model``.
+
+    Layer terms hold for any model of the same layer shape; the embedding and head terms of a
+    profile are derived from FLOPs and bytes, so a model that differs only in vocabulary (a capped
+    tokenizer) gets them recomputed from the profile's own measured throughput.
+    """
+    name = cfg.epp.profile or default_profile_name(cfg.model.flavor)
+    profile = load_profile(name)
+    if profile.model.with_layers(1) == model.with_layers(1):
+        return profile
+    if replace(profile.model, vocab_size=model.vocab_size).with_layers(1) != model.with_layers(1):
+        raise ValueError(
+            f"epp.profile {name!r} was measured for layer shape {profile.model.to_json()}, which differs from "
+            f"the model's {model.to_json()} in more than the vocabulary; run `infinipipe profile` for this model"
+        )
+    tflops = profile.fit_error.get("matmul_tflops")
+    if not tflops:
+        raise ValueError(f"epp.profile {name!r} lacks the matmul throughput needed to rescale its head terms")
+    bandwidth = profile.fit_error.get("copy_bytes_per_s")
+    head = flops_head_terms(model, profile.dtype, tflops, **({"bytes_per_s": bandwidth} if bandwidth else {}))
+    return replace(profile, model=model, derived_from=name,
+                   source=f"{profile.source}; head terms recomputed for vocabulary {model.vocab_size}", **head)
+
+
+@dataclass(frozen=True)
+class StepPlanner:
+    cost: CostModel
+    sampler: BatchSampler
+    planner: str
+    num_stages: int
+    dp: int
+    memory_bytes: int
+    layers_per_stage: tuple[int, ...]
+    options: dict
+
+    def __call__(self, step: int) -> StepPlans:
+        t0 = time.perf_counter()
+        lengths = [int(n) for n in self.sampler.lengths[self.sampler.doc_ids(step)]]
+        shares = split_batch(lengths, self.dp, whole_sequence_cost(self.cost))
+        plans = []
+        for share in shares:
+            request = PlanRequest([lengths[i] for i in share], self.cost, self.num_stages, self.memory_bytes,
+                                  self.layers_per_stage, self.options)
+            plans.append(make_plan(self.planner, request))
+        return StepPlans(step, tuple(tuple(s) for s in shares), tuple(plans), time.perf_counter() - t0)
+

@@ -1,0 +1,29 @@
+"""The lines a person reads when a run ends."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import Config
+from .loop import TrainResult, world_size
+from .metrics import read_metrics
+
+
+def print_summary(cfg: Config, result: TrainResult) -> None:
+    records = read_metrics(result.run_dir)
+    ran = len(result.losses)
+    p = cfg.parallelism
+    print(f"\ntrained {ran} step(s) (steps {result.start_step + 1}..{result.start_step + ran} of {cfg.training.steps}) "
+          f"of {cfg.model_config().layers}-layer '{cfg.model.flavor}' on {world_size(cfg)} process(es): "
+          f"pp={p.pipeline_parallel_degree}, planner {cfg.epp.planner}")
+    if ran:
+        print(f"loss (measured): {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
+        print(f"throughput (measured): {result.tokens:,} tokens in {result.wall_s:.1f} s = "
+              f"{result.tokens_per_s:,.0f} tokens/s")
+    mine = [r for r in records if r["step"] > result.start_step]
+    if mine:
+        def mean(key):
+            return sum(r[key] for r in mine) / len(mine)
+        print(f"bubble ratio: measured {mean('bubble_ratio_measured'):.1%}, "
+              f"predicted by the simulator {mean('bubble_ratio_predicted'):.1%}; "
+              f"planning {mean('planning_s'):.2f} s/step (overlapped: {cfg.epp.prefetch})")
+    print(f"metrics: {Path(result.run_dir) / 'metrics.jsonl'}  (draw them: infinipipe report {result.run_dir})")

@@ -1,0 +1,71 @@
+"""The pipelined training job reproduces a plain single-device run, and resumes exactly."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from infinipipe.config import load_config
+from infinipipe.data.dataset import build_dataset
+from infinipipe.train.loop import run_training
+from infinipipe.train.reference import reference_losses
+
+pytestmark = pytest.mark.slow
+
+SMALL_RUN = ["--data.max_docs=120", "--training.seq_len=2048", "--training.global_batch_tokens=4096",
+             "--lr_scheduler.warmup_steps=3", "--epp.memory_per_device=96MiB"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("token-cache"))
+
+
+def _losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def test_exact_epp_pp4_training_matches_single_device_losses_for_20_steps(tmp_path, cache_dir):
+    cfg = load_config(None, SMALL_RUN + [f"--data.cache_dir={cache_dir}", "--training.steps=20",
+                                         "--parallelism.pipeline_parallel_degree=4", "--epp.planner=epp",
+                                         "--epp.min_slices=2"])
+    result = run_training(cfg, tmp_path, progress=False)
+    dataset, _ = build_dataset(cfg)
+    expected = reference_losses(cfg, dataset)
+    assert len(result.losses) == 20
+    assert result.losses[-1] < result.losses[0]
+    for step, (got, want) in enumerate(zip(result.losses, expected), start=1):
+        assert got == pytest.approx(want, rel=2e-4), f"step {step}"
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    long = [p for r in records for p in r["plan"] if p["max_len"] >= 2048]
+    assert long and all(p["num_slices"] >= 2 for p in long), "a step did not split its longest sequence"
+
+
+def test_run_killed_between_steps_resumes_with_the_uninterrupted_losses(tmp_path, cache_dir):
+    common = SMALL_RUN + [f"--data.cache_dir={cache_dir}", "--training.steps=6",
+                          "--parallelism.pipeline_parallel_degree=2", "--checkpoint.enable=true",
+                          "--checkpoint.interval=3"]
+    straight = run_training(load_config(None, common), tmp_path / "straight", progress=False).losses
+
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "infinipipe.cli", "train", "--no-progress", "--run-dir", str(run_dir), *common]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (run_dir / "checkpoint" / "latest").exists():
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (run_dir / "checkpoint" / "latest").read_text().strip() == "step-3"
+
+    resumed = run_training(load_config(None, common), run_dir, progress=False)
+    assert resumed.start_step == 3
+    assert _losses(run_dir) == pytest.approx(straight, rel=1e-6)
