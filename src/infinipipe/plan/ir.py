@@ -269,7 +269,7 @@ def validate_plan(plan: Plan) -> None:
             raise ValueError(f"stage {s} runs forwards in another order than stage 0")
         if b_orders[s] != b_orders[0]:
             raise ValueError(f"stage {s} runs backwards in another order than stage 0")
-    _check_progress(plan)
+    play_order(plan)
 
 
 def _check_slice_order(plan: Plan, stage: int, f_order: list[int], b_order: list[int]) -> None:
@@ -291,12 +291,15 @@ def _check_slice_order(plan: Plan, stage: int, f_order: list[int], b_order: list
             )
 
 
-def _check_progress(plan: Plan) -> None:
-    """Play the plan with non-blocking sends; a stage stuck forever means a deadlock."""
+def play_order(plan: Plan) -> list[tuple[int, Action]]:
+    """Every (stage, action) in an order that keeps each stage's own order and runs an action only
+    after the neighbour stage produced its input: how the plan plays with non-blocking sends.
+
+    Raises ``ValueError`` if some stage would wait forever (a deadlock)."""
     done: set[tuple[str, int, int]] = set()
     ptr = [0] * plan.num_stages
     last = plan.num_stages - 1
-    total = sum(len(a) for a in plan.stage_actions)
+    order: list[tuple[int, Action]] = []
     progressed = True
     while progressed:
         progressed = False
@@ -310,9 +313,11 @@ def _check_progress(plan: Plan) -> None:
                 if not ready:
                     break
                 done.add((a.kind, s, a.chunk_id))
+                order.append((s, a))
                 ptr[s] += 1
                 progressed = True
-    if len(done) != total:
+    if len(order) != sum(len(a) for a in plan.stage_actions):
         stuck = [(s, plan.stage_actions[s][ptr[s]]) for s in range(plan.num_stages)
                  if ptr[s] < len(plan.stage_actions[s])]
         raise ValueError(f"plan deadlocks: stages wait forever at {stuck}")
+    return order

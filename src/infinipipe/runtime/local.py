@@ -13,7 +13,7 @@ import torch
 from ..model.config import ModelConfig
 from ..model.loss import DEFAULT_BLOCK_TOKENS
 from ..model.stage import StageModel, init_weights
-from ..plan.ir import Plan, validate_plan
+from ..plan.ir import Plan, play_order, validate_plan
 from .batch import Batch
 from .stage_compute import StageCompute
 
@@ -45,33 +45,18 @@ def run_plan_local(plan: Plan, stages: Sequence[StageModel], batch: Batch,
     computes = [StageCompute(m, batch, normaliser, loss_block_tokens) for m in stages]
     acts: dict[tuple[int, int], torch.Tensor] = {}
     grads: dict[tuple[int, int], torch.Tensor] = {}
-    ptr = [0] * plan.num_stages
     last = plan.num_stages - 1
     loss = 0.0
-    remaining = sum(len(a) for a in plan.stage_actions)
-    while remaining:
-        moved = False
-        for s, actions in enumerate(plan.stage_actions):
-            while ptr[s] < len(actions):
-                a = actions[ptr[s]]
-                chunk = plan.chunks[a.chunk_id]
-                if a.kind == "F":
-                    if s > 0 and (s, a.chunk_id) not in acts:
-                        break
-                    out = computes[s].forward(chunk, acts.pop((s, a.chunk_id), None), a.recompute_layers)
-                    if s == last:
-                        loss += float(out)
-                    else:
-                        acts[(s + 1, a.chunk_id)] = out
-                else:
-                    if s < last and (s, a.chunk_id) not in grads:
-                        break
-                    g = computes[s].backward(chunk, grads.pop((s, a.chunk_id), None))
-                    if s > 0:
-                        grads[(s - 1, a.chunk_id)] = g
-                ptr[s] += 1
-                remaining -= 1
-                moved = True
-        if not moved:
-            raise RuntimeError("plan made no progress (validate_plan should have rejected it)")
+    for s, a in play_order(plan):
+        chunk = plan.chunks[a.chunk_id]
+        if a.kind == "F":
+            out = computes[s].forward(chunk, acts.pop((s, a.chunk_id), None), a.recompute_layers)
+            if s == last:
+                loss += float(out)
+            else:
+                acts[(s + 1, a.chunk_id)] = out
+        else:
+            g = computes[s].backward(chunk, grads.pop((s, a.chunk_id), None))
+            if s > 0:
+                grads[(s - 1, a.chunk_id)] = g
     return loss
