@@ -63,7 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="context length: sampled lengths are truncated to it (default 65536)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", help="model preset (default: the profile's model)")
-    p.add_argument("--profile", required=True, help="committed profile name or profile JSON file")
+    p.add_argument("--profile", help="committed profile name or profile JSON file "
+                                     "(default: the committed profile of --model)")
     p.add_argument("--stages", type=int, required=True, help="pipeline stages")
     p.add_argument("--memory", default="80GiB", help="memory per device (default 80GiB)")
     p.add_argument("--layers", help="layers per stage, comma separated (default: balanced by cost)")
@@ -84,6 +85,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         lengths = sample_lengths(args.dist, args.batch, args.max_len, args.seed)
         source = f"{args.dist} (batch {args.batch}, max length {args.max_len}, seed {args.seed})"
+    if args.profile is None:
+        if args.model is None:
+            raise ValueError("give --model PRESET or --profile NAME_OR_FILE")
+        from ..plan.cost import default_profile_name
+
+        args.profile = default_profile_name(args.model)
     cost = build_cost(args.profile, args.model)
     layers = None
     if args.layers:
