@@ -71,3 +71,16 @@ def test_keep_latest_k_prunes_old_checkpoints(tmp_path):
     for step in range(1, 5):
         save_checkpoint(tmp_path, step, model, opt, sched, keep_latest_k=2)
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-3", "step-4"]
+
+
+def test_checkpoint_exports_to_a_hugging_face_folder_with_the_trained_weights(tmp_path):
+    from infinipipe.model.hf import load_hf_checkpoint
+    from infinipipe.train.checkpoint import export_hf
+
+    model, opt, sched = _setup()
+    _step(model, opt, sched, 0)
+    save_checkpoint(tmp_path / "ckpt", 1, model, opt, sched)
+    cfg, state = load_hf_checkpoint(export_hf(latest_checkpoint(tmp_path / "ckpt"), CFG, tmp_path / "hf"))
+    assert cfg == CFG
+    for name, p in model.state_dict().items():
+        assert torch.equal(state[name], p), name

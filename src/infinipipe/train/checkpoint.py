@@ -88,3 +88,21 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> int:
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     torch.set_rng_state(state["rng"][f"rank{_rank()}"])
     return int(state["train"]["step"])
+
+
+def export_hf(path: str | Path, model_cfg, out: str | Path) -> Path:
+    """Write a training checkpoint's weights (all stages) as a Hugging Face checkpoint folder."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from ..model.hf import save_hf_checkpoint
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    merged = out / "dcp-merged.pt.tmp"
+    try:
+        dcp_to_torch_save(str(path), str(merged))
+        state = torch.load(merged, weights_only=False)["model"]
+    finally:
+        merged.unlink(missing_ok=True)
+    save_hf_checkpoint(model_cfg, state, out)
+    return out
