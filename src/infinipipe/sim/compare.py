@@ -1,0 +1,47 @@
+"""Every planner on the same batch, costed by the same simulator: the comparison benchmarks print."""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+from ..plan.cost import CostModel
+from ..plan.planners import PlanRequest, make_plan
+from .simulator import simulate
+
+BASELINES = ("seq1f1b", "batch-1f1b", "gpipe", "epp-uniform")
+ABLATIONS = ("epp-no-ckpt", "epp-full-ckpt")
+
+
+def compare_planners(cost: CostModel, lengths: Sequence[int], stages: int, memory: float,
+                     planners: Sequence[str], options: dict | None = None) -> dict[str, dict]:
+    """Simulated figures of each planner's plan (``planned: False`` with the reason if none fits)."""
+    rows = {}
+    for name in planners:
+        started = time.perf_counter()
+        try:
+            plan = make_plan(name, PlanRequest(lengths, cost, stages, memory, options=options or {}))
+        except ValueError as exc:
+            rows[name] = {"planned": False, "error": str(exc), "feasible": False}
+            continue
+        planning_s = time.perf_counter() - started
+        rows[name] = {**simulate(plan, cost, memory).to_json(), "planned": True, "planning_s": planning_s}
+    return rows
+
+
+def format_rows(rows: dict[str, dict], reference: str = "epp") -> list[str]:
+    """One line per planner: time, bubbles, peak memory, OOM, and ``reference``'s speedup over it."""
+    ref = rows.get(reference)
+    ok = bool(ref and ref["planned"] and ref["feasible"])
+    lines = [f"  {'planner':<14} {'iteration':>10}  {'bubble':>7}  {'peak mem':>9}  {'OOM':>3}  "
+             f"{reference + ' speedup':>12}  {'planning':>8}"]
+    for name, row in rows.items():
+        if not row["planned"]:
+            lines.append(f"  {name:<14} {'no plan fits':>10}")
+            continue
+        speedup = ""
+        if name != reference and ok:
+            speedup = f"{row['iteration_time_s'] / ref['iteration_time_s']:.2f}x" if row["feasible"] else "(OOM)"
+        lines.append(f"  {name:<14} {row['iteration_time_s']:>9.2f}s  {row['bubble_ratio']:>6.1%}  "
+                     f"{max(row['peak_memory_bytes']) / 2**30:>6.1f}GiB  {'' if row['feasible'] else 'OOM':>3}  "
+                     f"{speedup:>12}  {row['planning_s']:>7.2f}s")
+    return lines
