@@ -8,7 +8,12 @@ reference the same batch goes through ``torch.distributed.pipelining.Schedule1F1
 micro-batches of equal shape, so sequences are packed into rows of the longest sequence's length
 and padded (the padding fraction is printed); each row keeps per-document causal attention.
 
-Usage: ``python benchmarks/measured_pipeline.py [--stages 2] [--steps 3]``.
+Every process runs one intra-op thread. The simulated times assume each stage has a core of its
+own and runs as fast as when the profile was measured; on a machine with fewer free cores than
+stages (2 stages on a busy 2-core machine) measured times are longer for that reason alone.
+
+Usage: ``python benchmarks/measured_pipeline.py [--stages 2] [--steps 3]``; on a 16-core machine
+``--stages 8 --model small`` (the ``tiny`` model has only 4 layers).
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import torch.nn.functional as F
 from infinipipe.model.config import preset
 from infinipipe.model.layers import ChunkMeta
 from infinipipe.model.stage import StageModel, init_weights
-from infinipipe.plan.cost import ChunkShape, CostModel, default_profile
+from infinipipe.plan.cost import ChunkShape, CostModel, default_profile, default_profile_name
 from infinipipe.plan.planners import PlanRequest, make_plan
 from infinipipe.runtime.batch import Batch
 from infinipipe.runtime.executor import PipelineWorker, RuntimeSettings
@@ -33,7 +38,6 @@ from infinipipe.runtime.mesh import make_mesh
 from infinipipe.sim.simulator import LinkModel, simulate
 
 PLANNERS = ("epp", "batch-1f1b", "seq1f1b")
-MODEL = "tiny"
 # Loopback gloo between processes on one machine: measured order of magnitude, not a profile.
 LOCAL_LINK = LinkModel(latency_s=100e-6, bandwidth_Bps=1e9)
 
@@ -44,9 +48,9 @@ def skewed_lengths(seed: int) -> list[int]:
     return [2048, 768, 512] + [rng.randint(64, 256) for _ in range(6)] + [rng.randint(8, 64) for _ in range(12)]
 
 
-def run_plans(plans, batch, layers, steps):
+def run_plans(model, plans, batch, layers, steps):
     mesh = make_mesh(1, len(layers))
-    worker = PipelineWorker(preset(MODEL), layers, mesh, RuntimeSettings())
+    worker = PipelineWorker(preset(model), layers, mesh, RuntimeSettings())
     out = []
     for plan in plans:
         results = [worker.run_step(plan, batch) for _ in range(steps + 1)][1:]
@@ -85,10 +89,10 @@ class _PackedStage(torch.nn.Module):
         return (self.model.head(self.model.norm(h)) if self.model.last else h).unsqueeze(0)
 
 
-def run_torch_1f1b(batch, layers, rows, steps):
+def run_torch_1f1b(model_name, batch, layers, rows, steps):
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
-    cfg = preset(MODEL)
+    cfg = preset(model_name)
     stage, n = dist.get_rank(), dist.get_world_size()
     width = max(batch.lengths)
     tokens, labels, metas = [], [], []
@@ -108,7 +112,8 @@ def run_torch_1f1b(batch, layers, rows, steps):
         return F.cross_entropy(logits[0], target[0], ignore_index=-100, reduction="sum") / norm
 
     inp = torch.zeros(1, width, dtype=torch.long) if stage == 0 else torch.zeros(1, width, cfg.hidden, requires_grad=True)
-    out = torch.zeros(1, width, cfg.vocab_size if stage == n - 1 else cfg.hidden)
+    # Outputs carry requires_grad: torch derives from it whether a gradient comes back.
+    out = torch.zeros(1, width, cfg.vocab_size if stage == n - 1 else cfg.hidden, requires_grad=True)
     pstage = PipelineStage(_PackedStage(model, metas), stage, n, torch.device("cpu"), input_args=(inp,), output_args=(out,))
     schedule = Schedule1F1B(pstage, len(rows), loss_fn=loss_fn)
     times = []
@@ -131,10 +136,13 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default="tiny", help="model preset with a committed CPU profile (tiny, small)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg = preset(MODEL)
-    cost = CostModel(default_profile(MODEL), cfg)
+    cfg = preset(args.model)
+    if args.stages > cfg.layers:
+        raise SystemExit(f"--stages {args.stages} exceeds the {cfg.layers} layers of {args.model!r}")
+    cost = CostModel(default_profile(args.model), cfg)
     lengths = skewed_lengths(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     batch = Batch(tuple(torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in lengths))
@@ -154,9 +162,11 @@ def main() -> None:
     layers = plans[0].layers_per_stage
     if any(p.layers_per_stage != layers for p in plans):
         raise SystemExit("planners chose different layer splits; this benchmark needs one")
-    print(f"model {MODEL}, {args.stages} stages (layers {layers}), {len(lengths)} sequences, "
+    print(f"model {args.model}, {args.stages} stages (layers {layers}), {len(lengths)} sequences, "
           f"{sum(lengths)} tokens, longest {max(lengths)}; memory budget {memory / 2**20:.1f} MiB/stage")
-    measured = launch_local(run_plans, args.stages, (plans, batch, layers, args.steps), timeout_s=600)
+    measured = launch_local(run_plans, args.stages, (args.model, plans, batch, layers, args.steps), timeout_s=600)
+    print("MEASURED: wall time on real processes, one thread each; simulated: committed profile "
+          f"{default_profile_name(args.model)}, one core per stage assumed")
     print(f"\n{'planner':12} {'chunks':>6} {'pipes':>5} {'MEASURED s':>10} {'simulated s':>11} "
           f"{'meas/sim':>8}  peak activation MiB per stage (MEASURED / simulated)")
     for i, (name, plan, sim) in enumerate(zip(names, plans, sims)):
@@ -165,15 +175,13 @@ def main() -> None:
         mem = []
         for s in range(args.stages):
             act = measured[s][i][0][2]
-            first, last = s == 0, s == args.stages - 1
-            pred = sim.peak_memory_bytes[s] - cost.model_state_bytes(layers[s], first, last)
-            mem.append(f"{act / 2**20:.2f}/{pred / 2**20:.2f}")
+            mem.append(f"{act / 2**20:.2f}/{sim.peak_activation_bytes[s] / 2**20:.2f}")
         print(f"{name:12} {len(plan.chunks):>6} {len(plan.pipelines):>5} {t:>10.3f} {sim.iteration_time_s:>11.3f} "
               f"{t / sim.iteration_time_s:>8.2f}  {'  '.join(mem)}")
     rows = pack_rows(lengths, max(lengths))
     pad = 1 - sum(lengths) / (len(rows) * max(lengths))
     try:
-        ref = launch_local(run_torch_1f1b, args.stages, (batch, layers, rows, args.steps), timeout_s=600)
+        ref = launch_local(run_torch_1f1b, args.stages, (args.model, batch, layers, rows, args.steps), timeout_s=600)
     except RankFailed as exc:
         print(f"{'Schedule1F1B':12} reference run failed on rank {exc.rank}: "
               f"{exc.detail.strip().splitlines()[-1]}")

@@ -50,3 +50,21 @@ def test_tensors_saved_outside_the_context_are_not_counted():
     y = x.exp()
     assert meter.current == 0
     y.sum().backward()
+
+
+def test_held_tensors_count_once_per_storage_and_leave_on_release():
+    x = torch.randn(256, requires_grad=True)
+    kept = torch.randn(1000)
+    meter = SavedTensorMeter()
+    with meter:
+        y = (x * x).sum()
+    saved = meter.current
+    meter.hold(x)  # already counted as a saved tensor: no double count
+    meter.hold(kept)
+    meter.hold(kept[10:20])  # a view of a held storage
+    assert meter.current == saved + kept.untyped_storage().nbytes()
+    meter.release(kept[10:20])
+    meter.release(kept)
+    meter.release(x)
+    assert meter.current == saved
+    del y

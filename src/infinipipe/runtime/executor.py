@@ -145,7 +145,8 @@ class PipelineWorker:
         self.model.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        compute = StageCompute(self.model, batch, normaliser, self.settings.loss_block_tokens)
+        meter = SavedTensorMeter(exclude=self.model.parameters())
+        compute = StageCompute(self.model, batch, normaliser, self.settings.loss_block_tokens, meter)
         link = StageLink(self.mesh.pp_group, stage, self.mesh.pp, self.cfg.hidden, self.settings.dtype,
                          self.device, digest)
         actions = plan.stage_actions[stage]
@@ -162,7 +163,6 @@ class PipelineWorker:
         posted = 0
         times: list[ActionTime] = []
         loss = 0.0
-        meter = SavedTensorMeter(exclude=self.model.parameters())
         self._sync()
         t_pipe = time.perf_counter()
         with meter:

@@ -57,17 +57,32 @@ class SavedTensorMeter:
     def reset_peak(self) -> None:
         self.peak = self.current
 
-    def _pack(self, t: torch.Tensor):
+    def hold(self, t: torch.Tensor) -> None:
+        """Count a tensor kept outside autograd's saved tensors (cached K/V, their gradients)
+        until `release`; a storage already counted is not counted twice."""
         key = _storage_key(t)
-        if key is None or key in self._excluded:
-            return t
-        packed = _Packed(t)
+        if key is not None and key not in self._excluded:
+            self._acquire(key, t)
+
+    def release(self, t: torch.Tensor) -> None:
+        key = _storage_key(t)
+        if key is not None and key in self._refs:
+            self._release(key)
+
+    def _acquire(self, key: tuple[str, int], t: torch.Tensor) -> None:
         n = self._refs.get(key, 0)
         if n == 0:
             self._sizes[key] = t.untyped_storage().nbytes()
             self.current += self._sizes[key]
             self.peak = max(self.peak, self.current)
         self._refs[key] = n + 1
+
+    def _pack(self, t: torch.Tensor):
+        key = _storage_key(t)
+        if key is None or key in self._excluded:
+            return t
+        packed = _Packed(t)
+        self._acquire(key, t)
         weakref.finalize(packed, self._release, key)
         return packed
 

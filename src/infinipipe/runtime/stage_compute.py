@@ -17,6 +17,7 @@ from ..model.loss import DEFAULT_BLOCK_TOKENS, blocked_cross_entropy
 from ..model.stage import StageModel
 from ..plan.ir import Chunk
 from .batch import Batch
+from .memory import SavedTensorMeter
 
 
 @dataclass
@@ -26,6 +27,7 @@ class _SliceKV:
     end: int
     roots: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     leaves: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    held_grads: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -40,13 +42,14 @@ class StageCompute:
     """Runs chunks through a `StageModel`; gradients accumulate in its parameters."""
 
     def __init__(self, model: StageModel, batch: Batch, normaliser: int | None = None,
-                 loss_block_tokens: int = DEFAULT_BLOCK_TOKENS):
+                 loss_block_tokens: int = DEFAULT_BLOCK_TOKENS, meter: SavedTensorMeter | None = None):
         self.model = model
         self.batch = batch
         self.lengths = batch.lengths
         self.normaliser = batch.predicted_tokens if normaliser is None else normaliser
         self.loss_block_tokens = loss_block_tokens
         self.device = next(model.parameters()).device
+        self.meter = meter
         self._live: dict[int, _Live] = {}
         self._kv: dict[int, dict[int, _SliceKV]] = {}
 
@@ -120,6 +123,10 @@ class StageCompute:
                 slice_kv.leaves.append((k_root.detach().requires_grad_(True), v_root.detach().requires_grad_(True)))
         if kept is not None:
             self._kv.setdefault(kept.seq_id, {})[kept.start] = slice_kv
+            if self.meter is not None:
+                for pair in slice_kv.roots:
+                    for t in pair:
+                        self.meter.hold(t)
         if model.last:
             labels = self.batch.chunk_labels(chunk).to(self.device)
             out = blocked_cross_entropy(h, model.norm, model.head, labels, self.normaliser, self.loss_block_tokens)
@@ -127,6 +134,18 @@ class StageCompute:
             out = h
         self._live[chunk.id] = _Live(inp, out)
         return out.detach()
+
+    def _meter_kv(self, chunk: Chunk, done: _SliceKV | None) -> None:
+        """Count the cached K/V gradients this backward created; drop a finished slice's K/V."""
+        seg = next((s for s in chunk.segments if s.start > 0), None)
+        for sl in self._kv.get(seg.seq_id, {}).values() if seg is not None else ():
+            if not sl.held_grads:
+                sl.held_grads = [leaf.grad for pair in sl.leaves for leaf in pair if leaf.grad is not None]
+                for g in sl.held_grads:
+                    self.meter.hold(g)
+        if done is not None:
+            for t in [t for pair in done.roots for t in pair] + done.held_grads:
+                self.meter.release(t)
 
     def backward(self, chunk: Chunk, grad: torch.Tensor | None = None) -> torch.Tensor | None:
         """Runs the chunk's backward; returns the gradient of its input (None on the first stage)."""
@@ -159,6 +178,8 @@ class StageCompute:
         pairs = [(r, g) for r, g in zip(roots, grads) if r.requires_grad]
         if pairs:
             torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs])
+        if self.meter is not None:
+            self._meter_kv(chunk, sl if kept is not None else None)
         if live.inp is None:
             return None
         # A chunk whose tokens predict nothing (sequences of one token) sends back zeros.

@@ -62,11 +62,16 @@ class OutOfMemory:
 
 @dataclass(frozen=True)
 class SimResult:
+    """``peak_memory_bytes`` is the whole stage (model states, activations, the loss's transient
+    working memory); ``peak_activation_bytes`` only what chunks keep from forward to backward,
+    the quantity saved-tensor accounting measures."""
+
     planner: str
     iteration_time_s: float
     busy_s: tuple[float, ...]
     recompute_s: tuple[float, ...]
     peak_memory_bytes: tuple[float, ...]
+    peak_activation_bytes: tuple[float, ...]
     memory_budget_bytes: float | None
     oom: tuple[OutOfMemory, ...]
     num_chunks: int
@@ -101,6 +106,7 @@ class SimResult:
             "recompute_time_s": self.recompute_time_s,
             "feasible": self.feasible,
             "peak_memory_bytes": list(self.peak_memory_bytes),
+            "peak_activation_bytes": list(self.peak_activation_bytes),
             "memory_budget_bytes": self.memory_budget_bytes,
             "num_chunks": self.num_chunks,
             "num_pipelines": self.num_pipelines,
@@ -157,27 +163,32 @@ def simulate(plan: Plan, cost: CostModel, memory_bytes: float | None = None,
     if stuck:
         raise ValueError(f"plan deadlocks: stages {stuck} wait forever (run validate_plan for details)")
 
-    timelines, peaks, ooms = [], [], []
+    timelines, peaks, act_peaks, ooms = [], [], [], []
     for s in range(stages):
         n, first, is_last = plan.layers_per_stage[s], s == 0, s == last
         rec = {a.chunk_id: a.recompute_layers for a in plan.stage_actions[s]}
-        events: list[tuple[float, float]] = []
+        kept: list[tuple[float, float]] = []
+        work: list[tuple[float, float]] = []
         for iv in intervals:
             if iv.stage != s:
                 continue
             shape = shapes[iv.chunk_id]
             act = cost.activation_bytes(shape, n, rec[iv.chunk_id], first, is_last)
-            events.append((iv.end_s, act if iv.kind == "F" else -act))
+            kept.append((iv.end_s, act if iv.kind == "F" else -act))
             if is_last:
-                work = cost.head_work_bytes(shape)
-                events += [(iv.start_s, work), (iv.end_s, -work)]
-        events.sort()
+                w = cost.head_work_bytes(shape)
+                work += [(iv.start_s, w), (iv.end_s, -w)]
         level = cost.model_state_bytes(n, first, is_last)
         timeline = [(0.0, level)]
-        for t, delta in events:
+        for t, delta in sorted(kept + work):
             level += delta
             timeline.append((t, level))
         peak = max(v for _, v in timeline)
+        held = act_peak = 0.0
+        for _, delta in sorted(kept):
+            held += delta
+            act_peak = max(act_peak, held)
+        act_peaks.append(act_peak)
         timelines.append(tuple(timeline))
         peaks.append(peak)
         if budget is not None and peak > budget:
@@ -190,6 +201,7 @@ def simulate(plan: Plan, cost: CostModel, memory_bytes: float | None = None,
         busy_s=tuple(sum(i.end_s - i.start_s for i in intervals if i.stage == s) for s in range(stages)),
         recompute_s=tuple(sum(i.recompute_s for i in intervals if i.stage == s) for s in range(stages)),
         peak_memory_bytes=tuple(peaks),
+        peak_activation_bytes=tuple(act_peaks),
         memory_budget_bytes=None if budget is None else float(budget),
         oom=tuple(ooms),
         num_chunks=len(plan.chunks),
