@@ -61,13 +61,13 @@ def main() -> None:
     parser.add_argument("--dists", nargs="+", default=["github", "commoncrawl"])
     parser.add_argument("--batches", nargs="+", type=int, default=[128, 512])
     parser.add_argument("--memory-gib", type=float, default=80.0, help="memory per device (default 80)")
-    parser.add_argument("--ablations", action="store_true", help="also run epp-no-ckpt and epp-full-ckpt")
+    parser.add_argument("--no-ablations", action="store_true", help="skip epp-no-ckpt and epp-full-ckpt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write every figure to this JSON file")
     args = parser.parse_args()
 
     memory = args.memory_gib * 2**30
-    planners = ["epp", *BASELINES, *(ABLATIONS if args.ablations else ())]
+    planners = ["epp", *BASELINES, *(() if args.no_ablations else ABLATIONS)]
     print("SIMULATED iteration times (event-driven simulator on fitted cost models; no GPU was run)")
     print(f"memory per device {args.memory_gib:g} GiB; P2P link 200 Gbit/s, 10 us; speedup = baseline time / EPP time")
     records = []

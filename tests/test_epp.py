@@ -108,3 +108,22 @@ def test_every_epp_plan_fits_its_budget_in_simulation(lengths, stages, frac):
     validate_plan(plan)
     sim = simulate(plan, COST, budget)
     assert sim.feasible, sim.oom
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lengths=st.lists(st.integers(1, 20000), min_size=8, max_size=8),
+       stages=st.sampled_from([4, 8]), frac=st.floats(0.2, 1.2))
+def test_epp_is_never_slower_than_its_ablations(lengths, stages, frac):
+    roomy = PlanRequest(lengths, COST, stages, 1e12)
+    budget = max(simulate(make_plan("epp-no-ckpt", roomy), COST).peak_memory_bytes) * frac
+    req = PlanRequest(lengths, COST, stages, budget)
+    try:
+        full = simulate(make_plan("epp-full-ckpt", req), COST, budget)
+    except ValueError:
+        return
+    epp = simulate(make_plan("epp", req), COST, budget)
+    assert epp.feasible
+    assert epp.iteration_time_s <= full.iteration_time_s * (1 + 1e-9)
+    none = simulate(make_plan("epp-no-ckpt", req), COST, budget)
+    if none.feasible:
+        assert epp.iteration_time_s <= none.iteration_time_s * (1 + 1e-9)

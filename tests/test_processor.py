@@ -95,14 +95,29 @@ def test_short_sequences_fill_buckets_within_the_time_and_token_thresholds():
     assert len(chunks) == 1 + 3
 
 
-def test_tail_slices_seed_hybrid_chunks_and_the_time_threshold_loosens_only_within_tokens():
-    lengths = [65536] + [512] * 64
+def test_tail_slices_seed_hybrid_chunks_and_packing_never_passes_the_slice_time():
+    from infinipipe.plan.cost import ChunkShape
+
+    lengths = [65536, 40000] + [512] * 64
     chunks = process_sequences(lengths, COST, 4, BIG)
-    first = equal_time_cuts(65536, 4, TIMER)[0]
-    tail = next(c for c in chunks if any(s.seq_id == 0 and s.end == 65536 for s in c.segments))
-    assert len(tail.segments) > 1, "the tail slice is a hybrid chunk"
-    assert all(c.tokens <= first for c in chunks)
-    assert len(chunks) == 3 + 1 + (64 * 512 - (first - tail.segments[0].length)) // first + 1
+    cuts = equal_time_cuts(65536, 4, TIMER)
+    limit = max(TIMER.slice_ms(a, b - a) for a, b in zip([0] + cuts[:-1], cuts))
+    tail = next(c for c in chunks if any(s.seq_id == 1 and s.end == 40000 for s in c.segments))
+    assert len(tail.segments) > 1, "the shorter sequence's tail slice is a hybrid chunk"
+    assert all(c.tokens <= cuts[0] for c in chunks)
+    for c in chunks:
+        if len(c.segments) > 1:
+            assert COST.forward_ms(ChunkShape.of(c, lengths), 1) <= limit * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("k", [1, 2, 8])
+def test_slices_never_exceed_the_token_capacity_and_later_ones_stay_shorter(k):
+    lengths = [100000, 40000, 700, 300]
+    chunks = process_sequences(lengths, COST, k, 1000)
+    check_coverage(chunks, lengths)
+    assert all(c.tokens <= 1000 for c in chunks)
+    first = sorted((s for c in chunks for s in c.segments if s.seq_id == 0), key=lambda s: s.start)
+    assert len(first) >= 100 and first[-1].length <= first[0].length
 
 
 def test_one_slice_keeps_every_sequence_whole():
@@ -117,7 +132,6 @@ def test_one_slice_keeps_every_sequence_whole():
     (dict(lengths=[5, 0], num_slices=1, token_capacity=10), "at least one token"),
     (dict(lengths=[5], num_slices=0, token_capacity=10), "num_slices"),
     (dict(lengths=[5], num_slices=1, token_capacity=0), "token_capacity"),
-    (dict(lengths=[100000], num_slices=2, token_capacity=1000), "more slices"),
 ])
 def test_bad_input_is_refused_with_a_clear_message(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 PLANNER_NAMES = {"ilp": "epp", "none": "epp-no-ckpt", "full": "epp-full-ckpt"}
 MIN_SLICE_TOKENS = 1024  # below this, slices waste the GPU; the search stops there
+SCREEN_CUTS = 3  # cut points a screened K may group at; enough to split off the longest sequences
 
 
 def token_capacity(cost: CostModel, layers: tuple[int, ...], memory_bytes: float, longest: int,
@@ -114,7 +115,7 @@ def plan_epp(request: "PlanRequest", checkpointing: Literal["ilp", "none", "full
     ``refine_top`` candidates, and re-solves the winner's checkpointing at ``mip_gap``; every
     trial is a complete simulated plan and the fastest that fits wins. Options: ``num_slices`` (fix K), ``max_slices`` (64), ``token_capacity``, ``mip_gap``
     (0.02), ``screen_gap`` (0.1), ``time_limit_s`` (per ILP, 5), ``max_pipelines`` (3),
-    ``refine_top`` (0), ``max_cuts`` (8), ``refine_rounds`` (2). Raises ``ValueError`` when no K fits with checkpointing (naming the
+    ``refine_top`` (0), ``max_cuts`` (8), ``refine_rounds`` (1). Raises ``ValueError`` when no K fits with checkpointing (naming the
     closest attempt and why); the ``none`` ablation returns its closest plan flagged
     ``metadata["feasible"] = False``.
     """
@@ -187,7 +188,7 @@ class _Search:
         if not screen:
             grouping = group_pipelines(coster, self.max_pipelines, self.max_cuts)
         elif not grouping.feasible:
-            grouping = group_pipelines(coster, min(2, self.max_pipelines), self.max_cuts // 2)
+            grouping = group_pipelines(coster, min(2, self.max_pipelines), min(SCREEN_CUTS, self.max_cuts))
         meta = {"planner": PLANNER_NAMES[self.checkpointing], "memory_bytes": memory, "num_slices": k,
                 "token_capacity": self.capacity, "grouping_cost_ms": grouping.cost_ms,
                 "grouping_evaluated": grouping.evaluated, "screened": screen}
@@ -205,12 +206,10 @@ class _Search:
         """Screen a ladder of K, bisect towards the best rung, then fully plan the top few."""
         hi = max(1, min(self.max_slices, self.longest // MIN_SLICE_TOKENS))
         lo = min(hi, max(1, int(self.request.option("min_slices", 1))))
-        while lo < hi and "use more slices" in self.trial(lo, True).error:
-            lo = min(hi, lo * 2)
         tried = sorted({k for k in slice_count_ladder(lo, hi)})
         for k in tried:
             self.trial(k, True)
-        for _ in range(int(self.request.option("refine_rounds", 2))):
+        for _ in range(int(self.request.option("refine_rounds", 1))):
             best = min(tried, key=lambda k: self.trial(k, True).score())
             i = tried.index(best)
             new = {(best + n) // 2 for n in (tried[max(i - 1, 0)], tried[min(i + 1, len(tried) - 1)])} - set(tried)

@@ -15,7 +15,7 @@ from typing import Literal, MutableMapping, Sequence
 import numpy as np
 
 from .cost import ChunkShape, CostModel
-from .ilp import InfeasibleMemoryError, build_problem, check_full_recompute, solve_checkpointing
+from .ilp import InfeasibleMemoryError, build_problem, check_full_recompute, min_recompute_ms
 from .ir import Chunk, Segment
 from .schedule import epp_schedule
 
@@ -25,7 +25,7 @@ CHECKPOINTING = ("ilp", "none", "full")
 
 @dataclass(frozen=True)
 class Grouping:
-    """Chunk ids of each pipeline in run order, the DP's cost estimate, and whether it fits."""
+    """Chunk ids of each pipeline (ascending; the schedule orders them), the DP's cost estimate, whether it fits."""
 
     pipelines: tuple[tuple[int, ...], ...]
     cost_ms: float
@@ -86,28 +86,42 @@ class PipelineCoster:
         self.cache = {} if cache is None else cache
         self.mip_gap, self.time_limit_s = mip_gap, time_limit_s
         shapes = [ChunkShape.of(c, seq_lengths) for c in chunks]
-        n = len(self.layers)
-        self.stage_ms = np.array([
-            sum(cost.forward_ms(sh, nl, s == 0, s == n - 1) + cost.backward_ms(sh, nl, s == 0, s == n - 1)
-                for s, nl in enumerate(self.layers)) / n
-            for sh in shapes])
+        total = sum(self.layers)
+
+        def mean_stage_ms(sh: ChunkShape) -> float:
+            # Layers, embedding and head over all stages, spread evenly.
+            per_layer = cost.forward_ms(sh, 1) + cost.backward_ms(sh, 1)
+            ends = sum(cost.forward_ms(sh, 0, first, last) + cost.backward_ms(sh, 0, first, last)
+                       for first, last in ((True, False), (False, True)))
+            return (total * per_layer + ends) / len(self.layers)
+
+        self.stage_ms = np.array([mean_stage_ms(sh) for sh in shapes])
         self.evaluated = 0
+        self._memo: dict[tuple[int, ...], float] = {}
 
     def fill_ms(self, ids: Sequence[int]) -> float:
         """Warm-up plus cool-down of one more pipeline: ``(d_p - 1)`` mean chunk times."""
         return (len(self.layers) - 1) * float(self.stage_ms[list(ids)].mean())
 
     def recompute_ms(self, ids: Sequence[int]) -> float:
+        """Memoised per chunk set. The sub-batch keeps the chunks' original relative order, so
+        its schedule, and with it its ILP, is exactly that pipeline's part of the final plan:
+        the final solve then finds every part in the cache."""
+        key = tuple(sorted(ids))
+        if key not in self._memo:
+            self._memo[key] = self._recompute_ms(key)
+        return self._memo[key]
+
+    def _recompute_ms(self, ids: tuple[int, ...]) -> float:
         self.evaluated += 1
         sub_chunks, lengths = sub_batch(self.chunks, self.seq_lengths, ids)
-        plan = epp_schedule(sub_chunks, lengths, len(self.layers), self.layers)
+        plan = epp_schedule(sub_chunks, lengths, len(self.layers), self.layers, validate=False)
         if self.checkpointing == "ilp":
             try:
-                solved = solve_checkpointing(plan, self.cost, self.memory_bytes, self.mip_gap,
-                                             self.time_limit_s, cache=self.cache)
+                return min_recompute_ms(plan, self.cost, self.memory_bytes, self.mip_gap,
+                                        self.time_limit_s, cache=self.cache)
             except InfeasibleMemoryError:
                 return math.inf
-            return solved.metadata["checkpointing"]["objective_ms"]
         pp = build_problem(plan, self.cost, self.memory_bytes, memo=self.cache)
         if self.checkpointing == "none":
             return 0.0 if not pp.windows else math.inf
@@ -135,7 +149,7 @@ def group_pipelines(coster: PipelineCoster, max_pipelines: int = 4, max_cuts: in
     n = len(units)
 
     def ids(i: int, j: int) -> list[int]:
-        return [c for u in units[i:j] for c in u]
+        return sorted(c for u in units[i:j] for c in u)
 
     whole = coster.recompute_ms(ids(0, n))
     if whole == 0.0 or max_pipelines == 1:

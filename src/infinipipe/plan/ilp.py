@@ -367,19 +367,7 @@ def solve_checkpointing(
         raise ValueError(f"time_limit_s must be positive, got {time_limit_s}")
     pp = build_problem(plan, cost, memory_bytes, memo=cache)
     check_full_recompute(pp)
-    c = np.zeros(len(pp.problem.upper))
-    infos = []
-    for var_ids, part in pp.problem.parts():
-        key = f"{part.key()}:{mip_gap}" if cache is not None else ""
-        if cache is not None and key in cache:
-            sol, info = cache[key]
-            info = {**info, "cached": True}
-        else:
-            sol, info = solve_problem(part, mip_gap, time_limit_s)
-            if cache is not None:
-                cache[key] = (sol, info)
-        c[var_ids] = sol
-        infos.append(info)
+    c, infos = _solve_parts(pp.problem, mip_gap, time_limit_s, cache)
     return apply_solution(pp, c, {
         "status": _worst_status([i["status"] for i in infos]),
         "solver": "highs",
@@ -390,6 +378,41 @@ def solve_checkpointing(
         "mip_gap": mip_gap,
         "time_limit_s": time_limit_s,
     })
+
+
+def min_recompute_ms(
+    plan: Plan,
+    cost: CostModel,
+    memory_bytes: float | Sequence[float],
+    mip_gap: float = 0.02,
+    time_limit_s: float = 10.0,
+    cache: MutableMapping | None = None,
+) -> float:
+    """The objective `solve_checkpointing` would reach, without building the plan: what the
+    grouping search needs for each candidate pipeline. Shares ``cache`` with it."""
+    pp = build_problem(plan, cost, memory_bytes, memo=cache)
+    check_full_recompute(pp)
+    c, _ = _solve_parts(pp.problem, mip_gap, time_limit_s, cache)
+    return float(c @ pp.problem.weight_ms)
+
+
+def _solve_parts(problem: CheckpointProblem, mip_gap: float, time_limit_s: float,
+                 cache: MutableMapping | None) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Solve each independent part (from ``cache`` where an identical one was solved before)."""
+    c = np.zeros(len(problem.upper))
+    infos = []
+    for var_ids, part in problem.parts():
+        key = f"{part.key()}:{mip_gap}" if cache is not None else ""
+        if cache is not None and key in cache:
+            sol, info = cache[key]
+            info = {**info, "cached": True}
+        else:
+            sol, info = solve_problem(part, mip_gap, time_limit_s)
+            if cache is not None:
+                cache[key] = (sol, info)
+        c[var_ids] = sol
+        infos.append(info)
+    return c, infos
 
 
 def _worst_status(statuses: list[str]) -> str:

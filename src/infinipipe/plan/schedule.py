@@ -63,11 +63,14 @@ def epp_schedule(
     pipelines: Sequence[Sequence[int]] | None = None,
     recompute: Callable[[int, int], int] | None = None,
     metadata: dict[str, Any] | None = None,
+    validate: bool = True,
 ) -> Plan:
     """A validated `Plan`; ``pipelines`` groups chunk ids into back-to-back 1F1B pipelines.
 
     ``recompute(stage, chunk_id)`` gives the layers that chunk recomputes on that stage (0 if
     omitted). A sequence's chunks must all sit in one pipeline (its K/V lives there).
+    ``validate=False`` skips `validate_plan` for plans built only to be costed (a planner's
+    throw-away candidates); a plan handed to the runtime must be validated.
     """
     if num_stages < 1:
         raise ValueError(f"num_stages must be >= 1, got {num_stages}")
@@ -107,5 +110,6 @@ def epp_schedule(
         pipelines=tuple(ordered_pipes),
         metadata=dict(metadata or {}),
     )
-    validate_plan(plan)
+    if validate:
+        validate_plan(plan)
     return plan
