@@ -83,8 +83,14 @@ FEATURES = ("attn", "mask_area", "tokens", "kv", "chunk")
 
 
 def features(shape: ChunkShape) -> dict[str, float]:
-    return {"attn": shape.attn_pairs, "mask_area": shape.mask_area, "tokens": float(shape.tokens),
-            "kv": float(shape.kv_len), "chunk": 1.0}
+    """Feature values of a shape, computed once per shape object (planners cost each chunk many
+    times: every term, every stage, every candidate schedule)."""
+    cached = shape.__dict__.get("_features")
+    if cached is None:
+        cached = {"attn": shape.attn_pairs, "mask_area": shape.mask_area, "tokens": float(shape.tokens),
+                  "kv": float(shape.kv_len), "chunk": 1.0}
+        shape.__dict__["_features"] = cached
+    return cached
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from ..sim.simulator import SimResult, simulate
 from .cost import ChunkShape, CostModel
 from .grouping import CHECKPOINTING, PipelineCoster, group_pipelines
 from .ilp import InfeasibleMemoryError, solve_checkpointing
-from .ir import Plan
+from .ir import Plan, validate_plan
 from .processor import process_sequences
 from .schedule import epp_schedule
 
@@ -136,6 +136,7 @@ def plan_epp(request: "PlanRequest", checkpointing: Literal["ilp", "none", "full
         raise ValueError(
             f"{PLANNER_NAMES[checkpointing]}: no slice count fits {memory / 2**30:.2f} GiB per stage "
             f"(tried K = {sorted({k for k, _ in search.trials})}); best attempt K={best.num_slices}: {reason}")
+    validate_plan(best.plan)  # trials skip validation; the plan handed on must pass it
     meta = {
         **best.plan.metadata,
         "feasible": best.feasible,
@@ -194,7 +195,7 @@ class _Search:
                 "grouping_evaluated": grouping.evaluated, "screened": screen}
         full = (lambda s, _c: layers[s]) if self.checkpointing == "full" else None
         plan = epp_schedule(chunks, self.lengths, len(layers), layers, pipelines=grouping.pipelines,
-                            recompute=full, metadata=meta)
+                            recompute=full, metadata=meta, validate=False)
         if self.checkpointing == "ilp":
             try:
                 plan = solve_checkpointing(plan, cost, memory, gap, self.time_limit, cache=self.cache)
