@@ -4,21 +4,13 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from infinipipe.model.config import PRESETS
-from infinipipe.plan.cost import CostModel, LinearTerm, Profile
 from infinipipe.plan.epp import slice_count_ladder, token_capacity
 from infinipipe.plan.ilp import InfeasibleMemoryError
 from infinipipe.plan.ir import validate_plan
 from infinipipe.plan.planners import PlanRequest, make_plan
 from infinipipe.sim.simulator import simulate
+from synthetic_cost import COST
 
-MODEL = PRESETS["tiny"].with_layers(8)
-COST = CostModel(Profile(
-    model=MODEL, device="synthetic", dtype="float16",
-    layer_fwd=LinearTerm({"attn": 2e-6, "tokens": 1e-3, "chunk": 0.05}),
-    layer_bwd=LinearTerm({"attn": 4e-6, "tokens": 2e-3, "chunk": 0.05}),
-    layer_act_bytes=LinearTerm({"tokens": 2048.0}),
-    head_work_bytes=LinearTerm({"tokens": 1024.0})), MODEL)
 LENGTHS = [30000, 12000, 7000, 3000, 2500, 2000, 1500, 900, 600, 400, 300, 200, 100, 50]
 STAGES = 4
 

@@ -6,21 +6,13 @@ import math
 
 import pytest
 
-from infinipipe.model.config import PRESETS
-from infinipipe.plan.cost import CostModel, LinearTerm, Profile
 from infinipipe.plan.grouping import PipelineCoster, _cut_points, group_pipelines, sequence_units, sub_batch
 from infinipipe.plan.ir import check_coverage
 from infinipipe.plan.processor import process_sequences
 from infinipipe.plan.schedule import epp_schedule
 from infinipipe.sim.simulator import simulate
+from synthetic_cost import COST
 
-MODEL = PRESETS["tiny"].with_layers(8)
-COST = CostModel(Profile(
-    model=MODEL, device="synthetic", dtype="float16",
-    layer_fwd=LinearTerm({"attn": 2e-6, "tokens": 1e-3, "chunk": 0.05}),
-    layer_bwd=LinearTerm({"attn": 4e-6, "tokens": 2e-3, "chunk": 0.05}),
-    layer_act_bytes=LinearTerm({"tokens": 2048.0}),
-    head_work_bytes=LinearTerm({"tokens": 1024.0})), MODEL)
 LAYERS = (2, 2, 2, 2)
 LENGTHS = [24000, 16000, 9000, 3000, 2500, 2000, 1500, 900, 600, 400, 300, 200]
 

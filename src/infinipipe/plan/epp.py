@@ -205,7 +205,9 @@ class _Search:
 
     def run(self) -> _Trial:
         """Screen a ladder of K, bisect towards the best rung, then fully plan the top few."""
-        hi = max(1, min(self.max_slices, self.longest // MIN_SLICE_TOKENS))
+        # Slices under MIN_SLICE_TOKENS waste the device, but one cut is always worth a look:
+        # the simulator, not the heuristic, says whether it pays.
+        hi = max(1, min(self.max_slices, self.longest, max(2, self.longest // MIN_SLICE_TOKENS)))
         lo = min(hi, max(1, int(self.request.option("min_slices", 1))))
         tried = sorted({k for k in slice_count_ladder(lo, hi)})
         for k in tried:

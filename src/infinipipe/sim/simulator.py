@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..plan.cost import ChunkShape, CostModel
-from ..plan.ir import Plan
+from ..plan.ir import Plan, play_order
 
 
 @dataclass(frozen=True)
@@ -140,28 +140,15 @@ def simulate(plan: Plan, cost: CostModel, memory_bytes: float | None = None,
 
     end: dict[tuple[str, int, int], float] = {}
     free = [0.0] * stages
-    ptr = [0] * stages
     intervals: list[Interval] = []
-    progressed = True
-    while progressed:
-        progressed = False
-        for s, actions in enumerate(plan.stage_actions):
-            while ptr[s] < len(actions):
-                a = actions[ptr[s]]
-                src = ("F", s - 1, a.chunk_id) if a.kind == "F" else ("B", s + 1, a.chunk_id)
-                needs_input = (a.kind == "F" and s > 0) or (a.kind == "B" and s < last)
-                if needs_input and src not in end:
-                    break
-                ready = end[src] + wire[a.chunk_id] if needs_input else 0.0
-                start = max(free[s], ready)
-                dur, rec = duration(s, a.kind, a.chunk_id, a.recompute_layers)
-                free[s] = end[(a.kind, s, a.chunk_id)] = start + dur
-                intervals.append(Interval(s, a.kind, a.chunk_id, start, start + dur, rec))
-                ptr[s] += 1
-                progressed = True
-    stuck = [s for s in range(stages) if ptr[s] < len(plan.stage_actions[s])]
-    if stuck:
-        raise ValueError(f"plan deadlocks: stages {stuck} wait forever (run validate_plan for details)")
+    for s, a in play_order(plan):
+        needs_input = (a.kind == "F" and s > 0) or (a.kind == "B" and s < last)
+        src = ("F", s - 1, a.chunk_id) if a.kind == "F" else ("B", s + 1, a.chunk_id)
+        ready = end[src] + wire[a.chunk_id] if needs_input else 0.0
+        start = max(free[s], ready)
+        dur, rec = duration(s, a.kind, a.chunk_id, a.recompute_layers)
+        free[s] = end[(a.kind, s, a.chunk_id)] = start + dur
+        intervals.append(Interval(s, a.kind, a.chunk_id, start, start + dur, rec))
 
     timelines, peaks, act_peaks, ooms = [], [], [], []
     for s in range(stages):
