@@ -45,6 +45,10 @@ class ChunkShape:
             raise ValueError(f"chunk shape needs non-empty segments, got {self.seg_lens}")
         if self.prefix < 0 or self.kept < 0 or self.kept > self.seg_lens[0]:
             raise ValueError(f"invalid chunk shape prefix={self.prefix} kept={self.kept} segs={self.seg_lens}")
+        object.__setattr__(self, "_hash", hash((self.seg_lens, self.prefix, self.kept)))
+
+    def __hash__(self) -> int:
+        return self._hash  # shapes key the planners' cost memos; hash the segment tuple once
 
     @property
     def tokens(self) -> int:
@@ -99,9 +103,15 @@ class LinearTerm:
 
     coef: Mapping[str, float]
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_items", tuple(self.coef.items()))
+
     def __call__(self, shape: ChunkShape) -> float:
         feats = features(shape)
-        return sum(v * feats[k] for k, v in self.coef.items())
+        total = 0.0
+        for k, v in self._items:  # a plain loop: planners evaluate terms hundreds of thousands of times
+            total += v * feats[k]
+        return total
 
     def to_json(self) -> dict[str, float]:
         return dict(self.coef)

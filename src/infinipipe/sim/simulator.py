@@ -9,6 +9,7 @@ runs a chunk.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,8 +132,8 @@ def simulate(plan: Plan, cost: CostModel, memory_bytes: float | None = None,
     shapes = [ChunkShape.of(c, plan.seq_lengths) for c in plan.chunks]
     wire = [link.transfer_s(sh.tokens * cost.model.hidden * cost.dtype_bytes) for sh in shapes]
 
-    def duration(stage: int, kind: str, cid: int, rec: int) -> tuple[float, float]:
-        n, first, is_last = plan.layers_per_stage[stage], stage == 0, stage == last
+    @functools.cache  # stages with the same role and layer count cost a chunk alike
+    def duration(n: int, first: bool, is_last: bool, kind: str, cid: int, rec: int) -> tuple[float, float]:
         if kind == "F":
             return cost.forward_ms(shapes[cid], n, first, is_last) / 1e3, 0.0
         r = cost.recompute_ms(shapes[cid], rec) / 1e3
@@ -146,21 +147,24 @@ def simulate(plan: Plan, cost: CostModel, memory_bytes: float | None = None,
         src = ("F", s - 1, a.chunk_id) if a.kind == "F" else ("B", s + 1, a.chunk_id)
         ready = end[src] + wire[a.chunk_id] if needs_input else 0.0
         start = max(free[s], ready)
-        dur, rec = duration(s, a.kind, a.chunk_id, a.recompute_layers)
+        dur, rec = duration(plan.layers_per_stage[s], s == 0, s == last, a.kind, a.chunk_id, a.recompute_layers)
         free[s] = end[(a.kind, s, a.chunk_id)] = start + dur
         intervals.append(Interval(s, a.kind, a.chunk_id, start, start + dur, rec))
 
+    activation = functools.cache(lambda cid, n, rec, first, is_last: cost.activation_bytes(
+        shapes[cid], n, rec, first, is_last))
+    by_stage: list[list[Interval]] = [[] for _ in range(stages)]
+    for iv in intervals:
+        by_stage[iv.stage].append(iv)
     timelines, peaks, act_peaks, ooms = [], [], [], []
     for s in range(stages):
         n, first, is_last = plan.layers_per_stage[s], s == 0, s == last
         rec = {a.chunk_id: a.recompute_layers for a in plan.stage_actions[s]}
         kept: list[tuple[float, float]] = []
         work: list[tuple[float, float]] = []
-        for iv in intervals:
-            if iv.stage != s:
-                continue
+        for iv in by_stage[s]:
             shape = shapes[iv.chunk_id]
-            act = cost.activation_bytes(shape, n, rec[iv.chunk_id], first, is_last)
+            act = activation(iv.chunk_id, n, rec[iv.chunk_id], first, is_last)
             kept.append((iv.end_s, act if iv.kind == "F" else -act))
             if is_last:
                 w = cost.head_work_bytes(shape)
