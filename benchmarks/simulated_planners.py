@@ -14,44 +14,11 @@ import argparse
 import itertools
 import json
 import sys
-import time
 
 from infinipipe.data.lengths import sample_lengths
 from infinipipe.model.config import preset
 from infinipipe.plan.cost import CostModel, default_profile_name, load_profile
-from infinipipe.plan.planners import PlanRequest, make_plan
-from infinipipe.sim.simulator import simulate
-
-BASELINES = ("seq1f1b", "batch-1f1b", "gpipe", "epp-uniform")
-ABLATIONS = ("epp-no-ckpt", "epp-full-ckpt")
-
-
-def run_case(cost: CostModel, lengths: list[int], stages: int, memory: float, planners: list[str]) -> dict:
-    rows = {}
-    for name in planners:
-        started = time.perf_counter()
-        try:
-            plan = make_plan(name, PlanRequest(lengths, cost, stages, memory))
-        except ValueError as exc:
-            rows[name] = {"planned": False, "error": str(exc), "feasible": False}
-            continue
-        result = simulate(plan, cost, memory)
-        rows[name] = {**result.to_json(), "planned": True, "planning_s": time.perf_counter() - started}
-    return rows
-
-
-def fmt_row(name: str, row: dict, epp: dict | None) -> str:
-    if not row["planned"]:
-        return f"  {name:<14} {'no plan fits':>10}  {'':>7}  {'':>9}  {'OOM':>3}  {'':>8}"
-    speedup = ""
-    if name != "epp" and epp and epp.get("planned") and epp["feasible"] and row["feasible"]:
-        speedup = f"{row['iteration_time_s'] / epp['iteration_time_s']:.2f}x"
-    elif name != "epp" and epp and epp.get("planned") and epp["feasible"]:
-        speedup = "(OOM)"
-    peak = max(row["peak_memory_bytes"]) / 2**30
-    return (f"  {name:<14} {row['iteration_time_s']:>9.2f}s  {row['bubble_ratio']:>6.1%}  {peak:>6.1f}GiB  "
-            f"{'' if row['feasible'] else 'OOM':>3}  {speedup:>8}")
-
+from infinipipe.sim.compare import ABLATIONS, BASELINES, compare_planners, format_rows
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -79,12 +46,10 @@ def main() -> None:
         print(f"\n=== {model_name}: profile {profile_name} ({profile.device}, {profile.dtype}, {origin}) ===")
         for stages, max_len, dist, batch in itertools.product(args.stages, args.max_len, args.dists, args.batches):
             lengths = sample_lengths(dist, batch, max_len, seed=args.seed)
-            rows = run_case(cost, lengths, stages, memory, planners)
+            rows = compare_planners(cost, lengths, stages, memory, planners)
             print(f"\n{model_name}, {stages} stages, max {max_len // 1024}K, {dist}, batch {batch} "
                   f"({sum(lengths)} tokens, longest {max(lengths)})")
-            print(f"  {'planner':<14} {'iteration':>10}  {'bubble':>7}  {'peak':>9}  {'OOM':>3}  {'EPP gain':>8}")
-            for name in planners:
-                print(fmt_row(name, rows[name], rows.get("epp")))
+            print("\n".join(format_rows(rows)))
             sys.stdout.flush()
             records.append({"model": model_name, "profile": profile_name, "stages": stages, "max_len": max_len,
                             "dist": dist, "batch": batch, "memory_bytes": memory, "simulated": True,
