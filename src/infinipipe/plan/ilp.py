@@ -347,6 +347,18 @@ def solve_problem(problem: CheckpointProblem, mip_gap: float, time_limit_s: floa
 _STATUS = {0: "optimal", 1: "time_limit", 2: "infeasible", 3: "unbounded", 4: "error"}
 
 
+def _solve(plan, cost, memory_bytes, mip_gap, time_limit_s, cache):
+    """Checked arguments, the problem and its solution: what both public entry points share."""
+    if not 0 <= mip_gap < 1:
+        raise ValueError(f"mip_gap must be in [0, 1), got {mip_gap}")
+    if time_limit_s <= 0:
+        raise ValueError(f"time_limit_s must be positive, got {time_limit_s}")
+    pp = build_problem(plan, cost, memory_bytes, memo=cache)
+    check_full_recompute(pp)
+    c, infos = _solve_parts(pp.problem, mip_gap, time_limit_s, cache)
+    return pp, c, infos
+
+
 def solve_checkpointing(
     plan: Plan,
     cost: CostModel,
@@ -361,13 +373,7 @@ def solve_checkpointing(
     answers of identical problems. Raises `InfeasibleMemoryError` when a window cannot fit even
     with every layer recomputed.
     """
-    if not 0 <= mip_gap < 1:
-        raise ValueError(f"mip_gap must be in [0, 1), got {mip_gap}")
-    if time_limit_s <= 0:
-        raise ValueError(f"time_limit_s must be positive, got {time_limit_s}")
-    pp = build_problem(plan, cost, memory_bytes, memo=cache)
-    check_full_recompute(pp)
-    c, infos = _solve_parts(pp.problem, mip_gap, time_limit_s, cache)
+    pp, c, infos = _solve(plan, cost, memory_bytes, mip_gap, time_limit_s, cache)
     return apply_solution(pp, c, {
         "status": _worst_status([i["status"] for i in infos]),
         "solver": "highs",
@@ -390,9 +396,7 @@ def min_recompute_ms(
 ) -> float:
     """The objective `solve_checkpointing` would reach, without building the plan: what the
     grouping search needs for each candidate pipeline. Shares ``cache`` with it."""
-    pp = build_problem(plan, cost, memory_bytes, memo=cache)
-    check_full_recompute(pp)
-    c, _ = _solve_parts(pp.problem, mip_gap, time_limit_s, cache)
+    pp, c, _ = _solve(plan, cost, memory_bytes, mip_gap, time_limit_s, cache)
     return float(c @ pp.problem.weight_ms)
 
 

@@ -221,8 +221,9 @@ class Plan:
         return cls.from_json(json.loads(text))
 
 
-def validate_plan(plan: Plan) -> None:
-    """Raise ``ValueError`` naming the first violated rule (DESIGN invariants 1 and 2)."""
+def validate_plan(plan: Plan) -> list[tuple[int, Action]]:
+    """Raise ``ValueError`` naming the first violated rule (DESIGN invariants 1 and 2); return the
+    plan's `play_order`, which the check computes anyway."""
     for i, c in enumerate(plan.chunks):
         if c.id != i:
             raise ValueError(f"chunk ids must be 0..n-1 in order; position {i} holds chunk {c.id}")
@@ -269,7 +270,7 @@ def validate_plan(plan: Plan) -> None:
             raise ValueError(f"stage {s} runs forwards in another order than stage 0")
         if b_orders[s] != b_orders[0]:
             raise ValueError(f"stage {s} runs backwards in another order than stage 0")
-    play_order(plan)
+    return play_order(plan)
 
 
 def _check_slice_order(plan: Plan, stage: int, f_order: list[int], b_order: list[int]) -> None:

@@ -13,7 +13,7 @@ import torch
 from ..model.config import ModelConfig
 from ..model.loss import DEFAULT_BLOCK_TOKENS
 from ..model.stage import StageModel, init_weights
-from ..plan.ir import Plan, play_order, validate_plan
+from ..plan.ir import Plan, validate_plan
 from .batch import Batch
 from .stage_compute import StageCompute
 
@@ -37,7 +37,7 @@ def build_stages(cfg: ModelConfig, layers_per_stage: Sequence[int], seed: int = 
 def run_plan_local(plan: Plan, stages: Sequence[StageModel], batch: Batch,
                    normaliser: int | None = None, loss_block_tokens: int = DEFAULT_BLOCK_TOKENS) -> float:
     """Execute ``plan`` over ``stages`` in this process; returns the loss, leaves gradients in ``.grad``."""
-    validate_plan(plan)
+    order = validate_plan(plan)
     if len(stages) != plan.num_stages:
         raise ValueError(f"plan has {plan.num_stages} stages, got {len(stages)} stage models")
     if tuple(batch.lengths) != plan.seq_lengths:
@@ -47,7 +47,7 @@ def run_plan_local(plan: Plan, stages: Sequence[StageModel], batch: Batch,
     grads: dict[tuple[int, int], torch.Tensor] = {}
     last = plan.num_stages - 1
     loss = 0.0
-    for s, a in play_order(plan):
+    for s, a in order:
         chunk = plan.chunks[a.chunk_id]
         if a.kind == "F":
             out = computes[s].forward(chunk, acts.pop((s, a.chunk_id), None), a.recompute_layers)

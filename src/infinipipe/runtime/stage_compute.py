@@ -58,16 +58,23 @@ class StageCompute:
         """Chunks whose forward ran and whose backward has not."""
         return len(self._live)
 
-    def _prefix(self, chunk: Chunk) -> tuple[int | None, list | None]:
-        """(seq_id, per-layer cached (k, v)) for the chunk's prefixed segment, if any."""
-        seg = next((s for s in chunk.segments if s.start > 0), None)
+    @staticmethod
+    def _prefixed(chunk: Chunk):
+        """The segment that attends to cached K/V of its sequence (a later slice), if any."""
+        return next((s for s in chunk.segments if s.start > 0), None)
+
+    def _kept(self, chunk: Chunk):
+        """The segment whose K/V later slices will need (a non-last slice), if any."""
+        return next((s for s in chunk.segments if s.end < self.lengths[s.seq_id]), None)
+
+    def _prefix(self, chunk: Chunk) -> list | None:
+        """Per layer, the cached (k, v) of the chunk's prefixed segment, or None."""
+        seg = self._prefixed(chunk)
         if seg is None:
-            return None, None
+            return None
         slices = self._kv.get(seg.seq_id, {})
         pos, parts = 0, []
-        for start in sorted(slices):
-            if start >= seg.start:
-                break
+        for start in sorted(st for st in slices if st < seg.start):
             if start != pos:
                 break
             parts.append(slices[start])
@@ -77,13 +84,12 @@ class StageCompute:
                 f"chunk {chunk.id}: sequence {seg.seq_id} needs cached K/V of tokens [0, {seg.start}) "
                 f"on this stage, but only [0, {pos}) is cached; run its earlier slices first"
             )
-        n_layers = len(self.model.layer_ids)
         per_layer = []
-        for j in range(n_layers):
+        for j in range(len(self.model.layer_ids)):
             ks = [p.leaves[j][0] for p in parts]
             vs = [p.leaves[j][1] for p in parts]
             per_layer.append((torch.cat(ks), torch.cat(vs)) if len(ks) > 1 else (ks[0], vs[0]))
-        return seg.seq_id, per_layer
+        return per_layer
 
     def forward(self, chunk: Chunk, x: torch.Tensor | None, recompute_layers: int = 0) -> torch.Tensor:
         """Returns the hidden states to send on (detached), or the loss on the last stage."""
@@ -102,14 +108,10 @@ class StageCompute:
                 )
             inp = x.detach().requires_grad_(True)
             h = inp
-        _, prefix = self._prefix(chunk)
-        kept = next((s for s in chunk.segments if s.end < self.lengths[s.seq_id]), None)
+        prefix = self._prefix(chunk)
+        kept = self._kept(chunk)
         if kept is not None:
-            off = 0
-            for s in chunk.segments:
-                if s is kept:
-                    break
-                off += s.length
+            off = sum(s.length for s in chunk.segments[:chunk.segments.index(kept)])
             slice_kv = _SliceKV(end=kept.end)
         for j, layer in enumerate(model.ordered_layers()):
             pkv = prefix[j] if prefix is not None else None
@@ -137,7 +139,7 @@ class StageCompute:
 
     def _meter_kv(self, chunk: Chunk, done: _SliceKV | None) -> None:
         """Count the cached K/V gradients this backward created; drop a finished slice's K/V."""
-        seg = next((s for s in chunk.segments if s.start > 0), None)
+        seg = self._prefixed(chunk)
         for sl in self._kv.get(seg.seq_id, {}).values() if seg is not None else ():
             if not sl.held_grads:
                 sl.held_grads = [leaf.grad for pair in sl.leaves for leaf in pair if leaf.grad is not None]
@@ -159,7 +161,7 @@ class StageCompute:
                 got = None if grad is None else tuple(grad.shape)
                 raise ValueError(f"chunk {chunk.id}: output gradient shape {got}, expected {tuple(live.out.shape)}")
             roots, grads = [live.out], [grad]
-        kept = next((s for s in chunk.segments if s.end < self.lengths[s.seq_id]), None)
+        kept = self._kept(chunk)
         if kept is not None:
             slices = self._kv[kept.seq_id]
             if any(start > kept.start for start in slices):
