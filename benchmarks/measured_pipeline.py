@@ -26,16 +26,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from infinipipe.model.config import preset
+from infinipipe.contract.cost import CostModel, LinkModel, default_profile, default_profile_name
+from infinipipe.contract.model_config import preset
+from infinipipe.contract.shapes import ChunkShape
 from infinipipe.model.layers import ChunkMeta
 from infinipipe.model.stage import StageModel, init_weights
-from infinipipe.plan.cost import ChunkShape, CostModel, default_profile, default_profile_name
-from infinipipe.plan.planners import PlanRequest, make_plan
+from infinipipe.planners.registry import make_plan
+from infinipipe.planners.request import PlanRequest
 from infinipipe.runtime.batch import Batch
 from infinipipe.runtime.executor import PipelineWorker, RuntimeSettings
 from infinipipe.runtime.launch import RankFailed, launch_local
-from infinipipe.runtime.mesh import make_mesh
-from infinipipe.sim.simulator import LinkModel, simulate
+from infinipipe.runtime.parallel_dims import ParallelDims
+from infinipipe.sim.simulator import simulate
 
 PLANNERS = ("epp", "batch-1f1b", "seq1f1b")
 # Loopback gloo between processes on one machine: measured order of magnitude, not a profile.
@@ -49,7 +51,7 @@ def skewed_lengths(seed: int) -> list[int]:
 
 
 def run_plans(model, plans, batch, layers, steps):
-    mesh = make_mesh(1, len(layers))
+    mesh = ParallelDims(pp=len(layers), dp_replicate=1).build_mesh()
     worker = PipelineWorker(preset(model), layers, mesh, RuntimeSettings())
     out = []
     for plan in plans:

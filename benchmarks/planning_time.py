@@ -16,11 +16,12 @@ from importlib import resources
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from infinipipe.contract.cost import MIXED_PRECISION_ADAM, CostModel, default_profile  # noqa: E402
+from infinipipe.contract.model_config import preset  # noqa: E402
 from infinipipe.data.lengths import sample_lengths  # noqa: E402
-from infinipipe.model.config import preset  # noqa: E402
-from infinipipe.plan.cost import MIXED_PRECISION_ADAM, CostModel, default_profile  # noqa: E402
-from infinipipe.plan.fit import profile_from_measurements  # noqa: E402
-from infinipipe.plan.planners import PlanRequest, make_plan  # noqa: E402
+from infinipipe.planners.registry import make_plan  # noqa: E402
+from infinipipe.planners.request import PlanRequest  # noqa: E402
+from infinipipe.profiling.fit import profile_from_measurements  # noqa: E402
 
 
 def cost_model(model: str) -> tuple[CostModel, str]:
@@ -65,7 +66,8 @@ def main() -> None:
             continue
         meta = plan.metadata
         trials = meta.get("search", [])
-        print(f"{name:14s} planning {min(cpu):5.2f} s CPU ({min(wall):5.2f} s wall)  K={meta.get('num_slices')}  chunks={len(plan.chunks)}  "
+        print(f"{name:14s} planning {min(cpu):5.2f} s CPU ({min(wall):5.2f} s wall)  K={meta.get('num_slices')}  "
+              f"chunks={len(plan.chunks)}  "
               f"pipelines={len(plan.pipelines)}  simulated iteration {meta.get('iteration_time_s', float('nan')):.2f} s  "
               f"fits={meta.get('feasible')}  trials={len(trials)}")
         for t in trials:

@@ -17,10 +17,13 @@ import time
 
 import torch
 
-from infinipipe.model.config import preset
-from infinipipe.plan.cost import ChunkShape, CostModel, load_profile
-from infinipipe.plan.ir import Plan
-from infinipipe.plan.planners import PlanRequest, make_plan
+from infinipipe.contract.cost import CostModel, load_profile
+from infinipipe.contract.ir import Plan
+from infinipipe.contract.model_config import preset
+from infinipipe.contract.shapes import ChunkShape
+from infinipipe.planners.options import PlannerOptions
+from infinipipe.planners.registry import make_plan
+from infinipipe.planners.request import PlanRequest
 from infinipipe.runtime.batch import Batch
 from infinipipe.runtime.local import build_stages
 from infinipipe.runtime.stage_compute import StageCompute
@@ -39,7 +42,7 @@ def one_stage_plan(cost: CostModel, planner: str, budget_share: float, **options
     n = cost.model.layers
     full = cost.activation_bytes(ChunkShape((max(LENGTHS),)), n, 0, True, True)
     memory = cost.model_state_bytes(n, True, True) + budget_share * full
-    return make_plan(planner, PlanRequest(LENGTHS, cost, 1, memory, options=options))
+    return make_plan(planner, PlanRequest(LENGTHS, cost, 1, memory, options=PlannerOptions(**options)))
 
 
 def measured_action_times(plan: Plan, reps: int) -> list[float]:

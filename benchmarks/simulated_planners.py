@@ -15,10 +15,11 @@ import itertools
 import json
 import sys
 
+from infinipipe.contract.cost import CostModel, default_profile_name, load_profile
+from infinipipe.contract.model_config import preset
 from infinipipe.data.lengths import sample_lengths
-from infinipipe.model.config import preset
-from infinipipe.plan.cost import CostModel, default_profile_name, load_profile
-from infinipipe.sim.compare import ABLATIONS, BASELINES, compare_planners, format_rows
+from infinipipe.planners.compare import ABLATIONS, BASELINES, compare_planners, format_rows
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,7 +53,7 @@ def main() -> None:
             print("\n".join(format_rows(rows)))
             sys.stdout.flush()
             records.append({"model": model_name, "profile": profile_name, "stages": stages, "max_len": max_len,
-                            "dist": dist, "batch": batch, "memory_bytes": memory, "simulated": True,
+                            "dist": dist, "batch": batch, "memory_budget": memory, "simulated": True,
                             "planners": rows})
     if args.json:
         with open(args.json, "w") as f:

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
-from infinipipe.plan.ir import Action, Chunk, Plan, Segment
+from infinipipe.contract.ir import Action, Chunk, Plan, Segment
 
 
 def random_chunks(lengths: Sequence[int], rng: random.Random, max_slices: int = 4) -> list[Chunk]:
@@ -38,7 +38,7 @@ def sequential_plan(chunks: list[Chunk], lengths: Sequence[int], layers_per_stag
                     recompute: dict[int, int] | None = None) -> Plan:
     """All forwards in chunk order, then all backwards in reverse (valid for any chunking)."""
     stage_actions = []
-    for s, n in enumerate(layers_per_stage):
+    for n in layers_per_stage:
         rec = {c.id: min(n, (recompute or {}).get(c.id, 0)) for c in chunks}
         fwd = [Action("F", c.id, rec[c.id]) for c in chunks]
         bwd = [Action("B", c.id, rec[c.id]) for c in reversed(chunks)]

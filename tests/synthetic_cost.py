@@ -1,8 +1,8 @@
 """A small cost model with round coefficients, for planner tests whose answers are checked by hand."""
 from __future__ import annotations
 
-from infinipipe.model.config import PRESETS
-from infinipipe.plan.cost import CostModel, LinearTerm, Profile
+from infinipipe.contract.cost import CostModel, LinearTerm, Profile
+from infinipipe.contract.model_config import PRESETS
 
 MODEL = PRESETS["tiny"].with_layers(8)
 COST = CostModel(Profile(

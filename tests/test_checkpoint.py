@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infinipipe.model.config import ModelConfig
+from infinipipe.contract.model_config import ModelConfig
 from infinipipe.model.layers import ChunkMeta
 from infinipipe.runtime.local import build_stages
 from infinipipe.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint

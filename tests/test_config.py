@@ -5,9 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from infinipipe.config import (Config, LRSchedulerConfig, ParallelismConfig, collect_overrides, load_config,
-                               parse_bytes, with_overrides)
-from infinipipe.model.config import ModelConfig, preset
+from infinipipe.config import Config, collect_overrides, load_config, with_overrides
+from infinipipe.config.schema import LRSchedulerConfig, ParallelismConfig
+from infinipipe.contract.model_config import ModelConfig, preset
+from infinipipe.contract.units import parse_bytes
+from infinipipe.runtime.parallel_dims import ParallelDims
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -24,12 +26,12 @@ def test_example_default_file_equals_builtin_defaults():
 
 def test_multinode_example_is_valid():
     cfg = load_config(EXAMPLES / "llama13b-4node.toml")
-    assert cfg.parallelism.resolve(32) == (4, 1, 8)
-    assert cfg.training.mixed_precision == "bf16" and cfg.epp.memory_bytes == 76 * 2**30
+    assert ParallelDims.from_config(cfg.parallelism, 32) == ParallelDims(pp=4, dp_replicate=1, dp_shard=8)
+    assert cfg.training.mixed_precision == "bf16" and cfg.epp.memory_budget_bytes == 76 * 2**30
 
 
 @pytest.mark.parametrize("text, message", [
-    ("[training]\nstpes = 3\n", "unknown key 'training.stpes' (did you mean 'steps'?)"),
+    ("[training]\nstpes = 3\n", "unknown key 'training.stpes' (did you mean 'training.steps'?)"),
     ("[trainig]\nsteps = 3\n", "unknown section 'trainig' (did you mean 'training'?)"),
     ("[training]\nsteps = '3'\n", "training.steps must be int, got str '3'"),
     ("[training]\nsteps = 2.5\n", "training.steps must be int, got float"),
@@ -38,7 +40,7 @@ def test_multinode_example_is_valid():
     ("[training]\nmixed_precision = 'fp16'\n", "training.mixed_precision must be one of"),
     ("[parallelism]\ncontext_parallel_degree = 2\n", "context_parallel_degree = 2: not supported yet"),
     ("[parallelism]\ndata_parallel_shard_degree = 0\n", "data_parallel_shard_degree"),
-    ("[epp]\nmemory_per_device = '80 GiBs'\n", "epp.memory_per_device must be a size"),
+    ("[epp]\nmemory_budget = '80 GiBs'\n", "epp.memory_budget must be a size"),
     ("[epp]\nmin_slices = 4\nmax_slices = 2\n", "epp.max_slices"),
     ("[data]\nsource = 'jsonl'\n", "data.path is required"),
     ("[data]\nover_long = 'drop'\n", "data.over_long"),
@@ -107,8 +109,8 @@ def test_parse_bytes_reads_binary_and_decimal_units(text, expected):
 
 @pytest.mark.parametrize("bad", ["", "GiB", "12XB", "-1GiB", True, -5])
 def test_parse_bytes_rejects_nonsense_with_the_field_name(bad):
-    with pytest.raises(ValueError, match="epp.memory_per_device"):
-        parse_bytes(bad, "epp.memory_per_device")
+    with pytest.raises(ValueError, match="epp.memory_budget"):
+        parse_bytes(bad, "epp.memory_budget")
 
 
 def test_model_config_follows_preset_overrides_and_data_vocab():
@@ -121,8 +123,9 @@ def test_model_config_follows_preset_overrides_and_data_vocab():
 
 
 def test_model_config_reads_a_local_hf_checkpoint(tmp_path):
-    from infinipipe.model.hf import config_to_hf
     import json
+
+    from infinipipe.model.hf import config_to_hf
 
     shape = ModelConfig(vocab_size=300, hidden=48, layers=3, heads=6, kv_heads=2, ffn=80)
     (tmp_path / "config.json").write_text(json.dumps(config_to_hf(shape)))
@@ -133,12 +136,16 @@ def test_model_config_reads_a_local_hf_checkpoint(tmp_path):
 
 
 def test_parallel_degrees_resolve_against_world_size():
-    assert ParallelismConfig(pipeline_parallel_degree=4, data_parallel_shard_degree=-1).resolve(16) == (4, 1, 4)
-    assert ParallelismConfig(pipeline_parallel_degree=2, data_parallel_replicate_degree=2).resolve(4) == (2, 2, 1)
+    def dims(world, **degrees):
+        return ParallelDims.from_config(ParallelismConfig(**degrees), world)
+
+    assert dims(16, pipeline_parallel_degree=4, data_parallel_shard_degree=-1) == ParallelDims(4, 1, 4)
+    assert dims(4, pipeline_parallel_degree=2, data_parallel_replicate_degree=2) == ParallelDims(2, 2, 1)
+    assert dims(None, pipeline_parallel_degree=2, data_parallel_shard_degree=-1).world_size == 2
     with pytest.raises(ValueError, match="!= world size 6"):
-        ParallelismConfig(pipeline_parallel_degree=4).resolve(6)
+        dims(6, pipeline_parallel_degree=4)
     with pytest.raises(ValueError, match="not divisible"):
-        ParallelismConfig(pipeline_parallel_degree=4, data_parallel_shard_degree=-1).resolve(6)
+        dims(6, pipeline_parallel_degree=4, data_parallel_shard_degree=-1)
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():

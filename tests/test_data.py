@@ -10,8 +10,14 @@ import torch
 
 from infinipipe.config import load_config
 from infinipipe.data.corpus import JsonlCorpus, ParquetCorpus, StdlibCorpus, TextCorpus, open_corpus, stdlib_files
-from infinipipe.data.dataset import (BatchSampler, TokenDataset, TokenizedCorpus, build_dataset, build_sampler,
-                                     tokenize_corpus)
+from infinipipe.data.dataset import (
+    BatchSampler,
+    TokenDataset,
+    TokenizedCorpus,
+    build_dataset,
+    build_sampler,
+    tokenize_corpus,
+)
 from infinipipe.data.tokenizer import TiktokenTokenizer
 
 

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from infinipipe.plan.epp import slice_count_ladder, token_capacity
-from infinipipe.plan.ilp import InfeasibleMemoryError
-from infinipipe.plan.ir import validate_plan
-from infinipipe.plan.planners import PlanRequest, make_plan
+from infinipipe.contract.ir import validate_plan
+from infinipipe.planners.epp import slice_count_ladder, token_capacity
+from infinipipe.planners.ilp import InfeasibleMemoryError
+from infinipipe.planners.options import PlannerOptions
+from infinipipe.planners.registry import make_plan
+from infinipipe.planners.request import PlanRequest
 from infinipipe.sim.simulator import simulate
 from synthetic_cost import COST
 
@@ -16,7 +19,7 @@ STAGES = 4
 
 
 def request(memory: float, **options) -> PlanRequest:
-    return PlanRequest(LENGTHS, COST, STAGES, memory, options=options)
+    return PlanRequest(LENGTHS, COST, STAGES, memory, options=PlannerOptions(**options))
 
 
 def no_recompute_peak() -> float:
@@ -92,10 +95,14 @@ def test_every_epp_plan_fits_its_budget_in_simulation(lengths, stages, frac):
     roomy = PlanRequest(lengths, COST, stages, 1e12)
     peak = max(simulate(make_plan("epp-no-ckpt", roomy), COST).peak_memory_bytes)
     budget = peak * frac
+    request = PlanRequest(lengths, COST, stages, budget)
     try:
-        plan = make_plan("epp", PlanRequest(lengths, COST, stages, budget))
+        plan = make_plan("epp", request)
     except ValueError as exc:
+        # A refusal must be honest: not even recomputing every layer fits this budget.
         assert "fits" in str(exc)
+        with pytest.raises(ValueError, match="fits"):
+            make_plan("epp-full-ckpt", request)
         return
     validate_plan(plan)
     sim = simulate(plan, COST, budget)
@@ -112,6 +119,8 @@ def test_epp_is_never_slower_than_its_ablations(lengths, stages, frac):
     try:
         full = simulate(make_plan("epp-full-ckpt", req), COST, budget)
     except ValueError:
+        with pytest.raises(ValueError, match="fits"):  # full recompute is the ILP's last resort
+            make_plan("epp", req)
         return
     epp = simulate(make_plan("epp", req), COST, budget)
     assert epp.feasible

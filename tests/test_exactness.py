@@ -5,16 +5,17 @@ import random
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chunking import random_chunks, sequential_plan
-from reference_check import assert_matches_reference
-from infinipipe.model.config import ModelConfig
+from infinipipe.contract.ir import Action, Chunk, Plan, Segment
+from infinipipe.contract.model_config import ModelConfig
 from infinipipe.model.layers import ChunkMeta
-from infinipipe.plan.ir import Action, Chunk, Plan, Segment
 from infinipipe.runtime.batch import Batch
+from infinipipe.runtime.full_sequence import reference_loss
 from infinipipe.runtime.local import build_stages, run_plan_local
-from infinipipe.runtime.reference import reference_loss
+from reference_check import assert_matches_reference
 
 CFG = ModelConfig(vocab_size=97, hidden=32, layers=4, heads=4, kv_heads=2, ffn=64)
 TOL = {torch.float64: 1e-5, torch.float32: 1e-4}
@@ -116,7 +117,7 @@ def test_two_slice_run_gives_the_logits_of_the_whole_sequence():
     (lambda: [Chunk(0, (Segment(0, 2, 6), Segment(1, 1, 3)))], "cached prefix"),
 ])
 def test_invalid_chunk_lists_are_rejected_with_the_reason(bad, message):
-    from infinipipe.plan.ir import check_coverage
+    from infinipipe.contract.ir import check_coverage
     with pytest.raises(ValueError, match=message):
         check_coverage(bad(), [6, 3])
 

@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from infinipipe.plan.grouping import PipelineCoster, _cut_points, group_pipelines, sequence_units, sub_batch
-from infinipipe.plan.ir import check_coverage
-from infinipipe.plan.processor import process_sequences
-from infinipipe.plan.schedule import epp_schedule
+from infinipipe.contract.ir import check_coverage
+from infinipipe.planners.grouping import PipelineCoster, _cut_points, group_pipelines, sequence_units, sub_batch
+from infinipipe.planners.processor import process_sequences
+from infinipipe.planners.schedule import epp_schedule
 from infinipipe.sim.simulator import simulate
 from synthetic_cost import COST
 

@@ -6,9 +6,15 @@ import json
 import pytest
 import torch
 
-from infinipipe.model.config import ModelConfig
-from infinipipe.model.hf import (config_from_hf, config_to_hf, hf_to_ours, load_hf_checkpoint, ours_to_hf,
-                                 save_hf_checkpoint)
+from infinipipe.contract.model_config import ModelConfig
+from infinipipe.model.hf import (
+    config_from_hf,
+    config_to_hf,
+    hf_to_ours,
+    load_hf_checkpoint,
+    ours_to_hf,
+    save_hf_checkpoint,
+)
 from infinipipe.model.layers import ChunkMeta
 from infinipipe.model.stage import StageModel, init_weights
 

@@ -5,14 +5,21 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from infinipipe.model.config import PRESETS
-from infinipipe.plan.cost import ChunkShape, CostModel, LinearTerm, Profile
-from infinipipe.plan.ilp import (
-    InfeasibleMemoryError, build_problem, greedy, recompute_time_ms, solve_checkpointing,
+from infinipipe.contract.cost import CostModel, LinearTerm, Profile
+from infinipipe.contract.ir import Action, Chunk, Plan, Segment, validate_plan
+from infinipipe.contract.model_config import PRESETS
+from infinipipe.contract.shapes import ChunkShape
+from infinipipe.planners.ilp import (
+    InfeasibleMemoryError,
+    SolverCache,
+    build_problem,
+    greedy,
+    recompute_time_ms,
+    solve_checkpointing,
 )
-from infinipipe.plan.ir import Action, Chunk, Plan, Segment, validate_plan
 from infinipipe.sim.simulator import simulate
 
 MODEL = PRESETS["tiny"].with_layers(8)
@@ -173,9 +180,9 @@ def test_per_stage_budgets_are_respected_separately():
 
 def test_bad_inputs_raise_value_errors():
     plan = one_f_one_b([[3000]], 2, (2, 2))
-    with pytest.raises(ValueError, match="memory_bytes"):
+    with pytest.raises(ValueError, match="memory_budget"):
         solve_checkpointing(plan, COST, [1e9])
-    with pytest.raises(ValueError, match="memory_bytes"):
+    with pytest.raises(ValueError, match="memory_budget"):
         solve_checkpointing(plan, COST, -5.0)
     with pytest.raises(ValueError, match="mip_gap"):
         solve_checkpointing(plan, COST, 1e9, mip_gap=1.5)
@@ -193,7 +200,7 @@ def test_greedy_answer_fits_the_budget():
 def test_cache_reuses_identical_problems():
     plan = one_f_one_b([[3000], [2000], [1000]], 2, (2, 2))
     budget = budget_between(plan, 0.5)
-    cache: dict = {}
+    cache = SolverCache()
     a = solve_checkpointing(plan, COST, budget, cache=cache)
     b = solve_checkpointing(plan, COST, budget, cache=cache)
     meta = b.metadata["checkpointing"]

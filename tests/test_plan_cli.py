@@ -4,7 +4,7 @@ import pytest
 
 from infinipipe.cli import main
 from infinipipe.commands.plan import parse_bytes
-from infinipipe.plan.ir import Plan, validate_plan
+from infinipipe.contract.ir import Plan, validate_plan
 from test_simulator import h100_like_cost
 
 
@@ -20,12 +20,12 @@ def test_plan_from_a_lengths_file_then_simulate_with_json_and_chart(tmp_path, pr
     lengths.write_text("40000\n9000\n3000\n3000\n500\n")
     out = tmp_path / "plan.json"
     assert main(["plan", "--lengths", str(lengths), "--model", "llama-7b", "--profile", str(profile_file),
-                 "--stages", "4", "--memory", "80GiB", "--planner", "seq1f1b",
+                 "--stages", "4", "--memory-budget", "80GiB", "--planner", "seq1f1b",
                  "--option", "chunk_tokens=8192", "--out", str(out)]) == 0
     plan = Plan.loads(out.read_text())
     validate_plan(plan)
     assert plan.seq_lengths == (40000, 9000, 3000, 3000, 500)
-    assert plan.metadata["planner"] == "seq1f1b" and plan.metadata["memory_bytes"] == 80 * 2**30
+    assert plan.metadata["planner"] == "seq1f1b" and plan.metadata["memory_budget"] == 80 * 2**30
     capsys.readouterr()
     chart = tmp_path / "gantt.png"
     assert main(["simulate", str(out), "--json", "--chart", str(chart)]) == 0
@@ -44,7 +44,7 @@ def test_plan_from_a_named_distribution_and_human_summary(tmp_path, profile_file
                  "--profile", str(profile_file), "--stages", "2", "--planner", "batch-1f1b",
                  "--out", str(out)]) == 0
     assert len(Plan.loads(out.read_text()).seq_lengths) == 32
-    assert main(["simulate", str(out), "--memory", "1GiB"]) == 0
+    assert main(["simulate", str(out), "--memory-budget", "1GiB"]) == 0
     text = capsys.readouterr().out
     assert "SIMULATED" in text and "OUT OF MEMORY" in text
 
@@ -53,8 +53,8 @@ def test_bad_input_exits_with_a_clear_error(tmp_path, profile_file, capsys):
     lengths = tmp_path / "lengths.txt"
     lengths.write_text("100\n")
     code = main(["plan", "--lengths", str(lengths), "--model", "llama-7b", "--profile", str(profile_file),
-                 "--stages", "2", "--memory", "eighty", "--planner", "gpipe", "--out", str(tmp_path / "p.json")])
-    assert code == 2 and "--memory" in capsys.readouterr().err
+                 "--stages", "2", "--memory-budget", "eighty", "--planner", "gpipe", "--out", str(tmp_path / "p.json")])
+    assert code == 2 and "--memory-budget" in capsys.readouterr().err
     code = main(["plan", "--lengths", str(lengths), "--model", "llama-13b", "--profile", str(profile_file),
                  "--stages", "2", "--planner", "gpipe", "--out", str(tmp_path / "p.json")])
     assert code == 2 and "profile" in capsys.readouterr().err

@@ -5,11 +5,12 @@ import functools
 
 import pytest
 
-from infinipipe.model.config import PRESETS
-from infinipipe.plan.cost import CostModel, LinearTerm, Profile
-from infinipipe.plan.ir import validate_plan
-from infinipipe.plan.planners import PlanRequest, make_plan
-from infinipipe.plan.prefetch import PlanPrefetcher
+from infinipipe.contract.cost import CostModel, LinearTerm, Profile
+from infinipipe.contract.ir import validate_plan
+from infinipipe.contract.model_config import PRESETS
+from infinipipe.planners.registry import make_plan
+from infinipipe.planners.request import PlanRequest
+from infinipipe.train.prefetch import PlanPrefetcher
 
 MODEL = PRESETS["tiny"].with_layers(4)
 COST = CostModel(Profile(

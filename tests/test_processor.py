@@ -2,8 +2,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from infinipipe.plan.ir import check_coverage
-from infinipipe.plan.processor import SliceTimer, equal_time_cuts, process_sequences
+from infinipipe.contract.ir import check_coverage
+from infinipipe.planners.processor import SliceTimer, equal_time_cuts, process_sequences
 from test_simulator import h100_like_cost
 
 COST = h100_like_cost()
@@ -16,7 +16,7 @@ def slice_times(cuts):
 
 
 def test_slice_timer_reproduces_the_cost_model():
-    from infinipipe.plan.cost import ChunkShape
+    from infinipipe.contract.shapes import ChunkShape
 
     for prefix, length in [(0, 1), (0, 4096), (12345, 777), (100000, 30000)]:
         want = COST.forward_ms(ChunkShape((length,), prefix=prefix), n_layers=1)
@@ -36,7 +36,7 @@ def test_longest_sequence_splits_into_equal_time_slices_with_later_ones_shorter(
 
 @pytest.mark.parametrize("length,k", [(8192, 4), (20000, 7), (3000, 2)])
 def test_equal_time_slices_with_a_profile_nonlinear_in_attention_area(length, k):
-    from infinipipe.plan.cost import CostModel, load_profile
+    from infinipipe.contract.cost import CostModel, load_profile
 
     profile = load_profile("cpu-fp32-tiny")
     timer = SliceTimer(CostModel(profile, profile.model))
@@ -74,18 +74,13 @@ def test_chunks_cover_every_token_once_and_never_hold_two_split_sequences(length
 @given(lengths=st.lists(st.integers(1, 64 * 1024), min_size=1, max_size=40), k=st.integers(1, 8),
        cap=st.integers(1024, 64 * 1024))
 def test_no_chunk_exceeds_the_token_threshold(lengths, k, cap):
-    try:
-        chunks = process_sequences(lengths, COST, k, cap)
-    except ValueError as exc:
-        assert "token capacity" in str(exc)
-        assert equal_time_cuts(max(lengths), k, TIMER)[0] > cap
-        return
+    chunks = process_sequences(lengths, COST, k, cap)  # over-long slices are cut further, never refused
     limit = min(cap, equal_time_cuts(max(lengths), k, TIMER)[0])
     assert all(c.tokens <= limit for c in chunks)
 
 
 def test_short_sequences_fill_buckets_within_the_time_and_token_thresholds():
-    from infinipipe.plan.cost import ChunkShape
+    from infinipipe.contract.shapes import ChunkShape
 
     lengths = [8192] + [1024] * 20
     chunks = process_sequences(lengths, COST, 1, BIG)
@@ -96,7 +91,7 @@ def test_short_sequences_fill_buckets_within_the_time_and_token_thresholds():
 
 
 def test_tail_slices_seed_hybrid_chunks_and_packing_never_passes_the_slice_time():
-    from infinipipe.plan.cost import ChunkShape
+    from infinipipe.contract.shapes import ChunkShape
 
     lengths = [65536, 40000] + [512] * 64
     chunks = process_sequences(lengths, COST, 4, BIG)

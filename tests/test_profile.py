@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from infinipipe.cli import main
-from infinipipe.model.config import preset
-from infinipipe.plan.cost import ChunkShape, CostModel, Profile
-from infinipipe.profile import LayerBench, fit_grid, held_out_grid, profile_device
+from infinipipe.contract.cost import CostModel, Profile
+from infinipipe.contract.model_config import preset
+from infinipipe.contract.shapes import ChunkShape
+from infinipipe.profiling.measure import LayerBench, fit_grid, held_out_grid, profile_device
 
 TINY = preset("tiny")
 
@@ -33,8 +34,10 @@ def test_memory_model_matches_saved_tensor_accounting_on_every_held_out_shape():
     for m in measured:
         assert prof.layer_act_bytes(m.shape) == pytest.approx(m.act_bytes, rel=0.05)
     assert prof.fit_error["act_bytes"]["max"] < 0.05
-    # time on a shared CPU is noisy: only a loose sanity bound here; the committed profile is held to 10%
-    assert prof.fit_error["time"]["median"] < 0.5
+    # Times on a shared CPU are noisy (their agreement is a benchmark); the fitted model must still
+    # charge more for more work: more tokens, and a longer cached prefix.
+    assert prof.layer_fwd(ChunkShape((256,))) > prof.layer_fwd(ChunkShape((64,)))
+    assert prof.layer_bwd(ChunkShape((64,), prefix=192)) > prof.layer_bwd(ChunkShape((64,)))
     assert Profile.from_json(json.loads(json.dumps(prof.to_json()))) == prof
 
 

@@ -2,9 +2,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from infinipipe.plan.ir import Chunk, Segment, validate_plan
-from infinipipe.plan.processor import process_sequences
-from infinipipe.plan.schedule import epp_schedule
+from infinipipe.contract.ir import Chunk, Segment, validate_plan
+from infinipipe.planners.processor import process_sequences
+from infinipipe.planners.schedule import epp_schedule
 from test_simulator import h100_like_cost
 
 COST = h100_like_cost()

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from infinipipe.model.config import preset
-from infinipipe.plan.cost import ChunkShape, CostModel, load_profile
+from infinipipe.contract.cost import CostModel, load_profile
+from infinipipe.contract.model_config import preset
+from infinipipe.contract.shapes import ChunkShape
 from infinipipe.sim.simulator import simulate
 
 _spec = importlib.util.spec_from_file_location(

@@ -2,10 +2,11 @@ import json
 
 import pytest
 
-from infinipipe.model.config import PRESETS
-from infinipipe.plan.cost import ChunkShape, CostModel, LinearTerm, Profile
-from infinipipe.plan.ir import Action, Chunk, Plan, Segment
-from infinipipe.plan.schedule import epp_schedule
+from infinipipe.contract.cost import CostModel, LinearTerm, Profile
+from infinipipe.contract.ir import Action, Chunk, Plan, Segment
+from infinipipe.contract.model_config import PRESETS
+from infinipipe.contract.shapes import ChunkShape
+from infinipipe.planners.schedule import epp_schedule
 from infinipipe.sim.simulator import LinkModel, simulate
 
 NO_LINK = LinkModel(latency_s=0.0, bandwidth_Bps=1e30)
@@ -91,7 +92,7 @@ def test_out_of_memory_is_reported_with_stage_time_and_excess_not_raised():
     cost = h100_like_cost()
     plan = equal_chunks_plan(8, 4, 65536, cost)
     budget = 40 * 2**30
-    result = simulate(plan, cost, memory_bytes=budget)
+    result = simulate(plan, cost, memory_budget=budget)
     assert not result.feasible
     worst = {o.stage: o for o in result.oom}
     for p, peak in enumerate(result.peak_memory_bytes):
@@ -99,19 +100,19 @@ def test_out_of_memory_is_reported_with_stage_time_and_excess_not_raised():
             assert worst[p].over_bytes == pytest.approx(peak - budget)
             assert 0 < worst[p].time_s <= result.iteration_time_s
             assert f"stage {p}" in str(worst[p])
-    assert simulate(plan, cost, memory_bytes=10 * 2**40).feasible
+    assert simulate(plan, cost, memory_budget=10 * 2**40).feasible
 
 
 def test_budget_defaults_to_the_plans_metadata():
     cost = h100_like_cost()
     plan = equal_chunks_plan(2, 2, 1024, cost)
-    tight = Plan.from_json({**plan.to_json(), "metadata": {"memory_bytes": 1}})
+    tight = Plan.from_json({**plan.to_json(), "metadata": {"memory_budget": 1}})
     assert not simulate(tight, cost).feasible
 
 
 def test_json_has_the_documented_fields():
     cost = h100_like_cost()
-    out = simulate(equal_chunks_plan(3, 2, 1024, cost), cost, memory_bytes=80 * 2**30).to_json()
+    out = simulate(equal_chunks_plan(3, 2, 1024, cost), cost, memory_budget=80 * 2**30).to_json()
     json.dumps(out)
     for key in ("planner", "iteration_time_s", "bubble_ratio", "recompute_time_s", "feasible",
                 "peak_memory_bytes", "num_chunks", "num_pipelines"):
@@ -133,5 +134,5 @@ def test_chart_is_written_as_png(tmp_path):
     cost = h100_like_cost()
     chunks = [Chunk(0, (Segment(0, 0, 4000),)), Chunk(1, (Segment(0, 4000, 6000), Segment(1, 0, 500)))]
     plan = epp_schedule(chunks, [6000, 500], 2, [16, 16], recompute=lambda s, c: 2)
-    out = draw_chart(plan, simulate(plan, cost, memory_bytes=80 * 2**30), tmp_path / "g.png")
+    out = draw_chart(plan, simulate(plan, cost, memory_budget=80 * 2**30), tmp_path / "g.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

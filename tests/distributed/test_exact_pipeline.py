@@ -7,17 +7,18 @@ import pytest
 import torch
 
 from chunking import random_chunks, sequential_plan
-from reference_check import assert_matches_reference
-from infinipipe.model.config import ModelConfig
-from infinipipe.plan.cost import CostModel, LinearTerm, Profile
-from infinipipe.plan.ir import Plan
-from infinipipe.plan.schedule import epp_schedule
+from infinipipe.contract.cost import CostModel, LinearTerm, Profile
+from infinipipe.contract.ir import Plan
+from infinipipe.contract.model_config import ModelConfig
+from infinipipe.planners.data_parallel import split_batch, whole_sequence_cost
+from infinipipe.planners.schedule import epp_schedule
 from infinipipe.runtime.batch import Batch
 from infinipipe.runtime.executor import PipelineWorker, RuntimeSettings
+from infinipipe.runtime.full_sequence import reference_loss
 from infinipipe.runtime.launch import launch_local
 from infinipipe.runtime.local import build_stages
-from infinipipe.runtime.mesh import make_mesh, split_batch, whole_sequence_cost
-from infinipipe.runtime.reference import reference_loss
+from infinipipe.runtime.parallel_dims import ParallelDims
+from reference_check import assert_matches_reference
 
 pytestmark = pytest.mark.slow
 
@@ -74,11 +75,13 @@ def hand_plans(lengths, layers, rng: random.Random) -> dict[str, Plan]:
 
 def planner_plans(lengths, layers) -> dict[str, Plan]:
     """Each planner on a synthetic cost model; a tight budget first, so EPP splits and recomputes."""
-    from infinipipe.plan.planners import PlanRequest, make_plan
+    from infinipipe.planners.options import PlannerOptions
+    from infinipipe.planners.registry import make_plan
+    from infinipipe.planners.request import PlanRequest
 
     cost = synthetic_cost()
     states = max(cost.model_state_bytes(n, s == 0, s == len(layers) - 1) for s, n in enumerate(layers))
-    opts = {"micro_batch_tokens": 40, "chunk_tokens": 12, "recompute": 1, "num_slices": 3}
+    opts = PlannerOptions(micro_batch_tokens=40, chunk_tokens=12, recompute=1, num_slices=3)
     out = {}
     for name in PLANNERS:
         for extra in (5e4, 1e6, 1e9):
@@ -94,7 +97,7 @@ def planner_plans(lengths, layers) -> dict[str, Plan]:
 
 def run_cases(dp: int, pp: int, layers: tuple[int, ...], cases):
     """Worker: one mesh, one stage model, every case a step; returns grads per (replica, stage)."""
-    mesh = make_mesh(dp, pp)
+    mesh = ParallelDims(pp=pp, dp_replicate=dp).build_mesh()
     worker = PipelineWorker(CFG, layers, mesh, RuntimeSettings(seed=0, loss_block_tokens=7))
     out = []
     for plans, batches in cases:

@@ -10,12 +10,12 @@ import torch
 import torch.distributed as dist
 
 from chunking import sequential_plan
-from infinipipe.model.config import ModelConfig
-from infinipipe.plan.ir import Chunk, Segment
+from infinipipe.contract.ir import Chunk, Segment
+from infinipipe.contract.model_config import ModelConfig
 from infinipipe.runtime.batch import Batch
 from infinipipe.runtime.executor import PipelineWorker, RuntimeSettings
 from infinipipe.runtime.launch import RankFailed, launch_local
-from infinipipe.runtime.mesh import make_mesh
+from infinipipe.runtime.parallel_dims import ParallelDims
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ CHUNKS = [Chunk(0, (Segment(0, 0, 5),)), Chunk(1, (Segment(0, 5, 9), Segment(1, 
 
 
 def _worker(fault: str):
-    mesh = make_mesh(1, 2)
+    mesh = ParallelDims(pp=2, dp_replicate=1).build_mesh()
     rank = dist.get_rank()
     dtype = torch.float64 if fault == "dtype" and rank == 1 else torch.float32
     worker = PipelineWorker(CFG, (1, 1), mesh, RuntimeSettings(dtype=dtype))

@@ -5,11 +5,15 @@ import csv
 import random
 
 from torch.distributed.pipelining.schedules import (
-    _Action, _add_send_recv, _ComputationType, _simulate_comms_compute, _validate_schedule,
+    _Action,
+    _add_send_recv,
+    _ComputationType,
+    _simulate_comms_compute,
+    _validate_schedule,
 )
 
 from chunking import random_chunks
-from infinipipe.plan.schedule import epp_schedule
+from infinipipe.planners.schedule import epp_schedule
 from infinipipe.runtime.interop import pipeline_order_table, pipelining_actions, write_pipelining_csv
 
 

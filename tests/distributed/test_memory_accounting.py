@@ -12,13 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infinipipe.model.config import preset
-from infinipipe.plan.cost import ChunkShape, CostModel, default_profile
-from infinipipe.plan.planners import PlanRequest, make_plan
+from infinipipe.contract.cost import CostModel, default_profile
+from infinipipe.contract.model_config import preset
+from infinipipe.contract.shapes import ChunkShape
+from infinipipe.planners.registry import make_plan
+from infinipipe.planners.request import PlanRequest
 from infinipipe.runtime.batch import Batch
 from infinipipe.runtime.executor import PipelineWorker, RuntimeSettings
 from infinipipe.runtime.launch import launch_local
-from infinipipe.runtime.mesh import make_mesh
+from infinipipe.runtime.parallel_dims import ParallelDims
 from infinipipe.sim.simulator import simulate
 
 pytestmark = pytest.mark.slow
@@ -44,7 +46,7 @@ def measure_peaks(plans, layers):
     cfg = preset(MODEL)
     g = torch.Generator().manual_seed(0)
     batch = Batch(tuple(torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in LENGTHS))
-    worker = PipelineWorker(cfg, layers, make_mesh(1, len(layers)), RuntimeSettings())
+    worker = PipelineWorker(cfg, layers, ParallelDims(pp=len(layers), dp_replicate=1).build_mesh(), RuntimeSettings())
     return [worker.run_step(plan, batch).peak_activation_bytes for plan in plans]
 
 

@@ -14,12 +14,12 @@ import pytest
 from infinipipe.config import load_config
 from infinipipe.data.dataset import build_dataset
 from infinipipe.train.loop import run_training
-from infinipipe.train.reference import reference_losses
+from infinipipe.train.single_device import reference_losses
 
 pytestmark = pytest.mark.slow
 
 SMALL_RUN = ["--data.max_docs=120", "--training.seq_len=2048", "--training.global_batch_tokens=4096",
-             "--lr_scheduler.warmup_steps=3", "--epp.memory_per_device=96MiB"]
+             "--lr_scheduler.warmup_steps=3", "--epp.memory_budget=96MiB"]
 
 
 @pytest.fixture(scope="module")

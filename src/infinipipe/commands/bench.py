@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dist", default="github", help="length distribution (github, commoncrawl, python-stdlib)")
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--max-len", type=int, default=98304)
-    p.add_argument("--memory", default="80GiB", help="memory per device")
+    p.add_argument("--memory-budget", default="80GiB", help="memory budget per device (default 80GiB)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ablations", action="store_true", help="also run epp-no-ckpt and epp-full-ckpt")
     p.add_argument("--json", action="store_true", help="print every figure as JSON")
@@ -21,23 +21,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import parse_bytes
+    from ..contract.cost import CostModel, default_profile_name, load_profile
+    from ..contract.model_config import preset
+    from ..contract.units import parse_bytes
     from ..data.lengths import sample_lengths
-    from ..model.config import preset
-    from ..plan.cost import CostModel, default_profile_name, load_profile
-    from ..sim.compare import ABLATIONS, BASELINES, compare_planners, format_rows
+    from ..planners.compare import ABLATIONS, BASELINES, compare_planners, format_rows
 
     name = args.profile or default_profile_name(args.model)
     profile = load_profile(name)
     cost = CostModel(profile, preset(args.model))
     lengths = sample_lengths(args.dist, args.batch, args.max_len, args.seed)
     planners = ["epp", *BASELINES, *(ABLATIONS if args.ablations else ())]
-    rows = compare_planners(cost, lengths, args.stages, parse_bytes(args.memory, "--memory"), planners)
+    rows = compare_planners(cost, lengths, args.stages, parse_bytes(args.memory_budget, "--memory-budget"), planners)
     if args.json:
         print(json.dumps({"simulated": True, "profile": name, "rows": rows}, indent=1, default=str))
         return 0
     origin = f"derived from {profile.derived_from}" if profile.derived_from else profile.source.split(";")[0]
-    print(f"SIMULATED (no hardware was run): {args.model} on {args.stages} stages, {args.memory} per device, "
+    print(f"SIMULATED (no hardware was run): {args.model} on {args.stages} stages, {args.memory_budget} per device, "
           f"{args.batch} {args.dist} sequences up to {args.max_len} tokens ({sum(lengths):,} tokens)")
     print(f"profile {name}: {profile.device}, {profile.dtype}, {origin}")
     print("\n".join(format_rows(rows)))

@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..plan.cost import ChunkShape, CostModel, load_profile
+    from ..contract.cost import CostModel, load_profile
+    from ..contract.shapes import ChunkShape
 
     if args.layers < 1:
         raise ValueError(f"--layers must be >= 1, got {args.layers}")

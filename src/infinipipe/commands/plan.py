@@ -4,40 +4,32 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import sys
 from pathlib import Path
 
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+from ..contract.units import parse_bytes
+from ..planners.options import PlannerOptions
 
 
-def parse_bytes(text: str) -> int:
-    """``80GiB``, ``1.5TB``, ``4096`` -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in UNITS:
-        raise ValueError(f"--memory: cannot read {text!r} as a size (e.g. 80GiB, 40GB, 1073741824)")
-    value = float(m.group(1)) * UNITS[m.group(2).lower()]
-    if value <= 0:
-        raise ValueError(f"--memory must be > 0, got {text!r}")
-    return int(value)
-
-
-def parse_option(text: str) -> tuple[str, object]:
-    """``key=value``; the value is read as JSON when it parses (numbers, true/false), else a string."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise ValueError(f"--option expects key=value, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+def parse_options(words: list[str]) -> PlannerOptions:
+    """``key=value`` words into `PlannerOptions`; a value is read as JSON when it parses
+    (numbers, true/false), else as a string, then checked against the option's type."""
+    values: dict[str, object] = {}
+    for text in words:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option expects key=value, got {text!r}")
+        try:
+            values[key] = json.loads(value)
+        except json.JSONDecodeError:
+            values[key] = value
+    return PlannerOptions.from_mapping(values)
 
 
 def build_cost(profile_ref: str, model_ref: str | dict | None):
     """A CostModel from a committed profile name or a profile file, for a preset (or the profile's model)."""
-    from ..model.config import ModelConfig, preset
-    from ..plan.cost import CostModel, load_profile
+    from ..contract.cost import CostModel, load_profile
+    from ..contract.model_config import ModelConfig, preset
 
     profile = load_profile(profile_ref)
     if model_ref is None:
@@ -51,7 +43,7 @@ def build_cost(profile_ref: str, model_ref: str | dict | None):
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..data.lengths import DISTRIBUTIONS
-    from ..plan.planners import PLANNERS
+    from ..planners.registry import PLANNERS
 
     p = sub.add_parser("plan", help="plan one global batch and write the Plan as JSON",
                        description=__doc__)
@@ -66,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", help="committed profile name or profile JSON file "
                                      "(default: the committed profile of --model)")
     p.add_argument("--stages", type=int, required=True, help="pipeline stages")
-    p.add_argument("--memory", default="80GiB", help="memory per device (default 80GiB)")
+    p.add_argument("--memory-budget", default="80GiB", help="memory budget per device (default 80GiB)")
     p.add_argument("--layers", help="layers per stage, comma separated (default: balanced by cost)")
     p.add_argument("--planner", default="epp", choices=sorted(PLANNERS))
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -77,7 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..data.lengths import read_lengths, sample_lengths
-    from ..plan.planners import PlanRequest, make_plan
+    from ..planners.registry import make_plan
+    from ..planners.request import PlanRequest
 
     if args.lengths is not None:
         lengths = read_lengths(args.lengths)
@@ -88,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     if args.profile is None:
         if args.model is None:
             raise ValueError("give --model PRESET or --profile NAME_OR_FILE")
-        from ..plan.cost import default_profile_name
+        from ..contract.cost import default_profile_name
 
         args.profile = default_profile_name(args.model)
     cost = build_cost(args.profile, args.model)
@@ -98,12 +91,12 @@ def run(args: argparse.Namespace) -> int:
             layers = [int(x) for x in args.layers.split(",")]
         except ValueError:
             raise ValueError(f"--layers expects comma-separated integers, got {args.layers!r}") from None
-    request = PlanRequest(lengths, cost, args.stages, parse_bytes(args.memory), layers,
-                          dict(parse_option(o) for o in args.option))
+    request = PlanRequest(lengths, cost, args.stages, parse_bytes(args.memory_budget, "--memory-budget"), layers,
+                          parse_options(args.option))
     plan = make_plan(args.planner, request)
     plan = dataclasses.replace(plan, metadata={
         **plan.metadata, "profile": args.profile, "model": cost.model.to_json(),
-        "memory_bytes": request.memory_bytes, "lengths_source": source,
+        "memory_budget": request.memory_budget, "lengths_source": source,
     })
     args.out.write_text(plan.dumps() + "\n")
     print(f"{args.planner}: {len(lengths)} sequences ({sum(lengths)} tokens) -> {len(plan.chunks)} chunks, "

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..model.config import PRESETS, preset
+from ..contract.model_config import PRESETS, preset
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,8 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..plan.cost import load_profile
-    from ..plan.fit import profile_from_measurements, scale_profile
+    from ..contract.cost import load_profile
+    from ..profiling.fit import profile_from_measurements, scale_profile
 
     cfg = preset(args.model)
     fit_rows, held_rows = [], []
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         import torch
 
-        from ..profile import profile_device
+        from ..profiling.measure import profile_device
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")

@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("plan", type=Path, help="plan JSON written by `infinipipe plan`")
     p.add_argument("--profile", help="profile name or file (default: the one the plan was made with)")
     p.add_argument("--model", help="model preset (default: the model the plan was made for)")
-    p.add_argument("--memory", help="memory per device, e.g. 80GiB (default: the plan's budget)")
+    p.add_argument("--memory-budget", help="memory budget per device, e.g. 80GiB (default: the plan's)")
     p.add_argument("--latency-us", type=float, default=10.0, help="P2P latency in microseconds (default 10)")
     p.add_argument("--bandwidth-gbps", type=float, default=200.0,
                    help="P2P bandwidth in Gbit/s (default 200)")
@@ -22,9 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..plan.ir import Plan, validate_plan
-    from ..sim.simulator import LinkModel, simulate
-    from .plan import build_cost, parse_bytes
+    from ..contract.cost import LinkModel
+    from ..contract.ir import Plan, validate_plan
+    from ..contract.units import GIB, parse_bytes
+    from ..sim.simulator import simulate
+    from .plan import build_cost
 
     plan = Plan.loads(args.plan.read_text())
     validate_plan(plan)
@@ -32,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     if profile is None:
         raise ValueError("the plan does not name its profile; pass --profile")
     cost = build_cost(profile, args.model or plan.metadata.get("model"))
-    memory = parse_bytes(args.memory) if args.memory else plan.metadata.get("memory_bytes")
+    memory = (parse_bytes(args.memory_budget, "--memory-budget") if args.memory_budget
+              else plan.metadata.get("memory_budget"))
     link = LinkModel(latency_s=args.latency_us * 1e-6, bandwidth_Bps=args.bandwidth_gbps * 1e9 / 8)
     result = simulate(plan, cost, memory, link)
     if args.chart:
@@ -47,6 +50,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"  iteration time {result.iteration_time_s:.4f} s, bubble ratio {result.bubble_ratio:.1%}, "
               f"recompute {result.recompute_time_s:.4f} s (all stages)")
         for s, peak in enumerate(result.peak_memory_bytes):
-            print(f"  stage {s}: busy {result.busy_s[s]:.4f} s, peak memory {peak / 2**30:.2f} GiB")
+            print(f"  stage {s}: busy {result.busy_s[s]:.4f} s, peak memory {peak / GIB:.2f} GiB")
         print("  fits in memory" if result.feasible else "  OUT OF MEMORY: " + "; ".join(map(str, result.oom)))
     return 0

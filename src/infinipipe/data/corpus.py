@@ -17,10 +17,10 @@ import sys
 import sysconfig
 import tokenize
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Iterator
 
 # Directories under the stdlib that are tests, installed third-party packages or build artefacts.
 _STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}

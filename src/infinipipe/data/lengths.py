@@ -21,9 +21,9 @@ Samples longer than the context length are truncated to it, as training truncate
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

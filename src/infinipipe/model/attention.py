@@ -10,7 +10,7 @@ A segment with a cached prefix of ``C`` tokens has queries for its own ``s`` tok
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

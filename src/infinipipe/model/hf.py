@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig
+from ..contract.model_config import ModelConfig
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 

@@ -1,16 +1,16 @@
 """LLaMA-style decoder layer that processes one chunk (segments concatenated, no batch dim)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..plan.ir import Chunk
+from ..contract.ir import Chunk
+from ..contract.model_config import ModelConfig
 from .attention import chunk_attention, resolve_backend
-from .config import ModelConfig
 
 
 @dataclass(frozen=True)

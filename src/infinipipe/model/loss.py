@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..contract.cost import LOSS_BLOCK_TOKENS
+
 IGNORE = -100
-DEFAULT_BLOCK_TOKENS = 2048
 
 
 def _block_loss(h: torch.Tensor, labels: torch.Tensor, norm: nn.Module, head: nn.Module) -> torch.Tensor:
@@ -23,7 +24,7 @@ def _block_loss(h: torch.Tensor, labels: torch.Tensor, norm: nn.Module, head: nn
 
 
 def blocked_cross_entropy(h: torch.Tensor, norm: nn.Module, head: nn.Module, labels: torch.Tensor,
-                          normaliser: int, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> torch.Tensor:
+                          normaliser: int, block_tokens: int = LOSS_BLOCK_TOKENS) -> torch.Tensor:
     """Sum of token losses / ``normaliser``; ``labels`` is ``IGNORE`` where nothing is predicted."""
     if normaliser < 1:
         raise ValueError(f"loss normaliser must be >= 1 predicted token, got {normaliser}")

@@ -6,7 +6,7 @@ import zlib
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from ..contract.model_config import ModelConfig
 from .layers import DecoderLayer, RMSNorm
 
 

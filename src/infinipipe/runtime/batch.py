@@ -1,13 +1,13 @@
 """A global batch of token sequences, and the per-chunk views the stages need."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
+from ..contract.ir import Chunk
 from ..model.loss import IGNORE
-from ..plan.ir import Chunk
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,14 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from ..model.config import ModelConfig
-from ..model.loss import DEFAULT_BLOCK_TOKENS
+from ..contract.cost import LOSS_BLOCK_TOKENS
+from ..contract.ir import Plan, downstream_stage, upstream_stage, validate_plan
+from ..contract.model_config import ModelConfig
 from ..model.stage import StageModel, init_weights
-from ..plan.ir import Plan, validate_plan
 from .batch import Batch
 from .memory import SavedTensorMeter
-from .mesh import ParallelMesh
 from .p2p import StageLink, TransferMismatch, plan_digest
+from .parallel_dims import ParallelMesh
 from .stage_compute import StageCompute
 
 
@@ -40,7 +40,7 @@ class RuntimeSettings:
     device: str = "cpu"
     seed: int = 0
     attention_backend: str = "auto"
-    loss_block_tokens: int = DEFAULT_BLOCK_TOKENS
+    loss_block_tokens: int = LOSS_BLOCK_TOKENS
     recv_lookahead: int = 1
 
     def __post_init__(self) -> None:
@@ -136,7 +136,7 @@ class PipelineWorker:
             raise ValueError(f"plan has {plan.num_stages} stages, the mesh has pp={self.mesh.pp}")
         if tuple(batch.lengths) != plan.seq_lengths:
             raise ValueError(f"batch sequence lengths {batch.lengths} differ from the plan's {plan.seq_lengths}")
-        stage, last = self.mesh.stage, self.mesh.pp - 1
+        stage, n_stages = self.mesh.stage, self.mesh.pp
         t_step = time.perf_counter()
         digest = plan_digest(plan)
         self._agree_on_plan(digest)
@@ -153,11 +153,9 @@ class PipelineWorker:
         tokens = [c.tokens for c in plan.chunks]
 
         def incoming(a):
-            if a.kind == "F" and stage > 0:
-                return "act"
-            if a.kind == "B" and stage < last:
-                return "grad"
-            return None
+            if upstream_stage(a.kind, stage, n_stages) is None:
+                return None
+            return "act" if a.kind == "F" else "grad"
 
         needs = [i for i, a in enumerate(actions) if incoming(a)]
         posted = 0
@@ -183,12 +181,10 @@ class PipelineWorker:
                     out = compute.backward(chunk, x)
                 self._sync()
                 times.append(ActionTime(a.kind, a.chunk_id, time.perf_counter() - t0))
-                if a.kind == "F" and stage == last:
-                    loss += float(out)
+                if downstream_stage(a.kind, stage, n_stages) is not None:
+                    link.send("act" if a.kind == "F" else "grad", a.chunk_id, out)
                 elif a.kind == "F":
-                    link.send("act", a.chunk_id, out)
-                elif stage > 0:
-                    link.send("grad", a.chunk_id, out)
+                    loss += float(out)
             link.wait_sends()
         pipeline_s = time.perf_counter() - t_pipe
         busy = sum(t.compute_s for t in times)

@@ -12,7 +12,7 @@ import csv
 import io
 from pathlib import Path
 
-from ..plan.ir import Plan
+from ..contract.ir import Plan
 
 
 def pipelining_actions(plan: Plan) -> dict[int, list[str]]:

@@ -6,14 +6,14 @@ runtime must give the same loss and gradients.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from ..model.config import ModelConfig
-from ..model.loss import DEFAULT_BLOCK_TOKENS
+from ..contract.cost import LOSS_BLOCK_TOKENS
+from ..contract.ir import Plan, downstream_stage, upstream_stage, validate_plan
+from ..contract.model_config import ModelConfig
 from ..model.stage import StageModel, init_weights
-from ..plan.ir import Plan, validate_plan
 from .batch import Batch
 from .stage_compute import StageCompute
 
@@ -35,7 +35,7 @@ def build_stages(cfg: ModelConfig, layers_per_stage: Sequence[int], seed: int = 
 
 
 def run_plan_local(plan: Plan, stages: Sequence[StageModel], batch: Batch,
-                   normaliser: int | None = None, loss_block_tokens: int = DEFAULT_BLOCK_TOKENS) -> float:
+                   normaliser: int | None = None, loss_block_tokens: int = LOSS_BLOCK_TOKENS) -> float:
     """Execute ``plan`` over ``stages`` in this process; returns the loss, leaves gradients in ``.grad``."""
     order = validate_plan(plan)
     if len(stages) != plan.num_stages:
@@ -43,20 +43,19 @@ def run_plan_local(plan: Plan, stages: Sequence[StageModel], batch: Batch,
     if tuple(batch.lengths) != plan.seq_lengths:
         raise ValueError("the batch's sequence lengths differ from the plan's")
     computes = [StageCompute(m, batch, normaliser, loss_block_tokens) for m in stages]
-    acts: dict[tuple[int, int], torch.Tensor] = {}
-    grads: dict[tuple[int, int], torch.Tensor] = {}
-    last = plan.num_stages - 1
+    outputs: dict[tuple[str, int, int], torch.Tensor | None] = {}
+    n = plan.num_stages
     loss = 0.0
     for s, a in order:
         chunk = plan.chunks[a.chunk_id]
+        src = upstream_stage(a.kind, s, n)
+        x = outputs.pop((a.kind, src, a.chunk_id)) if src is not None else None
         if a.kind == "F":
-            out = computes[s].forward(chunk, acts.pop((s, a.chunk_id), None), a.recompute_layers)
-            if s == last:
-                loss += float(out)
-            else:
-                acts[(s + 1, a.chunk_id)] = out
+            out = computes[s].forward(chunk, x, a.recompute_layers)
         else:
-            g = computes[s].backward(chunk, grads.pop((s, a.chunk_id), None))
-            if s > 0:
-                grads[(s - 1, a.chunk_id)] = g
+            out = computes[s].backward(chunk, x)
+        if downstream_stage(a.kind, s, n) is not None:
+            outputs[(a.kind, s, a.chunk_id)] = out
+        elif a.kind == "F":
+            loss += float(out)
     return loss

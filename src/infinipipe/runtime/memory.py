@@ -8,7 +8,7 @@ the cost model predicts and the runtime budgets: activation memory held from for
 from __future__ import annotations
 
 import weakref
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from ..plan.ir import Plan
+from ..contract.ir import Plan
 
 Direction = Literal["act", "grad"]
 _DIRECTION_CODES = {"act": 1, "grad": 2}

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..contract.cost import LOSS_BLOCK_TOKENS
+from ..contract.ir import Chunk
 from ..model.layers import ChunkMeta
-from ..model.loss import DEFAULT_BLOCK_TOKENS, blocked_cross_entropy
+from ..model.loss import blocked_cross_entropy
 from ..model.stage import StageModel
-from ..plan.ir import Chunk
 from .batch import Batch
 from .memory import SavedTensorMeter
 
@@ -42,7 +43,7 @@ class StageCompute:
     """Runs chunks through a `StageModel`; gradients accumulate in its parameters."""
 
     def __init__(self, model: StageModel, batch: Batch, normaliser: int | None = None,
-                 loss_block_tokens: int = DEFAULT_BLOCK_TOKENS, meter: SavedTensorMeter | None = None):
+                 loss_block_tokens: int = LOSS_BLOCK_TOKENS, meter: SavedTensorMeter | None = None):
         self.model = model
         self.batch = batch
         self.lengths = batch.lengths
@@ -53,23 +54,9 @@ class StageCompute:
         self._live: dict[int, _Live] = {}
         self._kv: dict[int, dict[int, _SliceKV]] = {}
 
-    @property
-    def pending(self) -> int:
-        """Chunks whose forward ran and whose backward has not."""
-        return len(self._live)
-
-    @staticmethod
-    def _prefixed(chunk: Chunk):
-        """The segment that attends to cached K/V of its sequence (a later slice), if any."""
-        return next((s for s in chunk.segments if s.start > 0), None)
-
-    def _kept(self, chunk: Chunk):
-        """The segment whose K/V later slices will need (a non-last slice), if any."""
-        return next((s for s in chunk.segments if s.end < self.lengths[s.seq_id]), None)
-
     def _prefix(self, chunk: Chunk) -> list | None:
         """Per layer, the cached (k, v) of the chunk's prefixed segment, or None."""
-        seg = self._prefixed(chunk)
+        seg = chunk.prefixed_segment
         if seg is None:
             return None
         slices = self._kv.get(seg.seq_id, {})
@@ -109,7 +96,7 @@ class StageCompute:
             inp = x.detach().requires_grad_(True)
             h = inp
         prefix = self._prefix(chunk)
-        kept = self._kept(chunk)
+        kept = chunk.kept_segment(self.lengths)
         if kept is not None:
             off = sum(s.length for s in chunk.segments[:chunk.segments.index(kept)])
             slice_kv = _SliceKV(end=kept.end)
@@ -139,7 +126,7 @@ class StageCompute:
 
     def _meter_kv(self, chunk: Chunk, done: _SliceKV | None) -> None:
         """Count the cached K/V gradients this backward created; drop a finished slice's K/V."""
-        seg = self._prefixed(chunk)
+        seg = chunk.prefixed_segment
         for sl in self._kv.get(seg.seq_id, {}).values() if seg is not None else ():
             if not sl.held_grads:
                 sl.held_grads = [leaf.grad for pair in sl.leaves for leaf in pair if leaf.grad is not None]
@@ -161,7 +148,7 @@ class StageCompute:
                 got = None if grad is None else tuple(grad.shape)
                 raise ValueError(f"chunk {chunk.id}: output gradient shape {got}, expected {tuple(live.out.shape)}")
             roots, grads = [live.out], [grad]
-        kept = self._kept(chunk)
+        kept = chunk.kept_segment(self.lengths)
         if kept is not None:
             slices = self._kv[kept.seq_id]
             if any(start > kept.start for start in slices):

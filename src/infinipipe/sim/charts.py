@@ -15,7 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from ..plan.ir import Plan  # noqa: E402
+from ..contract.ir import Plan  # noqa: E402
+from ..contract.units import GIB  # noqa: E402
 from .simulator import SimResult  # noqa: E402
 
 
@@ -56,10 +57,10 @@ def draw_chart(plan: Plan, result: SimResult, path: str | Path) -> Path:
     ], loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     for s, timeline in enumerate(result.memory_timeline):
         times = [t for t, _ in timeline] + [end]
-        levels = [v / 2**30 for _, v in timeline] + [timeline[-1][1] / 2**30]
+        levels = [v / GIB for _, v in timeline] + [timeline[-1][1] / GIB]
         memory.step(times, levels, where="post", label=f"stage {s}")
-    if result.memory_budget_bytes is not None:
-        memory.axhline(result.memory_budget_bytes / 2**30, color="red", linestyle="--", label="budget")
+    if result.memory_budget is not None:
+        memory.axhline(result.memory_budget / GIB, color="red", linestyle="--", label="budget")
     memory.set_xlabel("time (s)")
     memory.set_ylabel("memory (GiB)")
     memory.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, ncol=1 + stages // 12)

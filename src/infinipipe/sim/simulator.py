@@ -13,25 +13,10 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from ..plan.cost import ChunkShape, CostModel
-from ..plan.ir import Plan, play_order
-
-
-@dataclass(frozen=True)
-class LinkModel:
-    """Point-to-point link between neighbouring stages (default: one 200 Gb/s InfiniBand port)."""
-
-    latency_s: float = 10e-6
-    bandwidth_Bps: float = 25e9
-
-    def __post_init__(self) -> None:
-        if self.latency_s < 0:
-            raise ValueError(f"link latency_s must be >= 0, got {self.latency_s}")
-        if self.bandwidth_Bps <= 0:
-            raise ValueError(f"link bandwidth_Bps must be > 0, got {self.bandwidth_Bps}")
-
-    def transfer_s(self, nbytes: float) -> float:
-        return self.latency_s + nbytes / self.bandwidth_Bps
+from ..contract.cost import CostModel, LinkModel
+from ..contract.ir import Plan, play_order, upstream_stage
+from ..contract.shapes import ChunkShape
+from ..contract.units import format_bytes
 
 
 @dataclass(frozen=True)
@@ -54,11 +39,11 @@ class OutOfMemory:
     time_s: float
     over_bytes: float
     peak_bytes: float
-    budget_bytes: float
+    budget: float
 
     def __str__(self) -> str:
-        return (f"stage {self.stage} exceeds its {self.budget_bytes / 2**30:.2f} GiB budget at "
-                f"t={self.time_s:.4f}s by up to {self.over_bytes / 2**30:.2f} GiB")
+        return (f"stage {self.stage} exceeds its {format_bytes(self.budget)} budget at "
+                f"t={self.time_s:.4f}s by up to {format_bytes(self.over_bytes)}")
 
 
 @dataclass(frozen=True)
@@ -73,7 +58,7 @@ class SimResult:
     recompute_s: tuple[float, ...]
     peak_memory_bytes: tuple[float, ...]
     peak_activation_bytes: tuple[float, ...]
-    memory_budget_bytes: float | None
+    memory_budget: float | None
     oom: tuple[OutOfMemory, ...]
     num_chunks: int
     num_pipelines: int
@@ -108,7 +93,7 @@ class SimResult:
             "feasible": self.feasible,
             "peak_memory_bytes": list(self.peak_memory_bytes),
             "peak_activation_bytes": list(self.peak_activation_bytes),
-            "memory_budget_bytes": self.memory_budget_bytes,
+            "memory_budget": self.memory_budget,
             "num_chunks": self.num_chunks,
             "num_pipelines": self.num_pipelines,
             "busy_s": list(self.busy_s),
@@ -119,14 +104,14 @@ class SimResult:
         }
 
 
-def simulate(plan: Plan, cost: CostModel, memory_bytes: float | None = None,
+def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
              link: LinkModel = LinkModel()) -> SimResult:
-    """Run ``plan`` on ``cost``; ``memory_bytes`` (per device) defaults to the plan's metadata."""
+    """Run ``plan`` on ``cost``; ``memory_budget`` (per device) defaults to the plan's metadata."""
     if sum(plan.layers_per_stage) != cost.model.layers:
         raise ValueError(
             f"plan splits {sum(plan.layers_per_stage)} layers, the cost model's model has {cost.model.layers}"
         )
-    budget = memory_bytes if memory_bytes is not None else plan.metadata.get("memory_bytes")
+    budget = memory_budget if memory_budget is not None else plan.metadata.get("memory_budget")
     stages = plan.num_stages
     last = stages - 1
     shapes = [ChunkShape.of(c, plan.seq_lengths) for c in plan.chunks]
@@ -143,9 +128,8 @@ def simulate(plan: Plan, cost: CostModel, memory_bytes: float | None = None,
     free = [0.0] * stages
     intervals: list[Interval] = []
     for s, a in play_order(plan):
-        needs_input = (a.kind == "F" and s > 0) or (a.kind == "B" and s < last)
-        src = ("F", s - 1, a.chunk_id) if a.kind == "F" else ("B", s + 1, a.chunk_id)
-        ready = end[src] + wire[a.chunk_id] if needs_input else 0.0
+        src = upstream_stage(a.kind, s, stages)
+        ready = end[(a.kind, src, a.chunk_id)] + wire[a.chunk_id] if src is not None else 0.0
         start = max(free[s], ready)
         dur, rec = duration(plan.layers_per_stage[s], s == 0, s == last, a.kind, a.chunk_id, a.recompute_layers)
         free[s] = end[(a.kind, s, a.chunk_id)] = start + dur
@@ -193,7 +177,7 @@ def simulate(plan: Plan, cost: CostModel, memory_bytes: float | None = None,
         recompute_s=tuple(sum(i.recompute_s for i in intervals if i.stage == s) for s in range(stages)),
         peak_memory_bytes=tuple(peaks),
         peak_activation_bytes=tuple(act_peaks),
-        memory_budget_bytes=None if budget is None else float(budget),
+        memory_budget=None if budget is None else float(budget),
         oom=tuple(ooms),
         num_chunks=len(plan.chunks),
         num_pipelines=len(plan.pipelines),

@@ -18,18 +18,19 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config
+from ..contract.cost import CostModel
 from ..data.dataset import TokenDataset, build_dataset, build_sampler
-from ..plan.cost import CostModel
-from ..plan.layers import balance_layers
-from ..plan.prefetch import PlanPrefetcher
+from ..planners.stage_layers import balance_layers
 from ..runtime.batch import Batch
 from ..runtime.executor import PipelineWorker, RuntimeSettings, StepResult
 from ..runtime.launch import init_from_env, launch_local, under_torchrun
-from ..runtime.mesh import ParallelMesh, make_mesh
+from ..runtime.parallel_dims import ParallelDims, ParallelMesh
 from ..sim.simulator import simulate
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import MetricsWriter
+from .optim import build_optimizer
 from .planning import StepPlanner, StepPlans, profile_for
+from .prefetch import PlanPrefetcher
 
 
 @dataclass(frozen=True)
@@ -47,12 +48,6 @@ class TrainResult:
         return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
 
 
-def world_size(cfg: Config) -> int:
-    """Ranks a local run starts: pipeline x replicate x shard (a shard degree of -1 counts as 1)."""
-    p = cfg.parallelism
-    return p.pipeline_parallel_degree * p.data_parallel_replicate_degree * max(1, p.data_parallel_shard_degree)
-
-
 def run_training(cfg: Config, run_dir: str | Path, *, progress: bool = True, timeout_s: float = 24 * 3600) -> TrainResult:
     """Run the job of ``cfg``: under torchrun on this rank, else as local gloo processes on CPU."""
     run_dir = Path(run_dir)
@@ -65,7 +60,7 @@ def run_training(cfg: Config, run_dir: str | Path, *, progress: bool = True, tim
             return _rank_main(cfg, str(run_dir), dataset, device, progress)
         finally:
             dist.destroy_process_group()
-    world = world_size(cfg)
+    world = ParallelDims.from_config(cfg.parallelism).world_size
     threads = max(1, (os.cpu_count() or 1) // world)
     results = launch_local(_rank_main, world, args=(cfg, str(run_dir), dataset, "cpu", progress), threads=threads,
                            collective_timeout_s=cfg.comm.train_timeout_seconds, timeout_s=timeout_s)
@@ -112,8 +107,8 @@ def _record(step: int, sp: StepPlans, results: list[dict], tokens: int, step_s: 
     }
 
 
-def _predict(sp: StepPlans, cost: CostModel, memory_bytes: int) -> dict:
-    sims = [simulate(p, cost, memory_bytes) for p in sp.plans]
+def _predict(sp: StepPlans, cost: CostModel, memory_budget: int) -> dict:
+    sims = [simulate(p, cost, memory_budget) for p in sp.plans]
     return {
         "bubble_ratio": max(s.bubble_ratio for s in sims),
         "iteration_time_s": max(s.iteration_time_s for s in sims),
@@ -123,8 +118,9 @@ def _predict(sp: StepPlans, cost: CostModel, memory_bytes: int) -> dict:
 
 def _rank_main(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progress: bool) -> TrainResult | None:
     rank, world = dist.get_rank(), dist.get_world_size()
-    pp, replicate, shard = cfg.parallelism.resolve(world)
-    mesh = make_mesh(replicate * shard, pp, torch.device(device).type)
+    dims = ParallelDims.from_config(cfg.parallelism, world)
+    pp = dims.pp
+    mesh = dims.build_mesh(torch.device(device).type)
     model_cfg = cfg.model_config()
     cost = CostModel(profile_for(cfg, model_cfg), model_cfg)
     layers = balance_layers(cost, pp)
@@ -135,20 +131,15 @@ def _rank_main(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, pr
 
         _, full = load_hf_checkpoint(cfg.model.hf_path)
         worker.model.load_state_dict({k: full[k] for k in worker.model.state_dict()})
-    o = cfg.optimizer
-    optimizer = torch.optim.AdamW(worker.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                  weight_decay=o.weight_decay)
+    optimizer, scheduler = build_optimizer(cfg, worker.model.parameters())
     steps = cfg.training.steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cfg.lr_scheduler.factor(s, steps))
     ckpt_dir = Path(run_dir) / cfg.checkpoint.folder
     start = 0
     if cfg.checkpoint.enable and (latest := latest_checkpoint(ckpt_dir)) is not None:
         start = load_checkpoint(latest, worker.model, optimizer, scheduler)
     sampler = build_sampler(cfg, dataset)
-    memory = cfg.epp.memory_bytes
-    planner = StepPlanner(cost, sampler, cfg.epp.planner, pp, mesh.dp, memory, layers,
-                          {"min_slices": cfg.epp.min_slices, "max_slices": cfg.epp.max_slices,
-                           "mip_gap": cfg.epp.mip_gap, "time_limit_s": cfg.epp.time_limit_s})
+    memory = cfg.epp.memory_budget_bytes
+    planner = StepPlanner(cost, sampler, cfg.epp.planner, pp, mesh.dp, memory, layers, cfg.epp.planner_options())
     root = rank == 0
     losses: list[float] = []
     tokens = 0

@@ -10,13 +10,15 @@ import time
 from dataclasses import dataclass, replace
 
 from ..config import Config
+from ..contract.cost import CostModel, Profile, default_profile_name, load_profile
+from ..contract.ir import Plan
+from ..contract.model_config import ModelConfig
 from ..data.dataset import BatchSampler
-from ..model.config import ModelConfig
-from ..plan.cost import CostModel, Profile, default_profile_name, load_profile
-from ..plan.fit import flops_head_terms
-from ..plan.ir import Plan
-from ..plan.planners import PlanRequest, make_plan
-from ..runtime.mesh import split_batch, whole_sequence_cost
+from ..planners.data_parallel import split_batch, whole_sequence_cost
+from ..planners.options import PlannerOptions
+from ..planners.registry import make_plan
+from ..planners.request import PlanRequest
+from ..profiling.fit import flops_head_terms
 
 
 @dataclass(frozen=True)
@@ -61,9 +63,9 @@ class StepPlanner:
     planner: str
     num_stages: int
     dp: int
-    memory_bytes: int
+    memory_budget: int
     layers_per_stage: tuple[int, ...]
-    options: dict
+    options: PlannerOptions
 
     def __call__(self, step: int) -> StepPlans:
         t0 = time.perf_counter()
@@ -71,7 +73,7 @@ class StepPlanner:
         shares = split_batch(lengths, self.dp, whole_sequence_cost(self.cost))
         plans = []
         for share in shares:
-            request = PlanRequest([lengths[i] for i in share], self.cost, self.num_stages, self.memory_bytes,
+            request = PlanRequest([lengths[i] for i in share], self.cost, self.num_stages, self.memory_budget,
                                   self.layers_per_stage, self.options)
             plans.append(make_plan(self.planner, request))
         return StepPlans(step, tuple(tuple(s) for s in shares), tuple(plans), time.perf_counter() - t0)

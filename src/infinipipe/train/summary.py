@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config
-from .loop import TrainResult, world_size
+from ..runtime.parallel_dims import ParallelDims
+from .loop import TrainResult
 from .metrics import read_metrics
 
 
@@ -12,8 +13,9 @@ def print_summary(cfg: Config, result: TrainResult) -> None:
     records = read_metrics(result.run_dir)
     ran = len(result.losses)
     p = cfg.parallelism
+    world = ParallelDims.from_config(p).world_size
     print(f"\ntrained {ran} step(s) (steps {result.start_step + 1}..{result.start_step + ran} of {cfg.training.steps}) "
-          f"of {cfg.model_config().layers}-layer '{cfg.model.flavor}' on {world_size(cfg)} process(es): "
+          f"of {cfg.model_config().layers}-layer '{cfg.model.flavor}' on {world} process(es): "
           f"pp={p.pipeline_parallel_degree}, planner {cfg.epp.planner}")
     if ran:
         print(f"loss (measured): {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")

@@ -14,15 +14,14 @@ same on every stage and chunk) for which the simulator says the plan fits in mem
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Callable, Sequence
 
+from ..contract.ir import Action, Chunk, Plan, Segment, check_coverage, validate_plan
 from ..sim.simulator import SimResult, simulate
-from .ir import Action, Chunk, Plan, Segment, check_coverage, validate_plan
+from .packing import FirstFitBins
+from .request import PlanRequest
 from .schedule import epp_schedule
-
-if TYPE_CHECKING:
-    from .planners import PlanRequest
 
 Recompute = Callable[[int, int], int]
 
@@ -32,18 +31,10 @@ def pack_whole(lengths: Sequence[int], budget: int) -> list[Chunk]:
     (a longer sequence gets a chunk of its own)."""
     if budget < 1:
         raise ValueError(f"micro-batch token budget must be >= 1, got {budget}")
-    bins: list[list[int]] = []
-    used: list[int] = []
+    bins = FirstFitBins(budget)
     for seq in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        n = lengths[seq]
-        slot = next((b for b in range(len(bins)) if used[b] + n <= budget), None)
-        if slot is None:
-            bins.append([seq])
-            used.append(n)
-        else:
-            bins[slot].append(seq)
-            used[slot] += n
-    return [Chunk(i, tuple(Segment(s, 0, lengths[s]) for s in b)) for i, b in enumerate(bins)]
+        bins.put(Segment(seq, 0, lengths[seq]))
+    return [Chunk(i, tuple(b)) for i, b in enumerate(bins.bins)]
 
 
 def fixed_size_chunks(lengths: Sequence[int], size: int) -> list[Chunk]:
@@ -53,9 +44,7 @@ def fixed_size_chunks(lengths: Sequence[int], size: int) -> list[Chunk]:
     if size < 1:
         raise ValueError(f"chunk size must be >= 1, got {size}")
     ordered: list[list[Segment]] = []
-    bins: list[list[Segment]] = []
-    used: list[int] = []
-    has_tail: list[bool] = []
+    bins = FirstFitBins(size)
     shorts = []
     for seq in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         n = lengths[seq]
@@ -64,21 +53,11 @@ def fixed_size_chunks(lengths: Sequence[int], size: int) -> list[Chunk]:
             continue
         starts = list(range(0, n, size))
         ordered.extend([Segment(seq, a, a + size)] for a in starts[:-1])
-        bins.append([Segment(seq, starts[-1], n)])
-        used.append(n - starts[-1])
-        has_tail.append(True)
-        ordered.append(bins[-1])  # the same list: packing below fills this hybrid chunk
+        ordered.append(bins.open(Segment(seq, starts[-1], n)))  # the same list: packing fills it
+    tails = len(bins.bins)
     for seq in shorts:
-        n = lengths[seq]
-        slot = next((b for b in range(len(bins)) if used[b] + n <= size), None)
-        if slot is None:
-            bins.append([Segment(seq, 0, n)])
-            used.append(n)
-            has_tail.append(False)
-        else:
-            bins[slot].append(Segment(seq, 0, n))
-            used[slot] += n
-    ordered.extend(b for b, tail in zip(bins, has_tail) if not tail)
+        bins.put(Segment(seq, 0, lengths[seq]))
+    ordered.extend(bins.bins[tails:])
     chunks = [Chunk(i, tuple(segs)) for i, segs in enumerate(ordered)]
     check_coverage(chunks, lengths)
     return chunks
@@ -97,21 +76,20 @@ def gpipe_schedule(chunks: Sequence[Chunk], seq_lengths: Sequence[int], layers_p
     return plan
 
 
-def with_uniform_recompute(request: "PlanRequest", build: Callable[[Recompute], Plan]) -> tuple[Plan, SimResult]:
-    """Plan with the smallest uniform recompute count that fits (option ``recompute``: ``"auto"``
-    or a fixed layer count); if even full recompute does not fit, the full-recompute plan."""
+def with_uniform_recompute(request: PlanRequest, build: Callable[[Recompute], Plan]) -> tuple[Plan, SimResult]:
+    """Plan with the smallest uniform recompute count that fits (or option ``recompute``'s fixed
+    layer count); if even full recompute does not fit, the full-recompute plan."""
     layers = request.layers
 
     def attempt(r: int) -> tuple[Plan, SimResult]:
         plan = build(lambda stage, _chunk: min(r, layers[stage]))
         plan = replace(plan, metadata={**plan.metadata, "recompute_layers": r,
-                                       "memory_bytes": request.memory_bytes})
-        return plan, simulate(plan, request.cost, request.memory_bytes, request.link)
+                                       "memory_budget": request.memory_budget})
+        return plan, simulate(plan, request.cost, request.memory_budget, request.link)
 
-    choice = request.option("recompute", "auto")
-    if choice != "auto":
-        r = int(choice)
-        if not 0 <= r <= max(layers):
+    r = request.options.recompute
+    if r is not None:
+        if r > max(layers):
             raise ValueError(f"option recompute={r} is outside 0..{max(layers)} (layers per stage {layers})")
         return attempt(r)
     lo, hi = 0, max(layers)
@@ -136,23 +114,23 @@ def best_of(candidates: Sequence[tuple[Plan, SimResult]]) -> Plan:
     return min(candidates, key=lambda c: max(c[1].peak_memory_bytes))[0]
 
 
-def _one_f_one_b(request: "PlanRequest", chunks: list[Chunk], metadata: dict) -> tuple[Plan, SimResult]:
+def _one_f_one_b(request: PlanRequest, chunks: list[Chunk], metadata: dict) -> tuple[Plan, SimResult]:
     def build(rec: Recompute) -> Plan:
         return epp_schedule(chunks, request.lengths, request.num_stages, request.layers,
                             recompute=rec, metadata=metadata)
     return with_uniform_recompute(request, build)
 
 
-def plan_batch_1f1b(request: "PlanRequest") -> Plan:
+def plan_batch_1f1b(request: PlanRequest) -> Plan:
     """Option ``micro_batch_tokens`` (default: the longest sequence, i.e. the context length)."""
-    budget = int(request.option("micro_batch_tokens", max(request.lengths)))
+    budget = request.options.micro_batch_tokens or max(request.lengths)
     chunks = pack_whole(request.lengths, budget)
     return _one_f_one_b(request, chunks, {"planner": "batch-1f1b", "micro_batch_tokens": budget})[0]
 
 
-def plan_gpipe(request: "PlanRequest") -> Plan:
+def plan_gpipe(request: PlanRequest) -> Plan:
     """Option ``micro_batch_tokens`` as for ``batch-1f1b``."""
-    budget = int(request.option("micro_batch_tokens", max(request.lengths)))
+    budget = request.options.micro_batch_tokens or max(request.lengths)
     chunks = pack_whole(request.lengths, budget)
     meta = {"planner": "gpipe", "micro_batch_tokens": budget}
 
@@ -166,11 +144,11 @@ def _power_of_two_sizes(longest: int) -> list[int]:
     return sorted({min(2**k, longest) for k in range(11, top + 1)})
 
 
-def plan_seq1f1b(request: "PlanRequest") -> Plan:
-    """Option ``chunk_tokens``: the fixed chunk size, or ``"auto"`` (default) for the fastest
-    fitting power of two from 2K to the longest sequence, as a tuned static setting would be."""
-    choice = request.option("chunk_tokens", "auto")
-    sizes = _power_of_two_sizes(max(request.lengths)) if choice == "auto" else [int(choice)]
+def plan_seq1f1b(request: PlanRequest) -> Plan:
+    """Option ``chunk_tokens``: the fixed chunk size, or (unset) the fastest fitting power of two
+    from 2K to the longest sequence, as a tuned static setting would be."""
+    choice = request.options.chunk_tokens
+    sizes = _power_of_two_sizes(max(request.lengths)) if choice is None else [choice]
     return best_of([
         _one_f_one_b(request, fixed_size_chunks(request.lengths, size),
                      {"planner": "seq1f1b", "chunk_tokens": size})
@@ -181,14 +159,12 @@ def plan_seq1f1b(request: "PlanRequest") -> Plan:
 UNIFORM_SLICE_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
-def plan_epp_uniform(request: "PlanRequest") -> Plan:
-    """Option ``num_slices``: K for the longest sequence, or ``"auto"`` (default) for the fastest
-    fitting K of a small ladder; slices hold ``ceil(longest / K)`` tokens."""
+def plan_epp_uniform(request: PlanRequest) -> Plan:
+    """Option ``num_slices``: K for the longest sequence, or (unset) the fastest fitting K of a
+    small ladder; slices hold ``ceil(longest / K)`` tokens."""
     longest = max(request.lengths)
-    choice = request.option("num_slices", "auto")
-    counts = [k for k in UNIFORM_SLICE_COUNTS if k <= longest] if choice == "auto" else [int(choice)]
-    if min(counts) < 1:
-        raise ValueError(f"option num_slices must be >= 1, got {choice}")
+    choice = request.options.num_slices
+    counts = [k for k in UNIFORM_SLICE_COUNTS if k <= longest] if choice is None else [choice]
     return best_of([
         _one_f_one_b(request, fixed_size_chunks(request.lengths, math.ceil(longest / k)),
                      {"planner": "epp-uniform", "num_slices": k})

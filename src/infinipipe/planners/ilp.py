@@ -17,18 +17,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from dataclasses import dataclass
-from typing import Any, MutableMapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .cost import ChunkShape, CostModel
-from .ir import Action, Plan
+from ..contract.cost import CostModel
+from ..contract.ir import Action, Plan
+from ..contract.shapes import ChunkShape
+from ..contract.units import GIB, format_bytes
 
-GIB = float(1 << 30)
 _FEAS_TOL = 1.0  # bytes: slack allowed when checking a rounded solution
 
 
@@ -42,13 +44,18 @@ class InfeasibleMemoryError(ValueError):
         self.budget = budget
         what = f"chunks {list(window)}" if window else "even a one-token chunk"
         super().__init__(
-            f"stage {stage} cannot hold {what} in {_size(budget)} even with every layer recomputed; "
-            f"the smallest budget that fits this stage is {_size(min_memory_bytes)} ({min_memory_bytes:.0f} bytes)"
+            f"stage {stage} cannot hold {what} in {format_bytes(budget)} even with every layer recomputed; "
+            f"the smallest budget that fits this stage is {format_bytes(min_memory_bytes)} ({min_memory_bytes:.0f} bytes)"
         )
 
 
-def _size(n: float) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / (1 << 20):.1f} MiB"
+@dataclass
+class SolverCache:
+    """What planning one batch reuses across ILPs: cost terms per chunk shape, and answers of
+    identical (sub-)problems keyed by their digest and gap."""
+
+    terms: dict[tuple, float] = field(default_factory=dict)
+    solutions: dict[tuple[str, float], tuple[np.ndarray, dict[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -118,20 +125,20 @@ class PlanProblem:
     var_of: dict[tuple[int, int], int]   # (stage, chunk) -> diagonal variable
     windows: list[Window]                # the window of each row
     full_memory: np.ndarray              # each window's memory with every layer recomputed
-    caps: np.ndarray                     # budget of each stage
+    budgets: np.ndarray                     # budget of each stage
     problem: CheckpointProblem
 
 
-def stage_budgets(memory_bytes: float | Sequence[float], num_stages: int) -> np.ndarray:
-    if isinstance(memory_bytes, (int, float)):
-        caps = np.full(num_stages, float(memory_bytes))
+def stage_budgets(memory_budget: float | Sequence[float], num_stages: int) -> np.ndarray:
+    if isinstance(memory_budget, (int, float)):
+        budgets = np.full(num_stages, float(memory_budget))
     else:
-        caps = np.asarray([float(m) for m in memory_bytes])
-        if len(caps) != num_stages:
-            raise ValueError(f"memory_bytes has {len(caps)} entries for {num_stages} stages")
-    if not np.all(np.isfinite(caps)) or np.any(caps <= 0):
-        raise ValueError(f"memory_bytes must be positive and finite, got {caps.tolist()}")
-    return caps
+        budgets = np.asarray([float(m) for m in memory_budget])
+        if len(budgets) != num_stages:
+            raise ValueError(f"memory_budget has {len(budgets)} entries for {num_stages} stages")
+    if not np.all(np.isfinite(budgets)) or np.any(budgets <= 0):
+        raise ValueError(f"memory_budget must be positive and finite, got {budgets.tolist()}")
+    return budgets
 
 
 def stage_windows(plan: Plan, stage: int, transient: Sequence[float]) -> list[Window]:
@@ -167,25 +174,26 @@ def diagonal_variables(plan: Plan) -> tuple[dict[tuple[int, int], int], list[int
     return var_of, offsets
 
 
-def build_problem(plan: Plan, cost: CostModel, memory_bytes: float | Sequence[float],
-                  memo: MutableMapping | None = None) -> PlanProblem:
-    """Windows and their linear memory constraints; ``memo`` keeps per-shape cost terms across calls."""
+def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[float],
+                  cache: SolverCache | None = None) -> PlanProblem:
+    """Windows and their linear memory constraints; ``cache`` keeps per-shape cost terms across calls."""
     num_stages = plan.num_stages
-    caps = stage_budgets(memory_bytes, num_stages)
+    budgets = stage_budgets(memory_budget, num_stages)
     layers = plan.layers_per_stage
-    memo = {} if memo is None else memo
+    memo = (cache if cache is not None else SolverCache()).terms
     shapes = [ChunkShape.of(c, plan.seq_lengths) for c in plan.chunks]
     var_of, _ = diagonal_variables(plan)
     nvars = max(var_of.values()) + 1 if var_of else 0
     # Diagonal of (stage s, chunk c) = diagonal of (last stage, c) + (last - s).
     var_last = np.array([var_of[(num_stages - 1, c.id)] for c in plan.chunks], dtype=np.int64)
 
-    def term(key: tuple, fn) -> float:
+    def term(fn, *args) -> float:
+        key = (fn.__name__, *args)
         if key not in memo:
-            memo[key] = fn()
+            memo[key] = fn(*args)
         return memo[key]
 
-    one_layer = np.array([term(("rec1", sh), lambda sh=sh: cost.recompute_ms(sh, 1)) for sh in shapes])
+    one_layer = np.array([term(cost.recompute_ms, sh, 1) for sh in shapes])
     upper = np.zeros(nvars)
     weight = np.zeros(nvars)
     for s in range(num_stages):
@@ -197,12 +205,9 @@ def build_problem(plan: Plan, cost: CostModel, memory_bytes: float | Sequence[fl
     need, full_mem, rows, cols, slope, lcap = [], [], [], [], [], []
     for s in range(num_stages):
         first, last, n_l = s == 0, s == num_stages - 1, layers[s]
-        base = np.array([term(("act", sh, n_l, first, last, 0),
-                              lambda sh=sh: cost.activation_bytes(sh, n_l, 0, first, last)) for sh in shapes])
-        full = np.array([term(("act", sh, n_l, first, last, n_l),
-                              lambda sh=sh: cost.activation_bytes(sh, n_l, n_l, first, last)) for sh in shapes])
-        transient = np.array([term(("work", sh), lambda sh=sh: cost.head_work_bytes(sh)) if last else 0.0
-                              for sh in shapes])
+        base = np.array([term(cost.activation_bytes, sh, n_l, 0, first, last) for sh in shapes])
+        full = np.array([term(cost.activation_bytes, sh, n_l, n_l, first, last) for sh in shapes])
+        transient = np.array([term(cost.head_work_bytes, sh) if last else 0.0 for sh in shapes])
         states = cost.model_state_bytes(n_l, first, last)
         stage_w = stage_windows(plan, s, transient.tolist())
         lens = np.array([len(w.chunks) for w in stage_w], dtype=np.int64)
@@ -210,13 +215,13 @@ def build_problem(plan: Plan, cost: CostModel, memory_bytes: float | Sequence[fl
         row = np.repeat(np.arange(len(stage_w)), lens)
         work = np.array([w.transient for w in stage_w])
         no_ckpt = states + work + np.bincount(row, weights=base[flat], minlength=len(stage_w))
-        keep = no_ckpt > caps[s]
+        keep = no_ckpt > budgets[s]
         if not keep.any():
             continue
         new_row = np.cumsum(keep) - 1 + len(windows)
         entry = keep[row]
         windows.extend(w for w, k in zip(stage_w, keep) if k)
-        need.append(no_ckpt[keep] - caps[s])
+        need.append(no_ckpt[keep] - budgets[s])
         full_mem.append((states + work + np.bincount(row, weights=full[flat], minlength=len(stage_w)))[keep])
         kept = flat[entry]
         rows.append(new_row[row[entry]])
@@ -231,14 +236,14 @@ def build_problem(plan: Plan, cost: CostModel, memory_bytes: float | Sequence[fl
         upper=upper, weight_ms=weight, need=cat(need, float), rows=cat(rows, np.int64),
         cols=cat(cols, np.int64), slope=cat(slope, float), layer_cap=cat(lcap, float))
     return PlanProblem(plan=plan, var_of=var_of, windows=windows, full_memory=cat(full_mem, float),
-                       caps=caps, problem=problem)
+                       budgets=budgets, problem=problem)
 
 
 def check_full_recompute(pp: PlanProblem) -> None:
     """Raise `InfeasibleMemoryError` for the worst window that full recompute cannot fit."""
     if not pp.windows:
         return
-    over = pp.full_memory - pp.caps[[w.stage for w in pp.windows]]
+    over = pp.full_memory - pp.budgets[[w.stage for w in pp.windows]]
     worst = int(np.argmax(over))
     if over[worst] <= _FEAS_TOL:
         return
@@ -248,7 +253,7 @@ def check_full_recompute(pp: PlanProblem) -> None:
         stage=stage,
         window=pp.windows[worst].chunks,
         min_memory_bytes=float(max(pp.full_memory[i] for i in on_stage)),
-        budget=float(pp.caps[stage]),
+        budget=float(pp.budgets[stage]),
     )
 
 
@@ -347,13 +352,13 @@ def solve_problem(problem: CheckpointProblem, mip_gap: float, time_limit_s: floa
 _STATUS = {0: "optimal", 1: "time_limit", 2: "infeasible", 3: "unbounded", 4: "error"}
 
 
-def _solve(plan, cost, memory_bytes, mip_gap, time_limit_s, cache):
+def _solve(plan, cost, memory_budget, mip_gap, time_limit_s, cache):
     """Checked arguments, the problem and its solution: what both public entry points share."""
     if not 0 <= mip_gap < 1:
         raise ValueError(f"mip_gap must be in [0, 1), got {mip_gap}")
     if time_limit_s <= 0:
         raise ValueError(f"time_limit_s must be positive, got {time_limit_s}")
-    pp = build_problem(plan, cost, memory_bytes, memo=cache)
+    pp = build_problem(plan, cost, memory_budget, cache)
     check_full_recompute(pp)
     c, infos = _solve_parts(pp.problem, mip_gap, time_limit_s, cache)
     return pp, c, infos
@@ -362,18 +367,18 @@ def _solve(plan, cost, memory_bytes, mip_gap, time_limit_s, cache):
 def solve_checkpointing(
     plan: Plan,
     cost: CostModel,
-    memory_bytes: float | Sequence[float],
+    memory_budget: float | Sequence[float],
     mip_gap: float = 0.02,
     time_limit_s: float = 10.0,
-    cache: MutableMapping[str, tuple[np.ndarray, dict[str, Any]]] | None = None,
+    cache: SolverCache | None = None,
 ) -> Plan:
     """Return ``plan`` with every action's ``recompute_layers`` set by the checkpointing ILP.
 
-    ``memory_bytes`` is one budget for all stages or one per stage. ``cache`` (any dict) reuses
-    answers of identical problems. Raises `InfeasibleMemoryError` when a window cannot fit even
+    ``memory_budget`` is one budget for all stages or one per stage. ``cache`` reuses cost terms
+    and answers of identical problems. Raises `InfeasibleMemoryError` when a window cannot fit even
     with every layer recomputed.
     """
-    pp, c, infos = _solve(plan, cost, memory_bytes, mip_gap, time_limit_s, cache)
+    pp, c, infos = _solve(plan, cost, memory_budget, mip_gap, time_limit_s, cache)
     return apply_solution(pp, c, {
         "status": _worst_status([i["status"] for i in infos]),
         "solver": "highs",
@@ -389,31 +394,31 @@ def solve_checkpointing(
 def min_recompute_ms(
     plan: Plan,
     cost: CostModel,
-    memory_bytes: float | Sequence[float],
+    memory_budget: float | Sequence[float],
     mip_gap: float = 0.02,
     time_limit_s: float = 10.0,
-    cache: MutableMapping | None = None,
+    cache: SolverCache | None = None,
 ) -> float:
     """The objective `solve_checkpointing` would reach, without building the plan: what the
     grouping search needs for each candidate pipeline. Shares ``cache`` with it."""
-    pp, c, _ = _solve(plan, cost, memory_bytes, mip_gap, time_limit_s, cache)
+    pp, c, _ = _solve(plan, cost, memory_budget, mip_gap, time_limit_s, cache)
     return float(c @ pp.problem.weight_ms)
 
 
 def _solve_parts(problem: CheckpointProblem, mip_gap: float, time_limit_s: float,
-                 cache: MutableMapping | None) -> tuple[np.ndarray, list[dict[str, Any]]]:
+                 cache: SolverCache | None) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Solve each independent part (from ``cache`` where an identical one was solved before)."""
+    solutions = (cache if cache is not None else SolverCache()).solutions
     c = np.zeros(len(problem.upper))
     infos = []
     for var_ids, part in problem.parts():
-        key = f"{part.key()}:{mip_gap}" if cache is not None else ""
-        if cache is not None and key in cache:
-            sol, info = cache[key]
+        key = (part.key(), mip_gap)
+        if key in solutions:
+            sol, info = solutions[key]
             info = {**info, "cached": True}
         else:
             sol, info = solve_problem(part, mip_gap, time_limit_s)
-            if cache is not None:
-                cache[key] = (sol, info)
+            solutions[key] = (sol, info)
         c[var_ids] = sol
         infos.append(info)
     return c, infos

@@ -2,29 +2,33 @@
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
-from ..plan.cost import CostModel
-from ..plan.planners import PlanRequest, make_plan
-from .simulator import simulate
+from ..contract.cost import CostModel
+from ..contract.units import GIB
+from ..sim.simulator import simulate
+from .options import PlannerOptions
+from .registry import make_plan
+from .request import PlanRequest
 
 BASELINES = ("seq1f1b", "batch-1f1b", "gpipe", "epp-uniform")
 ABLATIONS = ("epp-no-ckpt", "epp-full-ckpt")
 
 
-def compare_planners(cost: CostModel, lengths: Sequence[int], stages: int, memory: float,
-                     planners: Sequence[str], options: dict | None = None) -> dict[str, dict]:
+def compare_planners(cost: CostModel, lengths: Sequence[int], stages: int, memory_budget: float,
+                     planners: Sequence[str], options: PlannerOptions | None = None) -> dict[str, dict]:
     """Simulated figures of each planner's plan (``planned: False`` with the reason if none fits)."""
     rows = {}
     for name in planners:
         started = time.perf_counter()
         try:
-            plan = make_plan(name, PlanRequest(lengths, cost, stages, memory, options=options or {}))
+            plan = make_plan(name, PlanRequest(lengths, cost, stages, memory_budget,
+                                                   options=options or PlannerOptions()))
         except ValueError as exc:
             rows[name] = {"planned": False, "error": str(exc), "feasible": False}
             continue
         planning_s = time.perf_counter() - started
-        rows[name] = {**simulate(plan, cost, memory).to_json(), "planned": True, "planning_s": planning_s}
+        rows[name] = {**simulate(plan, cost, memory_budget).to_json(), "planned": True, "planning_s": planning_s}
     return rows
 
 
@@ -42,6 +46,6 @@ def format_rows(rows: dict[str, dict], reference: str = "epp") -> list[str]:
         if name != reference and ok:
             speedup = f"{row['iteration_time_s'] / ref['iteration_time_s']:.2f}x" if row["feasible"] else "(OOM)"
         lines.append(f"  {name:<14} {row['iteration_time_s']:>9.2f}s  {row['bubble_ratio']:>6.1%}  "
-                     f"{max(row['peak_memory_bytes']) / 2**30:>6.1f}GiB  {'' if row['feasible'] else 'OOM':>3}  "
+                     f"{max(row['peak_memory_bytes']) / GIB:>6.1f}GiB  {'' if row['feasible'] else 'OOM':>3}  "
                      f"{speedup:>12}  {row['planning_s']:>7.2f}s")
     return lines

@@ -12,45 +12,15 @@ that names ``section.key``, because a typo silently falling back to a default wa
 """
 from __future__ import annotations
 
-import difflib
 import json
 import math
-import re
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, Union
+from typing import Any, ClassVar
 
-from .model.attention import BACKENDS
-from .model.config import ModelConfig, preset
-
-_BYTE_UNITS = {
-    "": 1, "B": 1,
-    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
-}
-_BYTES_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
-
-
-def parse_bytes(value: str | int, name: str = "value") -> int:
-    """``"80GiB"`` -> 85899345920. Binary (KiB, MiB, GiB, TiB) and decimal (KB, MB, GB, TB) units.
-
-    Memory budgets are written by people, so both unit families are accepted and the unit is
-    case-insensitive; a bare number is bytes. ``name`` is used in the error message.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a size like '80GiB', got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0 bytes, got {value}")
-        return value
-    m = _BYTES_RE.match(str(value))
-    unit = m.group(2).upper() if m else None
-    if m is None or unit not in _BYTE_UNITS:
-        raise ValueError(f"{name} must be a size like '80GiB' or '512MiB', got {value!r}")
-    return int(float(m.group(1)) * _BYTE_UNITS[unit])
+from ..contract.model_config import ModelConfig, preset
+from ..contract.units import parse_bytes
+from ..model.attention import BACKENDS
+from ..planners.options import PlannerOptions
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -226,21 +196,6 @@ class ParallelismConfig:
             if value > 1:
                 raise ValueError(f"parallelism.{key} = {value}: not supported yet (only 1)")
 
-    def resolve(self, world_size: int) -> tuple[int, int, int]:
-        """(pipeline, dp_replicate, dp_shard) degrees whose product is ``world_size``."""
-        fixed = self.pipeline_parallel_degree * self.data_parallel_replicate_degree
-        shard = self.data_parallel_shard_degree
-        if shard == -1:
-            if world_size % fixed:
-                raise ValueError(f"world size {world_size} is not divisible by pipeline_parallel_degree x "
-                                 f"data_parallel_replicate_degree = {fixed}")
-            shard = world_size // fixed
-        if fixed * shard != world_size:
-            raise ValueError(f"parallel degrees pp={self.pipeline_parallel_degree} x dp_replicate="
-                             f"{self.data_parallel_replicate_degree} x dp_shard={shard} = {fixed * shard} "
-                             f"!= world size {world_size}")
-        return self.pipeline_parallel_degree, self.data_parallel_replicate_degree, shard
-
 
 @dataclass(frozen=True)
 class CheckpointConfig:
@@ -316,38 +271,29 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class EPPConfig:
-    """EPP planner settings: memory budget per device, cost profile, slice-count search, MILP limits.
+class EPPConfig(PlannerOptions):
+    """The planner, its memory budget per device and cost profile, plus every `PlannerOptions` knob.
 
     ``profile = ""`` means the profile measured for (or shipped for) the device being used; a
     name or a JSON file path picks another. ``prefetch`` plans step i+1 while step i trains.
     """
 
     planner: str = "epp"
-    memory_per_device: str = "4GiB"
+    memory_budget: str = "4GiB"
     profile: str = ""
-    min_slices: int = 1
-    max_slices: int = 16
-    mip_gap: float = 0.02
-    time_limit_s: float = 10.0
     prefetch: bool = True
 
+    FIELD_PREFIX: ClassVar[str] = "epp."
+
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.planner:
             raise ValueError("epp.planner must name a planner")
-        if parse_bytes(self.memory_per_device, "epp.memory_per_device") <= 0:
-            raise ValueError(f"epp.memory_per_device must be > 0, got {self.memory_per_device!r}")
-        _at_least("epp.min_slices", self.min_slices, 1)
-        if self.max_slices < self.min_slices:
-            raise ValueError(f"epp.max_slices ({self.max_slices}) must be >= epp.min_slices ({self.min_slices})")
-        if not 0.0 <= self.mip_gap < 1.0:
-            raise ValueError(f"epp.mip_gap must be in [0, 1), got {self.mip_gap}")
-        if not self.time_limit_s > 0:
-            raise ValueError(f"epp.time_limit_s must be > 0, got {self.time_limit_s}")
+        parse_bytes(self.memory_budget, "epp.memory_budget")
 
     @property
-    def memory_bytes(self) -> int:
-        return parse_bytes(self.memory_per_device, "epp.memory_per_device")
+    def memory_budget_bytes(self) -> int:
+        return parse_bytes(self.memory_budget, "epp.memory_budget")
 
 
 @dataclass(frozen=True)
@@ -375,7 +321,7 @@ class Config:
     def model_config(self) -> ModelConfig:
         """The model's shape: from the HF checkpoint's config.json, or the preset plus overrides."""
         if self.model.hf_path:
-            from .model.hf import read_hf_config
+            from ..model.hf import read_hf_config
 
             return read_hf_config(self.model.hf_path)
         overrides = {k: getattr(self.model, k) for k in ModelSection.SIZE_KEYS if getattr(self.model, k) is not None}
@@ -408,117 +354,3 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, float) and not math.isfinite(value):
         return ("-inf" if value < 0 else "inf") if math.isinf(value) else "nan"
     return repr(value)
-
-
-def _allowed_types(hint: Any) -> tuple[type, ...]:
-    if typing.get_origin(hint) in (Union, types.UnionType):
-        return tuple(t for t in typing.get_args(hint) if t is not type(None))
-    return (hint,)
-
-
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Check a TOML value against the field's type; ints are accepted where a float is expected."""
-    allowed = _allowed_types(hint)
-    if isinstance(value, bool):
-        if bool in allowed:
-            return value
-    elif isinstance(value, int) and int in allowed:
-        return value
-    elif isinstance(value, (int, float)) and float in allowed:
-        return float(value)
-    elif isinstance(value, str) and str in allowed:
-        return value
-    want = " or ".join(t.__name__ for t in allowed)
-    raise ValueError(f"{name} must be {want}, got {type(value).__name__} {value!r}")
-
-
-def _unknown(kind: str, name: str, known: list[str]) -> ValueError:
-    close = difflib.get_close_matches(name.split(".")[-1], known, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ValueError(f"unknown {kind} {name!r}{hint}")
-
-
-def _build(raw: dict[str, Any]) -> Config:
-    sections = {f.name: f for f in fields(Config)}
-    built = {}
-    for section, values in raw.items():
-        if section not in sections:
-            raise _unknown("section", section, list(sections))
-        if not isinstance(values, dict):
-            raise ValueError(f"[{section}] must be a table of keys, got {type(values).__name__}")
-        cls = sections[section].default_factory
-        hints = typing.get_type_hints(cls)
-        keys = [f.name for f in fields(cls)]
-        kwargs = {}
-        for key, value in values.items():
-            if key not in keys:
-                raise _unknown("key", f"{section}.{key}", keys)
-            kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
-        built[section] = cls(**kwargs)
-    return Config(**built)
-
-
-def _override(raw: dict[str, Any], item: str) -> None:
-    """Apply ``section.key=value``; the value is read as TOML, or as a bare string for str keys."""
-    text = item[2:] if item.startswith("--") else item
-    dotted, sep, value = text.partition("=")
-    section, dot, key = dotted.strip().partition(".")
-    if not sep or not dot or not key:
-        raise ValueError(f"override {item!r} must look like --section.key=value")
-    sections = {f.name: f.default_factory for f in fields(Config)}
-    if section not in sections:
-        raise _unknown("section", section, list(sections))
-    hints = typing.get_type_hints(sections[section])
-    if key not in hints:
-        raise _unknown("key", f"{section}.{key}", [f.name for f in fields(sections[section])])
-    value = value.strip()
-    if str in _allowed_types(hints[key]):
-        parsed: Any = value[1:-1] if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'" else value
-    else:
-        try:
-            parsed = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            parsed = value
-    raw.setdefault(section, {})[key] = parsed
-
-
-def collect_overrides(argv: list[str]) -> list[str]:
-    """Turn leftover CLI words (``--training.steps=5`` or ``--training.steps 5``) into overrides."""
-    out, i = [], 0
-    while i < len(argv):
-        word = argv[i]
-        if not word.startswith("--") or "." not in word.split("=", 1)[0]:
-            raise ValueError(f"unrecognised argument {word!r}; config overrides look like --section.key=value")
-        if "=" not in word:
-            if i + 1 >= len(argv):
-                raise ValueError(f"override {word!r} has no value")
-            word, i = f"{word}={argv[i + 1]}", i + 1
-        out.append(word)
-        i += 1
-    return out
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a TOML file (or start from the embedded defaults), apply overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} not found")
-        with path.open("rb") as f:
-            try:
-                raw = tomllib.load(f)
-            except tomllib.TOMLDecodeError as exc:
-                raise ValueError(f"{path}: invalid TOML: {exc}") from None
-    for item in overrides:
-        _override(raw, item)
-    return _build(raw)
-
-
-def with_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """``cfg`` with overrides applied (e.g. a saved run config plus ``--training.steps=...``)."""
-    raw: dict[str, Any] = cfg.to_dict()
-    for item in overrides:
-        _override(raw, item)
-    return _build(raw)
-

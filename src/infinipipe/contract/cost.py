@@ -12,89 +12,20 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from ..model.config import ModelConfig, preset
-from ..model.loss import DEFAULT_BLOCK_TOKENS
-from .ir import Chunk
+from .ir import check_format_version
+from .model_config import ModelConfig, preset
+from .shapes import FEATURES, ChunkShape
 
 PROFILE_FORMAT_VERSION = 1
 
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
-
-
-@dataclass(frozen=True)
-class ChunkShape:
-    """What the cost model needs to know of a chunk.
-
-    ``seg_lens[0]`` is the slice that attends to ``prefix`` cached tokens (``prefix`` is 0 for a
-    batched chunk); ``kept`` is how many of its tokens keep K/V for later slices of the same
-    sequence (the tokens of a split sequence's non-last slice).
-    """
-
-    seg_lens: tuple[int, ...]
-    prefix: int = 0
-    kept: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "seg_lens", tuple(int(s) for s in self.seg_lens))
-        if not self.seg_lens or min(self.seg_lens) < 1:
-            raise ValueError(f"chunk shape needs non-empty segments, got {self.seg_lens}")
-        if self.prefix < 0 or self.kept < 0 or self.kept > self.seg_lens[0]:
-            raise ValueError(f"invalid chunk shape prefix={self.prefix} kept={self.kept} segs={self.seg_lens}")
-        object.__setattr__(self, "_hash", hash((self.seg_lens, self.prefix, self.kept)))
-
-    def __hash__(self) -> int:
-        return self._hash  # shapes key the planners' cost memos; hash the segment tuple once
-
-    @property
-    def tokens(self) -> int:
-        return sum(self.seg_lens)
-
-    @property
-    def attn_pairs(self) -> float:
-        """Causal (query, key) pairs, bottom-right aligned: slice s with prefix C sees C + i + 1 keys."""
-        total = 0.0
-        for i, s in enumerate(self.seg_lens):
-            c = self.prefix if i == 0 else 0
-            total += s * (s + 1) / 2 + c * s
-        return total
-
-    @property
-    def mask_area(self) -> float:
-        """Score rectangle of the prefixed slice (``s0 x (C + s0)``), 0 without a prefix: a kernel
-        that needs an explicit mask for bottom-right causality (SDPA on CPU) builds and keeps one
-        of this size per layer, and runs the masked entries too."""
-        return float(self.seg_lens[0] * (self.prefix + self.seg_lens[0])) if self.prefix else 0.0
-
-    @property
-    def kv_len(self) -> int:
-        """Keys attended in total (cached prefix included): what memory-bound kernels read."""
-        return self.tokens + self.prefix
-
-    @classmethod
-    def of(cls, chunk: Chunk, seq_lengths: Sequence[int]) -> "ChunkShape":
-        segs = sorted(chunk.segments, key=lambda s: (s.start == 0 and s.end == seq_lengths[s.seq_id], -s.start))
-        first = segs[0]
-        kept = first.length if first.end < seq_lengths[first.seq_id] else 0
-        return cls(tuple(s.length for s in segs), prefix=first.start, kept=kept)
-
-
-FEATURES = ("attn", "mask_area", "tokens", "kv", "chunk")
-
-
-def features(shape: ChunkShape) -> dict[str, float]:
-    """Feature values of a shape, computed once per shape object (planners cost each chunk many
-    times: every term, every stage, every candidate schedule)."""
-    cached = shape.__dict__.get("_features")
-    if cached is None:
-        cached = {"attn": shape.attn_pairs, "mask_area": shape.mask_area, "tokens": float(shape.tokens),
-                  "kv": float(shape.kv_len), "chunk": 1.0}
-        shape.__dict__["_features"] = cached
-    return cached
+LOSS_BLOCK_TOKENS = 2048  # tokens per block of the blocked cross-entropy (runtime and cost model agree)
 
 
 @dataclass(frozen=True)
@@ -107,7 +38,7 @@ class LinearTerm:
         object.__setattr__(self, "_items", tuple(self.coef.items()))
 
     def __call__(self, shape: ChunkShape) -> float:
-        feats = features(shape)
+        feats = shape.features
         total = 0.0
         for k, v in self._items:  # a plain loop: planners evaluate terms hundreds of thousands of times
             total += v * feats[k]
@@ -167,11 +98,7 @@ class Profile:
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> "Profile":
-        if obj.get("version") != PROFILE_FORMAT_VERSION:
-            raise ValueError(
-                f"profile format version {obj.get('version')!r} is not supported "
-                f"(this build reads version {PROFILE_FORMAT_VERSION})"
-            )
+        check_format_version(obj, PROFILE_FORMAT_VERSION, "profile")
         if obj.get("dtype") not in DTYPE_BYTES:
             raise ValueError(f"profile dtype {obj.get('dtype')!r} is not one of {sorted(DTYPE_BYTES)}")
         terms = {k: LinearTerm.from_json(v) for k, v in obj["terms"].items()}
@@ -205,6 +132,23 @@ class OptimizerStates:
     @property
     def per_param(self) -> int:
         return self.param_bytes + self.grad_bytes + self.state_bytes
+
+
+@dataclass(frozen=True)
+class LinkModel:
+    """Point-to-point link between neighbouring stages (default: one 200 Gb/s InfiniBand port)."""
+
+    latency_s: float = 10e-6
+    bandwidth_Bps: float = 25e9
+
+    def __post_init__(self) -> None:
+        if self.latency_s < 0:
+            raise ValueError(f"link latency_s must be >= 0, got {self.latency_s}")
+        if self.bandwidth_Bps <= 0:
+            raise ValueError(f"link bandwidth_Bps must be > 0, got {self.bandwidth_Bps}")
+
+    def transfer_s(self, nbytes: float) -> float:
+        return self.latency_s + nbytes / self.bandwidth_Bps
 
 
 MIXED_PRECISION_ADAM = OptimizerStates(param_bytes=2, grad_bytes=2, state_bytes=12)
@@ -285,7 +229,7 @@ class CostModel:
         The profile's term is one full token block's logits and gradients; a chunk shorter than a
         block only ever forms its own tokens' logits.
         """
-        return self.profile.head_work_bytes(shape) * min(1.0, shape.tokens / DEFAULT_BLOCK_TOKENS)
+        return self.profile.head_work_bytes(shape) * min(1.0, shape.tokens / LOSS_BLOCK_TOKENS)
 
     def model_state_bytes(self, n_layers: int, first: bool = False, last: bool = False) -> float:
         params = n_layers * self.model.layer_params()

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from functools import cache
 
-from .cost import ChunkShape, CostModel
+from ..contract.cost import CostModel
+from ..contract.shapes import ChunkShape
 
 DEFAULT_SHAPE = ChunkShape((8192,))
 

@@ -11,25 +11,25 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from ..contract.cost import CostModel
+from ..contract.ir import Plan, validate_plan
+from ..contract.shapes import ChunkShape
+from ..contract.units import format_bytes
 from ..sim.simulator import SimResult, simulate
-from .cost import ChunkShape, CostModel
 from .grouping import CHECKPOINTING, PipelineCoster, group_pipelines
-from .ilp import InfeasibleMemoryError, solve_checkpointing
-from .ir import Plan, validate_plan
+from .ilp import InfeasibleMemoryError, SolverCache, solve_checkpointing
 from .processor import process_sequences
+from .request import PlanRequest
 from .schedule import epp_schedule
-
-if TYPE_CHECKING:
-    from .planners import PlanRequest
 
 PLANNER_NAMES = {"ilp": "epp", "none": "epp-no-ckpt", "full": "epp-full-ckpt"}
 MIN_SLICE_TOKENS = 1024  # below this, slices waste the GPU; the search stops there
 SCREEN_CUTS = 3  # cut points a screened K may group at; enough to split off the longest sequences
 
 
-def token_capacity(cost: CostModel, layers: tuple[int, ...], memory_bytes: float, longest: int,
+def token_capacity(cost: CostModel, layers: tuple[int, ...], memory_budget: float, longest: int,
                    full_recompute: bool) -> int:
     """Most tokens one chunk may hold and still fit, alone, on every stage.
 
@@ -50,12 +50,12 @@ def token_capacity(cost: CostModel, layers: tuple[int, ...], memory_bytes: float
         return out
 
     def fits(tokens: int) -> bool:
-        return max(needs(tokens)) <= memory_bytes
+        return max(needs(tokens)) <= memory_budget
 
     if not fits(1):
         smallest = needs(1)
         worst = max(range(len(layers)), key=smallest.__getitem__)
-        raise InfeasibleMemoryError(stage=worst, window=(), min_memory_bytes=smallest[worst], budget=memory_bytes)
+        raise InfeasibleMemoryError(stage=worst, window=(), min_memory_bytes=smallest[worst], budget=memory_budget)
     lo, hi = 1, longest
     if fits(hi):
         return hi
@@ -107,34 +107,30 @@ class _Trial:
         return out
 
 
-def plan_epp(request: "PlanRequest", checkpointing: Literal["ilp", "none", "full"] = "ilp") -> Plan:
+def plan_epp(request: PlanRequest, checkpointing: Literal["ilp", "none", "full"] = "ilp") -> Plan:
     """Plan one global batch with EPP; ``checkpointing`` selects the ILP or an ablation.
 
     The K search first screens each candidate as one pipeline (grouping only where one pipeline
     cannot fit) with a loose ILP gap, optionally runs the full grouping DP on the best
     ``refine_top`` candidates, and re-solves the winner's checkpointing at ``mip_gap``; every
-    trial is a complete simulated plan and the fastest that fits wins. Options: ``num_slices`` (fix K), ``max_slices`` (64), ``token_capacity``, ``mip_gap``
-    (0.02), ``screen_gap`` (0.1), ``time_limit_s`` (per ILP, 5), ``max_pipelines`` (3),
-    ``refine_top`` (0), ``max_cuts`` (8), ``refine_rounds`` (1). Raises ``ValueError`` when no K fits with checkpointing (naming the
-    closest attempt and why); the ``none`` ablation returns its closest plan flagged
-    ``metadata["feasible"] = False``.
+    trial is a complete simulated plan and the fastest that fits wins (knobs: `PlannerOptions`).
+    Raises ``ValueError`` when no K fits with checkpointing (naming the closest attempt and why);
+    the ``none`` ablation returns its closest plan flagged ``metadata["feasible"] = False``.
     """
     if checkpointing not in CHECKPOINTING:
         raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {checkpointing!r}")
     started = time.perf_counter()
     search = _Search(request, checkpointing)
-    fixed = request.option("num_slices", None)
+    fixed = request.options.num_slices
     if fixed is not None:
-        if int(fixed) < 1:
-            raise ValueError(f"option num_slices must be >= 1, got {fixed}")
-        best = search.trial(int(fixed), screen=False)
+        best = search.trial(fixed, screen=False)
     else:
         best = search.run()
-    memory = float(request.memory_bytes)
+    memory = float(request.memory_budget)
     if best.plan is None or (checkpointing != "none" and not best.feasible):
         reason = best.error or "; ".join(str(o) for o in best.sim.oom)
         raise ValueError(
-            f"{PLANNER_NAMES[checkpointing]}: no slice count fits {memory / 2**30:.2f} GiB per stage "
+            f"{PLANNER_NAMES[checkpointing]}: no slice count fits {format_bytes(memory)} per stage "
             f"(tried K = {sorted({k for k, _ in search.trials})}); best attempt K={best.num_slices}: {reason}")
     validate_plan(best.plan)  # trials skip validation; the plan handed on must pass it
     meta = {
@@ -148,24 +144,17 @@ def plan_epp(request: "PlanRequest", checkpointing: Literal["ilp", "none", "full
 
 
 class _Search:
-    def __init__(self, request: "PlanRequest", checkpointing: str):
+    def __init__(self, request: PlanRequest, checkpointing: str):
         self.request, self.checkpointing = request, checkpointing
+        self.options = opts = request.options
         self.cost, self.layers = request.cost, tuple(request.layers)
-        self.memory = float(request.memory_bytes)
+        self.memory = float(request.memory_budget)
         self.lengths = list(request.lengths)
         self.longest = max(self.lengths)
-        self.capacity = int(request.option("token_capacity", 0)) or token_capacity(
+        self.token_capacity = opts.token_capacity or token_capacity(
             self.cost, self.layers, self.memory, self.longest, full_recompute=checkpointing != "none")
-        self.mip_gap = float(request.option("mip_gap", 0.02))
-        self.screen_gap = max(self.mip_gap, float(request.option("screen_gap", 0.1)))
-        self.time_limit = float(request.option("time_limit_s", 5.0))
-        self.max_pipelines = int(request.option("max_pipelines", 3))
-        self.max_slices = int(request.option("max_slices", 64))
-        self.refine_top = int(request.option("refine_top", 0))
-        self.max_cuts = int(request.option("max_cuts", 8))
-        if self.max_slices < 1 or self.max_pipelines < 1 or self.refine_top < 0:
-            raise ValueError("options max_slices and max_pipelines must be >= 1, refine_top >= 0")
-        self.cache: dict = {}
+        self.screen_gap = max(opts.mip_gap, opts.screen_gap)
+        self.cache = SolverCache()
         self.trials: dict[tuple[int, bool], _Trial] = {}
 
     def trial(self, k: int, screen: bool) -> _Trial:
@@ -178,27 +167,28 @@ class _Search:
     def _plan_for(self, k: int, screen: bool) -> _Trial:
         cost, layers, memory = self.cost, self.layers, self.memory
         try:
-            chunks = process_sequences(self.lengths, cost, k, self.capacity)
+            chunks = process_sequences(self.lengths, cost, k, self.token_capacity)
         except ValueError as exc:
             return _Trial(k, screen, None, None, str(exc))
-        gap = self.screen_gap if screen else self.mip_gap
+        gap = self.screen_gap if screen else self.options.mip_gap
         # Groupings are compared on loose ILP answers; only the chosen plan is solved at ``gap``.
         coster = PipelineCoster(chunks, self.lengths, cost, layers, memory, self.checkpointing,
-                                self.cache, self.screen_gap, self.time_limit)
+                                self.cache, self.screen_gap, self.options.time_limit_s)
         grouping = group_pipelines(coster, max_pipelines=1)
         if not screen:
-            grouping = group_pipelines(coster, self.max_pipelines, self.max_cuts)
+            grouping = group_pipelines(coster, self.options.max_pipelines, self.options.max_cuts)
         elif not grouping.feasible:
-            grouping = group_pipelines(coster, min(2, self.max_pipelines), min(SCREEN_CUTS, self.max_cuts))
-        meta = {"planner": PLANNER_NAMES[self.checkpointing], "memory_bytes": memory, "num_slices": k,
-                "token_capacity": self.capacity, "grouping_cost_ms": grouping.cost_ms,
+            grouping = group_pipelines(coster, min(2, self.options.max_pipelines),
+                                       min(SCREEN_CUTS, self.options.max_cuts))
+        meta = {"planner": PLANNER_NAMES[self.checkpointing], "memory_budget": memory, "num_slices": k,
+                "token_capacity": self.token_capacity, "grouping_cost_ms": grouping.cost_ms,
                 "grouping_evaluated": grouping.evaluated, "screened": screen}
         full = (lambda s, _c: layers[s]) if self.checkpointing == "full" else None
         plan = epp_schedule(chunks, self.lengths, len(layers), layers, pipelines=grouping.pipelines,
                             recompute=full, metadata=meta, validate=False)
         if self.checkpointing == "ilp":
             try:
-                plan = solve_checkpointing(plan, cost, memory, gap, self.time_limit, cache=self.cache)
+                plan = solve_checkpointing(plan, cost, memory, gap, self.options.time_limit_s, cache=self.cache)
             except InfeasibleMemoryError as exc:
                 return _Trial(k, screen, None, None, str(exc))
         return _Trial(k, screen, plan, simulate(plan, cost, memory, self.request.link))
@@ -207,12 +197,12 @@ class _Search:
         """Screen a ladder of K, bisect towards the best rung, then fully plan the top few."""
         # Slices under MIN_SLICE_TOKENS waste the device, but one cut is always worth a look:
         # the simulator, not the heuristic, says whether it pays.
-        hi = max(1, min(self.max_slices, self.longest, max(2, self.longest // MIN_SLICE_TOKENS)))
-        lo = min(hi, max(1, int(self.request.option("min_slices", 1))))
+        hi = max(1, min(self.options.max_slices, self.longest, max(2, self.longest // MIN_SLICE_TOKENS)))
+        lo = min(hi, self.options.min_slices)
         tried = sorted({k for k in slice_count_ladder(lo, hi)})
         for k in tried:
             self.trial(k, True)
-        for _ in range(int(self.request.option("refine_rounds", 1))):
+        for _ in range(self.options.refine_rounds):
             best = min(tried, key=lambda k: self.trial(k, True).score())
             i = tried.index(best)
             new = {(best + n) // 2 for n in (tried[max(i - 1, 0)], tried[min(i + 1, len(tried) - 1)])} - set(tried)
@@ -221,7 +211,7 @@ class _Search:
             for k in new:
                 self.trial(k, True)
             tried = sorted(set(tried) | new)
-        top = sorted(tried, key=lambda k: self.trial(k, True).score())[:self.refine_top]
+        top = sorted(tried, key=lambda k: self.trial(k, True).score())[:self.options.refine_top]
         for k in top:
             if self.trial(k, True).plan is not None:
                 self.trial(k, False)
@@ -232,8 +222,8 @@ class _Search:
         """Re-solve a screened winner's checkpointing at ``mip_gap``; keep it if it simulates faster."""
         if not trial.screened or trial.plan is None or self.checkpointing != "ilp":
             return trial
-        plan = solve_checkpointing(trial.plan, self.cost, self.memory, self.mip_gap, self.time_limit,
-                                   cache=self.cache)
+        plan = solve_checkpointing(trial.plan, self.cost, self.memory, self.options.mip_gap,
+                                   self.options.time_limit_s, cache=self.cache)
         plan = dataclasses.replace(plan, metadata={**plan.metadata, "screened": False})
         tight = _Trial(trial.num_slices, False, plan, simulate(plan, self.cost, self.memory, self.request.link))
         self.trials.setdefault((trial.num_slices, False), tight)

@@ -3,29 +3,41 @@
 Layers are identical, so a few of them stand for the whole model. Each chunk shape runs forward
 and backward after warm-up; times are medians (CUDA events on GPU; on CPU the measuring thread's
 CPU time when it is the only intra-op thread, else a wall clock), and the bytes kept for backward
-come from saved-tensor accounting (plus allocator growth on GPU, recorded for comparison). The fit uses one grid of shapes and its error is judged on a second grid of
-different packings and prefixes that the fit never saw.
+come from saved-tensor accounting (plus allocator growth on GPU, recorded for comparison). The fit
+uses one grid of shapes and its error is judged on a second grid of different packings and
+prefixes that the fit never saw.
 """
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .model.config import ModelConfig
-from .model.attention import resolve_backend
-from .model.layers import ChunkMeta, DecoderLayer, RMSNorm
-from .model.loss import blocked_cross_entropy
-from .plan.cost import ChunkShape, Profile
-from .plan.fit import (ERROR_MIN_TOKENS, MEM_FEATURES_FLASH, MEM_FEATURES_SDPA, TIME_FEATURES_FLASH,
-                       TIME_FEATURES_SDPA, Measurement, fit_layer, fit_term, loss_work_term, relative_errors,
-                       summarize)
-from .runtime.memory import SavedTensorMeter
+from ..contract.cost import Profile
+from ..contract.model_config import ModelConfig
+from ..contract.shapes import ChunkShape
+from ..model.attention import resolve_backend
+from ..model.layers import ChunkMeta, DecoderLayer, RMSNorm
+from ..model.loss import blocked_cross_entropy
+from ..runtime.memory import SavedTensorMeter
+from .fit import (
+    ERROR_MIN_TOKENS,
+    MEM_FEATURES_FLASH,
+    MEM_FEATURES_SDPA,
+    TIME_FEATURES_FLASH,
+    TIME_FEATURES_SDPA,
+    Measurement,
+    fit_layer,
+    fit_term,
+    loss_work_term,
+    relative_errors,
+    summarize,
+)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

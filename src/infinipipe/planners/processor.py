@@ -11,14 +11,14 @@ makes later tokens dearer.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
-from .cost import ChunkShape, CostModel
-from .ir import Chunk, Segment, check_coverage
-
+from ..contract.cost import CostModel
+from ..contract.ir import Chunk, Segment, check_coverage
+from ..contract.shapes import ChunkShape
 
 _LINEAR = frozenset({"attn", "tokens", "kv", "chunk"})
 

@@ -7,15 +7,16 @@ less). Errors are reported on held-out shapes (or leave-one-out when every shape
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy.optimize import nnls
 
-from ..model.config import ModelConfig
-from ..model.loss import DEFAULT_BLOCK_TOKENS
-from .cost import DTYPE_BYTES, FEATURES, ChunkShape, LinearTerm, Profile, features
+from ..contract.cost import DTYPE_BYTES, LOSS_BLOCK_TOKENS, LinearTerm, Profile
+from ..contract.model_config import ModelConfig
+from ..contract.shapes import FEATURES, ChunkShape
 
 TIME_FEATURES_FLASH = ("attn", "tokens", "kv", "chunk")
 MEM_FEATURES_FLASH = ("tokens", "kv", "chunk")
@@ -25,7 +26,6 @@ TIME_FEATURES_SDPA = ("attn", "mask_area", "tokens", "kv", "chunk")
 MEM_FEATURES_SDPA = ("mask_area", "tokens", "kv", "chunk")
 
 ERROR_MIN_TOKENS = 1024
-LOSS_BLOCK_TOKENS = DEFAULT_BLOCK_TOKENS
 # H100 SXM5 HBM3 datasheet bandwidth; only used for the embedding, which does no FLOPs.
 H100_HBM_BYTES_PER_S = 3.35e12
 
@@ -69,7 +69,7 @@ def _design(shapes: Sequence[ChunkShape], names: Sequence[str]) -> np.ndarray:
     unknown = set(names) - set(FEATURES)
     if unknown:
         raise ValueError(f"unknown cost feature(s) {sorted(unknown)}; known: {FEATURES}")
-    return np.array([[features(s)[n] for n in names] for s in shapes], dtype=float)
+    return np.array([[s.features[n] for n in names] for s in shapes], dtype=float)
 
 
 def fit_term(shapes: Sequence[ChunkShape], y: Sequence[float], names: Sequence[str]) -> LinearTerm:

@@ -9,9 +9,10 @@ forward order and the same backward order, so sends and receives pair up.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from .ir import Action, Chunk, Plan, validate_plan
+from ..contract.ir import Action, Chunk, Plan, validate_plan
 
 
 def _owner(chunk: Chunk, seq_lengths: Sequence[int]) -> int | None:

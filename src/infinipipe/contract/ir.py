@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -69,13 +70,21 @@ class Chunk:
         return sum(s.length for s in self.segments)
 
     @property
-    def prefix_len(self) -> int:
-        """Cached prefix length of the chunk's split/tail slice (0 if it has none)."""
-        return max(s.start for s in self.segments)
-
-    @property
     def seg_lens(self) -> tuple[int, ...]:
         return tuple(s.length for s in self.segments)
+
+    @property
+    def prefixed_segment(self) -> Segment | None:
+        """The segment that attends to cached K/V of its sequence (a later slice), if any."""
+        return next((s for s in self.segments if s.start > 0), None)
+
+    def kept_segment(self, seq_lengths: Sequence[int]) -> Segment | None:
+        """The segment whose K/V later slices of its sequence need (a non-last slice), if any."""
+        return next((s for s in self.segments if s.end < seq_lengths[s.seq_id]), None)
+
+    def partial_segment(self, seq_lengths: Sequence[int]) -> Segment | None:
+        """The slice of a split sequence in this chunk (prefixed, kept or both), if any."""
+        return next((s for s in self.segments if s.length < seq_lengths[s.seq_id]), None)
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "segments": [s.to_json() for s in self.segments]}
@@ -151,6 +160,13 @@ class Action:
 PLAN_FORMAT_VERSION = 1
 
 
+def check_format_version(obj: Mapping[str, Any], supported: int, what: str) -> None:
+    """Refuse a serialised plan or profile written in a format this build cannot read."""
+    if obj.get("version") != supported:
+        raise ValueError(f"{what} format version {obj.get('version')!r} is not supported "
+                         f"(this build reads version {supported})")
+
+
 @dataclass(frozen=True)
 class Plan:
     """Chunks, per-stage ordered actions and the layer split: everything the runtime needs.
@@ -180,12 +196,6 @@ class Plan:
     def num_stages(self) -> int:
         return len(self.stage_actions)
 
-    def recompute(self, stage: int, chunk_id: int) -> int:
-        for a in self.stage_actions[stage]:
-            if a.chunk_id == chunk_id:
-                return a.recompute_layers
-        raise KeyError(f"chunk {chunk_id} is not scheduled on stage {stage}")
-
     def to_json(self) -> dict[str, Any]:
         return {
             "version": PLAN_FORMAT_VERSION,
@@ -199,11 +209,7 @@ class Plan:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "Plan":
-        if obj.get("version") != PLAN_FORMAT_VERSION:
-            raise ValueError(
-                f"plan format version {obj.get('version')!r} is not supported "
-                f"(this build reads version {PLAN_FORMAT_VERSION})"
-            )
+        check_format_version(obj, PLAN_FORMAT_VERSION, "plan")
         return cls(
             seq_lengths=tuple(obj["seq_lengths"]),
             chunks=tuple(Chunk.from_json(c) for c in obj["chunks"]),
@@ -292,6 +298,19 @@ def _check_slice_order(plan: Plan, stage: int, f_order: list[int], b_order: list
             )
 
 
+def upstream_stage(kind: ActionKind, stage: int, num_stages: int) -> int | None:
+    """The neighbour whose output an action consumes: a forward takes the previous stage's
+    activations, a backward the next stage's gradient; ``None`` at the pipeline's ends."""
+    if kind == "F":
+        return stage - 1 if stage > 0 else None
+    return stage + 1 if stage < num_stages - 1 else None
+
+
+def downstream_stage(kind: ActionKind, stage: int, num_stages: int) -> int | None:
+    """The neighbour that consumes an action's output (the inverse of `upstream_stage`)."""
+    return upstream_stage("B" if kind == "F" else "F", stage, num_stages)
+
+
 def play_order(plan: Plan) -> list[tuple[int, Action]]:
     """Every (stage, action) in an order that keeps each stage's own order and runs an action only
     after the neighbour stage produced its input: how the plan plays with non-blocking sends.
@@ -299,7 +318,6 @@ def play_order(plan: Plan) -> list[tuple[int, Action]]:
     Raises ``ValueError`` if some stage would wait forever (a deadlock)."""
     done: set[tuple[str, int, int]] = set()
     ptr = [0] * plan.num_stages
-    last = plan.num_stages - 1
     order: list[tuple[int, Action]] = []
     progressed = True
     while progressed:
@@ -307,11 +325,8 @@ def play_order(plan: Plan) -> list[tuple[int, Action]]:
         for s, actions in enumerate(plan.stage_actions):
             while ptr[s] < len(actions):
                 a = actions[ptr[s]]
-                if a.kind == "F":
-                    ready = s == 0 or ("F", s - 1, a.chunk_id) in done
-                else:
-                    ready = s == last or ("B", s + 1, a.chunk_id) in done
-                if not ready:
+                src = upstream_stage(a.kind, s, plan.num_stages)
+                if src is not None and (a.kind, src, a.chunk_id) not in done:
                     break
                 done.add((a.kind, s, a.chunk_id))
                 order.append((s, a))

@@ -10,18 +10,17 @@ import torch
 from ..config import Config
 from ..data.dataset import TokenDataset, build_sampler
 from ..runtime.batch import Batch
+from ..runtime.full_sequence import reference_loss
 from ..runtime.local import build_stages
-from ..runtime.reference import reference_loss
+from .optim import build_optimizer
 
 
 def reference_losses(cfg: Config, dataset: TokenDataset, steps: int | None = None) -> list[float]:
     """Per-step losses of ``cfg``'s run on one device (``steps`` defaults to ``training.steps``)."""
     model_cfg = cfg.model_config()
     (model,) = build_stages(model_cfg, [model_cfg.layers], seed=cfg.training.seed, backend=cfg.model.attention)
-    o, total = cfg.optimizer, cfg.training.steps
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                  weight_decay=o.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cfg.lr_scheduler.factor(s, total))
+    total = cfg.training.steps
+    optimizer, scheduler = build_optimizer(cfg, model.parameters())
     sampler = build_sampler(cfg, dataset)
     losses = []
     for step in range(total if steps is None else steps):

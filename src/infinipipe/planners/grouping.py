@@ -9,14 +9,16 @@ dynamic program over the sequences sorted by chunk count picks the cut points:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, MutableMapping, Sequence
+from typing import Literal
 
 import numpy as np
 
-from .cost import ChunkShape, CostModel
-from .ilp import InfeasibleMemoryError, build_problem, check_full_recompute, min_recompute_ms
-from .ir import Chunk, Segment
+from ..contract.cost import CostModel
+from ..contract.ir import Chunk, Segment
+from ..contract.shapes import ChunkShape
+from .ilp import InfeasibleMemoryError, SolverCache, build_problem, check_full_recompute, min_recompute_ms
 from .schedule import epp_schedule
 
 Checkpointing = Literal["ilp", "none", "full"]
@@ -74,16 +76,16 @@ class PipelineCoster:
     """Recompute cost of running a set of chunks as one pipeline (``inf`` when it cannot fit)."""
 
     def __init__(self, chunks: Sequence[Chunk], seq_lengths: Sequence[int], cost: CostModel,
-                 layers_per_stage: Sequence[int], memory_bytes: float | Sequence[float],
-                 checkpointing: Checkpointing = "ilp", cache: MutableMapping | None = None,
+                 layers_per_stage: Sequence[int], memory_budget: float | Sequence[float],
+                 checkpointing: Checkpointing = "ilp", cache: SolverCache | None = None,
                  mip_gap: float = 0.02, time_limit_s: float = 10.0):
         if checkpointing not in CHECKPOINTING:
             raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {checkpointing!r}")
         self.chunks, self.seq_lengths, self.cost = list(chunks), list(seq_lengths), cost
         self.layers = tuple(layers_per_stage)
-        self.memory_bytes = memory_bytes
+        self.memory_budget = memory_budget
         self.checkpointing = checkpointing
-        self.cache = {} if cache is None else cache
+        self.cache = SolverCache() if cache is None else cache
         self.mip_gap, self.time_limit_s = mip_gap, time_limit_s
         shapes = [ChunkShape.of(c, seq_lengths) for c in chunks]
         total = sum(self.layers)
@@ -118,11 +120,11 @@ class PipelineCoster:
         plan = epp_schedule(sub_chunks, lengths, len(self.layers), self.layers, validate=False)
         if self.checkpointing == "ilp":
             try:
-                return min_recompute_ms(plan, self.cost, self.memory_bytes, self.mip_gap,
+                return min_recompute_ms(plan, self.cost, self.memory_budget, self.mip_gap,
                                         self.time_limit_s, cache=self.cache)
             except InfeasibleMemoryError:
                 return math.inf
-        pp = build_problem(plan, self.cost, self.memory_bytes, memo=self.cache)
+        pp = build_problem(plan, self.cost, self.memory_budget, self.cache)
         if self.checkpointing == "none":
             return 0.0 if not pp.windows else math.inf
         try:

@@ -1,1 +1,0 @@
-"""Planning: the plan IR, the cost model, the sequence processor, schedules and the solver."""

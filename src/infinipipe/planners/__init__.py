@@ -1,0 +1,1 @@
+"""Planners: the sequence processor, schedules, the checkpointing ILP, grouping, EPP and the baselines."""

@@ -1,0 +1,52 @@
+"""What every planner is asked: one global batch, its cost model, the pipeline and the memory budget."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..contract.cost import CostModel, LinkModel
+from .options import PlannerOptions
+from .stage_layers import balance_layers
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """One global batch to plan. ``memory_budget`` is bytes per device; ``layers_per_stage``
+    defaults to the cost-balanced split."""
+
+    lengths: Sequence[int]
+    cost: CostModel
+    num_stages: int
+    memory_budget: float
+    layers_per_stage: Sequence[int] | None = None
+    options: PlannerOptions = field(default_factory=PlannerOptions)
+    link: LinkModel = LinkModel()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lengths", tuple(int(n) for n in self.lengths))
+        if not isinstance(self.options, PlannerOptions):
+            raise TypeError(f"options must be PlannerOptions, got {type(self.options).__name__} "
+                            "(PlannerOptions.from_mapping reads plain values)")
+        if not self.lengths:
+            raise ValueError("lengths: the batch has no sequences")
+        if min(self.lengths) < 1:
+            raise ValueError(f"lengths: every sequence needs at least one token, got {min(self.lengths)}")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+        if self.memory_budget <= 0:
+            raise ValueError(f"memory_budget must be > 0 bytes, got {self.memory_budget}")
+        if self.layers_per_stage is None:
+            object.__setattr__(self, "layers_per_stage", balance_layers(self.cost, self.num_stages))
+        else:
+            layers = tuple(int(n) for n in self.layers_per_stage)
+            object.__setattr__(self, "layers_per_stage", layers)
+            if len(layers) != self.num_stages:
+                raise ValueError(f"layers_per_stage has {len(layers)} entries for {self.num_stages} stages")
+            if min(layers) < 1 or sum(layers) != self.cost.model.layers:
+                raise ValueError(
+                    f"layers_per_stage {layers} must be >= 1 each and sum to the model's {self.cost.model.layers} layers"
+                )
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(self.layers_per_stage or ())

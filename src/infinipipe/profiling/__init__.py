@@ -1,0 +1,1 @@
+"""Measuring a device (torch) and fitting cost profiles to measurements (NumPy/SciPy only)."""
