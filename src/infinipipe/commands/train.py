@@ -27,5 +27,6 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     run_dir = args.run_dir or cfg.job.dump_folder
     result = run_training(cfg, run_dir, progress=not args.no_progress)
-    print_summary(cfg, result)
+    if result is not None:  # rank 0 (or the local launcher) speaks for the job
+        print_summary(cfg, result)
     return 0

@@ -53,23 +53,35 @@ def world_size(cfg: Config) -> int:
     return p.pipeline_parallel_degree * p.data_parallel_replicate_degree * max(1, p.data_parallel_shard_degree)
 
 
-def run_training(cfg: Config, run_dir: str | Path, *, progress: bool = True, timeout_s: float = 24 * 3600) -> TrainResult:
-    """Run the job of ``cfg``: under torchrun on this rank, else as local gloo processes on CPU."""
+def run_training(cfg: Config, run_dir: str | Path, *, progress: bool = True,
+                 timeout_s: float = 24 * 3600) -> TrainResult | None:
+    """Run the job of ``cfg``: under torchrun on this rank, else as local gloo processes on CPU.
+
+    Returns rank 0's result; under torchrun the other ranks get ``None`` (they print nothing).
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(cfg.to_toml())
     dataset, _ = build_dataset(cfg)
     if under_torchrun():
         device = init_from_env(collective_timeout_s=cfg.comm.train_timeout_seconds)
         try:
+            if dist.get_rank() == 0:
+                _write_config(cfg, run_dir)
             return _rank_main(cfg, str(run_dir), dataset, device, progress)
         finally:
             dist.destroy_process_group()
+    _write_config(cfg, run_dir)
     world = world_size(cfg)
     threads = max(1, (os.cpu_count() or 1) // world)
     results = launch_local(_rank_main, world, args=(cfg, str(run_dir), dataset, "cpu", progress), threads=threads,
                            collective_timeout_s=cfg.comm.train_timeout_seconds, timeout_s=timeout_s)
     return results[0]
+
+
+def _write_config(cfg: Config, run_dir: Path) -> None:
+    tmp = run_dir / "config.toml.tmp"
+    tmp.write_text(cfg.to_toml())
+    os.replace(tmp, run_dir / "config.toml")
 
 
 def _clip(worker: PipelineWorker, mesh: ParallelMesh, max_norm: float) -> float:
