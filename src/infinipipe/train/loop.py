@@ -30,6 +30,7 @@ from ..sim.simulator import simulate
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import MetricsWriter
 from .planning import StepPlanner, StepPlans, profile_for
+from .run_lock import RunDirBusy, run_dir_lock
 
 
 @dataclass(frozen=True)
@@ -61,21 +62,44 @@ def run_training(cfg: Config, run_dir: str | Path, *, progress: bool = True,
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    dataset, _ = build_dataset(cfg)
     if under_torchrun():
         device = init_from_env(collective_timeout_s=cfg.comm.train_timeout_seconds)
         try:
-            if dist.get_rank() == 0:
-                _write_config(cfg, run_dir)
-            return _rank_main(cfg, str(run_dir), dataset, device, progress)
+            with contextlib.ExitStack() as held:
+                refusal = [_own_run_dir(cfg, run_dir, held) if dist.get_rank() == 0 else None]
+                dist.broadcast_object_list(refusal, src=0)
+                if refusal[0] is not None:
+                    raise RunDirBusy(refusal[0])
+                return _rank_main(cfg, str(run_dir), _dataset(cfg), device, progress)
         finally:
             dist.destroy_process_group()
-    _write_config(cfg, run_dir)
-    world = world_size(cfg)
-    threads = max(1, (os.cpu_count() or 1) // world)
-    results = launch_local(_rank_main, world, args=(cfg, str(run_dir), dataset, "cpu", progress), threads=threads,
-                           collective_timeout_s=cfg.comm.train_timeout_seconds, timeout_s=timeout_s)
+    with contextlib.ExitStack() as held:
+        if (refusal := _own_run_dir(cfg, run_dir, held)) is not None:
+            raise RunDirBusy(refusal)
+        dataset = _dataset(cfg)
+        world = world_size(cfg)
+        threads = max(1, (os.cpu_count() or 1) // world)
+        results = launch_local(_rank_main, world, args=(cfg, str(run_dir), dataset, "cpu", progress),
+                               threads=threads, collective_timeout_s=cfg.comm.train_timeout_seconds,
+                               timeout_s=timeout_s)
     return results[0]
+
+
+def _own_run_dir(cfg: Config, run_dir: Path, held: contextlib.ExitStack) -> str | None:
+    """Lock ``run_dir`` for the rest of ``held`` and record the config; else why another job has it."""
+    try:
+        held.enter_context(run_dir_lock(run_dir))
+    except RunDirBusy as exc:
+        return str(exc)
+    _write_config(cfg, run_dir)
+    return None
+
+
+def _dataset(cfg: Config) -> TokenDataset:
+    """The corpus, checked here to hold at least one global batch (before any rank starts)."""
+    dataset, _ = build_dataset(cfg)
+    build_sampler(cfg, dataset)
+    return dataset
 
 
 def _write_config(cfg: Config, run_dir: Path) -> None:
