@@ -33,7 +33,7 @@ from ..runtime.launch import init_from_env, launch_local, under_torchrun
 from ..runtime.mesh import ParallelMesh, make_mesh
 from ..runtime.signals import StopRequest, serve_parent, signal_name
 from ..sim.simulator import simulate
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import resume_checkpoint, save_checkpoint
 from .metrics import MetricsWriter
 from .planning import StepPlanner, StepPlans, profile_for
 from .run_lock import RunDirBusy, run_dir_lock
@@ -212,10 +212,9 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
     steps = cfg.training.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cfg.lr_scheduler.factor(s, steps))
     ckpt_dir = Path(run_dir) / cfg.checkpoint.folder
-    start = 0
-    checkpoint = None
-    if cfg.checkpoint.enable and (checkpoint := latest_checkpoint(ckpt_dir)) is not None:
-        start = load_checkpoint(checkpoint, worker.model, optimizer, scheduler)
+    start, checkpoint = 0, None
+    if cfg.checkpoint.enable:
+        start, checkpoint = resume_checkpoint(ckpt_dir, worker.model, optimizer, scheduler, cfg.checkpoint.load_step)
     sampler = build_sampler(cfg, dataset)
     memory = cfg.epp.memory_bytes
     planner = StepPlanner(cost, sampler, cfg.epp.planner, pp, mesh.dp, memory, layers,
