@@ -34,6 +34,8 @@ def test_torchrun_job_of_two_ranks_exits_0_and_prints_one_summary(tmp_path, cach
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("trained 2 step(s)") == 1
+    assert re.search(r"^data: [\d,]+ documents; \d+ longer than training.seq_len = 2,048 truncated to it "
+                     r"\(data.over_long = 'truncate'", proc.stdout, re.M)
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
 
 

@@ -42,7 +42,8 @@ from .run_lock import RunDirBusy, run_dir_lock
 @dataclass(frozen=True)
 class TrainResult:
     """What rank 0 saw: per-step losses (first step first) and throughput; ``stop_signal`` is the
-    signal that ended the job early (0 when it ran every step)."""
+    signal that ended the job early (0 when it ran every step); ``documents`` counts the corpus's
+    documents by what the length policy did to them (kept, truncated, rejected, too_short)."""
 
     start_step: int
     losses: tuple[float, ...]
@@ -50,6 +51,7 @@ class TrainResult:
     wall_s: float
     run_dir: str
     stop_signal: int = 0
+    documents: tuple[tuple[str, int], ...] = ()
 
     @property
     def tokens_per_s(self) -> float:
@@ -299,4 +301,6 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
         return None
     if stopping:
         print(_stop_line(stopping, done, steps, checkpoint, cfg.checkpoint.enable), file=sys.stderr, flush=True)
-    return TrainResult(start, tuple(losses), tokens, wall, run_dir, stopping)
+    documents = (("kept", len(dataset)), ("truncated", dataset.truncated), ("rejected", dataset.rejected),
+                 ("too_short", dataset.too_short))
+    return TrainResult(start, tuple(losses), tokens, wall, run_dir, stopping, documents)
