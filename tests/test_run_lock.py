@@ -48,3 +48,4 @@ def test_train_in_a_locked_run_dir_is_refused_and_touches_nothing(tmp_path, hold
     assert err.startswith("infinipipe train: error: run directory") and f"pid {holder.pid}" in err
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
     assert not (tmp_path / "config.toml").exists()
+

@@ -140,3 +140,15 @@ def test_second_job_on_a_running_jobs_run_dir_is_refused_naming_the_holder(tmp_p
     os.kill(first.proc.pid, signal.SIGTERM)
     first.gone_within(30)
     assert first.proc.wait() == 128 + signal.SIGTERM
+
+
+def test_failed_rank_is_one_error_line_with_its_traceback_kept_in_the_run_dir(tmp_path, cache_dir):
+    cmd = [sys.executable, *_train_args(tmp_path, cache_dir, "--training.steps=2", "--checkpoint.enable=true",
+                                        "--checkpoint.load_step=5")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("infinipipe train: error:")]
+    assert re.match(r"infinipipe train: error: rank \d failed: .*CheckpointError: checkpoint.load_step = 5: "
+                    r"no .*step-5 \(checkpoints there: none\) \(tracebacks: .*failure.txt\)", line)
+    assert "Traceback" not in proc.stderr
+    assert "Traceback" in (tmp_path / "failure.txt").read_text()
