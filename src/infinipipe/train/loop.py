@@ -179,10 +179,12 @@ class _BackgroundPlanner:
         return self.planner(step)
 
 
-def _stop_line(signum: int, done: int, steps: int, checkpoint: Path | None, enabled: bool) -> str:
+def _stop_line(signum: int, done: int, steps: int, checkpoint: Path | None, cfg: Config) -> str:
     where = f"stopped by {signal_name(signum)} after step {done} of {steps}"
+    enabled = cfg.checkpoint.enable
     if checkpoint is not None:
-        return f"{where}; checkpoint {checkpoint}; to resume, run the same command again"
+        chosen = " without checkpoint.load_step" if cfg.checkpoint.load_step != -1 else ""
+        return f"{where}; checkpoint {checkpoint}; to resume, run the same command again{chosen}"
     if not enabled:
         return f"{where}; no checkpoint (checkpoint.enable is false), so a rerun starts from step 0"
     return f"{where}; nothing trained yet, so a rerun starts from step 0"
@@ -300,7 +302,7 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
     if not root:
         return None
     if stopping:
-        print(_stop_line(stopping, done, steps, checkpoint, cfg.checkpoint.enable), file=sys.stderr, flush=True)
+        print(_stop_line(stopping, done, steps, checkpoint, cfg), file=sys.stderr, flush=True)
     documents = (("kept", len(dataset)), ("truncated", dataset.truncated), ("rejected", dataset.rejected),
                  ("too_short", dataset.too_short))
     return TrainResult(start, tuple(losses), tokens, wall, run_dir, stopping, documents)
