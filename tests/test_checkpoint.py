@@ -1,13 +1,17 @@
 """Checkpoints restore training exactly and are never left half-written."""
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from infinipipe.contract.model_config import ModelConfig
 from infinipipe.model.layers import ChunkMeta
 from infinipipe.runtime.local import build_stages
-from infinipipe.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from infinipipe.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
 
 CFG = ModelConfig(vocab_size=50, hidden=16, layers=2, heads=2, kv_heads=1, ffn=32)
 
@@ -84,3 +88,102 @@ def test_checkpoint_exports_to_a_hugging_face_folder_with_the_trained_weights(tm
     assert cfg == CFG
     for name, p in model.state_dict().items():
         assert torch.equal(state[name], p), name
+
+
+def _saved(tmp_path, steps):
+    """Checkpoints after each step in ``steps``."""
+    model, opt, sched = _setup()
+    for step in range(1, max(steps) + 1):
+        _step(model, opt, sched, step)
+        if step in steps:
+            save_checkpoint(tmp_path, step, model, opt, sched)
+
+
+def test_manifest_records_size_and_sha256_of_every_checkpoint_file(tmp_path):
+    _saved(tmp_path, (1,))
+    manifest = json.loads((tmp_path / "step-1" / "manifest.json").read_text())
+    files = {p.name for p in (tmp_path / "step-1").iterdir() if p.name != "manifest.json"}
+    assert set(manifest["files"]) == files and ".metadata" in files
+    for name, entry in manifest["files"].items():
+        data = (tmp_path / "step-1" / name).read_bytes()
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _shard(ckpt: Path) -> Path:
+    return next(p for p in ckpt.iterdir() if p.suffix == ".distcp")
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("truncate", "bytes, the manifest says"),
+    ("flip", "contents differ from the manifest's sha256"),
+    ("manifest", "no readable manifest"),
+])
+def test_damaged_newest_checkpoint_is_named_set_aside_and_resume_falls_back(tmp_path, capsys, damage, says):
+    model, opt, sched = _setup()
+    _step(model, opt, sched, 1)
+    save_checkpoint(tmp_path, 1, model, opt, sched)
+    straight = [_step(model, opt, sched, s) for s in (2, 3)]
+    save_checkpoint(tmp_path, 3, model, opt, sched)
+    shard = _shard(tmp_path / "step-3")
+    data = bytearray(shard.read_bytes())
+    if damage == "truncate":
+        shard.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    else:
+        (tmp_path / "step-3" / "manifest.json").write_text("{not json")
+
+    model2, opt2, sched2 = _setup()
+    start, path = resume_checkpoint(tmp_path, model2, opt2, sched2)
+    assert (start, path.name) == (1, "step-1")
+    err = capsys.readouterr().err
+    assert f"checkpoint {tmp_path / 'step-3'} is damaged" in err and says in err
+    assert damage == "manifest" or shard.name in err
+    assert "falling back to an older checkpoint" in err
+    assert (tmp_path / "damaged-step-3").is_dir() and latest_checkpoint(tmp_path).name == "step-1"
+    assert [_step(model2, opt2, sched2, s) for s in (2, 3)] == straight
+
+
+def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    _saved(tmp_path, (1,))
+    _shard(tmp_path / "step-1").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="no intact checkpoint in"):
+        resume_checkpoint(tmp_path, *_setup())
+
+
+def test_garbage_latest_pointer_falls_back_to_the_newest_step_folder(tmp_path, capsys):
+    _saved(tmp_path, (1, 2))
+    (tmp_path / "latest").write_bytes(bytes(range(256)))
+    assert latest_checkpoint(tmp_path).name == "step-2"
+    assert "not a checkpoint folder; using the newest one, step-2" in capsys.readouterr().err
+    start, _ = resume_checkpoint(tmp_path, *_setup())
+    assert start == 2 and (tmp_path / "latest").read_text() == "step-2\n"
+
+
+def test_load_step_resumes_from_the_chosen_checkpoint_and_sets_newer_ones_aside(tmp_path, capsys):
+    _saved(tmp_path, (1, 2))
+    start, path = resume_checkpoint(tmp_path, *_setup(), load_step=1)
+    assert (start, path.name) == (1, "step-1")
+    assert (tmp_path / "superseded-step-2").is_dir() and not (tmp_path / "step-2").exists()
+    assert "the newer checkpoint step-2 is set aside as superseded-step-2" in capsys.readouterr().err
+
+
+def test_load_step_of_a_missing_or_damaged_checkpoint_is_an_error_naming_it(tmp_path):
+    _saved(tmp_path, (1, 2))
+    with pytest.raises(CheckpointError, match=r"load_step = 5: no .*step-5 \(checkpoints there: 1, 2\)"):
+        resume_checkpoint(tmp_path, *_setup(), load_step=5)
+    _shard(tmp_path / "step-1").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=r"step-1 is damaged: .*\.distcp: 7 bytes"):
+        resume_checkpoint(tmp_path, *_setup(), load_step=1)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--checkpoint.enable=true", "--checkpoint.load_step=0"], "checkpoint.load_step"),
+    (["--checkpoint.load_step=3"], "checkpoint.load_step needs checkpoint.enable = true"),
+])
+def test_load_step_setting_is_validated(overrides, message):
+    from infinipipe.config import load_config
+
+    with pytest.raises(ValueError, match=message):
+        load_config(None, overrides)

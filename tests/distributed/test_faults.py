@@ -38,14 +38,16 @@ def _worker(fault: str):
         raise RuntimeError("injected failure on rank 1")
     if rank == 1 and fault == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if rank == 1 and fault == "hang":
+        os.kill(os.getpid(), signal.SIGSTOP)
     worker.run_step(plan, BATCH)  # rank 0 now waits on a peer that is gone
     return rank
 
 
-def _fail(fault: str) -> tuple[RankFailed, float]:
+def _fail(fault: str, collective_timeout_s: float = 30) -> tuple[RankFailed, float]:
     t0 = time.monotonic()
     with pytest.raises(RankFailed) as info:
-        launch_local(_worker, 2, (fault,), collective_timeout_s=30, timeout_s=120)
+        launch_local(_worker, 2, (fault,), collective_timeout_s=collective_timeout_s, timeout_s=120)
     return info.value, time.monotonic() - t0
 
 
@@ -58,6 +60,13 @@ def test_raising_rank_stops_the_job_with_its_own_traceback_within_60s():
 def test_killed_rank_stops_the_job_and_is_named_within_60s():
     err, elapsed = _fail("kill")
     assert err.rank == 1 and "SIGKILL" in str(err)
+    assert elapsed < 60
+
+
+def test_hung_rank_is_named_not_the_neighbour_that_timed_out_waiting_for_it():
+    err, elapsed = _fail("hang", collective_timeout_s=5)
+    assert err.rank == 1 and "stopped responding" in err.detail and "is stopped" in err.detail
+    assert "rank 0:" in str(err)  # the neighbour's timeout is still shown, as a consequence
     assert elapsed < 60
 
 

@@ -27,9 +27,12 @@ def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("token-cache"))
 
 
+def _losses_in(path: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in path.read_text().splitlines()]
+
+
 def _losses(run_dir: Path) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
+    return _losses_in(run_dir / "metrics.jsonl")
 
 
 def test_exact_epp_pp4_training_matches_single_device_losses_for_20_steps(tmp_path, cache_dir):
@@ -69,3 +72,26 @@ def test_run_killed_between_steps_resumes_with_the_uninterrupted_losses(tmp_path
     resumed = run_training(load_config(None, common), run_dir, progress=False)
     assert resumed.start_step == 3
     assert _losses(run_dir) == pytest.approx(straight, rel=1e-6)
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous_with_the_uninterrupted_losses(tmp_path, cache_dir,
+                                                                                              capfd):
+    cfg = load_config(None, SMALL_RUN + [f"--data.cache_dir={cache_dir}", "--training.steps=6",
+                                         "--parallelism.pipeline_parallel_degree=2", "--checkpoint.enable=true",
+                                         "--checkpoint.interval=3"])
+    straight = run_training(cfg, tmp_path, progress=False).losses
+    shard = tmp_path / "checkpoint" / "step-6" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in the middle of a weight: loads without complaint
+    shard.write_bytes(bytes(data))
+    capfd.readouterr()
+
+    resumed = run_training(cfg, tmp_path, progress=False)
+    err = capfd.readouterr().err
+    assert f"{shard}: contents differ from the manifest's sha256" in err
+    assert "falling back to an older checkpoint" in err
+    assert resumed.start_step == 3
+    assert resumed.losses == pytest.approx(straight[3:], rel=1e-6)
+    assert _losses(tmp_path) == pytest.approx(straight, rel=1e-6)  # rows 1-3 kept, 4-6 redone
+    (aside,) = tmp_path.glob("metrics-*.jsonl")
+    assert _losses_in(aside) == pytest.approx(straight)

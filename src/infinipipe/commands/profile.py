@@ -43,7 +43,11 @@ def run(args: argparse.Namespace) -> int:
     fit_rows, held_rows = [], []
     if args.from_measurements:
         path = Path(args.from_measurements)
-        prof = profile_from_measurements(json.loads(path.read_text()), args.model, cfg, path.name)
+        try:
+            measurements = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{path}: not a JSON measurements file ({exc})") from None
+        prof = profile_from_measurements(measurements, args.model, cfg, path.name)
     elif args.scale_from:
         prof = scale_profile(load_profile(args.scale_from), cfg, Path(args.scale_from).stem)
     else:

@@ -1,7 +1,14 @@
-"""``infinipipe train``: the training job (the embedded default needs no arguments)."""
+"""``infinipipe train``: the training job (the embedded default needs no arguments).
+
+Exit status: 0 when every step ran, 128 + the signal number when a stop signal ended the job
+early (after its checkpoint), 1 when a rank failed, 2 for bad input. A failed job prints one line;
+the ranks' tracebacks go to ``RUN_DIR/failure.txt``.
+"""
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import collect_overrides, load_config
+    from ..runtime.launch import JobStopped, RankFailed
     from ..train.loop import run_training
     from ..train.summary import print_summary
 
@@ -25,7 +33,23 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is not None:
         overrides.append(f"--training.steps={args.steps}")
     cfg = load_config(args.config, overrides)
-    run_dir = args.run_dir or cfg.job.dump_folder
-    result = run_training(cfg, run_dir, progress=not args.no_progress)
+    run_dir = Path(args.run_dir or cfg.job.dump_folder)
+    try:
+        result = run_training(cfg, run_dir, progress=not args.no_progress)
+    except RankFailed as exc:
+        report = run_dir / "failure.txt"
+        report.write_text(f"{exc}\n")
+        return _fail(f"{exc.headline} (tracebacks: {report})", 1)
+    except JobStopped as exc:
+        return _fail(str(exc), 128 + exc.signum)
+    except TimeoutError as exc:
+        return _fail(str(exc), 1)
+    if result is None:  # a rank other than 0 under torchrun: rank 0 speaks for the job
+        return 0
     print_summary(cfg, result)
-    return 0
+    return 128 + result.stop_signal if result.stop_signal else 0
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"infinipipe train: error: {message}", file=sys.stderr)
+    return code

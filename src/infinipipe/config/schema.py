@@ -199,16 +199,24 @@ class ParallelismConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    """``folder`` is relative to ``job.dump_folder``; ``keep_latest_k = 0`` keeps every checkpoint."""
+    """``folder`` is relative to ``job.dump_folder``; ``keep_latest_k = 0`` keeps every checkpoint.
+
+    ``load_step = -1`` resumes from the newest intact checkpoint; ``N`` resumes from ``step-N``.
+    """
 
     enable: bool = False
     folder: str = "checkpoint"
     interval: int = 10
     keep_latest_k: int = 2
+    load_step: int = -1
 
     def __post_init__(self) -> None:
         _at_least("checkpoint.interval", self.interval, 1)
         _at_least("checkpoint.keep_latest_k", self.keep_latest_k, 0)
+        if self.load_step != -1:
+            _at_least("checkpoint.load_step (-1 for the newest intact checkpoint)", self.load_step, 1)
+            if not self.enable:
+                raise ValueError("checkpoint.load_step needs checkpoint.enable = true")
 
 
 @dataclass(frozen=True)

@@ -66,8 +66,12 @@ def tokenize_corpus(corpus: Corpus, tokenizer: Tokenizer, cache_dir: str | Path 
     if cache_dir is not None:
         cache = Path(cache_dir) / f"tokens-{corpus.fingerprint()}-{tokenizer.fingerprint()}.npz"
         if cache.is_file():
-            with np.load(cache) as z:
-                return TokenizedCorpus(z["tokens"].astype(np.int64), z["offsets"], tuple(z["names"].tolist()))
+            try:
+                with np.load(cache) as z:
+                    return TokenizedCorpus(z["tokens"].astype(np.int64), z["offsets"], tuple(z["names"].tolist()))
+            except Exception as exc:  # numpy and zipfile raise several types for a damaged archive
+                raise ValueError(f"{cache}: unreadable token cache ({type(exc).__name__}: {exc}); delete it "
+                                 f"to tokenize the corpus again") from None
     names: list[str] = []
     pieces: list[np.ndarray] = []
     batch: list[str] = []

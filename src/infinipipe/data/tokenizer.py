@@ -155,14 +155,20 @@ class HFTokenizer(Tokenizer):
             raise FileNotFoundError(f"data.tokenizer: no tokenizer.json at {str(path)!r}")
         self.name = str(path)
         self.file = file
-        self.tok = _HF.from_file(str(file))
+        try:
+            self.tok = _HF.from_file(str(file))
+        except Exception as exc:  # the tokenizers library raises a plain Exception for a bad file
+            raise ValueError(f"{file}: not a Hugging Face tokenizer file ({exc})") from None
         self.n_vocab = self.tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = self._find_eos(file.parent / "tokenizer_config.json")
 
     def _find_eos(self, config_file: Path) -> int | None:
         names = list(_EOS_CANDIDATES)
         if config_file.is_file():
-            eos = json.loads(config_file.read_text(encoding="utf-8")).get("eos_token")
+            try:
+                eos = json.loads(config_file.read_text(encoding="utf-8")).get("eos_token")
+            except (ValueError, AttributeError) as exc:
+                raise ValueError(f"{config_file}: not a JSON tokenizer config ({exc})") from None
             eos = eos.get("content") if isinstance(eos, dict) else eos
             if isinstance(eos, str):
                 names.insert(0, eos)

@@ -117,7 +117,11 @@ def read_hf_config(path: str | Path) -> ModelConfig:
     file = Path(path) / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"model.hf_path: no config.json in {str(path)!r}")
-    return config_from_hf(json.loads(file.read_text(encoding="utf-8")))
+    try:
+        obj = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{file}: not a JSON config ({exc})") from None
+    return config_from_hf(obj)
 
 
 def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -151,7 +155,10 @@ def _check_state(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str) -
 def _shard_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({exc!r})") from None
         return [path / f for f in sorted(set(weight_map.values()))]
     single = path / "model.safetensors"
     if single.is_file():
@@ -171,7 +178,11 @@ def load_hf_checkpoint(path: str | Path,
     cfg = read_hf_config(path)
     state: dict[str, torch.Tensor] = {}
     for f in _shard_files(path):
-        for name, tensor in load_file(str(f)).items():
+        try:
+            tensors = load_file(str(f))
+        except Exception as exc:  # safetensors raises its own error type for a bad header or size
+            raise ValueError(f"{f}: not a readable safetensors file ({exc})") from None
+        for name, tensor in tensors.items():
             if name.endswith("rotary_emb.inv_freq"):
                 continue
             state[hf_to_ours(name)] = tensor if dtype is None else tensor.to(dtype)

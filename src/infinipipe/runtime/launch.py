@@ -3,8 +3,10 @@
 The local launcher spawns one process per rank with a localhost rendezvous, sets the collective
 timeout and threads per process, and watches them: the first rank that raises or dies gets the
 others killed at once, and `RankFailed` names it with its own traceback (ranks that only saw
-their peer vanish are not blamed). Nothing waits forever: a job that outlives ``timeout_s`` is
-killed too.
+their peer vanish are not blamed; when peers time out waiting, the rank that neither finished
+nor failed is named). Nothing waits forever: a job that outlives ``timeout_s`` is killed too.
+SIGTERM/SIGINT to the launcher are passed on to the ranks, which stop at a step boundary
+(`signals.StopRequest`); a second signal kills them at once. Ranks die with the launcher.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pickle
 import signal
 import socket
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -26,6 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .signals import STOP_GRACE_S, STOP_SIGNALS, exit_with_parent, signal_name
+
 DEFAULT_COLLECTIVE_TIMEOUT_S = 30.0
 
 
@@ -36,6 +41,19 @@ class RankFailed(RuntimeError):
         self.rank, self.detail = rank, detail
         extra = "".join(f"\n  also: {o}" for o in others)
         super().__init__(f"rank {rank} failed:\n{detail}{extra}")
+
+    @property
+    def headline(self) -> str:
+        """One line: the rank and the last line of its traceback."""
+        return f"rank {self.rank} failed: {self.detail.rstrip().splitlines()[-1]}"
+
+
+class JobStopped(RuntimeError):
+    """The launcher was asked to stop (``signum``) and the ranks could not end in order."""
+
+    def __init__(self, signum: int, why: str):
+        self.signum = signum
+        super().__init__(f"stopped by {signal_name(signum)}: {why}")
 
 
 def free_port() -> int:
@@ -54,11 +72,13 @@ class _Job:
     threads: int
     timeout_s: float
     outdir: str
+    parent_pid: int
 
 
 def _child(rank: int, job: _Job) -> None:
     out = Path(job.outdir)
     try:
+        exit_with_parent(job.parent_pid)
         torch.set_num_threads(job.threads)
         dist.init_process_group(job.backend, init_method=f"tcp://127.0.0.1:{job.port}", rank=rank,
                                 world_size=job.world_size, timeout=datetime.timedelta(seconds=job.timeout_s))
@@ -79,7 +99,8 @@ def launch_local(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, backe
 
     ``fn`` must be importable (a module-level function); each rank's return value is pickled back
     and returned in rank order. Raises `RankFailed` for the first rank that raised or was killed,
-    `TimeoutError` if the job runs past ``timeout_s``.
+    `TimeoutError` if the job runs past ``timeout_s``, `JobStopped` if a stop signal could not
+    end the ranks in order (ranks that stop in order return normally).
     """
     if nprocs < 1:
         raise ValueError(f"nprocs must be >= 1, got {nprocs}")
@@ -87,34 +108,75 @@ def launch_local(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, backe
         raise ValueError(f"threads must be >= 1, got {threads}")
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="infinipipe-launch-") as outdir:
-        job = _Job(fn, tuple(args), nprocs, free_port(), backend, threads, collective_timeout_s, outdir)
+        job = _Job(fn, tuple(args), nprocs, free_port(), backend, threads, collective_timeout_s, outdir, os.getpid())
         procs = [ctx.Process(target=_child, args=(r, job), daemon=False) for r in range(nprocs)]
-        for p in procs:
-            p.start()
         try:
-            deadline = time.monotonic() + timeout_s
-            live = {p.sentinel: r for r, p in enumerate(procs)}
-            failed: list[int] = []
-            while live and not failed:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"local job of {nprocs} ranks ran past {timeout_s:.0f} s; killed it")
-                for sentinel in wait(list(live), timeout=min(left, 1.0)):
-                    r = live.pop(sentinel)
-                    procs[r].join()
-                    if procs[r].exitcode != 0:
-                        failed.append(r)
-            if failed:
-                # Peers of a dead rank fail within moments; give them a second to exit on their own
-                # so the rank that died first is told apart from those that merely lost it.
-                exited = failed + [live.pop(s) for s in wait(list(live), timeout=1.0)]
-                for r in exited:
-                    procs[r].join()
-                codes = {r: procs[r].exitcode for r in exited}
-                raise _blame(codes, Path(outdir), failed[0])
+            with _PassStop(procs) as stop:
+                for p in procs:
+                    p.start()
+                _watch(procs, stop, timeout_s, Path(outdir))
         finally:
             _kill(procs)  # ranks are not daemons (they may start a planning process): never orphan them
         return [pickle.loads((Path(outdir) / f"{r}.result").read_bytes()) for r in range(nprocs)]
+
+
+class _PassStop:
+    """The launcher's stop signals: the first is passed on to every rank, a second kills them now."""
+
+    def __init__(self, procs: Sequence[mp.Process]):
+        self.procs = procs
+        self.signum = 0
+        self.deadline = float("inf")
+        self._previous: dict[int, Any] = {}
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if self.signum:
+            _kill(self.procs, grace_s=0.0)
+            raise JobStopped(signum, "a second signal killed the ranks without a checkpoint")
+        self.signum = signum
+        self.deadline = time.monotonic() + STOP_GRACE_S + 3.0
+        for p in self.procs:
+            if p.pid is not None and p.is_alive():
+                os.kill(p.pid, signum)
+
+    def __enter__(self) -> "_PassStop":
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _watch(procs: Sequence[mp.Process], stop: _PassStop, timeout_s: float, outdir: Path) -> None:
+    """Wait for every rank to exit 0; raise for the first that did not, or past a deadline."""
+    deadline = time.monotonic() + timeout_s
+    live = {p.sentinel: r for r, p in enumerate(procs)}
+    failed: list[int] = []
+    while live and not failed:
+        left = min(deadline, stop.deadline) - time.monotonic()
+        if left <= 0:
+            if stop.signum:
+                raise JobStopped(stop.signum, f"the ranks did not stop within {STOP_GRACE_S:.0f} s; killed them")
+            raise TimeoutError(f"local job of {len(procs)} ranks ran past {timeout_s:.0f} s; killed it")
+        for sentinel in wait(list(live), timeout=min(left, 1.0)):
+            r = live.pop(sentinel)
+            procs[r].join()
+            if procs[r].exitcode != 0:
+                failed.append(r)
+    if failed:
+        # Peers of a dead rank fail within moments; give them a second to exit on their own
+        # so the rank that died first is told apart from those that merely lost it.
+        exited = failed + [live.pop(s) for s in wait(list(live), timeout=1.0)]
+        for r in exited:
+            procs[r].join()
+        codes = {r: procs[r].exitcode for r in exited}
+        err = _blame(codes, outdir, failed[0], {r: procs[r].pid for r in live.values()})
+        if stop.signum:
+            raise JobStopped(stop.signum, err.headline) from err
+        raise err
 
 
 def _kill(procs: Sequence[mp.Process], grace_s: float = 3.0) -> None:
@@ -129,8 +191,9 @@ def _kill(procs: Sequence[mp.Process], grace_s: float = 3.0) -> None:
             p.join()
 
 
-def _blame(codes: dict[int, int], outdir: Path, first_seen: int) -> RankFailed:
-    """A rank killed by a signal is the cause; otherwise the rank that raised earliest."""
+def _blame(codes: dict[int, int], outdir: Path, first_seen: int, alive: dict[int, int]) -> RankFailed:
+    """A rank killed by a signal is the cause; then a rank its peers timed out waiting for (one
+    still alive, a stopped one first); otherwise the rank that raised earliest."""
     killed = sorted(r for r, code in codes.items() if code < 0)
     if killed:
         r = killed[0]
@@ -143,8 +206,22 @@ def _blame(codes: dict[int, int], outdir: Path, first_seen: int) -> RankFailed:
     if not errors:
         return RankFailed(first_seen, f"exited with code {codes[first_seen]} and left no traceback")
     errors.sort()
+    if alive and all("timed out" in tb.lower() or "timeout" in tb.lower() for _, _, tb in errors):
+        states = {r: _process_state(pid) for r, pid in alive.items()}
+        r = min(alive, key=lambda r: (states[r] != "stopped", r))
+        return RankFailed(r, f"stopped responding (process {alive[r]} is {states[r]}); the ranks waiting "
+                             f"for it timed out", _errors(outdir, exclude=r))
     _, r, tb = errors[0]
     return RankFailed(r, tb.rstrip(), _errors(outdir, exclude=r))
+
+
+def _process_state(pid: int) -> str:
+    """'stopped' for a stopped or traced process (Linux /proc), else 'still running'."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "still running"
+    return "stopped" if stat.rpartition(")")[2].split()[0] in ("T", "t") else "still running"
 
 
 def _errors(outdir: Path, exclude: int) -> list[str]:
@@ -161,8 +238,10 @@ def init_from_env(backend: str | None = None,
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
 
     Picks NCCL and this rank's GPU (LOCAL_RANK) when CUDA is present, gloo otherwise; returns the
-    device to run on. Multi-node jobs use torchrun's usual rendezvous flags.
+    device to run on. Multi-node jobs use torchrun's usual rendezvous flags. The rank gets SIGTERM
+    (a step-boundary stop) if torchrun's agent, its parent, dies.
     """
+    exit_with_parent(os.getppid())
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise ValueError(f"not started by torchrun: environment lacks {', '.join(missing)}")

@@ -4,12 +4,17 @@ Rank 0 plans (in a background process when ``epp.prefetch`` is on, so step i+1 i
 step i trains) and broadcasts each step's plans; every rank samples the same global batch from
 ``(seed, step)``, trains its replica's share, and the optimizer steps after gradients are summed.
 Rank 0 writes ``metrics.jsonl``, the progress bar and the checkpoints' pointer.
+
+A stop signal to any rank reaches rank 0 with the step's gathered results; rank 0 then
+broadcasts "stop" instead of the next step's plans, so every rank ends after the same step and
+writes one consistent checkpoint.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,46 +30,87 @@ from ..runtime.batch import Batch
 from ..runtime.executor import PipelineWorker, RuntimeSettings, StepResult
 from ..runtime.launch import init_from_env, launch_local, under_torchrun
 from ..runtime.parallel_dims import ParallelDims, ParallelMesh
+from ..runtime.signals import StopRequest, serve_parent, signal_name
 from ..sim.simulator import simulate
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import resume_checkpoint, save_checkpoint
 from .metrics import MetricsWriter
 from .optim import build_optimizer
 from .planning import StepPlanner, StepPlans, profile_for
 from .prefetch import PlanPrefetcher
+from .run_lock import RunDirBusy, run_dir_lock
 
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What rank 0 saw: per-step losses (first step first) and throughput."""
+    """What rank 0 saw: per-step losses (first step first) and throughput; ``stop_signal`` is the
+    signal that ended the job early (0 when it ran every step); ``documents`` counts the corpus's
+    documents by what the length policy did to them (kept, truncated, rejected, too_short)."""
 
     start_step: int
     losses: tuple[float, ...]
     tokens: int
     wall_s: float
     run_dir: str
+    stop_signal: int = 0
+    documents: tuple[tuple[str, int], ...] = ()
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
 
 
-def run_training(cfg: Config, run_dir: str | Path, *, progress: bool = True, timeout_s: float = 24 * 3600) -> TrainResult:
-    """Run the job of ``cfg``: under torchrun on this rank, else as local gloo processes on CPU."""
+def run_training(cfg: Config, run_dir: str | Path, *, progress: bool = True,
+                 timeout_s: float = 24 * 3600) -> TrainResult | None:
+    """Run the job of ``cfg``: under torchrun on this rank, else as local gloo processes on CPU.
+
+    Returns rank 0's result; under torchrun the other ranks get ``None`` (they print nothing).
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(cfg.to_toml())
-    dataset, _ = build_dataset(cfg)
     if under_torchrun():
         device = init_from_env(collective_timeout_s=cfg.comm.train_timeout_seconds)
         try:
-            return _rank_main(cfg, str(run_dir), dataset, device, progress)
+            with contextlib.ExitStack() as held:
+                refusal = [_own_run_dir(cfg, run_dir, held) if dist.get_rank() == 0 else None]
+                dist.broadcast_object_list(refusal, src=0)
+                if refusal[0] is not None:
+                    raise RunDirBusy(refusal[0])
+                return _rank_main(cfg, str(run_dir), _dataset(cfg), device, progress)
         finally:
             dist.destroy_process_group()
-    world = ParallelDims.from_config(cfg.parallelism).world_size
-    threads = max(1, (os.cpu_count() or 1) // world)
-    results = launch_local(_rank_main, world, args=(cfg, str(run_dir), dataset, "cpu", progress), threads=threads,
-                           collective_timeout_s=cfg.comm.train_timeout_seconds, timeout_s=timeout_s)
+    with contextlib.ExitStack() as held:
+        if (refusal := _own_run_dir(cfg, run_dir, held)) is not None:
+            raise RunDirBusy(refusal)
+        dataset = _dataset(cfg)
+        world = ParallelDims.from_config(cfg.parallelism).world_size
+        threads = max(1, (os.cpu_count() or 1) // world)
+        results = launch_local(_rank_main, world, args=(cfg, str(run_dir), dataset, "cpu", progress),
+                               threads=threads, collective_timeout_s=cfg.comm.train_timeout_seconds,
+                               timeout_s=timeout_s)
     return results[0]
+
+
+def _own_run_dir(cfg: Config, run_dir: Path, held: contextlib.ExitStack) -> str | None:
+    """Lock ``run_dir`` for the rest of ``held`` and record the config; else why another job has it."""
+    try:
+        held.enter_context(run_dir_lock(run_dir))
+    except RunDirBusy as exc:
+        return str(exc)
+    _write_config(cfg, run_dir)
+    return None
+
+
+def _dataset(cfg: Config) -> TokenDataset:
+    """The corpus, checked here to hold at least one global batch (before any rank starts)."""
+    dataset, _ = build_dataset(cfg)
+    build_sampler(cfg, dataset)
+    return dataset
+
+
+def _write_config(cfg: Config, run_dir: Path) -> None:
+    tmp = run_dir / "config.toml.tmp"
+    tmp.write_text(cfg.to_toml())
+    os.replace(tmp, run_dir / "config.toml")
 
 
 def _clip(worker: PipelineWorker, mesh: ParallelMesh, max_norm: float) -> float:
@@ -116,7 +162,36 @@ def _predict(sp: StepPlans, cost: CostModel, memory_budget: int) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class _BackgroundPlanner:
+    """The step planner as the planning process runs it: a helper that dies with rank 0."""
+
+    planner: StepPlanner
+    rank0_pid: int
+
+    def __call__(self, step: int) -> StepPlans:
+        serve_parent(self.rank0_pid)
+        return self.planner(step)
+
+
+def _stop_line(signum: int, done: int, steps: int, checkpoint: Path | None, cfg: Config) -> str:
+    where = f"stopped by {signal_name(signum)} after step {done} of {steps}"
+    enabled = cfg.checkpoint.enable
+    if checkpoint is not None:
+        chosen = " without checkpoint.load_step" if cfg.checkpoint.load_step != -1 else ""
+        return f"{where}; checkpoint {checkpoint}; to resume, run the same command again{chosen}"
+    if not enabled:
+        return f"{where}; no checkpoint (checkpoint.enable is false), so a rerun starts from step 0"
+    return f"{where}; nothing trained yet, so a rerun starts from step 0"
+
+
 def _rank_main(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progress: bool) -> TrainResult | None:
+    with StopRequest() as stop:
+        return _train(cfg, run_dir, dataset, device, progress, stop)
+
+
+def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progress: bool,
+           stop: StopRequest) -> TrainResult | None:
     rank, world = dist.get_rank(), dist.get_world_size()
     dims = ParallelDims.from_config(cfg.parallelism, world)
     pp = dims.pp
@@ -134,20 +209,23 @@ def _rank_main(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, pr
     optimizer, scheduler = build_optimizer(cfg, worker.model.parameters())
     steps = cfg.training.steps
     ckpt_dir = Path(run_dir) / cfg.checkpoint.folder
-    start = 0
-    if cfg.checkpoint.enable and (latest := latest_checkpoint(ckpt_dir)) is not None:
-        start = load_checkpoint(latest, worker.model, optimizer, scheduler)
+    start, checkpoint = 0, None
+    if cfg.checkpoint.enable:
+        start, checkpoint = resume_checkpoint(ckpt_dir, worker.model, optimizer, scheduler, cfg.checkpoint.load_step)
     sampler = build_sampler(cfg, dataset)
     memory = cfg.epp.memory_budget_bytes
     planner = StepPlanner(cost, sampler, cfg.epp.planner, pp, mesh.dp, memory, layers, cfg.epp.planner_options())
     root = rank == 0
     losses: list[float] = []
     tokens = 0
+    stopping = 0  # rank 0: the first stop signal any rank has reported
+    done = saved = start
     with contextlib.ExitStack() as stack:
         plans = None
         if root:
             todo = range(start, steps)
-            plans = stack.enter_context(PlanPrefetcher(planner, todo)) if cfg.epp.prefetch else map(planner, todo)
+            plans = (stack.enter_context(PlanPrefetcher(_BackgroundPlanner(planner, os.getpid()), todo))
+                     if cfg.epp.prefetch else map(planner, todo))
         metrics = None
         bar = None
         if root:
@@ -163,9 +241,13 @@ def _rank_main(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, pr
         t_start = time.perf_counter()
         for step in range(start, steps):
             t0 = time.perf_counter()
-            box = [next(plans) if root else None]
+            if root:
+                stopping = stopping or stop.signum
+            box = [(stopping, None if stopping else next(plans)) if root else None]
             dist.broadcast_object_list(box, src=0)
-            sp: StepPlans = box[0]
+            stopping, sp = box[0]
+            if stopping:
+                break
             if sp.step != step:
                 raise RuntimeError(f"received the plans of step {sp.step} at step {step}")
             gb = sampler.batch(dataset, step)
@@ -180,11 +262,13 @@ def _rank_main(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, pr
             optimizer.step()
             scheduler.step()
             mine = {"stage": res.stage, "dp": res.dp_rank, "busy_s": res.busy_s, "pipeline_s": res.pipeline_s,
-                    "peak_activation_bytes": res.peak_activation_bytes}
+                    "peak_activation_bytes": res.peak_activation_bytes, "signal": stop.signum}
             gathered = [None] * world if root else None
             dist.gather_object(mine, gathered, dst=0)
             step_s = time.perf_counter() - t0
+            done = step + 1
             if root:
+                stopping = next((r["signal"] for r in gathered if r["signal"]), 0)
                 losses.append(res.loss)
                 tokens += gb.num_tokens
                 if (step + 1) % cfg.metrics.log_freq == 0 or step + 1 == steps:
@@ -196,9 +280,20 @@ def _rank_main(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, pr
                                     bubble=f"{1 - res.busy_s / max(res.pipeline_s, 1e-9):.0%}",
                                     plan_s=f"{sp.planning_s:.2f}")
                     bar.update(1)
-            if cfg.checkpoint.enable and ((step + 1) % cfg.checkpoint.interval == 0 or step + 1 == steps):
-                save_checkpoint(ckpt_dir, step + 1, worker.model, optimizer, scheduler, cfg.checkpoint.keep_latest_k)
+            if cfg.checkpoint.enable and (done % cfg.checkpoint.interval == 0 or done == steps):
+                checkpoint = save_checkpoint(ckpt_dir, done, worker.model, optimizer, scheduler,
+                                             cfg.checkpoint.keep_latest_k)
+                saved = done
         wall = time.perf_counter() - t_start
+        if done == steps:
+            stopping = 0  # a signal during the last step changes nothing: the job is complete
+        if stopping and cfg.checkpoint.enable and done > saved:
+            checkpoint = save_checkpoint(ckpt_dir, done, worker.model, optimizer, scheduler,
+                                         cfg.checkpoint.keep_latest_k)
     if not root:
         return None
-    return TrainResult(start, tuple(losses), tokens, wall, run_dir)
+    if stopping:
+        print(_stop_line(stopping, done, steps, checkpoint, cfg), file=sys.stderr, flush=True)
+    documents = (("kept", len(dataset)), ("truncated", dataset.truncated), ("rejected", dataset.rejected),
+                 ("too_short", dataset.too_short))
+    return TrainResult(start, tuple(losses), tokens, wall, run_dir, stopping, documents)

@@ -1,21 +1,78 @@
-"""Per-step metrics: one JSON object per line, optionally mirrored to TensorBoard."""
+"""Per-step metrics: one JSON object per line, optionally mirrored to TensorBoard.
+
+Rows are never lost without a word. A resumed run keeps the rows up to its resume step; when any
+row would go (a fresh run in a used directory, or a resume from an older checkpoint), the whole
+old file is first moved aside to ``metrics-<time>.jsonl`` and a warning names it. A torn last
+line (a crash mid-write) is dropped with a warning naming the file and line; a bad line anywhere
+else is an error, since that is not what a crash leaves.
+"""
 from __future__ import annotations
 
+import datetime
 import json
+import os
 from pathlib import Path
 from typing import Any
 
+from .notices import warn
+
+METRICS = "metrics.jsonl"
+
+
+def _rows(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """The rows of ``path`` and whether a torn last line was dropped."""
+    lines = path.read_text().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not an object with an integer 'step'")
+        except ValueError as exc:
+            if number == len(lines):
+                warn(f"{path}: line {number} is torn (an interrupted write); dropped it")
+                return rows, True
+            raise ValueError(f"{path}: line {number} is not a metrics row ({exc})") from None
+        rows.append(row)
+    return rows, False
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def _move_aside(path: Path) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"metrics-{stamp}.jsonl")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"metrics-{stamp}-{n}.jsonl")
+        n += 1
+    os.replace(path, target)
+    return target
+
 
 class MetricsWriter:
-    """Appends to ``RUN_DIR/metrics.jsonl``; a resumed run truncates steps it will redo."""
+    """Appends to ``RUN_DIR/metrics.jsonl`` after the rows up to ``resume_step`` (see the module)."""
 
     def __init__(self, run_dir: str | Path, tensorboard_dir: str | Path | None = None, resume_step: int = 0):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            rows, torn = _rows(self.path)
+            kept = [r for r in rows if r["step"] <= resume_step]
+            if len(kept) < len(rows):
+                aside = _move_aside(self.path)
+                why = f"resuming from step {resume_step}" if resume_step else "a fresh run"
+                warn(f"{why} redoes steps logged in {self.path}; its {len(rows)} rows are kept in {aside}")
+            if torn or len(kept) < len(rows):
+                _write_rows(self.path, kept)
         self._tb = None
         if tensorboard_dir is not None:
             try:
@@ -38,7 +95,7 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS
     if not path.exists():
-        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        raise FileNotFoundError(f"no {METRICS} in {run_dir}")
+    return _rows(path)[0]

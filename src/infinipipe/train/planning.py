@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from ..config import Config
 from ..contract.cost import CostModel, Profile, default_profile_name, load_profile
@@ -39,7 +40,12 @@ def profile_for(cfg: Config, model: ModelConfig) -> Profile:
     tokenizer) gets them recomputed from the profile's own measured throughput.
     """
     name = cfg.epp.profile or default_profile_name(cfg.model.flavor)
-    profile = load_profile(name)
+    try:
+        profile = load_profile(name)
+    except (ValueError, KeyError, TypeError) as exc:
+        if not Path(name).is_file():
+            raise
+        raise ValueError(f"epp.profile {name!r}: not a readable profile ({type(exc).__name__}: {exc})") from None
     if profile.model.with_layers(1) == model.with_layers(1):
         return profile
     if replace(profile.model, vocab_size=model.vocab_size).with_layers(1) != model.with_layers(1):

@@ -28,4 +28,18 @@ def print_summary(cfg: Config, result: TrainResult) -> None:
         print(f"bubble ratio: measured {mean('bubble_ratio_measured'):.1%}, "
               f"predicted by the simulator {mean('bubble_ratio_predicted'):.1%}; "
               f"planning {mean('planning_s'):.2f} s/step (overlapped: {cfg.epp.prefetch})")
+    print(data_line(cfg, dict(result.documents)))
     print(f"metrics: {Path(result.run_dir) / 'metrics.jsonl'}  (draw them: infinipipe report {result.run_dir})")
+
+
+def data_line(cfg: Config, documents: dict[str, int]) -> str:
+    """What the length policy did to the corpus, and the setting that chose it."""
+    seq_len, policy = cfg.training.seq_len, cfg.data.over_long
+    over = documents["truncated"] if policy == "truncate" else documents["rejected"]
+    action = "truncated to it" if policy == "truncate" else "dropped"
+    other = "'reject' drops them" if policy == "truncate" else "'truncate' keeps their first tokens"
+    line = (f"data: {documents['kept']:,} documents; {over:,} longer than training.seq_len = {seq_len:,} {action} "
+            f"(data.over_long = '{policy}'; {other})")
+    if documents["too_short"]:
+        line += f"; {documents['too_short']:,} shorter than data.min_doc_tokens = {cfg.data.min_doc_tokens} dropped"
+    return line

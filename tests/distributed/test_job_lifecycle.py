@@ -1,0 +1,154 @@
+"""A job as a cluster sees it: exit codes, signals, one job per run directory."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SMALL_RUN = ["--data.max_docs=120", "--training.seq_len=2048", "--training.global_batch_tokens=4096",
+             "--lr_scheduler.warmup_steps=3", "--epp.memory_per_device=96MiB",
+             "--parallelism.pipeline_parallel_degree=2"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("token-cache"))
+
+
+def _train_args(run_dir, cache_dir, *extra: str) -> list[str]:
+    return ["-m", "infinipipe.cli", "train", "--no-progress", "--run-dir", str(run_dir),
+            f"--data.cache_dir={cache_dir}", *SMALL_RUN, *extra]
+
+
+def test_torchrun_job_of_two_ranks_exits_0_and_prints_one_summary(tmp_path, cache_dir):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *_train_args(tmp_path, cache_dir, "--training.steps=2")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("trained 2 step(s)") == 1
+    assert re.search(r"^data: [\d,]+ documents; \d+ longer than training.seq_len = 2,048 truncated to it "
+                     r"\(data.over_long = 'truncate'", proc.stdout, re.M)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def _session_processes(sid: int) -> list[int]:
+    """Live (non-zombie) processes of session ``sid``: the job started with a session of its own."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _children(pid: int) -> list[int]:
+    return sorted(int(c) for t in Path(f"/proc/{pid}/task").iterdir()
+                  for c in (t / "children").read_text().split())
+
+
+class Job:
+    """``infinipipe train`` in a session of its own, its output in files."""
+
+    def __init__(self, run_dir: Path, cache_dir: str, *extra: str):
+        self.run_dir = run_dir
+        self.out, self.err = run_dir.parent / f"{run_dir.name}.out", run_dir.parent / f"{run_dir.name}.err"
+        with self.out.open("w") as out, self.err.open("w") as err:
+            self.proc = subprocess.Popen([sys.executable, *_train_args(run_dir, cache_dir, *extra)],
+                                         stdout=out, stderr=err, start_new_session=True)
+
+    def wait_for_rows(self, n: int, limit_s: float = 240) -> None:
+        metrics = self.run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + limit_s
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= n):
+            assert self.proc.poll() is None, f"the job ended early: {self.err.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {n} metrics rows within {limit_s} s"
+            time.sleep(0.2)
+
+    def ranks(self) -> list[int]:
+        """Rank pids (spawned children of the launcher), rank 0 first: it alone has a planner child."""
+        spawned = [c for c in _children(self.proc.pid)
+                   if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+        return sorted(spawned, key=lambda c: not _children(c))
+
+    def gone_within(self, limit_s: float) -> float:
+        """Seconds until no process of the job is left; fails past ``limit_s``."""
+        t0 = time.monotonic()
+        while True:
+            self.proc.poll()
+            left = _session_processes(self.proc.pid)
+            if not left:
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > limit_s:
+                for pid in left:
+                    os.kill(pid, signal.SIGKILL)
+                pytest.fail(f"processes {left} of the job were still alive {limit_s} s after the signal")
+            time.sleep(0.2)
+
+
+STOP_RUN = ["--training.steps=40", "--checkpoint.enable=true", "--checkpoint.interval=100"]
+
+
+@pytest.mark.parametrize("target, sig, code", [
+    ("main", signal.SIGTERM, 128 + signal.SIGTERM),
+    ("main", signal.SIGINT, 128 + signal.SIGINT),
+    ("group", signal.SIGINT, 128 + signal.SIGINT),  # Ctrl-C in a terminal: every process of the job
+    ("rank 1", signal.SIGTERM, 128 + signal.SIGTERM),
+    ("main", signal.SIGKILL, -signal.SIGKILL),  # the ranks notice their launcher is gone
+])
+def test_stop_signal_checkpoints_and_leaves_no_process_of_the_job_within_30s(tmp_path, cache_dir, target, sig, code):
+    job = Job(tmp_path / "run", cache_dir, *STOP_RUN)
+    job.wait_for_rows(2)
+    if target == "main":
+        os.kill(job.proc.pid, sig)
+    elif target == "group":
+        os.killpg(job.proc.pid, sig)
+    else:
+        os.kill(job.ranks()[1], sig)
+    assert job.gone_within(30) < 30
+    assert job.proc.wait() == code
+    stop = [line for line in job.err.read_text().splitlines() if line.startswith("stopped by")]
+    assert len(stop) == 1, job.err.read_text()[-3000:]
+    reason = signal.SIGTERM if sig == signal.SIGKILL else sig
+    done = int(re.search(rf"stopped by {reason.name} after step (\d+) of 40; checkpoint (\S+); "
+                         r"to resume, run the same command again", stop[0]).group(1))
+    assert 2 <= done < 40
+    assert (job.run_dir / "checkpoint" / "latest").read_text().strip() == f"step-{done}"
+    assert len((job.run_dir / "metrics.jsonl").read_text().splitlines()) == done
+
+
+def test_second_job_on_a_running_jobs_run_dir_is_refused_naming_the_holder(tmp_path, cache_dir):
+    first = Job(tmp_path / "run", cache_dir, *STOP_RUN)
+    first.wait_for_rows(1)
+    second = subprocess.run([sys.executable, *_train_args(tmp_path / "run", cache_dir, *STOP_RUN)],
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2
+    assert f"is in use by pid {first.proc.pid} on host" in second.stderr
+    assert "Traceback" not in second.stderr
+    os.kill(first.proc.pid, signal.SIGTERM)
+    first.gone_within(30)
+    assert first.proc.wait() == 128 + signal.SIGTERM
+
+
+def test_failed_rank_is_one_error_line_with_its_traceback_kept_in_the_run_dir(tmp_path, cache_dir):
+    cmd = [sys.executable, *_train_args(tmp_path, cache_dir, "--training.steps=2", "--checkpoint.enable=true",
+                                        "--checkpoint.load_step=5")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("infinipipe train: error:")]
+    assert re.match(r"infinipipe train: error: rank \d failed: .*CheckpointError: checkpoint.load_step = 5: "
+                    r"no .*step-5 \(checkpoints there: none\) \(tracebacks: .*failure.txt\)", line)
+    assert "Traceback" not in proc.stderr
+    assert "Traceback" in (tmp_path / "failure.txt").read_text()

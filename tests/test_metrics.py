@@ -1,0 +1,63 @@
+"""metrics.jsonl never loses a row without a word, and a crash's torn line does not block a resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from infinipipe.train.metrics import MetricsWriter, read_metrics
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _run(tmp_path, steps, resume_step=0):
+    w = MetricsWriter(tmp_path, resume_step=resume_step)
+    for step in steps:
+        w.write({"step": step, "loss": 10.0 - step})
+    w.close()
+
+
+def test_resume_keeps_rows_up_to_its_step_and_the_redone_ones_in_a_file_aside(tmp_path, capsys):
+    _run(tmp_path, range(1, 7))
+    _run(tmp_path, range(4, 9), resume_step=3)
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 9))
+    (aside,) = tmp_path.glob("metrics-*.jsonl")
+    assert [r["step"] for r in _rows(aside)] == list(range(1, 7))
+    assert f"resuming from step 3 redoes steps logged in {tmp_path / 'metrics.jsonl'}" in capsys.readouterr().err
+
+
+def test_fresh_run_in_a_used_directory_moves_the_old_rows_aside(tmp_path, capsys):
+    _run(tmp_path, range(1, 51))
+    _run(tmp_path, [1])
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]
+    (aside,) = tmp_path.glob("metrics-*.jsonl")
+    assert len(_rows(aside)) == 50
+    assert f"its 50 rows are kept in {aside}" in capsys.readouterr().err
+
+
+def test_resume_at_the_last_logged_step_leaves_the_file_alone(tmp_path):
+    _run(tmp_path, range(1, 4))
+    _run(tmp_path, range(4, 6), resume_step=3)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
+    assert not list(tmp_path.glob("metrics-*.jsonl"))
+
+
+def test_torn_last_line_is_dropped_with_a_warning_naming_file_and_line(tmp_path, capsys):
+    _run(tmp_path, range(1, 4))
+    path = tmp_path / "metrics.jsonl"
+    with path.open("a") as f:
+        f.write('{"step": 4, "lo')
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    assert f"{path}: line 4 is torn" in capsys.readouterr().err
+    _run(tmp_path, [4], resume_step=3)
+    assert [r["step"] for r in _rows(path)] == [1, 2, 3, 4]
+
+
+def test_bad_line_before_the_last_is_an_error_naming_file_and_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=rf"{path}: line 2 is not a metrics row"):
+        MetricsWriter(tmp_path, resume_step=3)
+    assert path.read_text() == '{"step": 1}\nnot json\n{"step": 3}\n'

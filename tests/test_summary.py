@@ -1,0 +1,19 @@
+"""The end-of-run lines say what the length policy did to the corpus and which setting chose it."""
+from __future__ import annotations
+
+from infinipipe.config import load_config
+from infinipipe.train.summary import data_line
+
+
+def test_truncated_documents_are_counted_with_the_policy_that_truncated_them():
+    line = data_line(load_config(None, ["--training.seq_len=2048"]),
+                     {"kept": 1200, "truncated": 12, "rejected": 0, "too_short": 3})
+    assert "12 longer than training.seq_len = 2,048 truncated to it (data.over_long = 'truncate'" in line
+    assert "3 shorter than data.min_doc_tokens = 2 dropped" in line
+
+
+def test_rejected_documents_are_counted_under_the_reject_policy():
+    line = data_line(load_config(None, ["--data.over_long=reject"]),
+                     {"kept": 1188, "truncated": 0, "rejected": 12, "too_short": 0})
+    assert "1,188 documents; 12 longer than training.seq_len = 8,192 dropped (data.over_long = 'reject'" in line
+    assert "shorter" not in line
