@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -24,8 +24,10 @@ from ..plan.ir import Plan, validate_plan
 from .batch import Batch
 from .memory import SavedTensorMeter
 from .mesh import ParallelMesh
+from .nccl_semantics import emulation_from_env
 from .p2p import StageLink, TransferMismatch, plan_digest
 from .stage_compute import StageCompute
+from .stopwatch import Stopwatch
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class RuntimeSettings:
 
     ``recv_lookahead`` is how many input-needing actions ahead a receive is posted, so the
     transfer overlaps the current compute; ``seed`` gives the same weights as `build_stages`.
+    ``nccl_semantics`` makes P2P waits behave as under NCCL (see `nccl_semantics`); it defaults to
+    the ``INFINIPIPE_NCCL_SEMANTICS`` environment variable.
     """
 
     dtype: torch.dtype = torch.float32
@@ -42,6 +46,7 @@ class RuntimeSettings:
     attention_backend: str = "auto"
     loss_block_tokens: int = DEFAULT_BLOCK_TOKENS
     recv_lookahead: int = 1
+    nccl_semantics: bool = field(default_factory=emulation_from_env)
 
     def __post_init__(self) -> None:
         if self.recv_lookahead < 0:
@@ -118,10 +123,6 @@ class PipelineWorker:
             dist.all_reduce(t, group=self.mesh.dp_group)
         return int(t.item())
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def run_step(self, plan: Plan, batch: Batch, normaliser: int | None = None) -> StepResult:
         """Run ``plan`` over this replica's ``batch``; gradients are left in ``model``'s ``.grad``.
 
@@ -138,6 +139,7 @@ class PipelineWorker:
             raise ValueError(f"batch sequence lengths {batch.lengths} differ from the plan's {plan.seq_lengths}")
         stage, last = self.mesh.stage, self.mesh.pp - 1
         t_step = time.perf_counter()
+        clock = Stopwatch(self.device)
         digest = plan_digest(plan)
         self._agree_on_plan(digest)
         if normaliser is None:
@@ -148,7 +150,7 @@ class PipelineWorker:
         meter = SavedTensorMeter(exclude=self.model.parameters())
         compute = StageCompute(self.model, batch, normaliser, self.settings.loss_block_tokens, meter)
         link = StageLink(self.mesh.pp_group, stage, self.mesh.pp, self.cfg.hidden, self.settings.dtype,
-                         self.device, digest)
+                         self.device, digest, emulate_nccl=self.settings.nccl_semantics)
         actions = plan.stage_actions[stage]
         tokens = [c.tokens for c in plan.chunks]
 
@@ -161,10 +163,9 @@ class PipelineWorker:
 
         needs = [i for i, a in enumerate(actions) if incoming(a)]
         posted = 0
-        times: list[ActionTime] = []
-        loss = 0.0
-        self._sync()
-        t_pipe = time.perf_counter()
+        spans: list[tuple[int, int]] = []
+        losses: list[torch.Tensor] = []
+        pipe_start = clock.mark()
         with meter:
             for i, a in enumerate(actions):
                 due = bisect.bisect_right(needs, i) + self.settings.recv_lookahead
@@ -176,26 +177,26 @@ class PipelineWorker:
                 chunk = plan.chunks[a.chunk_id]
                 direction = incoming(a)
                 x = link.wait_recv(direction, a.chunk_id, tokens[a.chunk_id]) if direction else None
-                t0 = time.perf_counter()
+                t0 = clock.mark()
                 if a.kind == "F":
                     out = compute.forward(chunk, x, a.recompute_layers)
                 else:
                     out = compute.backward(chunk, x)
-                self._sync()
-                times.append(ActionTime(a.kind, a.chunk_id, time.perf_counter() - t0))
+                spans.append((t0, clock.mark()))
                 if a.kind == "F" and stage == last:
-                    loss += float(out)
+                    losses.append(out)
                 elif a.kind == "F":
                     link.send("act", a.chunk_id, out)
                 elif stage > 0:
                     link.send("grad", a.chunk_id, out)
             link.wait_sends()
-        pipeline_s = time.perf_counter() - t_pipe
+        pipe_end = clock.mark()
+        loss = self._reduce(torch.stack(losses).sum() if losses else None)
+        red_end = clock.mark()
+        times = [ActionTime(a.kind, a.chunk_id, clock.seconds(*span)) for a, span in zip(actions, spans)]
+        pipeline_s = clock.seconds(pipe_start, pipe_end)
         busy = sum(t.compute_s for t in times)
-        t_red = time.perf_counter()
-        loss = self._reduce(loss)
-        self._sync()
-        allreduce_s = time.perf_counter() - t_red
+        allreduce_s = clock.seconds(pipe_end, red_end)
         return StepResult(
             loss=loss, stage=stage, dp_rank=self.mesh.dp_rank,
             step_s=time.perf_counter() - t_step, pipeline_s=pipeline_s, busy_s=busy,
@@ -204,10 +205,16 @@ class PipelineWorker:
             peak_allocated_bytes=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
         )
 
-    def _reduce(self, local_loss: float) -> float:
-        """Loss from the last stage to every stage, then both loss and gradients over replicas."""
+    def _reduce(self, local_loss: torch.Tensor | None) -> float:
+        """Loss from the last stage to every stage, then both loss and gradients over replicas.
+
+        The loss stays on the device until here: reading it inside the pipeline would block the
+        host on the compute stream mid-step.
+        """
         mesh = self.mesh
-        loss = torch.tensor([local_loss], dtype=torch.float64, device=self.device)
+        loss = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if local_loss is not None:
+            loss += local_loss.detach().double()
         if mesh.pp > 1:
             dist.broadcast(loss, src=dist.get_global_rank(mesh.pp_group, mesh.pp - 1), group=mesh.pp_group)
         if mesh.dp > 1:
