@@ -31,8 +31,8 @@ class ChunkShape:
     """What the cost model needs to know of a chunk.
 
     ``seg_lens[0]`` is the slice that attends to ``prefix`` cached tokens (``prefix`` is 0 for a
-    batched chunk); ``kept`` is how many of its tokens keep K/V for later slices of the same
-    sequence (the tokens of a split sequence's non-last slice).
+    batched chunk); ``kept`` is the length of the split sequence whose K/V store this chunk
+    allocates (its first slice allocates the store for the whole sequence; 0 for other chunks).
     """
 
     seg_lens: tuple[int, ...]
@@ -43,7 +43,7 @@ class ChunkShape:
         object.__setattr__(self, "seg_lens", tuple(int(s) for s in self.seg_lens))
         if not self.seg_lens or min(self.seg_lens) < 1:
             raise ValueError(f"chunk shape needs non-empty segments, got {self.seg_lens}")
-        if self.prefix < 0 or self.kept < 0 or self.kept > self.seg_lens[0]:
+        if self.prefix < 0 or self.kept < 0 or (self.kept and (self.prefix or self.kept < self.seg_lens[0])):
             raise ValueError(f"invalid chunk shape prefix={self.prefix} kept={self.kept} segs={self.seg_lens}")
         object.__setattr__(self, "_hash", hash((self.seg_lens, self.prefix, self.kept)))
 
@@ -71,6 +71,12 @@ class ChunkShape:
         return float(self.seg_lens[0] * (self.prefix + self.seg_lens[0])) if self.prefix else 0.0
 
     @property
+    def store_rows(self) -> int:
+        """K/V rows of ``seg_lens[0]`` that live in its sequence's store (a slice of a split
+        sequence reads its prefix and itself there), not in the layer's own activations."""
+        return self.prefix + self.seg_lens[0] if self.prefix or self.kept else 0
+
+    @property
     def kv_len(self) -> int:
         """Keys attended in total (cached prefix included): what memory-bound kernels read."""
         return self.tokens + self.prefix
@@ -79,7 +85,7 @@ class ChunkShape:
     def of(cls, chunk: Chunk, seq_lengths: Sequence[int]) -> "ChunkShape":
         segs = sorted(chunk.segments, key=lambda s: (s.start == 0 and s.end == seq_lengths[s.seq_id], -s.start))
         first = segs[0]
-        kept = first.length if first.end < seq_lengths[first.seq_id] else 0
+        kept = seq_lengths[first.seq_id] if first.start == 0 and first.end < seq_lengths[first.seq_id] else 0
         return cls(tuple(s.length for s in segs), prefix=first.start, kept=kept)
 
 
@@ -250,19 +256,25 @@ class CostModel:
         return layers * self.profile.layer_fwd(shape)
 
     def layer_act_bytes(self, shape: ChunkShape) -> float:
-        """Bytes one fully stored layer keeps for backward."""
-        return self.profile.layer_act_bytes(shape)
+        """Bytes one fully stored layer keeps for backward.
+
+        The profile's ``kv`` term is the K/V rows attention keeps; a split sequence's rows are its
+        store's (`kv_bytes`), charged once per sequence rather than per layer and slice.
+        """
+        term = self.profile.layer_act_bytes
+        return term(shape) - term.coef.get("kv", 0.0) * shape.store_rows
 
     def ckpt_layer_bytes(self, shape: ChunkShape) -> float:
         """A checkpointed layer keeps only its input (hidden states)."""
         return shape.tokens * self.model.hidden * self.dtype_bytes
 
     def kv_bytes(self, shape: ChunkShape, n_layers: int) -> float:
-        """K/V a split slice keeps on the stage for later slices (kept even on checkpointed layers)."""
+        """The K/V store of a split sequence, whole-sequence sized, held by its first slice from
+        that slice's forward to its backward (kept even on checkpointed layers)."""
         return 2 * shape.kept * self.model.kv_dim * self.dtype_bytes * n_layers
 
     def dkv_bytes(self, shape: ChunkShape, n_layers: int) -> float:
-        """Gradients of that K/V, accumulated from later slices until the slice's own backward."""
+        """The store's dK/dV, where later slices' gradients accumulate for earlier slices."""
         return self.kv_bytes(shape, n_layers)
 
     def activation_bytes(self, shape: ChunkShape, n_layers: int, recompute: int = 0,
