@@ -10,6 +10,7 @@ The optimizer step is the caller's: `PipelineWorker.model` holds the parameters.
 from __future__ import annotations
 
 import bisect
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from .memory import SavedTensorMeter
 from .mesh import ParallelMesh
 from .nccl_semantics import emulation_from_env
 from .p2p import StageLink, TransferMismatch, plan_digest
+from .precision import MasterWeights
 from .stage_compute import StageCompute
 from .stopwatch import Stopwatch
 
@@ -37,7 +39,8 @@ class RuntimeSettings:
     ``recv_lookahead`` is how many input-needing actions ahead a receive is posted, so the
     transfer overlaps the current compute; ``seed`` gives the same weights as `build_stages`.
     ``nccl_semantics`` makes P2P waits behave as under NCCL (see `nccl_semantics`); it defaults to
-    the ``INFINIPIPE_NCCL_SEMANTICS`` environment variable.
+    the ``INFINIPIPE_NCCL_SEMANTICS`` environment variable. ``master_dtype`` keeps master weights
+    and gradients in that dtype while the stage computes in ``dtype`` (`precision.MasterWeights`).
     """
 
     dtype: torch.dtype = torch.float32
@@ -47,6 +50,7 @@ class RuntimeSettings:
     loss_block_tokens: int = DEFAULT_BLOCK_TOKENS
     recv_lookahead: int = 1
     nccl_semantics: bool = field(default_factory=emulation_from_env)
+    master_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if self.recv_lookahead < 0:
@@ -86,7 +90,11 @@ class StepResult:
 
 
 class PipelineWorker:
-    """Holds one stage of the model for a fixed layer split and runs any Plan made for that split."""
+    """Holds one stage of the model for a fixed layer split and runs any Plan made for that split.
+
+    ``model`` computes; ``weights`` is what the optimizer steps and checkpoints hold (the master
+    copy under mixed precision, else ``model`` itself), and its ``.grad`` the step's gradients.
+    """
 
     def __init__(self, cfg: ModelConfig, layers_per_stage: tuple[int, ...], mesh: ParallelMesh,
                  settings: RuntimeSettings = RuntimeSettings()):
@@ -103,7 +111,18 @@ class PipelineWorker:
         model = StageModel(cfg, range(lo, lo + layers_per_stage[mesh.stage]), first=mesh.stage == 0,
                            last=mesh.is_last_stage, backend=settings.attention_backend)
         init_weights(model, settings.seed)
+        master = copy.deepcopy(model).to(self.device, settings.master_dtype) if settings.master_dtype else None
         self.model = model.to(device=self.device, dtype=settings.dtype)
+        self.masters = None if master is None else MasterWeights(self.model, master)
+
+    @property
+    def weights(self) -> torch.nn.Module:
+        return self.model if self.masters is None else self.masters.master
+
+    def refresh(self) -> None:
+        """After the optimizer stepped `weights`: bring the computing model up to date."""
+        if self.masters is not None:
+            self.masters.refresh()
 
     def _agree_on_plan(self, digest: int) -> None:
         """All stages of this pipeline must run the same plan; one small all-gather per step."""
@@ -145,6 +164,7 @@ class PipelineWorker:
         if normaliser is None:
             normaliser = self._global_normaliser(batch)
         self.model.zero_grad(set_to_none=True)
+        self.weights.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         meter = SavedTensorMeter(exclude=self.model.parameters())
@@ -218,7 +238,7 @@ class PipelineWorker:
         if mesh.pp > 1:
             dist.broadcast(loss, src=dist.get_global_rank(mesh.pp_group, mesh.pp - 1), group=mesh.pp_group)
         if mesh.dp > 1:
-            params = list(self.model.parameters())
+            params = list(self.weights.parameters())
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = _flatten_dense_tensors(grads)
             dist.all_reduce(flat, group=mesh.dp_group)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from ..config import Config
 from ..data.dataset import TokenDataset, build_dataset, build_sampler
-from ..plan.cost import CostModel
+from ..plan.cost import MIXED_PRECISION_ADAM, CostModel
 from ..plan.layers import balance_layers
 from ..plan.prefetch import PlanPrefetcher
 from ..runtime.batch import Batch
@@ -29,7 +29,9 @@ from ..runtime.mesh import ParallelMesh, make_mesh
 from ..sim.simulator import simulate
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import MetricsWriter
-from .planning import StepPlanner, StepPlans, profile_for
+from .planning import StepPlanner, StepPlans, check_precision, profile_for
+
+PRECISIONS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, torch.float32)}
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ def run_training(cfg: Config, run_dir: str | Path, *, progress: bool = True, tim
 
 def _clip(worker: PipelineWorker, mesh: ParallelMesh, max_norm: float) -> float:
     """Global gradient norm over every stage (replicas agree after their all-reduce); clip to it."""
-    params = [p for p in worker.model.parameters() if p.grad is not None]
+    params = [p for p in worker.weights.parameters() if p.grad is not None]
     local = torch.nn.utils.get_total_norm([p.grad for p in params]).double() ** 2
     if mesh.pp > 1:
         dist.all_reduce(local, group=mesh.pp_group)
@@ -126,24 +128,31 @@ def _rank_main(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, pr
     pp, replicate, shard = cfg.parallelism.resolve(world)
     mesh = make_mesh(replicate * shard, pp, torch.device(device).type)
     model_cfg = cfg.model_config()
-    cost = CostModel(profile_for(cfg, model_cfg), model_cfg)
+    dtype, master_dtype = PRECISIONS[cfg.training.mixed_precision]
+    profile = profile_for(cfg, model_cfg)
+    check_precision(profile, dtype)
+    cost = CostModel(profile, model_cfg, *([MIXED_PRECISION_ADAM] if master_dtype else []))
     layers = balance_layers(cost, pp)
-    worker = PipelineWorker(model_cfg, layers, mesh, RuntimeSettings(device=device, seed=cfg.training.seed,
-                                                                     attention_backend=cfg.model.attention))
+    worker = PipelineWorker(model_cfg, layers, mesh, RuntimeSettings(
+        dtype=dtype, master_dtype=master_dtype, device=device, seed=cfg.training.seed,
+        attention_backend=cfg.model.attention))
+    weights = worker.weights
     if cfg.model.hf_path:
         from ..model.hf import load_hf_checkpoint
 
         _, full = load_hf_checkpoint(cfg.model.hf_path)
-        worker.model.load_state_dict({k: full[k] for k in worker.model.state_dict()})
+        weights.load_state_dict({k: full[k] for k in weights.state_dict()})
+        worker.refresh()
     o = cfg.optimizer
-    optimizer = torch.optim.AdamW(worker.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+    optimizer = torch.optim.AdamW(weights.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                   weight_decay=o.weight_decay)
     steps = cfg.training.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cfg.lr_scheduler.factor(s, steps))
     ckpt_dir = Path(run_dir) / cfg.checkpoint.folder
     start = 0
     if cfg.checkpoint.enable and (latest := latest_checkpoint(ckpt_dir)) is not None:
-        start = load_checkpoint(latest, worker.model, optimizer, scheduler)
+        start = load_checkpoint(latest, weights, optimizer, scheduler)
+        worker.refresh()
     sampler = build_sampler(cfg, dataset)
     memory = cfg.epp.memory_bytes
     planner = StepPlanner(cost, sampler, cfg.epp.planner, pp, mesh.dp, memory, layers,
@@ -167,8 +176,6 @@ def _rank_main(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, pr
                 from tqdm import tqdm
 
                 bar = stack.enter_context(tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True))
-        autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-                    if cfg.training.mixed_precision == "bf16" else contextlib.nullcontext())
         t_start = time.perf_counter()
         for step in range(start, steps):
             t0 = time.perf_counter()
@@ -180,13 +187,13 @@ def _rank_main(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, pr
             gb = sampler.batch(dataset, step)
             share = sp.shares[mesh.dp_rank]
             batch = Batch(tuple(gb.sequences[i] for i in share))
-            with autocast:
-                res: StepResult = worker.run_step(sp.plans[mesh.dp_rank], batch, normaliser=gb.predicted_tokens)
+            res: StepResult = worker.run_step(sp.plans[mesh.dp_rank], batch, normaliser=gb.predicted_tokens)
             if not math.isfinite(res.loss):
                 raise FloatingPointError(f"step {step + 1}: loss is {res.loss}")
             grad_norm = _clip(worker, mesh, cfg.training.max_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
+            worker.refresh()
             scheduler.step()
             mine = {"stage": res.stage, "dp": res.dp_rank, "busy_s": res.busy_s, "pipeline_s": res.pipeline_s,
                     "peak_activation_bytes": res.peak_activation_bytes}
@@ -206,7 +213,7 @@ def _rank_main(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, pr
                                     plan_s=f"{sp.planning_s:.2f}")
                     bar.update(1)
             if cfg.checkpoint.enable and ((step + 1) % cfg.checkpoint.interval == 0 or step + 1 == steps):
-                save_checkpoint(ckpt_dir, step + 1, worker.model, optimizer, scheduler, cfg.checkpoint.keep_latest_k)
+                save_checkpoint(ckpt_dir, step + 1, weights, optimizer, scheduler, cfg.checkpoint.keep_latest_k)
         wall = time.perf_counter() - t_start
     if not root:
         return None
