@@ -211,7 +211,7 @@ class PipelineWorker:
                     link.send("grad", a.chunk_id, out)
             link.wait_sends()
         pipe_end = clock.mark()
-        loss = self._reduce(torch.stack(losses).sum() if losses else None)
+        loss = self._reduce(torch.stack(losses).double().sum() if losses else None)
         red_end = clock.mark()
         times = [ActionTime(a.kind, a.chunk_id, clock.seconds(*span)) for a, span in zip(actions, spans)]
         pipeline_s = clock.seconds(pipe_start, pipe_end)
@@ -234,7 +234,7 @@ class PipelineWorker:
         mesh = self.mesh
         loss = torch.zeros(1, dtype=torch.float64, device=self.device)
         if local_loss is not None:
-            loss += local_loss.detach().double()
+            loss += local_loss
         if mesh.pp > 1:
             dist.broadcast(loss, src=dist.get_global_rank(mesh.pp_group, mesh.pp - 1), group=mesh.pp_group)
         if mesh.dp > 1:
