@@ -87,7 +87,7 @@ class _PackedStage(torch.nn.Module):
         self.calls += 1
         h = self.model.embed_tokens(x[0]) if self.model.first else x[0]
         for layer in self.model.ordered_layers():
-            h, _, _ = layer(h, meta)
+            h = layer(h, meta)
         return (self.model.head(self.model.norm(h)) if self.model.last else h).unsqueeze(0)
 
 

@@ -14,11 +14,13 @@ def _inputs(seg_lens, starts, heads=4, kv_heads=2, d=8, dtype=torch.float64, dev
     k = torch.randn(t, kv_heads, d, generator=g, dtype=dtype).to(device)
     v = torch.randn(t, kv_heads, d, generator=g, dtype=dtype).to(device)
     c = max(starts)
-    pkv = None
+    seq_kv = None
     if c:
-        pkv = (torch.randn(c, kv_heads, d, generator=g, dtype=dtype).to(device),
-               torch.randn(c, kv_heads, d, generator=g, dtype=dtype).to(device))
-    return q, k, v, pkv
+        i = starts.index(c)
+        off, s = sum(seg_lens[:i]), seg_lens[i]
+        prefix = [torch.randn(c, kv_heads, d, generator=g, dtype=dtype).to(device) for _ in range(2)]
+        seq_kv = (i, torch.cat([prefix[0], k[off:off + s]]), torch.cat([prefix[1], v[off:off + s]]))
+    return q, k, v, seq_kv
 
 
 LAYOUTS = [([7], [0]), ([5, 3, 1], [0, 0, 0]), ([4, 6], [9, 0]), ([1], [30]), ([3, 2, 5], [0, 11, 0])]

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from chunking import random_chunks, sequential_plan
 from infinipipe.contract.ir import Action, Chunk, Plan, Segment
 from infinipipe.contract.model_config import ModelConfig
+from infinipipe.model.kv_store import LayerKV
 from infinipipe.model.layers import ChunkMeta
 from infinipipe.runtime.batch import Batch
 from infinipipe.runtime.full_sequence import reference_loss
@@ -98,16 +99,16 @@ def test_two_slice_run_gives_the_logits_of_the_whole_sequence():
     (model,) = build_stages(CFG, [CFG.layers], dtype=torch.float64)
     seq = torch.randint(0, CFG.vocab_size, (20,))
 
-    def run(h, meta, caches=None):
-        kvs = []
-        for j, layer in enumerate(model.ordered_layers()):
-            h, k, v = layer(h, meta, None if caches is None else caches[j])
-            kvs.append((k, v))
-        return model.head(model.norm(h)), kvs
+    stores = [LayerKV(20, CFG.kv_heads, CFG.head_dim, torch.float64, torch.device("cpu")) for _ in range(CFG.layers)]
 
-    full, _ = run(model.embed_tokens(seq), ChunkMeta.build([20], [0]))
-    first, kvs = run(model.embed_tokens(seq[:8]), ChunkMeta.build([8], [0]))
-    second, _ = run(model.embed_tokens(seq[8:]), ChunkMeta.build([12], [8]), kvs)
+    def run(h, meta, stores=None):
+        for j, layer in enumerate(model.ordered_layers()):
+            h = layer(h, meta, None if stores is None else stores[j])
+        return model.head(model.norm(h))
+
+    full = run(model.embed_tokens(seq), ChunkMeta.build([20], [0]))
+    first = run(model.embed_tokens(seq[:8]), ChunkMeta.build([8], [0], split=0), stores)
+    second = run(model.embed_tokens(seq[8:]), ChunkMeta.build([12], [8]), stores)
     torch.testing.assert_close(torch.cat([first, second]), full, rtol=1e-10, atol=1e-10)
 
 
@@ -134,11 +135,13 @@ def test_mismatched_cache_is_rejected():
     (model,) = build_stages(CFG, [CFG.layers], dtype=torch.float64)
     layer = model.ordered_layers()[0]
     h = torch.randn(5, CFG.hidden, dtype=torch.float64)
-    bad = (torch.randn(3, CFG.kv_heads, CFG.head_dim, dtype=torch.float64),) * 2
-    with pytest.raises(ValueError, match="do not match prefix"):
-        layer(h, ChunkMeta.build([5], [4]), bad)
-    with pytest.raises(ValueError, match="needs cached K/V"):
+    store = LayerKV(20, CFG.kv_heads, CFG.head_dim, torch.float64, torch.device("cpu"))
+    with pytest.raises(ValueError, match="earlier slices first"):
+        layer(h, ChunkMeta.build([5], [4]), store)
+    with pytest.raises(ValueError, match="K/V store"):
         layer(h, ChunkMeta.build([5], [4]), None)
+    with pytest.raises(ValueError, match="outside the store"):
+        layer(torch.randn(30, CFG.hidden, dtype=torch.float64), ChunkMeta.build([30], [0], split=0), store)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -43,7 +43,7 @@ def _our_logits(cfg: ModelConfig, state: dict, seqs: list[torch.Tensor]) -> torc
     with torch.no_grad():
         h = model.embed_tokens(torch.cat(seqs))
         for layer in model.ordered_layers():
-            h, _, _ = layer(h, meta)
+            h = layer(h, meta)
         return model.head(model.norm(h))
 
 

@@ -68,3 +68,16 @@ def test_held_tensors_count_once_per_storage_and_leave_on_release():
     meter.release(x)
     assert meter.current == saved
     del y
+
+
+def test_live_bytes_meter_sees_tensors_autograd_does_not_save_and_their_release():
+    from infinipipe.runtime.live_bytes import LiveBytesMeter
+
+    with LiveBytesMeter(torch.device("cpu")) as meter:
+        held = torch.ones(1000, dtype=torch.float64)  # held by a reference, not by autograd
+        view = held[10:20] * 2
+        assert meter.current == 8000 + 80
+        del held
+        assert meter.current == 80
+        del view
+    assert meter.current == 0 and meter.peak == 8080

@@ -1,4 +1,5 @@
-"""Plans run across real gloo processes give the loss and gradients of the full-sequence run."""
+"""Plans run across real gloo processes, under NCCL's waiting rules, give the loss and gradients of
+the full-sequence run."""
 from __future__ import annotations
 
 import random
@@ -98,7 +99,7 @@ def planner_plans(lengths, layers) -> dict[str, Plan]:
 def run_cases(dp: int, pp: int, layers: tuple[int, ...], cases):
     """Worker: one mesh, one stage model, every case a step; returns grads per (replica, stage)."""
     mesh = ParallelDims(pp=pp, dp_replicate=dp).build_mesh()
-    worker = PipelineWorker(CFG, layers, mesh, RuntimeSettings(seed=0, loss_block_tokens=7))
+    worker = PipelineWorker(CFG, layers, mesh, RuntimeSettings(seed=0, loss_block_tokens=7, nccl_semantics=True))
     out = []
     for plans, batches in cases:
         res = worker.run_step(plans[mesh.dp_rank], batches[mesh.dp_rank])

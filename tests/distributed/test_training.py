@@ -95,3 +95,22 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_with_the_uninter
     assert _losses(tmp_path) == pytest.approx(straight, rel=1e-6)  # rows 1-3 kept, 4-6 redone
     (aside,) = tmp_path.glob("metrics-*.jsonl")
     assert _losses_in(aside) == pytest.approx(straight)
+
+
+def test_bf16_run_with_fp32_master_weights_tracks_the_fp32_losses_for_10_steps(tmp_path, cache_dir):
+    from dataclasses import replace
+
+    from infinipipe.contract.cost import default_profile
+
+    bf16_profile = tmp_path / "cpu-bf16-tiny.json"
+    replace(default_profile("tiny"), dtype="bfloat16").save(bf16_profile)
+    common = SMALL_RUN + [f"--data.cache_dir={cache_dir}", "--training.steps=10",
+                          "--parallelism.pipeline_parallel_degree=2"]
+    fp32 = run_training(load_config(None, common), tmp_path / "fp32", progress=False).losses
+    bf16 = run_training(load_config(None, common + ["--training.mixed_precision=bf16",
+                                                     f"--epp.profile={bf16_profile}"]),
+                        tmp_path / "bf16", progress=False).losses
+    assert len(bf16) == 10 and bf16[-1] < bf16[0]
+    for step, (got, want) in enumerate(zip(bf16, fp32), start=1):
+        assert got == pytest.approx(want, rel=2e-2), f"step {step}"
+    assert bf16 != pytest.approx(fp32, rel=1e-5), "the bf16 run computed in fp32"

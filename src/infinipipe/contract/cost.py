@@ -194,19 +194,25 @@ class CostModel:
         return layers * self.profile.layer_fwd(shape)
 
     def layer_act_bytes(self, shape: ChunkShape) -> float:
-        """Bytes one fully stored layer keeps for backward."""
-        return self.profile.layer_act_bytes(shape)
+        """Bytes one fully stored layer keeps for backward.
+
+        The profile's ``kv`` term is the K/V rows attention keeps; a split sequence's rows are its
+        store's (`kv_bytes`), charged once per sequence rather than per layer and slice.
+        """
+        term = self.profile.layer_act_bytes
+        return term(shape) - term.coef.get("kv", 0.0) * shape.store_rows
 
     def ckpt_layer_bytes(self, shape: ChunkShape) -> float:
         """A checkpointed layer keeps only its input (hidden states)."""
         return shape.tokens * self.model.hidden * self.dtype_bytes
 
     def kv_bytes(self, shape: ChunkShape, n_layers: int) -> float:
-        """K/V a split slice keeps on the stage for later slices (kept even on checkpointed layers)."""
+        """The K/V store of a split sequence, whole-sequence sized, held by its first slice from
+        that slice's forward to its backward (kept even on checkpointed layers)."""
         return 2 * shape.kept * self.model.kv_dim * self.dtype_bytes * n_layers
 
     def dkv_bytes(self, shape: ChunkShape, n_layers: int) -> float:
-        """Gradients of that K/V, accumulated from later slices until the slice's own backward."""
+        """The store's dK/dV, where later slices' gradients accumulate for earlier slices."""
         return self.kv_bytes(shape, n_layers)
 
     def activation_bytes(self, shape: ChunkShape, n_layers: int, recompute: int = 0,

@@ -14,8 +14,8 @@ class ChunkShape:
     """What the cost model needs to know of a chunk.
 
     ``seg_lens[0]`` is the slice that attends to ``prefix`` cached tokens (``prefix`` is 0 for a
-    batched chunk); ``kept`` is how many of its tokens keep K/V for later slices of the same
-    sequence (the tokens of a split sequence's non-last slice).
+    batched chunk); ``kept`` is the length of the split sequence whose K/V store this chunk
+    allocates (its first slice allocates the store for the whole sequence; 0 for other chunks).
     """
 
     seg_lens: tuple[int, ...]
@@ -27,7 +27,7 @@ class ChunkShape:
         object.__setattr__(self, "seg_lens", tuple(int(s) for s in self.seg_lens))
         if not self.seg_lens or min(self.seg_lens) < 1:
             raise ValueError(f"chunk shape needs non-empty segments, got {self.seg_lens}")
-        if self.prefix < 0 or self.kept < 0 or self.kept > self.seg_lens[0]:
+        if self.prefix < 0 or self.kept < 0 or (self.kept and (self.prefix or self.kept < self.seg_lens[0])):
             raise ValueError(f"invalid chunk shape prefix={self.prefix} kept={self.kept} segs={self.seg_lens}")
         object.__setattr__(self, "_hash", hash((self.seg_lens, self.prefix, self.kept)))
         # Planners cost each shape many times (every term, stage and candidate): derive once.
@@ -58,6 +58,12 @@ class ChunkShape:
         return float(self.seg_lens[0] * (self.prefix + self.seg_lens[0])) if self.prefix else 0.0
 
     @property
+    def store_rows(self) -> int:
+        """K/V rows of ``seg_lens[0]`` that live in its sequence's store (a slice of a split
+        sequence reads its prefix and itself there), not in the layer's own activations."""
+        return self.prefix + self.seg_lens[0] if self.prefix or self.kept else 0
+
+    @property
     def kv_len(self) -> int:
         """Keys attended in total (cached prefix included): what memory-bound kernels read."""
         return self.tokens + self.prefix
@@ -68,5 +74,6 @@ class ChunkShape:
         if part is None:
             return cls(chunk.seg_lens)
         rest = tuple(s.length for s in chunk.segments if s is not part)
-        kept = part.length if part.end < seq_lengths[part.seq_id] else 0
+        n = seq_lengths[part.seq_id]
+        kept = n if part.start == 0 and part.end < n else 0
         return cls((part.length, *rest), prefix=part.start, kept=kept)

@@ -1,7 +1,9 @@
 """Attention over a chunk: causal inside each segment, bottom-right aligned, never across segments.
 
 A segment with a cached prefix of ``C`` tokens has queries for its own ``s`` tokens and keys for
-``C + s`` tokens; query ``i`` sees keys ``0 .. C + i``. Back-ends:
+``C + s`` tokens; query ``i`` sees keys ``0 .. C + i``. The segment of a split sequence reads its
+keys as one range (prefix and slice together, from the sequence's K/V store), never a
+concatenation. Back-ends:
 
 - ``sdpa``: ``scaled_dot_product_attention`` once per segment (CPU and any device);
 - ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash, CUDA) over all segments at once;
@@ -43,36 +45,35 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     return "sdpa"
 
 
-def _segments(seg_lens, starts, prefix_kv, k, v):
-    """Yield (q_slice, keys, values, prefix) per segment, prefixed keys concatenated in front."""
+def _segments(seg_lens, starts, seq_kv, k, v):
+    """Yield (query offset, length, keys, values, prefix) per segment; the split sequence's
+    segment takes its key range from ``seq_kv``."""
     off = 0
-    for s, c in zip(seg_lens, starts):
-        ks, vs = k[off:off + s], v[off:off + s]
-        if c > 0:
-            pk, pv = prefix_kv
-            ks, vs = torch.cat([pk, ks]), torch.cat([pv, vs])
+    for i, (s, c) in enumerate(zip(seg_lens, starts)):
+        if seq_kv is not None and seq_kv[0] == i:
+            ks, vs = seq_kv[1], seq_kv[2]
+        else:
+            ks, vs = k[off:off + s], v[off:off + s]
         yield off, s, ks, vs, c
         off += s
 
 
-def _check_prefix(starts, prefix_kv, k) -> None:
-    c = max(starts)
-    if c == 0:
-        if prefix_kv is not None:
-            raise ValueError("cached K/V given for a chunk that has no prefixed segment")
+def _check_seq_kv(seg_lens, starts, seq_kv, k) -> None:
+    for i, c in enumerate(starts):
+        if c > 0 and (seq_kv is None or seq_kv[0] != i):
+            raise ValueError(f"segment {i} with start {c} needs the K/V range of its sequence's first {c + seg_lens[i]} tokens")
+    if seq_kv is None:
         return
-    if prefix_kv is None:
-        raise ValueError(f"segment with start {c} needs cached K/V of its {c}-token prefix")
-    pk, pv = prefix_kv
-    want = (c, k.shape[1], k.shape[2])
+    i, pk, pv = seq_kv
+    want = (starts[i] + seg_lens[i], k.shape[1], k.shape[2])
     if tuple(pk.shape) != want or tuple(pv.shape) != want:
-        raise ValueError(f"cached K/V shapes {tuple(pk.shape)}/{tuple(pv.shape)} do not match prefix {want}")
+        raise ValueError(f"K/V range shapes {tuple(pk.shape)}/{tuple(pv.shape)} do not match segment {i}'s {want}")
 
 
-def _sdpa(q, k, v, seg_lens, starts, prefix_kv):
+def _sdpa(q, k, v, seg_lens, starts, seq_kv):
     outs = []
     gqa = q.shape[1] != k.shape[1]
-    for off, s, ks, vs, c in _segments(seg_lens, starts, prefix_kv, k, v):
+    for off, s, ks, vs, c in _segments(seg_lens, starts, seq_kv, k, v):
         # A batch dimension of 1 matters: without one SDPA falls back to its math kernel on CPU,
         # which is several times slower and keeps the whole score matrix for backward.
         qh, kh, vh = (x.transpose(0, 1)[None] for x in (q[off:off + s], ks, vs))
@@ -85,11 +86,11 @@ def _sdpa(q, k, v, seg_lens, starts, prefix_kv):
     return torch.cat(outs)
 
 
-def _naive(q, k, v, seg_lens, starts, prefix_kv):
+def _naive(q, k, v, seg_lens, starts, seq_kv):
     outs = []
     rep = q.shape[1] // k.shape[1]
     scale = q.shape[-1] ** -0.5
-    for off, s, ks, vs, c in _segments(seg_lens, starts, prefix_kv, k, v):
+    for off, s, ks, vs, c in _segments(seg_lens, starts, seq_kv, k, v):
         kh = ks.repeat_interleave(rep, dim=1).transpose(0, 1)
         vh = vs.repeat_interleave(rep, dim=1).transpose(0, 1)
         qh = q[off:off + s].transpose(0, 1)
@@ -100,14 +101,15 @@ def _naive(q, k, v, seg_lens, starts, prefix_kv):
     return torch.cat(outs)
 
 
-def _varlen(q, k, v, seg_lens, starts, prefix_kv):
+def _varlen(q, k, v, seg_lens, starts, seq_kv):
+    """A split chunk passes its key range as is; a chunk of several segments packs their keys."""
     keys, values, cu_k, max_k = [], [], [0], 0
-    for _, _, ks, vs, _ in _segments(seg_lens, starts, prefix_kv, k, v):
+    for _, _, ks, vs, _ in _segments(seg_lens, starts, seq_kv, k, v):
         keys.append(ks)
         values.append(vs)
         cu_k.append(cu_k[-1] + ks.shape[0])
         max_k = max(max_k, ks.shape[0])
-    kk, vv = torch.cat(keys), torch.cat(values)
+    kk, vv = (keys[0], values[0]) if len(keys) == 1 else (torch.cat(keys), torch.cat(values))
     cu_q = torch.tensor([0, *torch.tensor(seg_lens).cumsum(0).tolist()], dtype=torch.int32, device=q.device)
     cu_kt = torch.tensor(cu_k, dtype=torch.int32, device=q.device)
     gqa = q.shape[1] != k.shape[1]
@@ -123,7 +125,12 @@ def _varlen(q, k, v, seg_lens, starts, prefix_kv):
 _IMPL: dict[str, Callable] = {"sdpa": _sdpa, "naive": _naive, "varlen": _varlen}
 
 
-def chunk_attention(q, k, v, seg_lens, starts, prefix_kv, backend: str = "sdpa") -> torch.Tensor:
-    """q: [T, H, d]; k, v: [T, H_kv, d]; prefix_kv: cached (k, v) [C, H_kv, d] or None -> [T, H, d]."""
-    _check_prefix(starts, prefix_kv, k)
-    return _IMPL[backend](q, k, v, seg_lens, starts, prefix_kv)
+def chunk_attention(q, k, v, seg_lens, starts, seq_kv=None, backend: str = "sdpa") -> torch.Tensor:
+    """q: [T, H, d]; k, v: [T, H_kv, d] -> [T, H, d].
+
+    ``seq_kv`` is ``(i, keys, values)`` for the chunk's segment of a split sequence: segment ``i``
+    attends ``keys``/``values`` ``[C + s_i, H_kv, d]`` (its prefix and itself) instead of its rows
+    of ``k``/``v``; None when no segment belongs to a split sequence.
+    """
+    _check_seq_kv(seg_lens, starts, seq_kv, k)
+    return _IMPL[backend](q, k, v, seg_lens, starts, seq_kv)

@@ -11,29 +11,40 @@ from torch import nn
 from ..contract.ir import Chunk
 from ..contract.model_config import ModelConfig
 from .attention import chunk_attention, resolve_backend
+from .kv_store import LayerKV
 
 
 @dataclass(frozen=True)
 class ChunkMeta:
-    """Segment lengths, their absolute starts (= cached prefix) and every token's position."""
+    """Segment lengths, their absolute starts (= cached prefix) and every token's position.
+
+    ``split`` is the index of the segment that belongs to a split sequence (it reads and writes the
+    sequence's K/V store), None if there is none; a segment with a prefix is always that one.
+    """
 
     seg_lens: tuple[int, ...]
     starts: tuple[int, ...]
     positions: torch.Tensor
+    split: int | None = None
 
     @classmethod
-    def build(cls, seg_lens: Sequence[int], starts: Sequence[int], device=None) -> "ChunkMeta":
+    def build(cls, seg_lens: Sequence[int], starts: Sequence[int], device=None, split: int | None = None) -> "ChunkMeta":
         seg_lens, starts = tuple(int(s) for s in seg_lens), tuple(int(s) for s in starts)
         if len(seg_lens) != len(starts) or not seg_lens or min(seg_lens) < 1 or min(starts) < 0:
             raise ValueError(f"invalid chunk layout: seg_lens={seg_lens} starts={starts}")
         if sum(1 for s in starts if s > 0) > 1:
             raise ValueError(f"at most one segment may have a cached prefix, starts={starts}")
+        prefixed = next((i for i, c in enumerate(starts) if c > 0), None)
+        if split is None:
+            split = prefixed
+        if split is not None and (not 0 <= split < len(seg_lens) or prefixed not in (None, split)):
+            raise ValueError(f"segment {split} cannot be the split sequence's, starts={starts}")
         positions = torch.cat([torch.arange(c, c + s, device=device) for s, c in zip(seg_lens, starts)])
-        return cls(seg_lens, starts, positions)
+        return cls(seg_lens, starts, positions, split)
 
     @classmethod
-    def of(cls, chunk: Chunk, device=None) -> "ChunkMeta":
-        return cls.build([s.length for s in chunk.segments], [s.start for s in chunk.segments], device)
+    def of(cls, chunk: Chunk, device=None, split: int | None = None) -> "ChunkMeta":
+        return cls.build([s.length for s in chunk.segments], [s.start for s in chunk.segments], device, split)
 
     @property
     def tokens(self) -> int:
@@ -68,7 +79,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention + SwiGLU MLP; returns its K/V so later slices can attend to them."""
+    """Pre-norm attention + SwiGLU MLP; the split sequence's segment goes through its K/V store."""
 
     def __init__(self, cfg: ModelConfig, backend: str = "auto"):
         super().__init__()
@@ -85,7 +96,7 @@ class DecoderLayer(nn.Module):
         self.w_up = nn.Linear(d, cfg.ffn, bias=False)
         self.w_down = nn.Linear(cfg.ffn, d, bias=False)
 
-    def forward(self, h: torch.Tensor, meta: ChunkMeta, prefix_kv=None):
+    def forward(self, h: torch.Tensor, meta: ChunkMeta, store: LayerKV | None = None) -> torch.Tensor:
         cfg = self.cfg
         t = h.shape[0]
         if t != meta.tokens:
@@ -97,8 +108,14 @@ class DecoderLayer(nn.Module):
         cos, sin = rope_cos_sin(meta.positions, cfg.head_dim, cfg.rope_theta, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         backend = resolve_backend(self.backend, h.device, q.dtype)
-        o = chunk_attention(q, k, v, meta.seg_lens, meta.starts, prefix_kv, backend)
+        seq_kv = None
+        if (store is None) != (meta.split is None):
+            raise ValueError("a K/V store goes with exactly the chunks that hold a split sequence's segment")
+        if store is not None:
+            i = meta.split
+            off, s = sum(meta.seg_lens[:i]), meta.seg_lens[i]
+            seq_kv = (i, *store.attend(k[off:off + s], v[off:off + s], meta.starts[i]))
+        o = chunk_attention(q, k, v, meta.seg_lens, meta.starts, seq_kv, backend)
         h = h + self.wo(o.reshape(t, cfg.heads * cfg.head_dim))
         x = self.mlp_norm(h)
-        h = h + self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
-        return h, k, v
+        return h + self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))

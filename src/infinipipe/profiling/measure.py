@@ -22,6 +22,7 @@ from ..contract.cost import Profile
 from ..contract.model_config import ModelConfig
 from ..contract.shapes import ChunkShape
 from ..model.attention import resolve_backend
+from ..model.kv_store import LayerKV
 from ..model.layers import ChunkMeta, DecoderLayer, RMSNorm
 from ..model.loss import blocked_cross_entropy
 from ..runtime.memory import SavedTensorMeter
@@ -105,19 +106,23 @@ class LayerBench:
         return self._dev.type == "cuda"
 
     def _inputs(self, shape: ChunkShape):
-        meta = ChunkMeta.build(shape.seg_lens, (shape.prefix,) + (0,) * (len(shape.seg_lens) - 1), self._dev)
+        split = 0 if shape.prefix else None
+        meta = ChunkMeta.build(shape.seg_lens, (shape.prefix,) + (0,) * (len(shape.seg_lens) - 1), self._dev, split)
         h = torch.randn(shape.tokens, self.cfg.hidden, device=self._dev, dtype=self._dt, requires_grad=True)
-        kv = [self._prefix_kv(shape.prefix) if shape.prefix else None for _ in range(self.layers)]
+        kv = [self._prefix_kv(shape.prefix, shape.seg_lens[0]) if shape.prefix else None for _ in range(self.layers)]
         return meta, h, kv
 
-    def _prefix_kv(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached K/V of a prefix: leaves that require grad, as the runtime keeps them."""
-        size = (c, self.cfg.kv_heads, self.cfg.head_dim)
-        return tuple(torch.randn(size, device=self._dev, dtype=self._dt, requires_grad=True) for _ in range(2))
+    def _prefix_kv(self, c: int, s: int) -> LayerKV:
+        """A split sequence's K/V store with a cached prefix of ``c`` tokens, as the runtime keeps it."""
+        store = LayerKV(c + s, self.cfg.kv_heads, self.cfg.head_dim, self._dt, self._dev)
+        store.k[:c].normal_()
+        store.v[:c].normal_()
+        store.filled = c
+        return store
 
     def _forward(self, meta, h, kv) -> torch.Tensor:
-        for layer, pkv in zip(self.stack, kv):
-            h, _, _ = layer(h, meta, pkv)
+        for layer, store in zip(self.stack, kv):
+            h = layer(h, meta, store)
         return h
 
     def time_once(self, shape: ChunkShape) -> tuple[float, float]:
@@ -136,8 +141,7 @@ class LayerBench:
         out.backward(grad)
         b = stop()
         self.stack.zero_grad(set_to_none=True)
-        for t in [h] + [x for pair in kv if pair for x in pair]:
-            t.grad = None
+        h.grad = None
         return f, b
 
     def saved_bytes(self, shape: ChunkShape) -> int:

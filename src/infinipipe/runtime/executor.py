@@ -10,8 +10,9 @@ The optimizer step is the caller's: `PipelineWorker.model` holds the parameters.
 from __future__ import annotations
 
 import bisect
+import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -23,9 +24,12 @@ from ..contract.model_config import ModelConfig
 from ..model.stage import StageModel, init_weights
 from .batch import Batch
 from .memory import SavedTensorMeter
+from .nccl_semantics import emulation_from_env
 from .p2p import StageLink, TransferMismatch, plan_digest
 from .parallel_dims import ParallelMesh
+from .precision import MasterWeights
 from .stage_compute import StageCompute
+from .stopwatch import Stopwatch
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,9 @@ class RuntimeSettings:
 
     ``recv_lookahead`` is how many input-needing actions ahead a receive is posted, so the
     transfer overlaps the current compute; ``seed`` gives the same weights as `build_stages`.
+    ``nccl_semantics`` makes P2P waits behave as under NCCL (see `nccl_semantics`); it defaults to
+    the ``INFINIPIPE_NCCL_SEMANTICS`` environment variable. ``master_dtype`` keeps master weights
+    and gradients in that dtype while the stage computes in ``dtype`` (`precision.MasterWeights`).
     """
 
     dtype: torch.dtype = torch.float32
@@ -42,6 +49,8 @@ class RuntimeSettings:
     attention_backend: str = "auto"
     loss_block_tokens: int = LOSS_BLOCK_TOKENS
     recv_lookahead: int = 1
+    nccl_semantics: bool = field(default_factory=emulation_from_env)
+    master_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if self.recv_lookahead < 0:
@@ -81,7 +90,11 @@ class StepResult:
 
 
 class PipelineWorker:
-    """Holds one stage of the model for a fixed layer split and runs any Plan made for that split."""
+    """Holds one stage of the model for a fixed layer split and runs any Plan made for that split.
+
+    ``model`` computes; ``weights`` is what the optimizer steps and checkpoints hold (the master
+    copy under mixed precision, else ``model`` itself), and its ``.grad`` the step's gradients.
+    """
 
     def __init__(self, cfg: ModelConfig, layers_per_stage: tuple[int, ...], mesh: ParallelMesh,
                  settings: RuntimeSettings = RuntimeSettings()):
@@ -98,7 +111,18 @@ class PipelineWorker:
         model = StageModel(cfg, range(lo, lo + layers_per_stage[mesh.stage]), first=mesh.stage == 0,
                            last=mesh.is_last_stage, backend=settings.attention_backend)
         init_weights(model, settings.seed)
+        master = copy.deepcopy(model).to(self.device, settings.master_dtype) if settings.master_dtype else None
         self.model = model.to(device=self.device, dtype=settings.dtype)
+        self.masters = None if master is None else MasterWeights(self.model, master)
+
+    @property
+    def weights(self) -> torch.nn.Module:
+        return self.model if self.masters is None else self.masters.master
+
+    def refresh(self) -> None:
+        """After the optimizer stepped `weights`: bring the computing model up to date."""
+        if self.masters is not None:
+            self.masters.refresh()
 
     def _agree_on_plan(self, digest: int) -> None:
         """All stages of this pipeline must run the same plan; one small all-gather per step."""
@@ -118,10 +142,6 @@ class PipelineWorker:
             dist.all_reduce(t, group=self.mesh.dp_group)
         return int(t.item())
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def run_step(self, plan: Plan, batch: Batch, normaliser: int | None = None) -> StepResult:
         """Run ``plan`` over this replica's ``batch``; gradients are left in ``model``'s ``.grad``.
 
@@ -138,17 +158,19 @@ class PipelineWorker:
             raise ValueError(f"batch sequence lengths {batch.lengths} differ from the plan's {plan.seq_lengths}")
         stage, n_stages = self.mesh.stage, self.mesh.pp
         t_step = time.perf_counter()
+        clock = Stopwatch(self.device)
         digest = plan_digest(plan)
         self._agree_on_plan(digest)
         if normaliser is None:
             normaliser = self._global_normaliser(batch)
         self.model.zero_grad(set_to_none=True)
+        self.weights.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         meter = SavedTensorMeter(exclude=self.model.parameters())
         compute = StageCompute(self.model, batch, normaliser, self.settings.loss_block_tokens, meter)
         link = StageLink(self.mesh.pp_group, stage, self.mesh.pp, self.cfg.hidden, self.settings.dtype,
-                         self.device, digest)
+                         self.device, digest, emulate_nccl=self.settings.nccl_semantics)
         actions = plan.stage_actions[stage]
         tokens = [c.tokens for c in plan.chunks]
 
@@ -159,10 +181,9 @@ class PipelineWorker:
 
         needs = [i for i, a in enumerate(actions) if incoming(a)]
         posted = 0
-        times: list[ActionTime] = []
-        loss = 0.0
-        self._sync()
-        t_pipe = time.perf_counter()
+        spans: list[tuple[int, int]] = []
+        losses: list[torch.Tensor] = []
+        pipe_start = clock.mark()
         with meter:
             for i, a in enumerate(actions):
                 due = bisect.bisect_right(needs, i) + self.settings.recv_lookahead
@@ -174,24 +195,24 @@ class PipelineWorker:
                 chunk = plan.chunks[a.chunk_id]
                 direction = incoming(a)
                 x = link.wait_recv(direction, a.chunk_id, tokens[a.chunk_id]) if direction else None
-                t0 = time.perf_counter()
+                t0 = clock.mark()
                 if a.kind == "F":
                     out = compute.forward(chunk, x, a.recompute_layers)
                 else:
                     out = compute.backward(chunk, x)
-                self._sync()
-                times.append(ActionTime(a.kind, a.chunk_id, time.perf_counter() - t0))
+                spans.append((t0, clock.mark()))
                 if downstream_stage(a.kind, stage, n_stages) is not None:
                     link.send("act" if a.kind == "F" else "grad", a.chunk_id, out)
                 elif a.kind == "F":
-                    loss += float(out)
+                    losses.append(out)
             link.wait_sends()
-        pipeline_s = time.perf_counter() - t_pipe
+        pipe_end = clock.mark()
+        loss = self._reduce(torch.stack(losses).double().sum() if losses else None)
+        red_end = clock.mark()
+        times = [ActionTime(a.kind, a.chunk_id, clock.seconds(*span)) for a, span in zip(actions, spans)]
+        pipeline_s = clock.seconds(pipe_start, pipe_end)
         busy = sum(t.compute_s for t in times)
-        t_red = time.perf_counter()
-        loss = self._reduce(loss)
-        self._sync()
-        allreduce_s = time.perf_counter() - t_red
+        allreduce_s = clock.seconds(pipe_end, red_end)
         return StepResult(
             loss=loss, stage=stage, dp_rank=self.mesh.dp_rank,
             step_s=time.perf_counter() - t_step, pipeline_s=pipeline_s, busy_s=busy,
@@ -200,14 +221,20 @@ class PipelineWorker:
             peak_allocated_bytes=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
         )
 
-    def _reduce(self, local_loss: float) -> float:
-        """Loss from the last stage to every stage, then both loss and gradients over replicas."""
+    def _reduce(self, local_loss: torch.Tensor | None) -> float:
+        """Loss from the last stage to every stage, then both loss and gradients over replicas.
+
+        The loss stays on the device until here: reading it inside the pipeline would block the
+        host on the compute stream mid-step.
+        """
         mesh = self.mesh
-        loss = torch.tensor([local_loss], dtype=torch.float64, device=self.device)
+        loss = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if local_loss is not None:
+            loss += local_loss
         if mesh.pp > 1:
             dist.broadcast(loss, src=dist.get_global_rank(mesh.pp_group, mesh.pp - 1), group=mesh.pp_group)
         if mesh.dp > 1:
-            params = list(self.model.parameters())
+            params = list(self.weights.parameters())
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = _flatten_dense_tensors(grads)
             dist.all_reduce(flat, group=mesh.dp_group)

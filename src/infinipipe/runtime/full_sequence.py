@@ -18,7 +18,7 @@ def reference_loss(model: StageModel, batch: Batch) -> torch.Tensor:
         meta = ChunkMeta.build([seq.numel()], [0], seq.device)
         h = model.embed_tokens(seq)
         for layer in model.ordered_layers():
-            h, _, _ = layer(h, meta)
+            h = layer(h, meta)
         logits = model.head(model.norm(h)).float() if h.dtype != torch.float64 else model.head(model.norm(h))
         total = total + F.cross_entropy(logits[:-1], seq[1:], reduction="sum")
     return total / batch.predicted_tokens

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..contract.ir import Plan
+from .nccl_semantics import P2PGroup
 
 Direction = Literal["act", "grad"]
 _DIRECTION_CODES = {"act": 1, "grad": 2}
@@ -37,38 +38,17 @@ class TransferMismatch(ValueError):
 
 
 @dataclass
-class _Batch:
-    """One `batch_isend_irecv` call: per-op works on gloo, one work for the group on NCCL.
-
-    A gloo receive's ``wait`` waits for the next message each time it is called, so every
-    per-op work is waited exactly once, by the owner of that op.
-    """
-
-    works: list
-
-    def _ops(self, index: int) -> list:
-        return self.works[index:index + 1] if len(self.works) > 1 else self.works
-
-    def wait(self, index: int) -> None:
-        for w in self._ops(index):
-            w.wait()
-
-    def done(self, index: int) -> bool:
-        return all(w.is_completed() for w in self._ops(index))
-
-
-@dataclass
 class _Recv:
     header: torch.Tensor
     payload: torch.Tensor
-    batch: _Batch | None = None
+    batch: P2PGroup | None = None
     index: int = 0
 
 
 @dataclass
 class _Send:
     tensors: tuple[torch.Tensor, torch.Tensor]
-    batch: _Batch | None = None
+    batch: P2PGroup | None = None
     index: int = 0
 
     def done(self) -> bool:
@@ -81,6 +61,7 @@ class StageLink:
 
     Operations are queued and issued together by `flush` (one `batch_isend_irecv`), so a stage's
     send of a result and its receive for a later action go out as one group, as NCCL needs.
+    ``emulate_nccl`` makes a group complete as a whole (`nccl_semantics`).
     """
 
     group: dist.ProcessGroup
@@ -90,6 +71,7 @@ class StageLink:
     dtype: torch.dtype
     device: torch.device
     digest: int
+    emulate_nccl: bool = False
     _queued: list = field(default_factory=list)
     _recvs: dict = field(default_factory=dict)
     _sends: list = field(default_factory=list)
@@ -116,8 +98,9 @@ class StageLink:
                     torch.empty(tokens, self.hidden, dtype=self.dtype, device=self.device))
         self._recvs[key] = rec
         peer = self._peer(src)
-        self._queued.append((rec, dist.P2POp(dist.irecv, rec.header, peer, self.group)))
-        self._queued.append((None, dist.P2POp(dist.irecv, rec.payload, peer, self.group)))
+        what = f"recv {direction} {chunk_id} from stage {src}"
+        self._queued.append((rec, what, dist.P2POp(dist.irecv, rec.header, peer, self.group)))
+        self._queued.append((None, what, dist.P2POp(dist.irecv, rec.payload, peer, self.group)))
 
     def send(self, direction: Direction, chunk_id: int, tensor: torch.Tensor) -> None:
         """Queue the send of an activation (to the next stage) or a gradient (to the previous)."""
@@ -128,15 +111,17 @@ class StageLink:
         snd = _Send((header, payload))
         self._sends.append(snd)
         peer = self._peer(dst)
-        self._queued.append((snd, dist.P2POp(dist.isend, header, peer, self.group)))
-        self._queued.append((None, dist.P2POp(dist.isend, payload, peer, self.group)))
+        what = f"send {direction} {chunk_id} to stage {dst}"
+        self._queued.append((snd, what, dist.P2POp(dist.isend, header, peer, self.group)))
+        self._queued.append((None, what, dist.P2POp(dist.isend, payload, peer, self.group)))
 
     def flush(self) -> None:
         """Issue everything queued as one batch."""
         if not self._queued:
             return
-        batch = _Batch(dist.batch_isend_irecv([op for _, op in self._queued]))
-        for i, (owner, _) in enumerate(self._queued):
+        works = dist.batch_isend_irecv([op for _, _, op in self._queued])
+        batch = P2PGroup(works, [what for owner, what, _ in self._queued if owner is not None], self.emulate_nccl)
+        for i, (owner, _, _) in enumerate(self._queued):
             if owner is not None:
                 owner.batch, owner.index = batch, i
         self._queued = []

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config
-from ..contract.cost import CostModel
+from ..contract.cost import MIXED_PRECISION_ADAM, CostModel
 from ..data.dataset import TokenDataset, build_dataset, build_sampler
 from ..planners.stage_layers import balance_layers
 from ..runtime.batch import Batch
@@ -35,9 +35,11 @@ from ..sim.simulator import simulate
 from .checkpoint import resume_checkpoint, save_checkpoint
 from .metrics import MetricsWriter
 from .optim import build_optimizer
-from .planning import StepPlanner, StepPlans, profile_for
+from .planning import StepPlanner, StepPlans, check_precision, profile_for
 from .prefetch import PlanPrefetcher
 from .run_lock import RunDirBusy, run_dir_lock
+
+PRECISIONS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, torch.float32)}
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ def _write_config(cfg: Config, run_dir: Path) -> None:
 
 def _clip(worker: PipelineWorker, mesh: ParallelMesh, max_norm: float) -> float:
     """Global gradient norm over every stage (replicas agree after their all-reduce); clip to it."""
-    params = [p for p in worker.model.parameters() if p.grad is not None]
+    params = [p for p in worker.weights.parameters() if p.grad is not None]
     local = torch.nn.utils.get_total_norm([p.grad for p in params]).double() ** 2
     if mesh.pp > 1:
         dist.all_reduce(local, group=mesh.pp_group)
@@ -197,21 +199,28 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
     pp = dims.pp
     mesh = dims.build_mesh(torch.device(device).type)
     model_cfg = cfg.model_config()
-    cost = CostModel(profile_for(cfg, model_cfg), model_cfg)
+    dtype, master_dtype = PRECISIONS[cfg.training.mixed_precision]
+    profile = profile_for(cfg, model_cfg)
+    check_precision(profile, dtype)
+    cost = CostModel(profile, model_cfg, *([MIXED_PRECISION_ADAM] if master_dtype else []))
     layers = balance_layers(cost, pp)
-    worker = PipelineWorker(model_cfg, layers, mesh, RuntimeSettings(device=device, seed=cfg.training.seed,
-                                                                     attention_backend=cfg.model.attention))
+    worker = PipelineWorker(model_cfg, layers, mesh, RuntimeSettings(
+        dtype=dtype, master_dtype=master_dtype, device=device, seed=cfg.training.seed,
+        attention_backend=cfg.model.attention))
+    weights = worker.weights
     if cfg.model.hf_path:
         from ..model.hf import load_hf_checkpoint
 
         _, full = load_hf_checkpoint(cfg.model.hf_path)
-        worker.model.load_state_dict({k: full[k] for k in worker.model.state_dict()})
-    optimizer, scheduler = build_optimizer(cfg, worker.model.parameters())
+        weights.load_state_dict({k: full[k] for k in weights.state_dict()})
+        worker.refresh()
+    optimizer, scheduler = build_optimizer(cfg, weights.parameters())
     steps = cfg.training.steps
     ckpt_dir = Path(run_dir) / cfg.checkpoint.folder
     start, checkpoint = 0, None
     if cfg.checkpoint.enable:
-        start, checkpoint = resume_checkpoint(ckpt_dir, worker.model, optimizer, scheduler, cfg.checkpoint.load_step)
+        start, checkpoint = resume_checkpoint(ckpt_dir, weights, optimizer, scheduler, cfg.checkpoint.load_step)
+        worker.refresh()
     sampler = build_sampler(cfg, dataset)
     memory = cfg.epp.memory_budget_bytes
     planner = StepPlanner(cost, sampler, cfg.epp.planner, pp, mesh.dp, memory, layers, cfg.epp.planner_options())
@@ -236,8 +245,6 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
                 from tqdm import tqdm
 
                 bar = stack.enter_context(tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True))
-        autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-                    if cfg.training.mixed_precision == "bf16" else contextlib.nullcontext())
         t_start = time.perf_counter()
         for step in range(start, steps):
             t0 = time.perf_counter()
@@ -253,13 +260,13 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
             gb = sampler.batch(dataset, step)
             share = sp.shares[mesh.dp_rank]
             batch = Batch(tuple(gb.sequences[i] for i in share))
-            with autocast:
-                res: StepResult = worker.run_step(sp.plans[mesh.dp_rank], batch, normaliser=gb.predicted_tokens)
+            res: StepResult = worker.run_step(sp.plans[mesh.dp_rank], batch, normaliser=gb.predicted_tokens)
             if not math.isfinite(res.loss):
                 raise FloatingPointError(f"step {step + 1}: loss is {res.loss}")
             grad_norm = _clip(worker, mesh, cfg.training.max_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
+            worker.refresh()
             scheduler.step()
             mine = {"stage": res.stage, "dp": res.dp_rank, "busy_s": res.busy_s, "pipeline_s": res.pipeline_s,
                     "peak_activation_bytes": res.peak_activation_bytes, "signal": stop.signum}
@@ -281,14 +288,14 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
                                     plan_s=f"{sp.planning_s:.2f}")
                     bar.update(1)
             if cfg.checkpoint.enable and (done % cfg.checkpoint.interval == 0 or done == steps):
-                checkpoint = save_checkpoint(ckpt_dir, done, worker.model, optimizer, scheduler,
+                checkpoint = save_checkpoint(ckpt_dir, done, weights, optimizer, scheduler,
                                              cfg.checkpoint.keep_latest_k)
                 saved = done
         wall = time.perf_counter() - t_start
         if done == steps:
             stopping = 0  # a signal during the last step changes nothing: the job is complete
         if stopping and cfg.checkpoint.enable and done > saved:
-            checkpoint = save_checkpoint(ckpt_dir, done, worker.model, optimizer, scheduler,
+            checkpoint = save_checkpoint(ckpt_dir, done, weights, optimizer, scheduler,
                                          cfg.checkpoint.keep_latest_k)
     if not root:
         return None

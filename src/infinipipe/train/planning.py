@@ -62,6 +62,16 @@ def profile_for(cfg: Config, model: ModelConfig) -> Profile:
                    source=f"{profile.source}; head terms recomputed for vocabulary {model.vocab_size}", **head)
 
 
+def check_precision(profile: Profile, dtype) -> None:
+    """Plans made from a profile of another precision misjudge every byte and millisecond."""
+    run = str(dtype).removeprefix("torch.")
+    if profile.dtype != run:
+        raise ValueError(
+            f"the profile ({profile.derived_from or profile.source or profile.device}) was measured in "
+            f"{profile.dtype}, this run trains in {run}: set epp.profile to a {run} profile of this model "
+            f"(`infinipipe profile --dtype {run}`) or training.mixed_precision to match the profile")
+
+
 @dataclass(frozen=True)
 class StepPlanner:
     cost: CostModel
