@@ -66,14 +66,13 @@ def main() -> None:
             continue
         meta = plan.metadata
         trials = meta.get("search", [])
-        print(f"{name:14s} planning {min(cpu):5.2f} s CPU ({min(wall):5.2f} s wall)  K={meta.get('num_slices')}  "
+        print(f"{name:14s} planning {min(cpu):5.2f} s CPU ({min(wall):5.2f} s wall)  chosen={meta.get('chosen')}  "
               f"chunks={len(plan.chunks)}  "
               f"pipelines={len(plan.pipelines)}  simulated iteration {meta.get('iteration_time_s', float('nan')):.2f} s  "
               f"fits={meta.get('feasible')}  trials={len(trials)}")
         for t in trials:
-            print(f"    K={t['num_slices']:3d} {'screen' if t['screened'] else 'full  '} {t['planning_s']:6.3f} s  "
+            print(f"    {t['candidate']:<28} {'screen' if t['screened'] else 'full  '} {t['planning_s']:6.3f} s  "
                   f"iteration {t.get('iteration_time_s', float('nan')):7.2f} s  pipelines={t.get('num_pipelines')}")
-
 
 if __name__ == "__main__":
     main()

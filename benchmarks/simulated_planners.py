@@ -1,60 +1,103 @@
-"""SIMULATED comparison of EPP with the baseline planners on the committed H100 profiles.
+"""SIMULATED grid: EPP against every baseline planner on the committed H100 profiles.
 
-For each model, pipeline depth, context length, length distribution and global batch, every
-planner plans the same sampled batch and the event-driven simulator costs the plan with the
-committed GPU profile of that model: iteration time, bubble ratio, peak memory per device,
-whether it runs out of memory, and EPP's speedup over each baseline. Nothing here runs on a GPU:
-the figures are predictions of the cost model, and the table says so.
+For each model, pipeline depth, context length, length distribution and memory budget, every
+planner plans the same sampled global batch and the event-driven simulator costs each plan with
+the committed GPU profile of that model. Per case it prints EPP's iteration time and its speedup
+over each baseline (``OOM`` where a baseline's plan does not fit, ``-`` where it found none),
+then the median speedup over each baseline and every case where EPP did not fit or was slower
+than a baseline that fit. Nothing runs on a GPU: the figures are the cost model's predictions.
 
-Usage: ``python benchmarks/simulated_planners.py [--models llama-7b ...] [--json out.json]``.
+Usage: ``python benchmarks/simulated_planners.py [--models llama-7b ...] [--jobs 2] [--json out.json]``.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import statistics
 import sys
+from concurrent.futures import ProcessPoolExecutor
 
 from infinipipe.contract.cost import CostModel, default_profile_name, load_profile
 from infinipipe.contract.model_config import preset
 from infinipipe.data.lengths import sample_lengths
-from infinipipe.planners.compare import ABLATIONS, BASELINES, compare_planners, format_rows
+from infinipipe.planners.compare import BASELINES, compare_planners
+
+SEQ1F1B = ("seq1f1b", "seq1f1b-balanced")
+
+
+def run_case(case: tuple) -> dict:
+    model, stages, max_len, dist, memory_gib, batch, seed = case
+    cost = CostModel(load_profile(default_profile_name(model)), preset(model))
+    lengths = sample_lengths(dist, batch, max_len, seed=seed)
+    rows = compare_planners(cost, lengths, stages, memory_gib * 2**30, ["epp", *BASELINES])
+    return {"model": model, "stages": stages, "max_len": max_len, "dist": dist, "memory_gib": memory_gib,
+            "batch": batch, "tokens": sum(lengths), "simulated": True, "planners": rows}
+
+
+def time_of(row: dict) -> float | None:
+    return row["iteration_time_s"] if row["planned"] and row["feasible"] else None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["llama-7b", "llama-13b"])
-    parser.add_argument("--stages", nargs="+", type=int, default=[4, 8])
-    parser.add_argument("--max-len", nargs="+", type=int, default=[65536, 131072])
-    parser.add_argument("--dists", nargs="+", default=["github", "commoncrawl"])
-    parser.add_argument("--batches", nargs="+", type=int, default=[128, 512])
-    parser.add_argument("--memory-gib", type=float, default=80.0, help="memory per device (default 80)")
-    parser.add_argument("--no-ablations", action="store_true", help="skip epp-no-ckpt and epp-full-ckpt")
+    parser.add_argument("--models", nargs="+", default=["llama-7b", "llama-13b", "llama-30b"])
+    parser.add_argument("--stages", nargs="+", type=int, default=[4, 8, 16])
+    parser.add_argument("--max-len", nargs="+", type=int, default=[32768, 65536, 98304, 131072])
+    parser.add_argument("--dists", nargs="+", default=["github", "commoncrawl", "python-stdlib"])
+    parser.add_argument("--memory-gib", nargs="+", type=float, default=[64.0, 80.0])
+    parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1, help="cases planned in parallel processes")
     parser.add_argument("--json", help="also write every figure to this JSON file")
     args = parser.parse_args()
 
-    memory = args.memory_gib * 2**30
-    planners = ["epp", *BASELINES, *(() if args.no_ablations else ABLATIONS)]
-    print("SIMULATED iteration times (event-driven simulator on fitted cost models; no GPU was run)")
-    print(f"memory per device {args.memory_gib:g} GiB; P2P link 200 Gbit/s, 10 us; speedup = baseline time / EPP time")
-    records = []
-    for model_name in args.models:
-        profile_name = default_profile_name(model_name)
-        profile = load_profile(profile_name)
-        cost = CostModel(profile, preset(model_name))
-        origin = f"derived from {profile.derived_from}" if profile.derived_from else "measured"
-        print(f"\n=== {model_name}: profile {profile_name} ({profile.device}, {profile.dtype}, {origin}) ===")
-        for stages, max_len, dist, batch in itertools.product(args.stages, args.max_len, args.dists, args.batches):
-            lengths = sample_lengths(dist, batch, max_len, seed=args.seed)
-            rows = compare_planners(cost, lengths, stages, memory, planners)
-            print(f"\n{model_name}, {stages} stages, max {max_len // 1024}K, {dist}, batch {batch} "
-                  f"({sum(lengths)} tokens, longest {max(lengths)})")
-            print("\n".join(format_rows(rows)))
+    cases = [(m, s, n, d, g, args.batch, args.seed) for m, s, n, d, g in
+             itertools.product(args.models, args.stages, args.max_len, args.dists, args.memory_gib)
+             if s <= preset(m).layers]
+    print("SIMULATED iteration times (event-driven simulator on the committed H100 profiles; no GPU was run)")
+    print(f"{len(cases)} cases, batch {args.batch}; speedup = baseline time / EPP time; "
+          "'best seq1f1b' is the faster of seq1f1b and seq1f1b-balanced")
+    header = f"{'case':<36} {'epp':>8}  " + "  ".join(f"{b:>16}" for b in (*BASELINES, "best seq1f1b"))
+    print(header)
+    records, speedups, problems = [], {b: [] for b in (*BASELINES, "best seq1f1b")}, []
+    with ProcessPoolExecutor(args.jobs) as pool:
+        for rec in pool.map(run_case, cases):
+            rows = rec["planners"]
+            name = (f"{rec['model']} pp{rec['stages']} {rec['max_len'] // 1024}K {rec['dist']} "
+                    f"{rec['memory_gib']:g}G")
+            times = {p: time_of(r) for p, r in rows.items()}
+            times["best seq1f1b"] = min((times[p] for p in SEQ1F1B if times[p] is not None), default=None)
+            if all(t is None for t in times.values()):
+                print(f"{name:<36} no planner fits: the model does not fit this budget at this depth")
+                continue
+            records.append(rec)
+            epp = times["epp"]
+            cells = []
+            for b in (*BASELINES, "best seq1f1b"):
+                if times[b] is None:
+                    row = rows.get(b, {"planned": False})
+                    cells.append("OOM" if row.get("planned") else "-")
+                elif epp is None:
+                    cells.append("epp none")
+                else:
+                    speedups[b].append(times[b] / epp)
+                    cells.append(f"{times[b] / epp:.2f}x")
+                    if epp > times[b] * (1 + 1e-9):
+                        problems.append(f"{name}: epp {epp:.2f}s slower than {b} {times[b]:.2f}s")
+            if epp is None:
+                problems.append(f"{name}: epp found no plan that fits while a baseline did")
+            print(f"{name:<36} {epp if epp is not None else float('nan'):>7.2f}s  "
+                  + "  ".join(f"{c:>16}" for c in cells))
             sys.stdout.flush()
-            records.append({"model": model_name, "profile": profile_name, "stages": stages, "max_len": max_len,
-                            "dist": dist, "batch": batch, "memory_budget": memory, "simulated": True,
-                            "planners": rows})
+    print("\nmedian EPP speedup over each baseline (cases where both fit):")
+    for b, values in speedups.items():
+        if values:
+            print(f"  {b:<16} median {statistics.median(values):.2f}x  min {min(values):.2f}x  "
+                  f"max {max(values):.2f}x  ({len(values)} cases)")
+    print(f"\nEPP infeasible where a baseline fits, or slower than a fitting baseline: {len(problems)} case(s)")
+    for p in problems:
+        print("  " + p)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)

@@ -4,8 +4,8 @@ from hypothesis import strategies as st
 
 from infinipipe.contract.ir import check_coverage, validate_plan
 from infinipipe.contract.shapes import ChunkShape
-from infinipipe.planners.baselines import fixed_size_chunks, pack_whole
 from infinipipe.planners.options import PlannerOptions
+from infinipipe.planners.packing import fixed_size_chunks, pack_whole
 from infinipipe.planners.registry import PLANNERS, make_plan
 from infinipipe.planners.request import PlanRequest
 from infinipipe.planners.stage_layers import balance_layers

@@ -11,7 +11,7 @@ def test_bench_prints_every_planner_simulated_on_the_committed_profile(capsys):
     assert main(args + ["--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["simulated"] is True and out["profile"] == "h100-bf16-llama-7b"
-    assert set(out["rows"]) == {"epp", "seq1f1b", "batch-1f1b", "gpipe", "epp-uniform"}
+    assert set(out["rows"]) == {"epp", "seq1f1b", "seq1f1b-balanced", "batch-1f1b", "gpipe", "epp-uniform"}
     assert out["rows"]["epp"]["planned"] and out["rows"]["epp"]["feasible"]
     assert main(args) == 0
     text = capsys.readouterr().out

@@ -36,7 +36,7 @@ def test_epp_plan_is_valid_fits_and_reports_its_search():
     meta = plan.metadata
     assert meta["planner"] == "epp" and meta["feasible"]
     assert meta["iteration_time_s"] == pytest.approx(sim.iteration_time_s)
-    assert meta["num_slices"] in {t["num_slices"] for t in meta["search"]}
+    assert meta["chosen"] in {t["candidate"] for t in meta["search"]}
     assert meta["checkpointing"]["status"] in ("optimal", "no_recompute_needed", "time_limit")
     fitting = [t["iteration_time_s"] for t in meta["search"] if t["feasible"]]
     assert sim.iteration_time_s == pytest.approx(min(fitting))

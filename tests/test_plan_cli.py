@@ -64,3 +64,15 @@ def test_bad_input_exits_with_a_clear_error(tmp_path, profile_file, capsys):
                                         ("1.5 KiB", 1536)])
 def test_memory_sizes_parse(text, value):
     assert parse_bytes(text) == value
+
+
+def test_explain_lists_every_candidate_and_names_the_winner(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert main(["plan", "--dist", "github", "--batch", "64", "--max-len", "32768", "--model", "llama-7b",
+                 "--stages", "4", "--out", str(out), "--explain"]) == 0
+    text = capsys.readouterr().out
+    plan = json.loads(out.read_text())
+    tried = plan["metadata"]["search"]
+    assert f"{len(tried)} candidate plans tried" in text
+    assert all(t["candidate"] in text for t in tried)
+    assert f"chosen: {plan['metadata']['chosen']}" in text and "<- chosen" in text

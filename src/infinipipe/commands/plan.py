@@ -64,6 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="planner option, repeatable (e.g. chunk_tokens=8192, recompute=2)")
     p.add_argument("--out", type=Path, required=True, help="where to write the plan JSON")
+    p.add_argument("--explain", action="store_true",
+                   help="print the candidates the search tried (simulated) and why the winner won")
     p.set_defaults(func=run)
 
 
@@ -99,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
         "memory_budget": request.memory_budget, "lengths_source": source,
     })
     args.out.write_text(plan.dumps() + "\n")
+    if args.explain:
+        from ..planners.explain import explain_lines
+
+        print("\n".join(explain_lines(plan)))
     print(f"{args.planner}: {len(lengths)} sequences ({sum(lengths)} tokens) -> {len(plan.chunks)} chunks, "
           f"{len(plan.pipelines)} pipeline(s), layers {list(plan.layers_per_stage)}; wrote {args.out}",
           file=sys.stderr)

@@ -4,6 +4,8 @@
   1F1B (Megatron-LM / DAPPLE style).
 - ``seq1f1b``: every sequence cut into fixed-size chunks, leftovers packed (Seq1F1B as the paper
   re-implements it for its comparison).
+- ``seq1f1b-balanced``: the original Seq1F1B partition, each long sequence cut into slices of
+  equal attention-aware compute, their number searched like ``seq1f1b``'s chunk size.
 - ``gpipe``: packed micro-batches, all forwards then all backwards.
 - ``epp-uniform``: the EPP ablation with equal-*token* slices of the longest sequence and
   token-only packing, in place of Algorithm 1's equal-time slicing and time-aware packing.
@@ -14,75 +16,41 @@ same on every stage and chunk) for which the simulator says the plan fits in mem
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
-from ..contract.ir import Action, Chunk, Plan, Segment, check_coverage, validate_plan
+from ..contract.ir import Action, Chunk, Plan, validate_plan
 from ..sim.simulator import SimResult, simulate
-from .packing import FirstFitBins
+from .packing import balanced_chunks, fixed_size_chunks, pack_whole
 from .request import PlanRequest
 from .schedule import epp_schedule
 
-Recompute = Callable[[int, int], int]
-
-
-def pack_whole(lengths: Sequence[int], budget: int) -> list[Chunk]:
-    """First-fit-decreasing packing of whole sequences into chunks of at most ``budget`` tokens
-    (a longer sequence gets a chunk of its own)."""
-    if budget < 1:
-        raise ValueError(f"micro-batch token budget must be >= 1, got {budget}")
-    bins = FirstFitBins(budget)
-    for seq in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        bins.put(Segment(seq, 0, lengths[seq]))
-    return [Chunk(i, tuple(b)) for i, b in enumerate(bins.bins)]
-
-
-def fixed_size_chunks(lengths: Sequence[int], size: int) -> list[Chunk]:
-    """Cut every sequence longer than ``size`` at multiples of ``size``; its tail slice and the
-    short sequences are packed first-fit-decreasing into chunks of at most ``size`` tokens, never
-    two tails together."""
-    if size < 1:
-        raise ValueError(f"chunk size must be >= 1, got {size}")
-    ordered: list[list[Segment]] = []
-    bins = FirstFitBins(size)
-    shorts = []
-    for seq in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        n = lengths[seq]
-        if n <= size:
-            shorts.append(seq)
-            continue
-        starts = list(range(0, n, size))
-        ordered.extend([Segment(seq, a, a + size)] for a in starts[:-1])
-        ordered.append(bins.open(Segment(seq, starts[-1], n)))  # the same list: packing fills it
-    tails = len(bins.bins)
-    for seq in shorts:
-        bins.put(Segment(seq, 0, lengths[seq]))
-    ordered.extend(bins.bins[tails:])
-    chunks = [Chunk(i, tuple(segs)) for i, segs in enumerate(ordered)]
-    check_coverage(chunks, lengths)
-    return chunks
-
 
 def gpipe_schedule(chunks: Sequence[Chunk], seq_lengths: Sequence[int], layers_per_stage: Sequence[int],
-                   recompute: Recompute, metadata: dict) -> Plan:
+                   metadata: dict) -> Plan:
     """All forwards in chunk order, then all backwards in reverse order, on every stage."""
     ids = [c.id for c in chunks]
     stage_actions = tuple(
-        tuple([Action("F", c, recompute(p, c)) for c in ids] + [Action("B", c, recompute(p, c)) for c in reversed(ids)])
-        for p in range(len(layers_per_stage))
+        tuple([Action("F", c) for c in ids] + [Action("B", c) for c in reversed(ids)])
+        for _ in range(len(layers_per_stage))
     )
-    plan = Plan(tuple(seq_lengths), tuple(chunks), stage_actions, tuple(layers_per_stage), metadata=metadata)
-    validate_plan(plan)
-    return plan
+    return Plan(tuple(seq_lengths), tuple(chunks), stage_actions, tuple(layers_per_stage), metadata=metadata)
 
 
-def with_uniform_recompute(request: PlanRequest, build: Callable[[Recompute], Plan]) -> tuple[Plan, SimResult]:
-    """Plan with the smallest uniform recompute count that fits (or option ``recompute``'s fixed
-    layer count); if even full recompute does not fit, the full-recompute plan."""
+def uniform_recompute(plan: Plan, layers: int) -> Plan:
+    """``plan`` with every chunk recomputing ``layers`` layers (at most all of its stage's)."""
+    cap = plan.layers_per_stage
+    return replace(plan, stage_actions=tuple(tuple(Action(a.kind, a.chunk_id, min(layers, cap[s])) for a in acts)
+                                             for s, acts in enumerate(plan.stage_actions)))
+
+
+def with_uniform_recompute(request: PlanRequest, base: Plan) -> tuple[Plan, SimResult]:
+    """``base`` with the smallest uniform recompute count that fits (or option ``recompute``'s
+    fixed layer count); if even full recompute does not fit, the full-recompute plan."""
     layers = request.layers
 
     def attempt(r: int) -> tuple[Plan, SimResult]:
-        plan = build(lambda stage, _chunk: min(r, layers[stage]))
+        plan = uniform_recompute(base, r)
         plan = replace(plan, metadata={**plan.metadata, "recompute_layers": r,
                                        "memory_budget": request.memory_budget})
         return plan, simulate(plan, request.cost, request.memory_budget, request.link)
@@ -114,29 +82,35 @@ def best_of(candidates: Sequence[tuple[Plan, SimResult]]) -> Plan:
     return min(candidates, key=lambda c: max(c[1].peak_memory_bytes))[0]
 
 
-def _one_f_one_b(request: PlanRequest, chunks: list[Chunk], metadata: dict) -> tuple[Plan, SimResult]:
-    def build(rec: Recompute) -> Plan:
-        return epp_schedule(chunks, request.lengths, request.num_stages, request.layers,
-                            recompute=rec, metadata=metadata)
-    return with_uniform_recompute(request, build)
+def one_f_one_b_uniform(request: PlanRequest, chunks: list[Chunk], metadata: dict,
+                        validate: bool = True) -> tuple[Plan, SimResult]:
+    """``chunks`` in the EPP 1F1B order, one pipeline, with the smallest uniform recompute that fits."""
+    base = epp_schedule(chunks, request.lengths, request.num_stages, request.layers, metadata=metadata,
+                        validate=validate)
+    return with_uniform_recompute(request, base)
 
 
 def plan_batch_1f1b(request: PlanRequest) -> Plan:
     """Option ``micro_batch_tokens`` (default: the longest sequence, i.e. the context length)."""
     budget = request.options.micro_batch_tokens or max(request.lengths)
     chunks = pack_whole(request.lengths, budget)
-    return _one_f_one_b(request, chunks, {"planner": "batch-1f1b", "micro_batch_tokens": budget})[0]
+    return one_f_one_b_uniform(request, chunks, {"planner": "batch-1f1b", "micro_batch_tokens": budget})[0]
+
+
+def gpipe_uniform(request: PlanRequest, chunks: list[Chunk], metadata: dict,
+                  validate: bool = True) -> tuple[Plan, SimResult]:
+    """``chunks`` all forwards then all backwards, with the smallest uniform recompute that fits."""
+    base = gpipe_schedule(chunks, request.lengths, request.layers, metadata)
+    if validate:
+        validate_plan(base)
+    return with_uniform_recompute(request, base)
 
 
 def plan_gpipe(request: PlanRequest) -> Plan:
     """Option ``micro_batch_tokens`` as for ``batch-1f1b``."""
     budget = request.options.micro_batch_tokens or max(request.lengths)
     chunks = pack_whole(request.lengths, budget)
-    meta = {"planner": "gpipe", "micro_batch_tokens": budget}
-
-    def build(rec: Recompute) -> Plan:
-        return gpipe_schedule(chunks, request.lengths, request.layers, rec, meta)
-    return with_uniform_recompute(request, build)[0]
+    return gpipe_uniform(request, chunks, {"planner": "gpipe", "micro_batch_tokens": budget})[0]
 
 
 def _power_of_two_sizes(longest: int) -> list[int]:
@@ -150,7 +124,7 @@ def plan_seq1f1b(request: PlanRequest) -> Plan:
     choice = request.options.chunk_tokens
     sizes = _power_of_two_sizes(max(request.lengths)) if choice is None else [choice]
     return best_of([
-        _one_f_one_b(request, fixed_size_chunks(request.lengths, size),
+        one_f_one_b_uniform(request, fixed_size_chunks(request.lengths, size),
                      {"planner": "seq1f1b", "chunk_tokens": size})
         for size in sizes
     ])
@@ -166,7 +140,23 @@ def plan_epp_uniform(request: PlanRequest) -> Plan:
     choice = request.options.num_slices
     counts = [k for k in UNIFORM_SLICE_COUNTS if k <= longest] if choice is None else [choice]
     return best_of([
-        _one_f_one_b(request, fixed_size_chunks(request.lengths, math.ceil(longest / k)),
+        one_f_one_b_uniform(request, fixed_size_chunks(request.lengths, math.ceil(longest / k)),
                      {"planner": "epp-uniform", "num_slices": k})
         for k in counts
+    ])
+
+
+SEQ1F1B_SLICE_COUNTS = (2, 4, 8, 16, 32, 64)
+
+
+def plan_seq1f1b_balanced(request: PlanRequest) -> Plan:
+    """Option ``num_slices``: slices of the longest sequence, or (unset) the fastest fitting count
+    of a power-of-two ladder down to slices of about 1K tokens."""
+    longest = max(request.lengths)
+    choice = request.options.num_slices
+    counts = [n for n in SEQ1F1B_SLICE_COUNTS if n == 2 or longest // n >= 1024] if choice is None else [choice]
+    return best_of([
+        one_f_one_b_uniform(request, balanced_chunks(request.lengths, request.cost, n),
+                     {"planner": "seq1f1b-balanced", "num_slices": n})
+        for n in counts
     ])

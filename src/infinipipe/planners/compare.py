@@ -11,7 +11,7 @@ from .options import PlannerOptions
 from .registry import make_plan
 from .request import PlanRequest
 
-BASELINES = ("seq1f1b", "batch-1f1b", "gpipe", "epp-uniform")
+BASELINES = ("seq1f1b", "seq1f1b-balanced", "batch-1f1b", "gpipe", "epp-uniform")
 ABLATIONS = ("epp-no-ckpt", "epp-full-ckpt")
 
 
@@ -36,16 +36,16 @@ def format_rows(rows: dict[str, dict], reference: str = "epp") -> list[str]:
     """One line per planner: time, bubbles, peak memory, OOM, and ``reference``'s speedup over it."""
     ref = rows.get(reference)
     ok = bool(ref and ref["planned"] and ref["feasible"])
-    lines = [f"  {'planner':<14} {'iteration':>10}  {'bubble':>7}  {'peak mem':>9}  {'OOM':>3}  "
+    lines = [f"  {'planner':<16} {'iteration':>10}  {'bubble':>7}  {'peak mem':>9}  {'OOM':>3}  "
              f"{reference + ' speedup':>12}  {'planning':>8}"]
     for name, row in rows.items():
         if not row["planned"]:
-            lines.append(f"  {name:<14} {'no plan fits':>10}")
+            lines.append(f"  {name:<16} {'no plan fits':>10}")
             continue
         speedup = ""
         if name != reference and ok:
             speedup = f"{row['iteration_time_s'] / ref['iteration_time_s']:.2f}x" if row["feasible"] else "(OOM)"
-        lines.append(f"  {name:<14} {row['iteration_time_s']:>9.2f}s  {row['bubble_ratio']:>6.1%}  "
+        lines.append(f"  {name:<16} {row['iteration_time_s']:>9.2f}s  {row['bubble_ratio']:>6.1%}  "
                      f"{max(row['peak_memory_bytes']) / GIB:>6.1f}GiB  {'' if row['feasible'] else 'OOM':>3}  "
                      f"{speedup:>12}  {row['planning_s']:>7.2f}s")
     return lines

@@ -18,14 +18,23 @@ from ..contract.ir import Plan, validate_plan
 from ..contract.shapes import ChunkShape
 from ..contract.units import format_bytes
 from ..sim.simulator import SimResult, simulate
+from .baselines import (
+    SEQ1F1B_SLICE_COUNTS,
+    UNIFORM_SLICE_COUNTS,
+    gpipe_schedule,
+    gpipe_uniform,
+    one_f_one_b_uniform,
+)
 from .grouping import CHECKPOINTING, PipelineCoster, group_pipelines
 from .ilp import InfeasibleMemoryError, SolverCache, solve_checkpointing
+from .packing import balanced_chunks, fixed_size_chunks, pack_whole
 from .processor import process_sequences
 from .request import PlanRequest
 from .schedule import epp_schedule
 
 PLANNER_NAMES = {"ilp": "epp", "none": "epp-no-ckpt", "full": "epp-full-ckpt"}
 MIN_SLICE_TOKENS = 1024  # below this, slices waste the GPU; the search stops there
+UNIFORM_MARGIN = 0.02  # a baseline chunking this close to the best also runs as the baseline would
 SCREEN_CUTS = 3  # cut points a screened K may group at; enough to split off the longest sequences
 
 
@@ -74,14 +83,40 @@ def slice_count_ladder(lo: int, hi: int) -> list[int]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One way of cutting the batch into chunks that the search plans, checkpoints and simulates.
+
+    ``epp``: Algorithm 1 with ``size`` = K equal-time slices of the longest sequence and chunks
+    of at most ``token_capacity`` tokens; ``fixed``: every sequence cut at ``size`` tokens, short
+    ones packed (the ``seq1f1b`` and ``epp-uniform`` family); ``balanced``: Seq1F1B's own
+    equal-compute partition into ``size`` slices; ``whole``: whole sequences packed into chunks
+    of at most ``size`` tokens (the ``batch-1f1b`` family).
+    """
+
+    family: Literal["epp", "fixed", "balanced", "whole"]
+    size: int
+    token_capacity: int = 0
+
+    @property
+    def label(self) -> str:
+        if self.family == "epp":
+            return f"epp K={self.size} cap={self.token_capacity}"
+        if self.family == "balanced":
+            return f"balanced {self.size} slices"
+        return f"{self.family} {self.size} tokens"
+
+
 @dataclasses.dataclass
 class _Trial:
-    num_slices: int
+    candidate: Candidate
     screened: bool
     plan: Plan | None
     sim: SimResult | None
     error: str = ""
     seconds: float = 0.0
+    memory_error: InfeasibleMemoryError | None = None
+    largest_chunk: int = 0
 
     @property
     def feasible(self) -> bool:
@@ -96,12 +131,20 @@ class _Trial:
         return (1, max(o.over_bytes for o in self.sim.oom))
 
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"num_slices": self.num_slices, "screened": self.screened,
+        c = self.candidate
+        out: dict[str, Any] = {"candidate": c.label, "family": c.family, "size": c.size,
+                               "token_capacity": c.token_capacity, "screened": self.screened,
                                "feasible": self.feasible, "planning_s": round(self.seconds, 4)}
         if self.sim is not None:
             out["iteration_time_s"] = self.sim.iteration_time_s
+            out["bubble_ratio"] = self.sim.bubble_ratio
+            out["recompute_s"] = self.sim.recompute_time_s
             out["num_chunks"] = self.sim.num_chunks
             out["num_pipelines"] = self.sim.num_pipelines
+            if not self.sim.feasible:
+                out["error"] = "; ".join(str(o) for o in self.sim.oom)
+        if self.plan is not None and "checkpointing_kind" in self.plan.metadata:
+            out["checkpointing_kind"] = self.plan.metadata["checkpointing_kind"]
         if self.error:
             out["error"] = self.error
         return out
@@ -110,12 +153,16 @@ class _Trial:
 def plan_epp(request: PlanRequest, checkpointing: Literal["ilp", "none", "full"] = "ilp") -> Plan:
     """Plan one global batch with EPP; ``checkpointing`` selects the ILP or an ablation.
 
-    The K search first screens each candidate as one pipeline (grouping only where one pipeline
-    cannot fit) with a loose ILP gap, optionally runs the full grouping DP on the best
-    ``refine_top`` candidates, and re-solves the winner's checkpointing at ``mip_gap``; every
-    trial is a complete simulated plan and the fastest that fits wins (knobs: `PlannerOptions`).
-    Raises ``ValueError`` when no K fits with checkpointing (naming the closest attempt and why);
-    the ``none`` ablation returns its closest plan flagged ``metadata["feasible"] = False``.
+    The search screens candidate chunkings as one pipeline (grouping only where one pipeline
+    cannot fit) with a loose ILP gap: Algorithm 1 over a ladder of slice counts K, each retried
+    with a smaller token capacity when a stage's window cannot hold its chunks, and (with the
+    ILP) the fixed-granularity chunkings of the baselines, so their plans are in EPP's search
+    space. The best ``refine_top`` candidates then get the full pipeline-grouping DP, and the
+    winner's checkpointing is re-solved at ``mip_gap``; every trial is a complete simulated plan
+    and the fastest that fits wins (knobs: `PlannerOptions`). ``metadata["search"]`` lists every
+    trial, which ``infinipipe plan --explain`` prints. Raises ``ValueError`` when nothing fits
+    with checkpointing (naming the closest attempt and why); the ``none`` ablation returns its
+    closest plan flagged ``metadata["feasible"] = False``.
     """
     if checkpointing not in CHECKPOINTING:
         raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {checkpointing!r}")
@@ -123,21 +170,23 @@ def plan_epp(request: PlanRequest, checkpointing: Literal["ilp", "none", "full"]
     search = _Search(request, checkpointing)
     fixed = request.options.num_slices
     if fixed is not None:
-        best = search.trial(fixed, screen=False)
+        best = search.trial(Candidate("epp", fixed, search.token_capacity), screen=False)
     else:
         best = search.run()
     memory = float(request.memory_budget)
     if best.plan is None or (checkpointing != "none" and not best.feasible):
         reason = best.error or "; ".join(str(o) for o in best.sim.oom)
+        tried = sorted({t.candidate.size for t in search.trials.values() if t.candidate.family == "epp"})
         raise ValueError(
-            f"{PLANNER_NAMES[checkpointing]}: no slice count fits {format_bytes(memory)} per stage "
-            f"(tried K = {sorted({k for k, _ in search.trials})}); best attempt K={best.num_slices}: {reason}")
+            f"{PLANNER_NAMES[checkpointing]}: no candidate fits {format_bytes(memory)} per stage "
+            f"(tried K = {tried} and {len(search.trials)} plans in all); closest: {best.candidate.label}: {reason}")
     validate_plan(best.plan)  # trials skip validation; the plan handed on must pass it
     meta = {
         **best.plan.metadata,
         "feasible": best.feasible,
         "iteration_time_s": best.sim.iteration_time_s,
-        "search": [t.summary() for _, t in sorted(search.trials.items())],
+        "chosen": best.candidate.label,
+        "search": [t.summary() for t in search.trials.values()],
         "planning_time_s": time.perf_counter() - started,
     }
     return dataclasses.replace(best.plan, metadata=meta)
@@ -155,21 +204,43 @@ class _Search:
             self.cost, self.layers, self.memory, self.longest, full_recompute=checkpointing != "none")
         self.screen_gap = max(opts.mip_gap, opts.screen_gap)
         self.cache = SolverCache()
-        self.trials: dict[tuple[int, bool], _Trial] = {}
+        self.trials: dict[tuple[Candidate, bool], _Trial] = {}
 
-    def trial(self, k: int, screen: bool) -> _Trial:
-        if (k, screen) not in self.trials:
+    def trial(self, cand: Candidate, screen: bool, regroup: bool = True) -> _Trial:
+        if (cand, screen) not in self.trials:
             t0 = time.perf_counter()
-            self.trials[(k, screen)] = self._plan_for(k, screen)
-            self.trials[(k, screen)].seconds = time.perf_counter() - t0
-        return self.trials[(k, screen)]
+            self.trials[(cand, screen)] = self._plan_for(cand, screen, regroup)
+            self.trials[(cand, screen)].seconds = time.perf_counter() - t0
+        return self.trials[(cand, screen)]
 
-    def _plan_for(self, k: int, screen: bool) -> _Trial:
+    def _chunks(self, cand: Candidate) -> list:
+        if cand.family == "epp":
+            return process_sequences(self.lengths, self.cost, cand.size, cand.token_capacity)
+        if cand.family == "fixed":
+            return fixed_size_chunks(self.lengths, cand.size)
+        if cand.family == "balanced":
+            return balanced_chunks(self.lengths, self.cost, cand.size)
+        return pack_whole(self.lengths, cand.size)
+
+    def _plan_for(self, cand: Candidate, screen: bool, regroup: bool) -> _Trial:
+        """Plan, checkpoint and simulate one candidate. Screening groups into one pipeline, or
+        (with ``regroup``) two where one cannot fit; a full trial runs the whole grouping DP."""
         cost, layers, memory = self.cost, self.layers, self.memory
         try:
-            chunks = process_sequences(self.lengths, cost, k, self.token_capacity)
+            chunks = self._chunks(cand)
         except ValueError as exc:
-            return _Trial(k, screen, None, None, str(exc))
+            return _Trial(cand, screen, None, None, str(exc))
+        leader = self.leader()
+        if screen and leader is not None:
+            # Recompute only adds time: one pipeline with none at all bounds what this
+            # candidate's screen can reach, so one already slower than the leader skips the ILP.
+            bare = [epp_schedule(chunks, self.lengths, len(layers), layers, validate=False)]
+            if cand.family == "whole":  # the baseline may also run these chunks in GPipe's order
+                bare.append(gpipe_schedule(chunks, self.lengths, layers, {}))
+            bound = min(simulate(p, cost, None, self.request.link).iteration_time_s for p in bare)
+            if bound >= leader.sim.iteration_time_s:
+                return _Trial(cand, screen, None, None, f"pruned: {bound:.2f} s without any recompute is no faster "
+                                                        f"than {leader.candidate.label} ({leader.sim.iteration_time_s:.2f} s)")
         gap = self.screen_gap if screen else self.options.mip_gap
         # Groupings are compared on loose ILP answers; only the chosen plan is solved at ``gap``.
         coster = PipelineCoster(chunks, self.lengths, cost, layers, memory, self.checkpointing,
@@ -177,46 +248,123 @@ class _Search:
         grouping = group_pipelines(coster, max_pipelines=1)
         if not screen:
             grouping = group_pipelines(coster, self.options.max_pipelines, self.options.max_cuts)
-        elif not grouping.feasible:
+        elif regroup and not grouping.feasible:
             grouping = group_pipelines(coster, min(2, self.options.max_pipelines),
                                        min(SCREEN_CUTS, self.options.max_cuts))
-        meta = {"planner": PLANNER_NAMES[self.checkpointing], "memory_budget": memory, "num_slices": k,
-                "token_capacity": self.token_capacity, "grouping_cost_ms": grouping.cost_ms,
+        meta = {"planner": PLANNER_NAMES[self.checkpointing], "memory_budget": memory,
+                "chunking": cand.family, "num_slices": cand.size if cand.family == "epp" else None,
+                "chunk_tokens": cand.size if cand.family != "epp" else None,
+                "token_capacity": cand.token_capacity or None, "grouping_cost_ms": grouping.cost_ms,
                 "grouping_evaluated": grouping.evaluated, "screened": screen}
         full = (lambda s, _c: layers[s]) if self.checkpointing == "full" else None
         plan = epp_schedule(chunks, self.lengths, len(layers), layers, pipelines=grouping.pipelines,
                             recompute=full, metadata=meta, validate=False)
+        trial = _Trial(cand, screen, None, None)
         if self.checkpointing == "ilp":
             try:
                 plan = solve_checkpointing(plan, cost, memory, gap, self.options.time_limit_s, cache=self.cache)
             except InfeasibleMemoryError as exc:
-                return _Trial(k, screen, None, None, str(exc))
-        return _Trial(k, screen, plan, simulate(plan, cost, memory, self.request.link))
+                trial = _Trial(cand, screen, None, None, str(exc), memory_error=exc,
+                               largest_chunk=max(c.tokens for c in chunks))
+        if trial.memory_error is None:
+            trial = _Trial(cand, screen, plan, simulate(plan, cost, memory, self.request.link))
+        leader = self.leader()
+        if (cand.family != "epp" and self.checkpointing == "ilp"
+                and (leader is None or not trial.feasible
+                     or trial.sim.iteration_time_s <= leader.sim.iteration_time_s * (1 + UNIFORM_MARGIN))):
+            trial = self._as_baseline(trial, chunks, meta)
+        return trial
+
+    def _as_baseline(self, trial: _Trial, chunks: list, meta: dict) -> _Trial:
+        """A baseline's chunking also as the baseline itself runs it (uniform recompute; GPipe's
+        order for whole sequences): on the simulator the ILP's answer usually wins, but keeping
+        the better of the two makes EPP never slower than that baseline. Only chunkings whose
+        ILP plan comes within UNIFORM_MARGIN of the leader (or does not fit) try it: the ILP's
+        answer is rarely beaten at all, and never by that much."""
+        meta = {**meta, "checkpointing_kind": "uniform"}
+        builders = [one_f_one_b_uniform] + ([gpipe_uniform] if trial.candidate.family == "whole" else [])
+        for build in builders:
+            plan, sim = build(self.request, chunks, meta, validate=False)
+            if sim.feasible and (not trial.feasible or sim.iteration_time_s < trial.sim.iteration_time_s):
+                trial = _Trial(trial.candidate, trial.screened, plan, sim)
+        return trial
+
+    def _epp_trial(self, k: int, retry: bool) -> _Trial:
+        """Algorithm 1 at K slices. With ``retry``, where a stage's window cannot hold the chunks
+        even with full recompute, the token capacity halves below the largest chunk (twice at
+        most, never below twice MIN_SLICE_TOKENS), so both packed chunks and slices shrink: the
+        token threshold a window can hold is searched jointly with K. A retry screens one pipeline
+        only: smaller chunks, not more pipelines, are what it tries."""
+        cap = self.token_capacity
+        trial = self.trial(Candidate("epp", k, cap), True)
+        for _ in range(2 if retry and self.checkpointing != "none" else 0):
+            if trial.memory_error is None or trial.largest_chunk // 2 < 2 * MIN_SLICE_TOKENS:
+                break
+            cap = trial.largest_chunk // 2
+            trial = self.trial(Candidate("epp", k, cap), True, regroup=False)
+        return trial
+
+    def leader(self) -> _Trial | None:
+        """The fastest fitting trial so far."""
+        fits = [t for t in self.trials.values() if t.feasible]
+        return min(fits, key=lambda t: t.score()) if fits else None
+
+    def _baseline_ladders(self) -> list[list[Candidate]]:
+        """Every baseline's chunkings, screened with the ILP's checkpointing so their plans lie in
+        EPP's search space: Seq1F1B's equal-compute slice counts, from the fewest up; whole
+        sequences packed; fixed token sizes (Seq1F1B's powers of two and epp-uniform's
+        ``longest / K``), from the largest down."""
+        top = max(math.ceil(math.log2(self.longest)), 11)
+        powers = {min(2**k, self.longest) for k in range(11, top + 1)}
+        uniform = {-(-self.longest // k) for k in UNIFORM_SLICE_COUNTS if k <= self.longest}
+        return [
+            [Candidate("balanced", n) for n in SEQ1F1B_SLICE_COUNTS if n == 2 or self.longest // n >= 1024],
+            [Candidate("whole", self.longest)],
+            [Candidate("fixed", n) for n in sorted((powers | uniform) - {self.longest}, reverse=True)],
+        ]
+
+    def _screen_ladders(self, ladders: list[list[Candidate]]) -> None:
+        """A ladder stops at its first step that does not gain (its plans' times are close to
+        unimodal in the size), or where `_plan_for`'s bound prunes."""
+        for ladder in ladders:
+            previous = math.inf
+            for cand in ladder:
+                trial = self.trial(cand, True)
+                if trial.feasible:
+                    if trial.sim.iteration_time_s >= previous:
+                        break
+                    previous = trial.sim.iteration_time_s
+                elif previous < math.inf:
+                    break
 
     def run(self) -> _Trial:
-        """Screen a ladder of K, bisect towards the best rung, then fully plan the top few."""
+        """Screen the K ladder (bisecting towards the best rung) and the baselines' chunkings,
+        give the top few the full grouping search, then tighten the winner's checkpointing."""
         # Slices under MIN_SLICE_TOKENS waste the device, but one cut is always worth a look:
         # the simulator, not the heuristic, says whether it pays.
         hi = max(1, min(self.options.max_slices, self.longest, max(2, self.longest // MIN_SLICE_TOKENS)))
         lo = min(hi, self.options.min_slices)
-        tried = sorted({k for k in slice_count_ladder(lo, hi)})
-        for k in tried:
-            self.trial(k, True)
+        tried = sorted(set(slice_count_ladder(lo, hi)))
+        families = self._baseline_ladders() if self.checkpointing == "ilp" else []
+        self._screen_ladders(families[:1])  # a strong leader early lets the bound skip more ILPs
+        # Capacity is searched only while memory, not the slice count, ends the ladder early.
+        best: dict[int, _Trial] = {}
+        for i, k in enumerate(tried):  # a wall in the ladder is probed with smaller chunks once
+            best[k] = self._epp_trial(k, retry=i > 0 and best[tried[i - 1]].feasible)
         for _ in range(self.options.refine_rounds):
-            best = min(tried, key=lambda k: self.trial(k, True).score())
-            i = tried.index(best)
-            new = {(best + n) // 2 for n in (tried[max(i - 1, 0)], tried[min(i + 1, len(tried) - 1)])} - set(tried)
+            k_best = min(tried, key=lambda k: best[k].score())
+            i = tried.index(k_best)
+            new = {(k_best + n) // 2 for n in (tried[max(i - 1, 0)], tried[min(i + 1, len(tried) - 1)])} - set(tried)
             if not new:
                 break
-            for k in new:
-                self.trial(k, True)
+            best.update({k: self._epp_trial(k, retry=False) for k in new})
             tried = sorted(set(tried) | new)
-        top = sorted(tried, key=lambda k: self.trial(k, True).score())[:self.options.refine_top]
-        for k in top:
-            if self.trial(k, True).plan is not None:
-                self.trial(k, False)
-        best = min(self.trials.values(), key=lambda t: t.score())
-        return self.tighten(best)
+        self._screen_ladders(families[1:])
+        screened = sorted((t for (_, screen), t in self.trials.items() if screen and t.plan is not None),
+                          key=lambda t: t.score())
+        for t in screened[:self.options.refine_top]:
+            self.trial(t.candidate, False)
+        return self.tighten(min(self.trials.values(), key=lambda t: t.score()))
 
     def tighten(self, trial: _Trial) -> _Trial:
         """Re-solve a screened winner's checkpointing at ``mip_gap``; keep it if it simulates faster."""
@@ -225,6 +373,6 @@ class _Search:
         plan = solve_checkpointing(trial.plan, self.cost, self.memory, self.options.mip_gap,
                                    self.options.time_limit_s, cache=self.cache)
         plan = dataclasses.replace(plan, metadata={**plan.metadata, "screened": False})
-        tight = _Trial(trial.num_slices, False, plan, simulate(plan, self.cost, self.memory, self.request.link))
-        self.trials.setdefault((trial.num_slices, False), tight)
+        tight = _Trial(trial.candidate, False, plan, simulate(plan, self.cost, self.memory, self.request.link))
+        self.trials.setdefault((trial.candidate, False), tight)
         return min((tight, trial), key=lambda t: t.score())

@@ -19,6 +19,7 @@ PLANNERS: dict[str, Callable[[PlanRequest], Plan]] = {
     "epp-full-ckpt": partial(plan_epp, checkpointing="full"),
     "epp-uniform": baselines.plan_epp_uniform,
     "seq1f1b": baselines.plan_seq1f1b,
+    "seq1f1b-balanced": baselines.plan_seq1f1b_balanced,
     "batch-1f1b": baselines.plan_batch_1f1b,
     "gpipe": baselines.plan_gpipe,
 }

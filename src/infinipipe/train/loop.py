@@ -149,7 +149,9 @@ def _record(step: int, sp: StepPlans, results: list[dict], tokens: int, step_s: 
         "plan": [
             {"planner": p.metadata.get("planner"), "num_chunks": len(p.chunks), "num_pipelines": len(p.pipelines),
              "sequences": len(p.seq_lengths), "max_len": max(p.seq_lengths),
-             "num_slices": p.metadata.get("num_slices")}
+             "num_slices": p.metadata.get("num_slices"), "chunking": p.metadata.get("chunking"),
+             "split_sequences": len({s.seq_id for c in p.chunks for s in c.segments
+                                     if s.length < p.seq_lengths[s.seq_id]})}
             for p in sp.plans
         ],
     }

@@ -1,0 +1,36 @@
+"""Why a plan: the candidates EPP's search tried, what each reached, and why the winner won."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..contract.ir import Plan
+
+
+def explain_lines(plan: Plan) -> list[str]:
+    """Readable lines from ``plan.metadata["search"]`` (EPP planners record it; others do not)."""
+    meta: dict[str, Any] = plan.metadata
+    trials = meta.get("search")
+    if not trials:
+        return [f"{meta.get('planner', 'this planner')}: no candidate search to explain "
+                "(only the epp planners search; the baselines fix their chunking and recompute)"]
+    chosen = meta.get("chosen")
+    fits = [t for t in trials if t.get("feasible")]
+    best = min((t["iteration_time_s"] for t in fits), default=None)
+    lines = [f"{len(trials)} candidate plans tried ({len(fits)} fit); SIMULATED iteration times",
+             f"  {'candidate':<28} {'pass':<6} {'iteration':>10} {'vs best':>8} {'bubble':>7} "
+             f"{'recompute':>10} {'chunks':>6} {'pipes':>5}  note"]
+    for t in sorted(trials, key=lambda t: (not t.get("feasible"), t.get("iteration_time_s", 0.0))):
+        if t.get("feasible"):
+            line = (f"  {t['candidate']:<28} {'screen' if t['screened'] else 'full':<6} {t['iteration_time_s']:>9.2f}s "
+                    f"{t['iteration_time_s'] / best:>7.3f}x {t['bubble_ratio']:>6.1%} {t['recompute_s']:>9.2f}s "
+                    f"{t['num_chunks']:>6} {t['num_pipelines']:>5}")
+            note = "<- chosen" if t["candidate"] == chosen and not t["screened"] else ""
+            if t.get("checkpointing_kind") == "uniform":
+                note = (note + " uniform recompute").strip()
+        else:
+            line = f"  {t['candidate']:<28} {'screen' if t['screened'] else 'full':<6} {'-':>10}"
+            note = t.get("error", "does not fit")
+        lines.append(f"{line}  {note}")
+    lines.append(f"chosen: {chosen}: the fastest plan that fits the memory budget in simulation"
+                 if chosen else "no candidate fits")
+    return lines
