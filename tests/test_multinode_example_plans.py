@@ -1,0 +1,44 @@
+"""The 4-node example's layout (pp=4 across nodes, Ulysses sp=8 and FSDP inside each) plans a
+batch holding a full 128K-token document within its memory budget; one GPU per stage cannot."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from infinipipe.config import load_config
+from infinipipe.contract.cost import CostModel, load_profile
+from infinipipe.contract.layout import StageLayout
+from infinipipe.contract.model_config import preset
+from infinipipe.data.lengths import sample_lengths
+from infinipipe.planners.registry import make_plan
+from infinipipe.planners.request import PlanRequest
+from infinipipe.runtime.parallel_dims import ParallelDims
+from infinipipe.sim.simulator import simulate
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "llama13b-4node.toml"
+
+
+def _request(layout: StageLayout) -> tuple[PlanRequest, float]:
+    cfg = load_config(EXAMPLE)
+    dims = ParallelDims.from_config(cfg.parallelism, 32)
+    cost = CostModel(load_profile("h100-bf16-llama-13b"), preset("llama-13b"), layout=layout)
+    lengths = [*sample_lengths("github", 63, cfg.training.seq_len, seed=0), cfg.training.seq_len]
+    budget = cfg.epp.memory_budget_bytes
+    return PlanRequest(lengths, cost, dims.pp, budget, options=cfg.epp.planner_options()), budget
+
+
+def test_llama13b_4node_example_plans_within_its_budget():
+    cfg = load_config(EXAMPLE)
+    dims = ParallelDims.from_config(cfg.parallelism, 32)
+    assert dims.keeps_groups_in_nodes(8)
+    request, budget = _request(StageLayout(sp=dims.sp, fsdp=dims.fsdp))
+    plan = make_plan(cfg.epp.planner, request)
+    result = simulate(plan, request.cost, budget)
+    assert result.feasible and max(result.peak_memory_bytes) <= budget
+
+
+def test_llama13b_4node_example_does_not_fit_on_one_gpu_per_stage():
+    request, _ = _request(StageLayout())
+    with pytest.raises(ValueError, match="GiB"):
+        make_plan("epp", request)
