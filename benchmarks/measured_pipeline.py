@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from infinipipe.contract.cost import CostModel, LinkModel, default_profile, default_profile_name
+from infinipipe.contract.cost import CostModel, default_profile, default_profile_name
+from infinipipe.contract.layout import LinkModel
 from infinipipe.contract.model_config import preset
 from infinipipe.contract.shapes import ChunkShape
 from infinipipe.model.layers import ChunkMeta

@@ -26,7 +26,7 @@ def test_example_default_file_equals_builtin_defaults():
 
 def test_multinode_example_is_valid():
     cfg = load_config(EXAMPLES / "llama13b-4node.toml")
-    assert ParallelDims.from_config(cfg.parallelism, 32) == ParallelDims(pp=4, dp_replicate=1, dp_shard=8)
+    assert ParallelDims.from_config(cfg.parallelism, 32) == ParallelDims(pp=4, dp_replicate=1, dp_shard=1, sp=8)
     assert cfg.training.mixed_precision == "bf16" and cfg.epp.memory_budget_bytes == 76 * 2**30
 
 

@@ -22,8 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..contract.cost import LinkModel
     from ..contract.ir import Plan, validate_plan
+    from ..contract.layout import LinkModel
     from ..contract.units import GIB, parse_bytes
     from ..sim.simulator import simulate
     from .plan import build_cost

@@ -172,21 +172,29 @@ class LRSchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelismConfig:
-    """Pipeline and data parallel degrees; ``data_parallel_shard_degree = -1`` takes the ranks left.
+    """Parallel degrees; their product is the world size.
 
-    Sequence/context and tensor parallelism are recognised keys so a torchtitan file reads, but
-    only degree 1 runs today.
+    ``pipeline_parallel_degree`` stages (across nodes); inside a stage,
+    ``sequence_parallel_degree`` ranks run Ulysses sequence parallelism (a chunk's tokens spread
+    over them, all-to-all around attention) and ``data_parallel_shard_degree`` ranks shard the
+    stage FSDP-style (torchtitan's meaning; ``-1`` takes the ranks left);
+    ``data_parallel_replicate_degree`` ranks hold full replicas. Planning and simulation accept
+    every degree; the runtime refuses sequence parallelism and sharding above 1 until it runs
+    them. Ring-attention context parallelism and tensor parallelism are recognised keys so a
+    torchtitan file reads, but only degree 1 is accepted.
     """
 
     pipeline_parallel_degree: int = 4
     data_parallel_shard_degree: int = 1
     data_parallel_replicate_degree: int = 1
+    sequence_parallel_degree: int = 1
     context_parallel_degree: int = 1
     tensor_parallel_degree: int = 1
 
     def __post_init__(self) -> None:
         _at_least("parallelism.pipeline_parallel_degree", self.pipeline_parallel_degree, 1)
         _at_least("parallelism.data_parallel_replicate_degree", self.data_parallel_replicate_degree, 1)
+        _at_least("parallelism.sequence_parallel_degree", self.sequence_parallel_degree, 1)
         if self.data_parallel_shard_degree == 0 or self.data_parallel_shard_degree < -1:
             raise ValueError("parallelism.data_parallel_shard_degree must be >= 1 or -1 (all remaining ranks), "
                              f"got {self.data_parallel_shard_degree}")
@@ -194,7 +202,9 @@ class ParallelismConfig:
             value = getattr(self, key)
             _at_least(f"parallelism.{key}", value, 1)
             if value > 1:
-                raise ValueError(f"parallelism.{key} = {value}: not supported yet (only 1)")
+                hint = " (Ulysses sequence parallelism is parallelism.sequence_parallel_degree)" \
+                    if key == "context_parallel_degree" else ""
+                raise ValueError(f"parallelism.{key} = {value}: not supported yet (only 1){hint}")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ checkpointing ILP.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .ir import check_format_version
+from .layout import StageLayout
 from .model_config import ModelConfig, preset
 from .shapes import FEATURES, ChunkShape
 
@@ -134,23 +136,6 @@ class OptimizerStates:
         return self.param_bytes + self.grad_bytes + self.state_bytes
 
 
-@dataclass(frozen=True)
-class LinkModel:
-    """Point-to-point link between neighbouring stages (default: one 200 Gb/s InfiniBand port)."""
-
-    latency_s: float = 10e-6
-    bandwidth_Bps: float = 25e9
-
-    def __post_init__(self) -> None:
-        if self.latency_s < 0:
-            raise ValueError(f"link latency_s must be >= 0, got {self.latency_s}")
-        if self.bandwidth_Bps <= 0:
-            raise ValueError(f"link bandwidth_Bps must be > 0, got {self.bandwidth_Bps}")
-
-    def transfer_s(self, nbytes: float) -> float:
-        return self.latency_s + nbytes / self.bandwidth_Bps
-
-
 MIXED_PRECISION_ADAM = OptimizerStates(param_bytes=2, grad_bytes=2, state_bytes=12)
 
 
@@ -160,11 +145,18 @@ class CostModel:
 
     ``model`` may differ from the profile's only in its number of layers (layers are identical,
     so a profile of a few layers serves the whole model); any other difference is refused.
+    ``layout`` says how many ranks run the stage: with Ulysses SP of degree ``sp`` each rank
+    computes ``1/sp`` of the tokens' projections and MLP and ``ceil(heads/sp)`` heads of
+    attention (the slowest rank sets the pace), pays the fixed per-chunk overhead whole, keeps
+    ``1/sp`` of the activations, and adds four all-to-alls per layer in forward (Q, K, V, output)
+    and four in backward (their gradients). FSDP costs and memory follow `StageLayout`. With the
+    default layout (one rank per stage) every figure is the profile's own.
     """
 
     profile: Profile
     model: ModelConfig
     optimizer: OptimizerStates = OptimizerStates()
+    layout: StageLayout = StageLayout()
 
     def __post_init__(self) -> None:
         if self.model.with_layers(1) != self.profile.model.with_layers(1):
@@ -172,6 +164,16 @@ class CostModel:
                 f"profile was made for model shape {self.profile.model.to_json()}, "
                 f"not {self.model.to_json()}"
             )
+        sp = self.layout.sp
+        heads = math.ceil(self.model.heads / sp) / self.model.heads
+        scale = {"attn": heads, "mask_area": heads, "kv": heads, "tokens": 1 / sp, "chunk": 1.0}
+        for name in ("layer_fwd", "layer_bwd", "layer_act_bytes", "head_fwd", "head_bwd", "embed_fwd", "embed_bwd"):
+            term = getattr(self.profile, name)
+            object.__setattr__(self, f"_{name}", LinearTerm({k: v * scale[k] for k, v in term.coef.items()}))
+        object.__setattr__(self, "_kv_share", math.ceil(self.model.kv_heads / sp) / self.model.kv_heads)
+        # Bytes one rank sends through the four all-to-alls of a layer, per token of the chunk.
+        object.__setattr__(self, "_a2a_bytes_per_token",
+                           (2 * self.model.hidden + 2 * self.model.kv_dim) * self.dtype_bytes / sp)
 
     @property
     def dtype_bytes(self) -> int:
@@ -180,18 +182,57 @@ class CostModel:
     def _stage(self, layer: float, embed: float, head: float, n_layers: int, first: bool, last: bool) -> float:
         return n_layers * layer + (embed if first else 0.0) + (head if last else 0.0)
 
+    def all_to_all_ms(self, shape: ChunkShape) -> float:
+        """One layer's four Ulysses all-to-alls (forward; backward moves the same bytes)."""
+        if self.layout.sp == 1:
+            return 0.0
+        return self.layout.all_to_all_s(shape.tokens * self._a2a_bytes_per_token, 4) * 1e3
+
+    def _stage_params(self, n_layers: int, first: bool, last: bool) -> int:
+        params = n_layers * self.model.layer_params()
+        if first:
+            params += self.model.embedding_params()
+        if last:
+            params += self.model.head_params()
+        return params
+
+    def _per_chunk_fsdp_ms(self, n_layers: int, first: bool, last: bool, backward: bool) -> float:
+        """ZeRO-3 traffic of one chunk on a stage: gather the weights (and in backward
+        reduce-scatter the gradients); 0 unless the layout reshards per chunk."""
+        if not self.layout.reshard_per_chunk:
+            return 0.0
+        params = self._stage_params(n_layers, first, last)
+        ms = self.layout.fsdp_s(params * self.optimizer.param_bytes) * 1e3
+        return ms + self.layout.fsdp_s(params * self.optimizer.grad_bytes) * 1e3 if backward else ms
+
     def forward_ms(self, shape: ChunkShape, n_layers: int, first: bool = False, last: bool = False) -> float:
-        p = self.profile
-        return self._stage(p.layer_fwd(shape), p.embed_fwd(shape), p.head_fwd(shape), n_layers, first, last)
+        compute = self._stage(self._layer_fwd(shape) + self.all_to_all_ms(shape), self._embed_fwd(shape),
+                              self._head_fwd(shape), n_layers, first, last)
+        return max(compute, self._per_chunk_fsdp_ms(n_layers, first, last, backward=False))
 
     def backward_ms(self, shape: ChunkShape, n_layers: int, first: bool = False, last: bool = False) -> float:
         """Backward alone, without recompute."""
-        p = self.profile
-        return self._stage(p.layer_bwd(shape), p.embed_bwd(shape), p.head_bwd(shape), n_layers, first, last)
+        compute = self._stage(self._layer_bwd(shape) + self.all_to_all_ms(shape), self._embed_bwd(shape),
+                              self._head_bwd(shape), n_layers, first, last)
+        return max(compute, self._per_chunk_fsdp_ms(n_layers, first, last, backward=True))
 
     def recompute_ms(self, shape: ChunkShape, layers: int) -> float:
         """Recomputing ``layers`` checkpointed layers costs their forward once more."""
-        return layers * self.profile.layer_fwd(shape)
+        return layers * (self._layer_fwd(shape) + self.all_to_all_ms(shape))
+
+    def step_fsdp_s(self, n_layers: int, first: bool = False, last: bool = False) -> tuple[float, float]:
+        """Once-per-step FSDP traffic of a stage (seconds): the all-gather before its first
+        forward and the gradient reduce-scatter after its last backward; (0, 0) unless the layout
+        shards and gathers once per step."""
+        if self.layout.reshard_per_chunk or self.layout.fsdp == 1:
+            return 0.0, 0.0
+        params = self._stage_params(n_layers, first, last)
+        return (self.layout.fsdp_s(params * self.optimizer.param_bytes),
+                self.layout.fsdp_s(params * self.optimizer.grad_bytes))
+
+    def boundary_bytes(self, shape: ChunkShape) -> float:
+        """Hidden states one rank sends to the next stage for a chunk (its 1/sp of the tokens)."""
+        return shape.tokens * self.model.hidden * self.dtype_bytes / self.layout.sp
 
     def layer_act_bytes(self, shape: ChunkShape) -> float:
         """Bytes one fully stored layer keeps for backward.
@@ -199,17 +240,18 @@ class CostModel:
         The profile's ``kv`` term is the K/V rows attention keeps; a split sequence's rows are its
         store's (`kv_bytes`), charged once per sequence rather than per layer and slice.
         """
-        term = self.profile.layer_act_bytes
+        term = self._layer_act_bytes
         return term(shape) - term.coef.get("kv", 0.0) * shape.store_rows
 
     def ckpt_layer_bytes(self, shape: ChunkShape) -> float:
         """A checkpointed layer keeps only its input (hidden states)."""
-        return shape.tokens * self.model.hidden * self.dtype_bytes
+        return shape.tokens * self.model.hidden * self.dtype_bytes / self.layout.sp
 
     def kv_bytes(self, shape: ChunkShape, n_layers: int) -> float:
         """The K/V store of a split sequence, whole-sequence sized, held by its first slice from
-        that slice's forward to its backward (kept even on checkpointed layers)."""
-        return 2 * shape.kept * self.model.kv_dim * self.dtype_bytes * n_layers
+        that slice's forward to its backward (kept even on checkpointed layers); under SP each
+        rank keeps the heads it owns."""
+        return 2 * shape.kept * self.model.kv_dim * self.dtype_bytes * n_layers * self._kv_share
 
     def dkv_bytes(self, shape: ChunkShape, n_layers: int) -> float:
         """The store's dK/dV, where later slices' gradients accumulate for earlier slices."""
@@ -224,26 +266,35 @@ class CostModel:
         total = full * self.layer_act_bytes(shape) + recompute * self.ckpt_layer_bytes(shape)
         total += self.kv_bytes(shape, n_layers) + self.dkv_bytes(shape, n_layers)
         if first:
-            total += shape.tokens * 8  # token ids kept by the embedding's backward
+            total += shape.tokens * 8 / self.layout.sp  # token ids kept by the embedding's backward
         if last:
-            total += shape.tokens * self.model.hidden * self.dtype_bytes  # final-norm input
+            total += shape.tokens * self.model.hidden * self.dtype_bytes / self.layout.sp  # final-norm input
         return total
 
     def head_work_bytes(self, shape: ChunkShape) -> float:
         """Transient working memory of the blocked loss on the last stage.
 
         The profile's term is one full token block's logits and gradients; a chunk shorter than a
-        block only ever forms its own tokens' logits.
+        block only ever forms its own tokens' logits (under SP, its rank's share of them).
         """
-        return self.profile.head_work_bytes(shape) * min(1.0, shape.tokens / LOSS_BLOCK_TOKENS)
+        return self.profile.head_work_bytes(shape) * min(1.0, shape.tokens / self.layout.sp / LOSS_BLOCK_TOKENS)
 
     def model_state_bytes(self, n_layers: int, first: bool = False, last: bool = False) -> float:
-        params = n_layers * self.model.layer_params()
-        if first:
-            params += self.model.embedding_params()
-        if last:
-            params += self.model.head_params()
-        return params * self.optimizer.per_param
+        """Parameters, gradients and optimizer state of a stage on one rank.
+
+        Sharded over ``fsdp`` ranks once per step: gathered weights and accumulated gradients are
+        whole, the optimizer state and a master copy of the weights are sharded. Per chunk (ZeRO-3,
+        the paper's Eqs. 5-10): everything is sharded, plus two gathered layers (the one computing
+        and the one prefetched) and one layer's whole gradients.
+        """
+        params = self._stage_params(n_layers, first, last)
+        opt, d = self.optimizer, self.layout.fsdp
+        if d == 1:
+            return params * opt.per_param
+        if not self.layout.reshard_per_chunk:
+            return params * (opt.param_bytes + opt.grad_bytes) + params * (opt.param_bytes + opt.state_bytes) / d
+        layer = self.model.layer_params()
+        return params * opt.per_param / d + layer * (2 * opt.param_bytes + opt.grad_bytes)
 
     def check_range(self, shape: ChunkShape) -> None:
         """Warn when a chunk lies far outside the shapes the profile was fitted on."""

@@ -1,7 +1,9 @@
 """Planner registry: every planner maps the same `PlanRequest` to a `Plan`.
 
 EPP and the baselines share the request, the schedule checker and the simulator, so any
-difference between them comes from chunking, ordering and checkpointing alone.
+difference between them comes from chunking, ordering and checkpointing alone. The
+sequence-parallel baselines (no pipeline) are `SP_PLANNERS`: they take the whole cluster's GPU
+count and return an `SPPlan` of SP groups, each a one-stage Plan on the same simulator.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from collections.abc import Callable
 from functools import partial
 
 from ..contract.ir import Plan
-from . import baselines
+from . import baselines, sp_baselines
 from .epp import plan_epp
 from .request import PlanRequest
 
@@ -22,6 +24,11 @@ PLANNERS: dict[str, Callable[[PlanRequest], Plan]] = {
     "seq1f1b-balanced": baselines.plan_seq1f1b_balanced,
     "batch-1f1b": baselines.plan_batch_1f1b,
     "gpipe": baselines.plan_gpipe,
+}
+
+SP_PLANNERS: dict[str, Callable[..., sp_baselines.SPPlan]] = {
+    "ulysses": sp_baselines.plan_ulysses,
+    "flexsp": sp_baselines.plan_flexsp,
 }
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..contract.cost import CostModel, LinkModel
+from ..contract.cost import CostModel
+from ..contract.layout import LinkModel
 from .options import PlannerOptions
 from .stage_layers import balance_layers
 

@@ -5,7 +5,9 @@ has arrived (a forward needs the previous stage's forward of the chunk, a backwa
 stage's backward), transfers paying the link's latency plus bytes over bandwidth. Memory of a
 stage is its model states plus the activations of every chunk from the end of its forward to
 the end of its backward, plus the loss's transient working memory on the last stage while it
-runs a chunk.
+runs a chunk. A stage whose parameters are sharded and gathered once per step (see
+`StageLayout`) starts with that all-gather and ends with the gradients' reduce-scatter; every
+other intra-stage cost (Ulysses all-to-alls, per-chunk FSDP) is inside an action's duration.
 """
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from ..contract.cost import CostModel, LinkModel
+from ..contract.cost import CostModel
 from ..contract.ir import Plan, play_order, upstream_stage
+from ..contract.layout import LinkModel
 from ..contract.shapes import ChunkShape
 from ..contract.units import format_bytes
 
@@ -115,7 +118,8 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
     stages = plan.num_stages
     last = stages - 1
     shapes = [ChunkShape.of(c, plan.seq_lengths) for c in plan.chunks]
-    wire = [link.transfer_s(sh.tokens * cost.model.hidden * cost.dtype_bytes) for sh in shapes]
+    wire = [link.transfer_s(cost.boundary_bytes(sh)) for sh in shapes]
+    fsdp = [cost.step_fsdp_s(plan.layers_per_stage[s], s == 0, s == last) for s in range(stages)]
 
     @functools.cache  # stages with the same role and layer count cost a chunk alike
     def duration(n: int, first: bool, is_last: bool, kind: str, cid: int, rec: int) -> tuple[float, float]:
@@ -125,7 +129,7 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
         return r + cost.backward_ms(shapes[cid], n, first, is_last) / 1e3, r
 
     end: dict[tuple[str, int, int], float] = {}
-    free = [0.0] * stages
+    free = [gather for gather, _ in fsdp]
     intervals: list[Interval] = []
     for s, a in play_order(plan):
         src = upstream_stage(a.kind, s, stages)
@@ -172,7 +176,7 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
 
     return SimResult(
         planner=str(plan.metadata.get("planner", "")),
-        iteration_time_s=max(free),
+        iteration_time_s=max(f + reduce for f, (_, reduce) in zip(free, fsdp)),
         busy_s=tuple(sum(i.end_s - i.start_s for i in intervals if i.stage == s) for s in range(stages)),
         recompute_s=tuple(sum(i.recompute_s for i in intervals if i.stage == s) for s in range(stages)),
         peak_memory_bytes=tuple(peaks),

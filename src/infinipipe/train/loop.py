@@ -84,7 +84,9 @@ def run_training(cfg: Config, run_dir: str | Path, *, progress: bool = True,
         if (refusal := _own_run_dir(cfg, run_dir, held)) is not None:
             raise RunDirBusy(refusal)
         dataset = _dataset(cfg)
-        world = ParallelDims.from_config(cfg.parallelism).world_size
+        dims = ParallelDims.from_config(cfg.parallelism)
+        dims.require_runtime_support()
+        world = dims.world_size
         threads = max(1, (os.cpu_count() or 1) // world)
         results = launch_local(_rank_main, world, args=(cfg, str(run_dir), dataset, "cpu", progress),
                                threads=threads, collective_timeout_s=cfg.comm.train_timeout_seconds,
@@ -198,6 +200,7 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
            stop: StopRequest) -> TrainResult | None:
     rank, world = dist.get_rank(), dist.get_world_size()
     dims = ParallelDims.from_config(cfg.parallelism, world)
+    dims.require_runtime_support()
     pp = dims.pp
     mesh = dims.build_mesh(torch.device(device).type)
     model_cfg = cfg.model_config()
