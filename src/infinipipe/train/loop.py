@@ -38,6 +38,7 @@ from .optim import build_optimizer
 from .planning import StepPlanner, StepPlans, profile_for
 from .prefetch import PlanPrefetcher
 from .run_lock import RunDirBusy, run_dir_lock
+from .validate import JobShape, check_config, check_first_step
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ def run_training(cfg: Config, run_dir: str | Path, *, progress: bool = True,
 
     Returns rank 0's result; under torchrun the other ranks get ``None`` (they print nothing).
     """
+    shape = check_config(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if under_torchrun():
@@ -75,13 +77,13 @@ def run_training(cfg: Config, run_dir: str | Path, *, progress: bool = True,
                 dist.broadcast_object_list(refusal, src=0)
                 if refusal[0] is not None:
                     raise RunDirBusy(refusal[0])
-                return _rank_main(cfg, str(run_dir), _dataset(cfg), device, progress)
+                return _rank_main(cfg, str(run_dir), _dataset(cfg, shape), device, progress)
         finally:
             dist.destroy_process_group()
     with contextlib.ExitStack() as held:
         if (refusal := _own_run_dir(cfg, run_dir, held)) is not None:
             raise RunDirBusy(refusal)
-        dataset = _dataset(cfg)
+        dataset = _dataset(cfg, shape)
         world = ParallelDims.from_config(cfg.parallelism).world_size
         threads = max(1, (os.cpu_count() or 1) // world)
         results = launch_local(_rank_main, world, args=(cfg, str(run_dir), dataset, "cpu", progress),
@@ -100,10 +102,11 @@ def _own_run_dir(cfg: Config, run_dir: Path, held: contextlib.ExitStack) -> str 
     return None
 
 
-def _dataset(cfg: Config) -> TokenDataset:
-    """The corpus, checked here to hold at least one global batch (before any rank starts)."""
+def _dataset(cfg: Config, shape: JobShape) -> TokenDataset:
+    """The corpus, checked here to hold at least one global batch and to let the first step be
+    planned (before any rank starts)."""
     dataset, _ = build_dataset(cfg)
-    build_sampler(cfg, dataset)
+    check_first_step(cfg, dataset, shape)
     return dataset
 
 
