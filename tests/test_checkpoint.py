@@ -180,7 +180,7 @@ def test_load_step_of_a_missing_or_damaged_checkpoint_is_an_error_naming_it(tmp_
 
 @pytest.mark.parametrize("overrides, message", [
     (["--checkpoint.enable=true", "--checkpoint.load_step=0"], "checkpoint.load_step"),
-    (["--checkpoint.load_step=3"], "checkpoint.load_step needs checkpoint.enable = true"),
+    (["--checkpoint.enable=false", "--checkpoint.load_step=3"], "checkpoint.load_step needs checkpoint.enable = true"),
 ])
 def test_load_step_setting_is_validated(overrides, message):
     from infinipipe.config import load_config

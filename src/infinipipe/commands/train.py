@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     run_dir = Path(args.run_dir or cfg.job.dump_folder)
     try:
-        result = run_training(cfg, run_dir, progress=not args.no_progress)
+        result = run_training(cfg, run_dir, progress=not args.no_progress and sys.stdout.isatty())
     except RankFailed as exc:
         report = run_dir / "failure.txt"
         report.write_text(f"{exc}\n")

@@ -33,6 +33,7 @@ from ..runtime.parallel_dims import ParallelDims, ParallelMesh
 from ..runtime.signals import StopRequest, serve_parent, signal_name
 from ..sim.simulator import simulate
 from .checkpoint import resume_checkpoint, save_checkpoint
+from .console import banner, measured_bubble, resume_line, say, step_line
 from .metrics import MetricsWriter
 from .optim import build_optimizer
 from .planning import StepPlanner, StepPlans, profile_for
@@ -77,7 +78,11 @@ def run_training(cfg: Config, run_dir: str | Path, *, progress: bool = True,
                 dist.broadcast_object_list(refusal, src=0)
                 if refusal[0] is not None:
                     raise RunDirBusy(refusal[0])
-                return _rank_main(cfg, str(run_dir), _dataset(cfg, shape), device, progress)
+                dataset = _dataset(cfg, shape)
+                if dist.get_rank() == 0:
+                    for line in banner(cfg, run_dir, dataset, device, dist.get_world_size(), shape.layers_per_stage):
+                        say(line)
+                return _rank_main(cfg, str(run_dir), dataset, device, progress)
         finally:
             dist.destroy_process_group()
     with contextlib.ExitStack() as held:
@@ -85,6 +90,8 @@ def run_training(cfg: Config, run_dir: str | Path, *, progress: bool = True,
             raise RunDirBusy(refusal)
         dataset = _dataset(cfg, shape)
         world = ParallelDims.from_config(cfg.parallelism).world_size
+        for line in banner(cfg, run_dir, dataset, "cpu (local gloo processes)", world, shape.layers_per_stage):
+            say(line)
         threads = max(1, (os.cpu_count() or 1) // world)
         results = launch_local(_rank_main, world, args=(cfg, str(run_dir), dataset, "cpu", progress),
                                threads=threads, collective_timeout_s=cfg.comm.train_timeout_seconds,
@@ -131,8 +138,6 @@ def _clip(worker: PipelineWorker, mesh: ParallelMesh, max_norm: float) -> float:
 def _record(step: int, sp: StepPlans, results: list[dict], tokens: int, step_s: float, lr: float,
             grad_norm: float, loss: float, predicted: dict) -> dict:
     stages = sorted(results, key=lambda r: (r["dp"], r["stage"]))
-    busy = sum(r["busy_s"] for r in stages)
-    span = sum(r["pipeline_s"] for r in stages)
     return {
         "step": step + 1,
         "loss": loss,
@@ -141,7 +146,7 @@ def _record(step: int, sp: StepPlans, results: list[dict], tokens: int, step_s: 
         "tokens_per_s": tokens / step_s if step_s > 0 else 0.0,
         "lr": lr,
         "grad_norm": grad_norm,
-        "bubble_ratio_measured": 1.0 - busy / span if span > 0 else 0.0,
+        "bubble_ratio_measured": measured_bubble(stages),
         "bubble_ratio_predicted": predicted["bubble_ratio"],
         "iteration_time_predicted_s": predicted["iteration_time_s"],
         "peak_activation_bytes": [r["peak_activation_bytes"] for r in stages],
@@ -215,6 +220,8 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
     start, checkpoint = 0, None
     if cfg.checkpoint.enable:
         start, checkpoint = resume_checkpoint(ckpt_dir, worker.model, optimizer, scheduler, cfg.checkpoint.load_step)
+        if rank == 0 and checkpoint is not None:
+            say(resume_line(start, steps, checkpoint))
     sampler = build_sampler(cfg, dataset)
     memory = cfg.epp.memory_budget_bytes
     planner = StepPlanner(cost, sampler, cfg.epp.planner, pp, mesh.dp, memory, layers, cfg.epp.planner_options())
@@ -278,9 +285,11 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
                     record = _record(step, sp, gathered, gb.num_tokens, step_s, lr, grad_norm, res.loss,
                                      _predict(sp, cost, memory))
                     metrics.write(record)
+                    if bar is None:
+                        say(step_line(record))
                 if bar is not None:
                     bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{gb.num_tokens / step_s:,.0f}",
-                                    bubble=f"{1 - res.busy_s / max(res.pipeline_s, 1e-9):.0%}",
+                                    bubble=f"{measured_bubble(gathered):.0%}",
                                     plan_s=f"{sp.planning_s:.2f}")
                     bar.update(1)
             if cfg.checkpoint.enable and (done % cfg.checkpoint.interval == 0 or done == steps):
