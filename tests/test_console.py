@@ -6,7 +6,7 @@ from pathlib import Path
 from infinipipe.config import load_config
 from infinipipe.train.console import measured_bubble, resume_line, step_line
 
-RECORD = {"step": 5, "loss": 7.12345, "tokens_per_s": 3512.4, "bubble_ratio_measured": 0.1234,
+RECORD = {"step": 5, "loss": 7.12341, "tokens_per_s": 3512.4, "bubble_ratio_measured": 0.1234,
           "bubble_ratio_predicted": 0.101, "step_time_s": 4.66, "planning_s": 0.123, "lr": 3e-3, "grad_norm": 1.25}
 
 
