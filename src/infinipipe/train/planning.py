@@ -35,7 +35,8 @@ class StepPlans:
 def profile_for(cfg: Config, model: ModelConfig) -> Profile:
     """The configured profile (or the committed one of the model's preset), fitted to ``model``.
 
-    Layer terms hold for any model of the same layer shape; the embedding and head terms of a
+    Layer terms hold for any model of the same layer shape (RoPE base and norm epsilon change no
+    cost, see `ModelConfig.cost_shape`); the embedding and head terms of a
     profile are derived from FLOPs and bytes, so a model that differs only in vocabulary (a capped
     tokenizer) gets them recomputed from the profile's own measured throughput.
     """
@@ -46,9 +47,9 @@ def profile_for(cfg: Config, model: ModelConfig) -> Profile:
         if not Path(name).is_file():
             raise
         raise ValueError(f"epp.profile {name!r}: not a readable profile ({type(exc).__name__}: {exc})") from None
-    if profile.model.with_layers(1) == model.with_layers(1):
+    if profile.model.cost_shape() == model.cost_shape():
         return profile
-    if replace(profile.model, vocab_size=model.vocab_size).with_layers(1) != model.with_layers(1):
+    if replace(profile.model, vocab_size=model.vocab_size).cost_shape() != model.cost_shape():
         raise ValueError(
             f"epp.profile {name!r} was measured for layer shape {profile.model.to_json()}, which differs from "
             f"the model's {model.to_json()} in more than the vocabulary; run `infinipipe profile` for this model"
