@@ -133,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     })
     args.out.write_text(plan.dumps() + "\n")
     name = args.hf_path or args.model or (PLAN_MODEL if model is not None else "the profile's model")
-    print(f"{args.planner} for {name} with profile {args.profile}: {len(lengths)} sequences ({sum(lengths)} tokens) -> {len(plan.chunks)} chunks, "
+    print(f"{args.planner} for {name} with profile {args.profile}: {len(lengths)} sequences ({sum(lengths)} tokens) "
+          f"-> {len(plan.chunks)} chunks, "
           f"{len(plan.pipelines)} pipeline(s), layers {list(plan.layers_per_stage)}; wrote {args.out}",
           file=sys.stderr)
     return 0
