@@ -210,10 +210,9 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
     worker = PipelineWorker(model_cfg, layers, mesh, RuntimeSettings(device=device, seed=cfg.training.seed,
                                                                      attention_backend=cfg.model.attention))
     if cfg.model.hf_path:
-        from ..model.hf import load_hf_checkpoint
+        from ..model.hf import read_hf_tensors
 
-        _, full = load_hf_checkpoint(cfg.model.hf_path)
-        worker.model.load_state_dict({k: full[k] for k in worker.model.state_dict()})
+        worker.model.load_state_dict(read_hf_tensors(cfg.model.hf_path, worker.model.state_dict()))
     optimizer, scheduler = build_optimizer(cfg, worker.model.parameters())
     steps = cfg.training.steps
     ckpt_dir = Path(run_dir) / cfg.checkpoint.folder
