@@ -14,7 +14,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 SMALL_RUN = ["--data.max_docs=120", "--training.seq_len=2048", "--training.global_batch_tokens=4096",
-             "--lr_scheduler.warmup_steps=3", "--epp.memory_per_device=96MiB",
+             "--lr_scheduler.warmup_steps=3", "--epp.memory_budget=96MiB",
              "--parallelism.pipeline_parallel_degree=2"]
 
 
