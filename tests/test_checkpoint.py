@@ -180,10 +180,33 @@ def test_load_step_of_a_missing_or_damaged_checkpoint_is_an_error_naming_it(tmp_
 
 @pytest.mark.parametrize("overrides, message", [
     (["--checkpoint.enable=true", "--checkpoint.load_step=0"], "checkpoint.load_step"),
-    (["--checkpoint.load_step=3"], "checkpoint.load_step needs checkpoint.enable = true"),
+    (["--checkpoint.enable=false", "--checkpoint.load_step=3"], "checkpoint.load_step needs checkpoint.enable = true"),
 ])
 def test_load_step_setting_is_validated(overrides, message):
     from infinipipe.config import load_config
 
     with pytest.raises(ValueError, match=message):
         load_config(None, overrides)
+
+
+def test_export_copies_the_runs_tokenizer_and_writes_ordinary_file_modes(tmp_path):
+    import stat
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from infinipipe.train.checkpoint import export_hf
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["def f(x): return x + 1"] * 20, trainers.BpeTrainer(vocab_size=60,
+                                                                               special_tokens=["<unk>", "</s>"]))
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    (tmp_path / "tok" / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
+    model, opt, sched = _setup()
+    save_checkpoint(tmp_path / "ckpt", 1, model, opt, sched)
+    out = export_hf(latest_checkpoint(tmp_path / "ckpt"), CFG, tmp_path / "hf", tmp_path / "tok")
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).to_str() == tok.to_str()
+    assert (out / "tokenizer_config.json").read_text() == '{"eos_token": "</s>"}'
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes

@@ -12,6 +12,8 @@ from infinipipe.model.hf import (
     config_to_hf,
     hf_to_ours,
     load_hf_checkpoint,
+    load_hf_model,
+    load_hf_stage,
     ours_to_hf,
     save_hf_checkpoint,
 )
@@ -140,3 +142,32 @@ def test_missing_tensor_is_named(tmp_path):
     state = {k: v for k, v in model.state_dict().items() if k != "layers.1.wk.weight"}
     with pytest.raises(ValueError, match="layers.1.wk.weight"):
         save_hf_checkpoint(cfg, state, tmp_path)
+
+
+def test_hf_stages_carry_the_folders_weights_and_chain_to_transformers_logits(tmp_path):
+    hf_model = _hf_llama(tmp_path)
+    stages = load_hf_model(tmp_path, (1, 2), dtype=torch.float32, backend="naive")
+    seqs = _sequences(101)
+    meta = ChunkMeta.build([len(s) for s in seqs], [0] * len(seqs))
+    with torch.no_grad():
+        h = stages[0].embed_tokens(torch.cat(seqs))
+        for stage in stages:
+            for layer in stage.ordered_layers():
+                h, _, _ = layer(h, meta)
+        ours = stages[1].head(stages[1].norm(h))
+    torch.testing.assert_close(ours, _hf_logits(hf_model, seqs), atol=2e-5, rtol=1e-4)
+    assert load_hf_stage(tmp_path, (1, 2), 1, dtype=torch.bfloat16).norm.weight.dtype == torch.bfloat16
+
+
+def test_a_stage_reads_only_the_shards_holding_its_own_layers(tmp_path):
+    _hf_llama(tmp_path / "hf")
+    cfg, state = load_hf_checkpoint(tmp_path / "hf")
+    save_hf_checkpoint(cfg, state, tmp_path / "sharded", max_shard_bytes=20_000)
+    weight_map = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())["weight_map"]
+    embed_file = weight_map["model.embed_tokens.weight"]
+    assert all(f != embed_file for n, f in weight_map.items() if ".layers.2." in n or n.startswith("lm_head"))
+    (tmp_path / "sharded" / embed_file).write_bytes(b"not safetensors")
+    last = load_hf_stage(tmp_path / "sharded", (1, 2), 1)
+    torch.testing.assert_close(last.head.weight, state["head.weight"])
+    with pytest.raises(ValueError, match=f"{embed_file}: not a readable safetensors file"):
+        load_hf_stage(tmp_path / "sharded", (1, 2), 0)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -76,3 +77,32 @@ def test_explain_lists_every_candidate_and_names_the_winner(tmp_path, capsys):
     assert f"{len(tried)} candidate plans tried" in text
     assert all(t["candidate"] in text for t in tried)
     assert f"chosen: {plan['metadata']['chosen']}" in text and "<- chosen" in text
+
+
+def test_plan_needs_no_model_and_takes_llama_7b_with_its_committed_profile(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--dist", "github", "--stages", "4", "--batch", "32", "--out", str(out)]) == 0
+    plan = Plan.loads(out.read_text())
+    assert plan.metadata["profile"] == "h100-bf16-llama-7b" and plan.metadata["model"]["hidden"] == 4096
+    assert "epp for llama-7b with profile h100-bf16-llama-7b" in capsys.readouterr().err
+
+
+def test_hf_folder_plans_and_simulates_on_the_profile_of_its_shape_whatever_its_eps_and_rope_base(tmp_path, capsys):
+    from infinipipe.contract.model_config import preset
+    from infinipipe.model.hf import config_to_hf
+
+    folder = tmp_path / "hf-model"
+    folder.mkdir()
+    shape = dataclasses.replace(preset("llama-7b"), norm_eps=1e-6, rope_theta=500000.0)
+    (folder / "config.json").write_text(json.dumps(config_to_hf(shape)))
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--hf-path", str(folder), "--dist", "github", "--stages", "4", "--batch", "32",
+                 "--out", str(out)]) == 0
+    plan = Plan.loads(out.read_text())
+    assert plan.metadata["profile"] == "h100-bf16-llama-7b" and plan.metadata["model"]["norm_eps"] == 1e-6
+    capsys.readouterr()
+    assert main(["simulate", str(out), "--hf-path", str(folder), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["feasible"] is True
+    assert main(["bench", "--hf-path", str(folder), "--stages", "2", "--batch", "16", "--max-len", "16384",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["profile"] == "h100-bf16-llama-7b"

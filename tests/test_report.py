@@ -27,3 +27,17 @@ def test_report_command_draws_a_png(tmp_path, capsys):
 def test_report_of_a_directory_without_metrics_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_report_is_titled_from_the_runs_config_and_draws_predicted_beside_measured(tmp_path, capsys):
+    from infinipipe.config import load_config
+    from infinipipe.train.report import report_title
+
+    (tmp_path / "config.toml").write_text(load_config(None, ["--epp.planner=seq1f1b"]).to_toml())
+    w = MetricsWriter(tmp_path)
+    for step in range(1, 4):
+        w.write({"step": step, "loss": 3.0 / step, "tokens": 500, "step_time_s": 0.25, "bubble_ratio_measured": 0.2,
+                 "bubble_ratio_predicted": 0.25, "iteration_time_predicted_s": 0.2})
+    assert report_title(tmp_path).startswith("'tiny' (4 layers), planner seq1f1b, pp=4, 4GiB per device")
+    assert main(["report", str(tmp_path)]) == 0
+    assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"

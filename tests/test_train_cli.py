@@ -1,6 +1,8 @@
 """`infinipipe train` refuses input it cannot train on before starting any rank."""
 from __future__ import annotations
 
+import pytest
+
 from infinipipe.cli import main
 
 
@@ -10,3 +12,42 @@ def test_corpus_smaller_than_one_global_batch_is_refused_before_any_rank_starts(
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("infinipipe train: error: training.global_batch_tokens (1000000) exceeds the corpus's")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("token-cache")
+
+
+def _refusal(tmp_path, capsys, cache_dir, *overrides: str) -> str:
+    """Run `infinipipe train` expecting a refusal; return its one stderr line after checking no
+    rank ran (a rank would have written metrics or a failure report)."""
+    run_dir = tmp_path / "run"
+    args = ["train", "--no-progress", "--run-dir", str(run_dir), f"--data.cache_dir={cache_dir}",
+            "--data.max_docs=200", *overrides]
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "failure.txt").exists()
+    return lines[0]
+
+
+def test_unknown_planner_is_refused_before_any_rank_starts(tmp_path, capsys, cache_dir):
+    line = _refusal(tmp_path, capsys, cache_dir, "--epp.planner=foo")
+    assert line.startswith("infinipipe train: error: epp.planner 'foo' is not a planner; known: batch-1f1b, epp")
+
+
+def test_more_stages_than_layers_is_refused_before_any_rank_starts(tmp_path, capsys, cache_dir):
+    line = _refusal(tmp_path, capsys, cache_dir, "--parallelism.pipeline_parallel_degree=8")
+    assert "parallelism.pipeline_parallel_degree = 8 exceeds the model's 4 layers" in line
+
+
+def test_memory_budget_below_the_model_is_refused_naming_the_smallest_budget(tmp_path, capsys, cache_dir):
+    line = _refusal(tmp_path, capsys, cache_dir, "--epp.memory_budget=1MiB")
+    assert line.startswith("infinipipe train: error: epp.memory_budget = 1MiB is too small for this model")
+    assert "the smallest budget that fits this stage is" in line and "--epp.memory_budget=5MiB" in line
+
+
+def test_bad_override_is_not_hidden_by_a_later_steps_flag(tmp_path, capsys, cache_dir):
+    line = _refusal(tmp_path, capsys, cache_dir, "--training.steps=abc", "--steps", "2")
+    assert line == "infinipipe train: error: training.steps must be int, got str 'abc'"

@@ -1,35 +1,49 @@
-"""``infinipipe bench``: every planner on one sampled batch, SIMULATED on a committed profile."""
+"""``infinipipe bench``: every planner on one sampled batch, SIMULATED on a committed profile.
+
+Each planner plans the same batch and the simulator costs every plan with the same profile, so
+the table compares planners, not machines; no hardware runs.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 
+from .plan import add_model_options
+
+BENCH_MODEL = "llama-13b"
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="compare EPP with the baselines in simulation on one batch")
-    p.add_argument("--model", default="llama-13b", help="model preset (default llama-13b)")
-    p.add_argument("--profile", help="profile name or file (default: the committed one of --model)")
-    p.add_argument("--stages", type=int, default=8)
-    p.add_argument("--dist", default="github", help="length distribution (github, commoncrawl, python-stdlib)")
-    p.add_argument("--batch", type=int, default=512)
-    p.add_argument("--max-len", type=int, default=98304)
+    from ..data.lengths import DISTRIBUTIONS
+
+    p = sub.add_parser("bench", help="compare EPP with the baselines in simulation on one batch",
+                       description=__doc__)
+    add_model_options(p, f"default {BENCH_MODEL}")
+    p.add_argument("--stages", type=int, default=8, help="pipeline stages (default 8)")
+    p.add_argument("--dist", default="github", choices=DISTRIBUTIONS,
+                   help="length distribution to sample the batch from (default github)")
+    p.add_argument("--batch", type=int, default=512, help="sequences in the batch (default 512)")
+    p.add_argument("--max-len", type=int, default=98304,
+                   help="context length: sampled lengths are truncated to it (default 98304)")
     p.add_argument("--memory-budget", default="80GiB", help="memory budget per device (default 80GiB)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--ablations", action="store_true", help="also run epp-no-ckpt and epp-full-ckpt")
     p.add_argument("--json", action="store_true", help="print every figure as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..contract.cost import CostModel, default_profile_name, load_profile
+    from ..contract.cost import CostModel, load_profile
     from ..contract.model_config import preset
     from ..contract.units import parse_bytes
     from ..data.lengths import sample_lengths
     from ..planners.compare import ABLATIONS, BASELINES, compare_planners, format_rows
+    from .plan import model_from_args, profile_for_model
 
-    name = args.profile or default_profile_name(args.model)
+    model = model_from_args(args) or preset(BENCH_MODEL)
+    name = args.profile or profile_for_model(model)
     profile = load_profile(name)
-    cost = CostModel(profile, preset(args.model))
+    cost = CostModel(profile, model)
     lengths = sample_lengths(args.dist, args.batch, args.max_len, args.seed)
     planners = ["epp", *BASELINES, *(ABLATIONS if args.ablations else ())]
     rows = compare_planners(cost, lengths, args.stages, parse_bytes(args.memory_budget, "--memory-budget"), planners)
@@ -37,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"simulated": True, "profile": name, "rows": rows}, indent=1, default=str))
         return 0
     origin = f"derived from {profile.derived_from}" if profile.derived_from else profile.source.split(";")[0]
-    print(f"SIMULATED (no hardware was run): {args.model} on {args.stages} stages, {args.memory_budget} per device, "
+    shown = args.hf_path or args.model or BENCH_MODEL
+    print(f"SIMULATED (no hardware was run): {shown} on {args.stages} stages, {args.memory_budget} per device, "
           f"{args.batch} {args.dist} sequences up to {args.max_len} tokens ({sum(lengths):,} tokens)")
     print(f"profile {name}: {profile.device}, {profile.dtype}, {origin}")
     print("\n".join(format_rows(rows)))

@@ -26,19 +26,53 @@ def parse_options(words: list[str]) -> PlannerOptions:
     return PlannerOptions.from_mapping(values)
 
 
-def build_cost(profile_ref: str, model_ref: str | dict | None):
-    """A CostModel from a committed profile name or a profile file, for a preset (or the profile's model)."""
+PLAN_MODEL = "llama-7b"
+
+
+def add_model_options(p: argparse.ArgumentParser, model_default: str) -> None:
+    """``--model``, ``--hf-path`` and ``--profile``, as `plan`, `simulate` and `bench` read them."""
+    p.add_argument("--model", metavar="PRESET", help=f"model preset ({model_default})")
+    p.add_argument("--hf-path", metavar="DIR",
+                   help="a Hugging Face model folder: the model's shape from its config.json (instead of --model)")
+    p.add_argument("--profile", metavar="NAME_OR_FILE",
+                   help="committed cost profile name or profile JSON file (default: the committed profile "
+                        "measured for the model's shape)")
+
+
+def model_from_args(args: argparse.Namespace):
+    """The model named by ``--model`` or ``--hf-path`` (``None`` when neither is given)."""
+    from ..contract.model_config import preset
+
+    if args.model and args.hf_path:
+        raise ValueError("give --model or --hf-path, not both")
+    if args.hf_path:
+        from ..model.hf import read_hf_config
+
+        return read_hf_config(args.hf_path)
+    return preset(args.model) if args.model else None
+
+
+def profile_for_model(model) -> str:
+    """The committed profile measured for ``model``'s cost shape (an H100 one first)."""
+    from ..contract.cost import committed_profiles, load_profile
+
+    for name in sorted(committed_profiles(), key=lambda n: not n.startswith("h100")):
+        if load_profile(name).model.cost_shape() == model.cost_shape():
+            return name
+    raise ValueError("no committed profile was measured for this model's shape; pass --profile "
+                     "(`infinipipe profile` measures one)")
+
+
+def build_cost(profile_ref: str, model):
+    """A CostModel from a committed profile name or a profile file, for ``model`` (default: the
+    profile's own model; a dict is a model's JSON, as plans record it)."""
     from ..contract.cost import CostModel, load_profile
-    from ..contract.model_config import ModelConfig, preset
+    from ..contract.model_config import ModelConfig
 
     profile = load_profile(profile_ref)
-    if model_ref is None:
-        model = profile.model
-    elif isinstance(model_ref, dict):
-        model = ModelConfig.from_json(model_ref)
-    else:
-        model = preset(model_ref)
-    return CostModel(profile, model)
+    if isinstance(model, dict):
+        model = ModelConfig.from_json(model)
+    return CostModel(profile, model or profile.model)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,14 +84,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--lengths", type=Path, help="file of sequence lengths, one integer per line")
     src.add_argument("--dist", choices=DISTRIBUTIONS, help="sample lengths from a named distribution")
-    p.add_argument("--batch", type=int, default=128, help="sequences to sample with --dist (default 128)")
-    p.add_argument("--max-len", type=int, default=65536,
-                   help="context length: sampled lengths are truncated to it (default 65536)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", help="model preset (default: the profile's model)")
-    p.add_argument("--profile", help="committed profile name or profile JSON file "
-                                     "(default: the committed profile of --model)")
-    p.add_argument("--stages", type=int, required=True, help="pipeline stages")
+    p.add_argument("--batch", type=int, default=512, help="sequences to sample with --dist (default 512)")
+    p.add_argument("--max-len", type=int, default=98304,
+                   help="context length: sampled lengths are truncated to it (default 98304)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    add_model_options(p, f"default {PLAN_MODEL}, or the profile's model when --profile is given")
+    p.add_argument("--stages", type=int, default=8, help="pipeline stages (default 8)")
     p.add_argument("--memory-budget", default="80GiB", help="memory budget per device (default 80GiB)")
     p.add_argument("--layers", help="layers per stage, comma separated (default: balanced by cost)")
     p.add_argument("--planner", default="epp", choices=sorted(PLANNERS))
@@ -80,13 +112,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         lengths = sample_lengths(args.dist, args.batch, args.max_len, args.seed)
         source = f"{args.dist} (batch {args.batch}, max length {args.max_len}, seed {args.seed})"
+    model = model_from_args(args)
     if args.profile is None:
-        if args.model is None:
-            raise ValueError("give --model PRESET or --profile NAME_OR_FILE")
-        from ..contract.cost import default_profile_name
+        if model is None:
+            from ..contract.model_config import preset
 
-        args.profile = default_profile_name(args.model)
-    cost = build_cost(args.profile, args.model)
+            model = preset(PLAN_MODEL)
+        args.profile = profile_for_model(model)
+    cost = build_cost(args.profile, model)
     layers = None
     if args.layers:
         try:
@@ -105,7 +138,9 @@ def run(args: argparse.Namespace) -> int:
         from ..planners.explain import explain_lines
 
         print("\n".join(explain_lines(plan)))
-    print(f"{args.planner}: {len(lengths)} sequences ({sum(lengths)} tokens) -> {len(plan.chunks)} chunks, "
+    name = args.hf_path or args.model or (PLAN_MODEL if model is not None else "the profile's model")
+    print(f"{args.planner} for {name} with profile {args.profile}: {len(lengths)} sequences ({sum(lengths)} tokens) "
+          f"-> {len(plan.chunks)} chunks, "
           f"{len(plan.pipelines)} pipeline(s), layers {list(plan.layers_per_stage)}; wrote {args.out}",
           file=sys.stderr)
     return 0

@@ -5,13 +5,14 @@ import argparse
 import json
 from pathlib import Path
 
+from .plan import add_model_options
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="simulate a plan: iteration time, bubbles, peak memory",
                        description=__doc__)
     p.add_argument("plan", type=Path, help="plan JSON written by `infinipipe plan`")
-    p.add_argument("--profile", help="profile name or file (default: the one the plan was made with)")
-    p.add_argument("--model", help="model preset (default: the model the plan was made for)")
+    add_model_options(p, "default: the model the plan was made for")
     p.add_argument("--memory-budget", help="memory budget per device, e.g. 80GiB (default: the plan's)")
     p.add_argument("--latency-us", type=float, default=10.0, help="P2P latency in microseconds (default 10)")
     p.add_argument("--bandwidth-gbps", type=float, default=200.0,
@@ -26,14 +27,14 @@ def run(args: argparse.Namespace) -> int:
     from ..contract.layout import LinkModel
     from ..contract.units import GIB, parse_bytes
     from ..sim.simulator import simulate
-    from .plan import build_cost
+    from .plan import build_cost, model_from_args
 
     plan = Plan.loads(args.plan.read_text())
     validate_plan(plan)
     profile = args.profile or plan.metadata.get("profile")
     if profile is None:
         raise ValueError("the plan does not name its profile; pass --profile")
-    cost = build_cost(profile, args.model or plan.metadata.get("model"))
+    cost = build_cost(profile, model_from_args(args) or plan.metadata.get("model"))
     memory = (parse_bytes(args.memory_budget, "--memory-budget") if args.memory_budget
               else plan.metadata.get("memory_budget"))
     link = LinkModel(latency_s=args.latency_us * 1e-6, bandwidth_Bps=args.bandwidth_gbps * 1e9 / 8)

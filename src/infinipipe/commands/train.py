@@ -14,12 +14,18 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train a model with elastic pipeline parallelism",
-        description="Train with EPP. Any config key can be overridden: --training.steps=50 --epp.planner=seq1f1b",
+        description="Train with EPP. Any config key can be overridden: --training.steps=50 --epp.planner=seq1f1b. "
+                    "The whole configuration is checked before any process starts. Checkpoints are written every "
+                    "checkpoint.interval steps (on by default) into RUN_DIR/checkpoint; running the same command "
+                    "again resumes from the newest intact one and says so (--checkpoint.load_step=N picks one, "
+                    "--checkpoint.enable=false turns checkpointing off). With a terminal a progress bar shows the "
+                    "run; without one (a log file) every metrics.log_freq-th step is one line.",
     )
     p.add_argument("--config", help="TOML config file (default: the embedded default run)")
     p.add_argument("--steps", type=int, help="shorthand for --training.steps")
     p.add_argument("--run-dir", help="where metrics, the config and checkpoints go (default: job.dump_folder)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and CI)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="one line per logged step instead of a progress bar (the default without a terminal)")
     p.set_defaults(func=run, accepts_overrides=True)
 
 
@@ -35,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     run_dir = Path(args.run_dir or cfg.job.dump_folder)
     try:
-        result = run_training(cfg, run_dir, progress=not args.no_progress)
+        result = run_training(cfg, run_dir, progress=not args.no_progress and sys.stdout.isatty())
     except RankFailed as exc:
         report = run_dir / "failure.txt"
         report.write_text(f"{exc}\n")

@@ -11,7 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from ..contract.typed_fields import allowed_types, build_typed, field_hints, unknown_name
+from ..contract.typed_fields import allowed_types, build_typed, coerce, field_hints, unknown_name
 from .schema import Config
 
 
@@ -52,6 +52,7 @@ def _override(raw: dict[str, Any], item: str) -> None:
             parsed = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
             parsed = value
+    coerce(f"{section}.{key}", parsed, hints[key])  # now, so a later override cannot hide a bad one
     raw.setdefault(section, {})[key] = parsed
 
 

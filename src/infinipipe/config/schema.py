@@ -211,10 +211,12 @@ class ParallelismConfig:
 class CheckpointConfig:
     """``folder`` is relative to ``job.dump_folder``; ``keep_latest_k = 0`` keeps every checkpoint.
 
-    ``load_step = -1`` resumes from the newest intact checkpoint; ``N`` resumes from ``step-N``.
+    On by default, so a job that is stopped or fails loses at most ``interval`` steps: rerunning
+    the same command resumes. ``load_step = -1`` resumes from the newest intact checkpoint; ``N``
+    resumes from ``step-N``.
     """
 
-    enable: bool = False
+    enable: bool = True
     folder: str = "checkpoint"
     interval: int = 10
     keep_latest_k: int = 2

@@ -159,7 +159,7 @@ class CostModel:
     layout: StageLayout = StageLayout()
 
     def __post_init__(self) -> None:
-        if self.model.with_layers(1) != self.profile.model.with_layers(1):
+        if self.model.cost_shape() != self.profile.model.cost_shape():
             raise ValueError(
                 f"profile was made for model shape {self.profile.model.to_json()}, "
                 f"not {self.model.to_json()}"

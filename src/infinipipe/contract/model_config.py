@@ -56,6 +56,12 @@ class ModelConfig:
     def with_layers(self, layers: int) -> "ModelConfig":
         return ModelConfig(**{**asdict(self), "layers": layers})
 
+    def cost_shape(self) -> "ModelConfig":
+        """What a cost profile is matched on: one layer, with the fields that change no time or
+        memory (RoPE base, norm epsilon) set to fixed values, so a profile serves every model
+        that computes the same amount of work."""
+        return ModelConfig(**{**asdict(self), "layers": 1, "rope_theta": 10000.0, "norm_eps": 1e-5})
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..contract.model_config import ModelConfig
+from .stage import StageModel
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 
@@ -152,14 +155,17 @@ def _check_state(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str) -
             raise ValueError(f"{where}: {name} has shape {tuple(state[name].shape)}, expected {shape}")
 
 
-def _shard_files(path: Path) -> list[Path]:
+def _shard_files(path: Path, names: set[str] | None = None) -> list[Path]:
+    """The safetensors files of a folder; with an index and ``names`` (HF names), only the files
+    that hold them."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({exc!r})") from None
-        return [path / f for f in sorted(set(weight_map.values()))]
+        files = weight_map.values() if names is None else [weight_map[n] for n in names if n in weight_map]
+        return [path / f for f in sorted(set(files))]
     single = path / "model.safetensors"
     if single.is_file():
         return [single]
@@ -193,6 +199,65 @@ def load_hf_checkpoint(path: str | Path,
         state["head.weight"] = state["embed.weight"]
     _check_state(cfg, state, str(path))
     return cfg, state
+
+
+def read_hf_tensors(path: str | Path, names: Iterable[str],
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` (our parameter names) from an HF checkpoint folder, and only those.
+
+    Safetensors files are opened lazily, so a pipeline stage reads its own layers' bytes and not
+    the whole checkpoint. With tied embeddings ``head.weight`` is read from the embedding. Every
+    tensor is checked against the shape the folder's config.json implies; ``dtype`` casts.
+    """
+    path = Path(path)
+    cfg = read_hf_config(path)
+    shapes = _expected_shapes(cfg)
+    wanted = set(names)
+    unknown = sorted(wanted - set(shapes))
+    if unknown:
+        raise ValueError(f"{path}: the model of config.json has no parameter(s) {unknown[:5]}")
+    source = {n: "embed.weight" if cfg.tie_embeddings and n == "head.weight" else n for n in wanted}
+    needed = {ours_to_hf(n): n for n in source.values()}
+    found: dict[str, torch.Tensor] = {}
+    for f in _shard_files(path, set(needed)):
+        try:
+            with safe_open(str(f), framework="pt") as shard:
+                for name in set(shard.keys()) & set(needed):
+                    found[needed[name]] = shard.get_tensor(name)
+        except (OSError, SafetensorError) as exc:
+            raise ValueError(f"{f}: not a readable safetensors file ({exc})") from None
+    missing = sorted(set(needed.values()) - set(found))
+    if missing:
+        raise ValueError(f"{path}: missing tensor(s) {missing[:5]}")
+    state = {}
+    for name, src in source.items():
+        tensor = found[src]
+        if tuple(tensor.shape) != shapes[name]:
+            raise ValueError(f"{path}: {src} has shape {tuple(tensor.shape)}, expected {shapes[name]}")
+        state[name] = tensor if dtype is None else tensor.to(dtype)
+    return state
+
+
+def load_hf_stage(path: str | Path, layers_per_stage: Sequence[int], stage: int,
+                  dtype: torch.dtype = torch.float32, backend: str = "auto") -> StageModel:
+    """Pipeline stage ``stage`` of the HF model in ``path`` with its weights, reading only them."""
+    cfg = read_hf_config(path)
+    if sum(layers_per_stage) != cfg.layers or min(layers_per_stage) < 1:
+        raise ValueError(f"layers_per_stage {tuple(layers_per_stage)} must be >= 1 each and sum to the "
+                         f"{cfg.layers} layers of {path}")
+    if not 0 <= stage < len(layers_per_stage):
+        raise ValueError(f"stage {stage} is not one of the {len(layers_per_stage)} stages")
+    lo = sum(layers_per_stage[:stage])
+    model = StageModel(cfg, range(lo, lo + layers_per_stage[stage]), first=stage == 0,
+                       last=stage == len(layers_per_stage) - 1, backend=backend).to(dtype)
+    model.load_state_dict(read_hf_tensors(path, model.state_dict(), dtype))
+    return model
+
+
+def load_hf_model(path: str | Path, layers_per_stage: Sequence[int], dtype: torch.dtype = torch.float32,
+                  backend: str = "auto") -> list[StageModel]:
+    """Every pipeline stage of the HF model in ``path``, each with its own weights."""
+    return [load_hf_stage(path, layers_per_stage, s, dtype, backend) for s in range(len(layers_per_stage))]
 
 
 def save_hf_checkpoint(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], path: str | Path,

@@ -48,6 +48,10 @@ class InfeasibleMemoryError(ValueError):
             f"the smallest budget that fits this stage is {format_bytes(min_memory_bytes)} ({min_memory_bytes:.0f} bytes)"
         )
 
+    def __reduce__(self):
+        """Rebuilt from its fields, so the message survives the planning process's pickling."""
+        return type(self), (self.stage, self.window, self.min_memory_bytes, self.budget)
+
 
 @dataclass
 class SolverCache:

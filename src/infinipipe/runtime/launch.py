@@ -10,6 +10,7 @@ SIGTERM/SIGINT to the launcher are passed on to the ranks, which stop at a step 
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import multiprocessing as mp
 import os
@@ -20,7 +21,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -112,12 +113,28 @@ def launch_local(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, backe
         procs = [ctx.Process(target=_child, args=(r, job), daemon=False) for r in range(nprocs)]
         try:
             with _PassStop(procs) as stop:
-                for p in procs:
-                    p.start()
+                with _deaf_to_ctrl_c():
+                    for p in procs:
+                        p.start()
                 _watch(procs, stop, timeout_s, Path(outdir))
         finally:
             _kill(procs)  # ranks are not daemons (they may start a planning process): never orphan them
         return [pickle.loads((Path(outdir) / f"{r}.result").read_bytes()) for r in range(nprocs)]
+
+
+@contextlib.contextmanager
+def _deaf_to_ctrl_c() -> Iterator[None]:
+    """Processes started inside ignore SIGINT until they install their own handler, so a
+    terminal's Ctrl-C during their start-up reaches the launcher alone (which passes it on)
+    instead of printing each rank's import traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _PassStop:

@@ -1,9 +1,9 @@
 """Gantt chart and memory timeline of a simulated plan (matplotlib, Agg back-end, PNG).
 
-One row per stage; forward boxes light and backward boxes dark, coloured by the sequence that
-owns the chunk (its split sequence, else its first sequence); the recompute part of a backward
-is hatched; idle time is shaded so bubbles stand out. Below, each stage's memory over time with
-the device budget.
+One row per stage; forward boxes blue and backward boxes orange (told apart at a glance however
+many chunks there are, each box outlined), the recompute part of a backward purple, idle time
+light grey so bubbles stand out, and a legend naming each. Below, each stage's memory over time
+with the device budget.
 """
 from __future__ import annotations
 
@@ -19,30 +19,24 @@ from ..contract.ir import Plan  # noqa: E402
 from ..contract.units import GIB  # noqa: E402
 from .simulator import SimResult  # noqa: E402
 
-
-def _owner(plan: Plan, chunk_id: int) -> int:
-    segs = plan.chunks[chunk_id].segments
-    split = [s.seq_id for s in segs if s.length < plan.seq_lengths[s.seq_id]]
-    return split[0] if split else segs[0].seq_id
+COLOURS = {"F": "#4c72b0", "B": "#dd8452", "recompute": "#8172b3", "idle": "#e6e6e6"}
 
 
 def draw_chart(plan: Plan, result: SimResult, path: str | Path) -> Path:
     """Write the Gantt chart and memory timeline of ``result`` (a simulation of ``plan``) to ``path``."""
     stages = plan.num_stages
-    cmap = plt.get_cmap("tab20")
     fig, (gantt, memory) = plt.subplots(
         2, 1, figsize=(14, 2.0 + 0.55 * stages + 3.0), height_ratios=[0.55 * stages + 1, 3], sharex=True
     )
     end = result.iteration_time_s
     for s in range(stages):
-        gantt.broken_barh([(0, end)], (s - 0.4, 0.8), facecolors="#f3d6d6", edgecolor="none")
+        gantt.broken_barh([(0, end)], (s - 0.4, 0.8), facecolors=COLOURS["idle"], edgecolor="none")
     for iv in result.intervals:
-        colour = cmap((_owner(plan, iv.chunk_id) * 2 + (0 if iv.kind == "B" else 1)) % 20)
         gantt.broken_barh([(iv.start_s, iv.end_s - iv.start_s)], (iv.stage - 0.4, 0.8),
-                          facecolors=colour, edgecolor="black", linewidth=0.3)
+                          facecolors=COLOURS[iv.kind], edgecolor="white", linewidth=0.4)
         if iv.recompute_s > 0:
-            gantt.broken_barh([(iv.start_s, iv.recompute_s)], (iv.stage - 0.4, 0.8), facecolors="none",
-                              edgecolor="black", hatch="///", linewidth=0.3)
+            gantt.broken_barh([(iv.start_s, iv.recompute_s)], (iv.stage - 0.4, 0.8),
+                              facecolors=COLOURS["recompute"], edgecolor="white", linewidth=0.4)
     gantt.set_yticks(range(stages), [f"stage {s}" for s in range(stages)])
     gantt.invert_yaxis()
     gantt.set_title(
@@ -50,10 +44,10 @@ def draw_chart(plan: Plan, result: SimResult, path: str | Path) -> Path:
         f"iteration {end:.3f}s, bubbles {result.bubble_ratio:.1%} (simulated)"
     )
     gantt.legend(handles=[
-        Patch(facecolor="grey", alpha=0.5, label="forward (light)"),
-        Patch(facecolor="grey", label="backward (dark)"),
-        Patch(facecolor="none", edgecolor="black", hatch="///", label="recompute"),
-        Patch(facecolor="#f3d6d6", label="idle (bubble)"),
+        Patch(facecolor=COLOURS["F"], label="forward"),
+        Patch(facecolor=COLOURS["B"], label="backward"),
+        Patch(facecolor=COLOURS["recompute"], label="recompute (start of a backward)"),
+        Patch(facecolor=COLOURS["idle"], label="idle (bubble)"),
     ], loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     for s, timeline in enumerate(result.memory_timeline):
         times = [t for t, _ in timeline] + [end]

@@ -243,8 +243,13 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> int:
     return int(state["train"]["step"])
 
 
-def export_hf(path: str | Path, model_cfg, out: str | Path) -> Path:
-    """Write a training checkpoint's weights (all stages) as a Hugging Face checkpoint folder."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def export_hf(path: str | Path, model_cfg, out: str | Path, tokenizer: str | Path | None = None) -> Path:
+    """Write a training checkpoint's weights (all stages) as a Hugging Face checkpoint folder,
+    with the Hugging Face tokenizer files of ``tokenizer`` (a ``tokenizer.json`` or its folder)
+    beside them when given. Files get ordinary permissions (0644), as any model folder has."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     from ..model.hf import save_hf_checkpoint
@@ -258,4 +263,14 @@ def export_hf(path: str | Path, model_cfg, out: str | Path) -> Path:
     finally:
         merged.unlink(missing_ok=True)
     save_hf_checkpoint(model_cfg, state, out)
+    if tokenizer is not None:
+        source = Path(tokenizer)
+        file = source / "tokenizer.json" if source.is_dir() else source
+        shutil.copyfile(file, out / "tokenizer.json")
+        for name in TOKENIZER_FILES[1:]:
+            if (file.parent / name).is_file():
+                shutil.copyfile(file.parent / name, out / name)
+    for f in out.iterdir():
+        if f.is_file():
+            f.chmod(0o644)
     return out

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config
-from ..contract.cost import MIXED_PRECISION_ADAM, CostModel
+from ..contract.cost import CostModel
 from ..data.dataset import TokenDataset, build_dataset, build_sampler
 from ..planners.stage_layers import balance_layers
 from ..runtime.batch import Batch
@@ -33,11 +33,13 @@ from ..runtime.parallel_dims import ParallelDims, ParallelMesh
 from ..runtime.signals import StopRequest, serve_parent, signal_name
 from ..sim.simulator import simulate
 from .checkpoint import resume_checkpoint, save_checkpoint
+from .console import banner, measured_bubble, resume_line, say, step_line
 from .metrics import MetricsWriter
 from .optim import build_optimizer
-from .planning import StepPlanner, StepPlans, check_precision, profile_for
+from .planning import StepPlanner, StepPlans, job_cost
 from .prefetch import PlanPrefetcher
 from .run_lock import RunDirBusy, run_dir_lock
+from .validate import JobShape, check_config, check_first_step
 
 PRECISIONS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, torch.float32)}
 
@@ -67,6 +69,7 @@ def run_training(cfg: Config, run_dir: str | Path, *, progress: bool = True,
 
     Returns rank 0's result; under torchrun the other ranks get ``None`` (they print nothing).
     """
+    shape = check_config(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if under_torchrun():
@@ -77,16 +80,22 @@ def run_training(cfg: Config, run_dir: str | Path, *, progress: bool = True,
                 dist.broadcast_object_list(refusal, src=0)
                 if refusal[0] is not None:
                     raise RunDirBusy(refusal[0])
-                return _rank_main(cfg, str(run_dir), _dataset(cfg), device, progress)
+                dataset = _dataset(cfg, shape)
+                if dist.get_rank() == 0:
+                    for line in banner(cfg, run_dir, dataset, device, dist.get_world_size(), shape.layers_per_stage):
+                        say(line)
+                return _rank_main(cfg, str(run_dir), dataset, device, progress)
         finally:
             dist.destroy_process_group()
     with contextlib.ExitStack() as held:
         if (refusal := _own_run_dir(cfg, run_dir, held)) is not None:
             raise RunDirBusy(refusal)
-        dataset = _dataset(cfg)
+        dataset = _dataset(cfg, shape)
         dims = ParallelDims.from_config(cfg.parallelism)
         dims.require_runtime_support()
         world = dims.world_size
+        for line in banner(cfg, run_dir, dataset, "cpu (local gloo processes)", world, shape.layers_per_stage):
+            say(line)
         threads = max(1, (os.cpu_count() or 1) // world)
         results = launch_local(_rank_main, world, args=(cfg, str(run_dir), dataset, "cpu", progress),
                                threads=threads, collective_timeout_s=cfg.comm.train_timeout_seconds,
@@ -104,10 +113,11 @@ def _own_run_dir(cfg: Config, run_dir: Path, held: contextlib.ExitStack) -> str 
     return None
 
 
-def _dataset(cfg: Config) -> TokenDataset:
-    """The corpus, checked here to hold at least one global batch (before any rank starts)."""
+def _dataset(cfg: Config, shape: JobShape) -> TokenDataset:
+    """The corpus, checked here to hold at least one global batch and to let the first step be
+    planned (before any rank starts)."""
     dataset, _ = build_dataset(cfg)
-    build_sampler(cfg, dataset)
+    check_first_step(cfg, dataset, shape)
     return dataset
 
 
@@ -132,8 +142,6 @@ def _clip(worker: PipelineWorker, mesh: ParallelMesh, max_norm: float) -> float:
 def _record(step: int, sp: StepPlans, results: list[dict], tokens: int, step_s: float, lr: float,
             grad_norm: float, loss: float, predicted: dict) -> dict:
     stages = sorted(results, key=lambda r: (r["dp"], r["stage"]))
-    busy = sum(r["busy_s"] for r in stages)
-    span = sum(r["pipeline_s"] for r in stages)
     return {
         "step": step + 1,
         "loss": loss,
@@ -142,7 +150,7 @@ def _record(step: int, sp: StepPlans, results: list[dict], tokens: int, step_s: 
         "tokens_per_s": tokens / step_s if step_s > 0 else 0.0,
         "lr": lr,
         "grad_norm": grad_norm,
-        "bubble_ratio_measured": 1.0 - busy / span if span > 0 else 0.0,
+        "bubble_ratio_measured": measured_bubble(stages),
         "bubble_ratio_predicted": predicted["bubble_ratio"],
         "iteration_time_predicted_s": predicted["iteration_time_s"],
         "peak_activation_bytes": [r["peak_activation_bytes"] for r in stages],
@@ -205,19 +213,16 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
     mesh = dims.build_mesh(torch.device(device).type)
     model_cfg = cfg.model_config()
     dtype, master_dtype = PRECISIONS[cfg.training.mixed_precision]
-    profile = profile_for(cfg, model_cfg)
-    check_precision(profile, dtype)
-    cost = CostModel(profile, model_cfg, *([MIXED_PRECISION_ADAM] if master_dtype else []))
+    cost = job_cost(cfg, model_cfg)
     layers = balance_layers(cost, pp)
     worker = PipelineWorker(model_cfg, layers, mesh, RuntimeSettings(
         dtype=dtype, master_dtype=master_dtype, device=device, seed=cfg.training.seed,
         attention_backend=cfg.model.attention))
     weights = worker.weights
     if cfg.model.hf_path:
-        from ..model.hf import load_hf_checkpoint
+        from ..model.hf import read_hf_tensors
 
-        _, full = load_hf_checkpoint(cfg.model.hf_path)
-        weights.load_state_dict({k: full[k] for k in weights.state_dict()})
+        weights.load_state_dict(read_hf_tensors(cfg.model.hf_path, weights.state_dict()))
         worker.refresh()
     optimizer, scheduler = build_optimizer(cfg, weights.parameters())
     steps = cfg.training.steps
@@ -226,6 +231,8 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
     if cfg.checkpoint.enable:
         start, checkpoint = resume_checkpoint(ckpt_dir, weights, optimizer, scheduler, cfg.checkpoint.load_step)
         worker.refresh()
+        if rank == 0 and checkpoint is not None:
+            say(resume_line(start, steps, checkpoint))
     sampler = build_sampler(cfg, dataset)
     memory = cfg.epp.memory_budget_bytes
     planner = StepPlanner(cost, sampler, cfg.epp.planner, pp, mesh.dp, memory, layers, cfg.epp.planner_options())
@@ -287,9 +294,11 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
                     record = _record(step, sp, gathered, gb.num_tokens, step_s, lr, grad_norm, res.loss,
                                      _predict(sp, cost, memory))
                     metrics.write(record)
+                    if bar is None:
+                        say(step_line(record))
                 if bar is not None:
                     bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{gb.num_tokens / step_s:,.0f}",
-                                    bubble=f"{1 - res.busy_s / max(res.pipeline_s, 1e-9):.0%}",
+                                    bubble=f"{measured_bubble(gathered):.0%}",
                                     plan_s=f"{sp.planning_s:.2f}")
                     bar.update(1)
             if cfg.checkpoint.enable and (done % cfg.checkpoint.interval == 0 or done == steps):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..config import Config
-from ..contract.cost import CostModel, Profile, default_profile_name, load_profile
+from ..contract.cost import MIXED_PRECISION_ADAM, CostModel, OptimizerStates, Profile, default_profile_name, load_profile
 from ..contract.ir import Plan
 from ..contract.model_config import ModelConfig
 from ..data.dataset import BatchSampler
@@ -35,7 +35,8 @@ class StepPlans:
 def profile_for(cfg: Config, model: ModelConfig) -> Profile:
     """The configured profile (or the committed one of the model's preset), fitted to ``model``.
 
-    Layer terms hold for any model of the same layer shape; the embedding and head terms of a
+    Layer terms hold for any model of the same layer shape (RoPE base and norm epsilon change no
+    cost, see `ModelConfig.cost_shape`); the embedding and head terms of a
     profile are derived from FLOPs and bytes, so a model that differs only in vocabulary (a capped
     tokenizer) gets them recomputed from the profile's own measured throughput.
     """
@@ -46,9 +47,9 @@ def profile_for(cfg: Config, model: ModelConfig) -> Profile:
         if not Path(name).is_file():
             raise
         raise ValueError(f"epp.profile {name!r}: not a readable profile ({type(exc).__name__}: {exc})") from None
-    if profile.model.with_layers(1) == model.with_layers(1):
+    if profile.model.cost_shape() == model.cost_shape():
         return profile
-    if replace(profile.model, vocab_size=model.vocab_size).with_layers(1) != model.with_layers(1):
+    if replace(profile.model, vocab_size=model.vocab_size).cost_shape() != model.cost_shape():
         raise ValueError(
             f"epp.profile {name!r} was measured for layer shape {profile.model.to_json()}, which differs from "
             f"the model's {model.to_json()} in more than the vocabulary; run `infinipipe profile` for this model"
@@ -70,6 +71,18 @@ def check_precision(profile: Profile, dtype) -> None:
             f"the profile ({profile.derived_from or profile.source or profile.device}) was measured in "
             f"{profile.dtype}, this run trains in {run}: set epp.profile to a {run} profile of this model "
             f"(`infinipipe profile --dtype {run}`) or training.mixed_precision to match the profile")
+
+
+RUN_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def job_cost(cfg: Config, model: ModelConfig) -> CostModel:
+    """The cost model a run plans with: its profile, checked against the run's precision, and the
+    optimizer-state bytes of that precision (fp32 master weights under bf16)."""
+    profile = profile_for(cfg, model)
+    check_precision(profile, RUN_DTYPES[cfg.training.mixed_precision])
+    states = MIXED_PRECISION_ADAM if cfg.training.mixed_precision != "fp32" else OptimizerStates()
+    return CostModel(profile, model, states)
 
 
 @dataclass(frozen=True)
