@@ -153,7 +153,7 @@ def test_hf_stages_carry_the_folders_weights_and_chain_to_transformers_logits(tm
         h = stages[0].embed_tokens(torch.cat(seqs))
         for stage in stages:
             for layer in stage.ordered_layers():
-                h, _, _ = layer(h, meta)
+                h = layer(h, meta)
         ours = stages[1].head(stages[1].norm(h))
     torch.testing.assert_close(ours, _hf_logits(hf_model, seqs), atol=2e-5, rtol=1e-4)
     assert load_hf_stage(tmp_path, (1, 2), 1, dtype=torch.bfloat16).norm.weight.dtype == torch.bfloat16
