@@ -17,7 +17,6 @@ from infinipipe.planners.ilp import (
     SolverCache,
     build_problem,
     greedy,
-    recompute_time_ms,
     solve_checkpointing,
 )
 from infinipipe.sim.simulator import simulate
@@ -234,9 +233,10 @@ def test_solver_plans_stay_within_budget_and_beat_uniform(batch, split, frac):
     assert sim.feasible, sim.oom
     uniform = uniform_checkpointing(plan, budget)
     assert uniform is not None
+    # What the ILP minimises is the delay recompute adds along each diagonal (the slowest chunk
+    # on it), not the sum over chunks: uniform checkpointing can recompute less in total while
+    # delaying the pipeline more, so only the delay is compared.
     assert solved.metadata["checkpointing"]["objective_ms"] <= _objective(uniform) * (1 + 1e-9) + 1e-9
-    assert recompute_time_ms(solved, COST) <= recompute_time_ms(uniform, COST) * (1 + 1e-9) + 1e-9
-    assert sim.recompute_time_s <= simulate(uniform, COST, budget).recompute_time_s * (1 + 1e-9) + 1e-12
 
 
 def _objective(plan: Plan) -> float:

@@ -51,6 +51,18 @@ def test_exact_epp_pp4_training_matches_single_device_losses_for_20_steps(tmp_pa
     assert long and all(p["split_sequences"] >= 1 for p in long), "a step did not split its longest sequence"
 
 
+def test_sp2_pp2_training_matches_single_device_losses(tmp_path, cache_dir):
+    cfg = load_config(None, SMALL_RUN + [f"--data.cache_dir={cache_dir}", "--training.steps=4",
+                                         "--parallelism.pipeline_parallel_degree=2",
+                                         "--parallelism.sequence_parallel_degree=2", "--epp.min_slices=2"])
+    result = run_training(cfg, tmp_path, progress=False)
+    dataset, _ = build_dataset(cfg)
+    expected = reference_losses(cfg, dataset)
+    assert len(result.losses) == 4
+    for step, (got, want) in enumerate(zip(result.losses, expected), start=1):
+        assert got == pytest.approx(want, rel=2e-4), f"step {step}"
+
+
 def test_run_killed_between_steps_resumes_with_the_uninterrupted_losses(tmp_path, cache_dir):
     common = SMALL_RUN + [f"--data.cache_dir={cache_dir}", "--training.steps=6",
                           "--parallelism.pipeline_parallel_degree=2", "--checkpoint.enable=true",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,18 @@ class ChunkMeta:
         return sum(self.seg_lens)
 
 
+class HeadExchange(Protocol):
+    """Sequence parallelism seen from a layer: this rank's token range of the chunk, and the
+    exchanges that give attention every token for a share of the heads and take it back."""
+
+    lo: int
+    hi: int
+
+    def heads_of_all_tokens(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor): ...
+
+    def tokens_of_all_heads(self, o: torch.Tensor) -> torch.Tensor: ...
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -96,17 +109,22 @@ class DecoderLayer(nn.Module):
         self.w_up = nn.Linear(d, cfg.ffn, bias=False)
         self.w_down = nn.Linear(cfg.ffn, d, bias=False)
 
-    def forward(self, h: torch.Tensor, meta: ChunkMeta, store: LayerKV | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, meta: ChunkMeta, store: LayerKV | None = None,
+                sp: HeadExchange | None = None) -> torch.Tensor:
+        """``h`` holds the chunk's tokens, or with ``sp`` this rank's range ``[sp.lo, sp.hi)`` of them."""
         cfg = self.cfg
         t = h.shape[0]
-        if t != meta.tokens:
-            raise ValueError(f"hidden states have {t} tokens, the chunk has {meta.tokens}")
+        lo, hi = (0, meta.tokens) if sp is None else (sp.lo, sp.hi)
+        if t != hi - lo:
+            raise ValueError(f"hidden states have {t} tokens, this rank holds {hi - lo} of the chunk")
         x = self.attn_norm(h)
         q = self.wq(x).view(t, cfg.heads, cfg.head_dim)
         k = self.wk(x).view(t, cfg.kv_heads, cfg.head_dim)
         v = self.wv(x).view(t, cfg.kv_heads, cfg.head_dim)
-        cos, sin = rope_cos_sin(meta.positions, cfg.head_dim, cfg.rope_theta, q.dtype)
+        cos, sin = rope_cos_sin(meta.positions[lo:hi], cfg.head_dim, cfg.rope_theta, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if sp is not None:
+            q, k, v = sp.heads_of_all_tokens(q, k, v)
         backend = resolve_backend(self.backend, h.device, q.dtype)
         seq_kv = None
         if (store is None) != (meta.split is None):
@@ -116,6 +134,8 @@ class DecoderLayer(nn.Module):
             off, s = sum(meta.seg_lens[:i]), meta.seg_lens[i]
             seq_kv = (i, *store.attend(k[off:off + s], v[off:off + s], meta.starts[i]))
         o = chunk_attention(q, k, v, meta.seg_lens, meta.starts, seq_kv, backend)
+        if sp is not None:
+            o = sp.tokens_of_all_heads(o)
         h = h + self.wo(o.reshape(t, cfg.heads * cfg.head_dim))
         x = self.mlp_norm(h)
         return h + self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))

@@ -3,7 +3,9 @@
 Each rank owns a contiguous slice of layers (`StageModel`), receives activations or gradients
 into buffers sized from the Plan, computes with `StageCompute` (K/V of split sequences kept on
 the stage, per-chunk recompute), sends the result on, and accumulates gradients over every chunk
-and pipeline of the step. Data-parallel replicas then sum their gradients; every token loss is
+and pipeline of the step. With Ulysses SP each rank of a stage's SP group computes its share of
+every chunk's tokens and exchanges only that share with the same SP rank of the neighbouring
+stages; the SP group, then data-parallel replicas, sum their gradients; every token loss is
 divided by the global batch's predicted tokens, so the sum is the exact global-batch gradient.
 The optimizer step is the caller's: `PipelineWorker.model` holds the parameters.
 """
@@ -28,6 +30,7 @@ from .nccl_semantics import emulation_from_env
 from .p2p import StageLink, TransferMismatch, plan_digest
 from .parallel_dims import ParallelMesh
 from .precision import MasterWeights
+from .sequence_parallel import SequenceParallel, token_shares
 from .stage_compute import StageCompute
 from .stopwatch import Stopwatch
 
@@ -168,11 +171,13 @@ class PipelineWorker:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         meter = SavedTensorMeter(exclude=self.model.parameters())
-        compute = StageCompute(self.model, batch, normaliser, self.settings.loss_block_tokens, meter)
+        mesh = self.mesh
+        sp = SequenceParallel(mesh.sp_group, mesh.sp_rank, mesh.sp) if mesh.sp > 1 else None
+        compute = StageCompute(self.model, batch, normaliser, self.settings.loss_block_tokens, meter, sp)
         link = StageLink(self.mesh.pp_group, stage, self.mesh.pp, self.cfg.hidden, self.settings.dtype,
                          self.device, digest, emulate_nccl=self.settings.nccl_semantics)
         actions = plan.stage_actions[stage]
-        tokens = [c.tokens for c in plan.chunks]
+        tokens = [token_shares(c.tokens, mesh.sp)[mesh.sp_rank] for c in plan.chunks]
 
         def incoming(a):
             if upstream_stage(a.kind, stage, n_stages) is None:
@@ -222,7 +227,8 @@ class PipelineWorker:
         )
 
     def _reduce(self, local_loss: torch.Tensor | None) -> float:
-        """Loss from the last stage to every stage, then both loss and gradients over replicas.
+        """Loss from the last stage to every stage, then both loss and gradients summed over the SP
+        group (each SP rank computed its share of the tokens) and over replicas.
 
         The loss stays on the device until here: reading it inside the pipeline would block the
         host on the compute stream mid-step.
@@ -233,12 +239,14 @@ class PipelineWorker:
             loss += local_loss
         if mesh.pp > 1:
             dist.broadcast(loss, src=dist.get_global_rank(mesh.pp_group, mesh.pp - 1), group=mesh.pp_group)
-        if mesh.dp > 1:
+        groups = ([mesh.sp_group] if mesh.sp > 1 else []) + ([mesh.dp_group] if mesh.dp > 1 else [])
+        if groups:
             params = list(self.weights.parameters())
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = _flatten_dense_tensors(grads)
-            dist.all_reduce(flat, group=mesh.dp_group)
-            dist.all_reduce(loss, group=mesh.dp_group)
+            for group in groups:
+                dist.all_reduce(flat, group=group)
+                dist.all_reduce(loss, group=group)
             for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
                 p.grad = g
         return float(loss.item())

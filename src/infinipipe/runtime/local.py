@@ -15,6 +15,7 @@ from ..contract.ir import Plan, downstream_stage, upstream_stage, validate_plan
 from ..contract.model_config import ModelConfig
 from ..model.stage import StageModel, init_weights
 from .batch import Batch
+from .sequence_parallel import SequenceParallel
 from .stage_compute import StageCompute
 
 
@@ -35,14 +36,19 @@ def build_stages(cfg: ModelConfig, layers_per_stage: Sequence[int], seed: int = 
 
 
 def run_plan_local(plan: Plan, stages: Sequence[StageModel], batch: Batch,
-                   normaliser: int | None = None, loss_block_tokens: int = LOSS_BLOCK_TOKENS) -> float:
-    """Execute ``plan`` over ``stages`` in this process; returns the loss, leaves gradients in ``.grad``."""
+                   normaliser: int | None = None, loss_block_tokens: int = LOSS_BLOCK_TOKENS,
+                   sp: SequenceParallel | None = None) -> float:
+    """Execute ``plan`` over ``stages`` in this process; returns the loss, leaves gradients in ``.grad``.
+
+    With ``sp`` every rank of the SP group plays the plan on its share of each chunk's tokens; the
+    loss and gradients returned are this rank's part (`SequenceParallel` sums them).
+    """
     order = validate_plan(plan)
     if len(stages) != plan.num_stages:
         raise ValueError(f"plan has {plan.num_stages} stages, got {len(stages)} stage models")
     if tuple(batch.lengths) != plan.seq_lengths:
         raise ValueError("the batch's sequence lengths differ from the plan's")
-    computes = [StageCompute(m, batch, normaliser, loss_block_tokens) for m in stages]
+    computes = [StageCompute(m, batch, normaliser, loss_block_tokens, sp=sp) for m in stages]
     outputs: dict[tuple[str, int, int], torch.Tensor | None] = {}
     n = plan.num_stages
     loss = 0.0

@@ -143,9 +143,6 @@ class ParallelDims:
 
     def require_runtime_support(self) -> None:
         """Refuse degrees the runtime cannot execute yet (planning and simulation accept them)."""
-        if self.sp > 1:
-            raise ValueError(f"parallelism.sequence_parallel_degree = {self.sp}: the runtime does not run Ulysses "
-                             "sequence parallelism yet (only 1); `infinipipe plan`/`bench` accept it")
         if self.dp_shard > 1:
             raise ValueError(f"parallelism.data_parallel_shard_degree = {self.dp_shard}: the runtime does not shard "
                              "parameters (FSDP) yet (only 1); use parallelism.data_parallel_replicate_degree for "

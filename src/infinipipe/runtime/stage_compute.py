@@ -5,6 +5,9 @@ sequence's first slice for its whole length and dropped after that slice's backw
 writes its K/V into it and attends to it in place; the gradients later slices give to earlier
 slices' K/V accumulate in the store's dK/dV and flow into each earlier slice's graph when its
 own backward runs (slices run backward in reverse order).
+
+With sequence parallelism (`SequenceParallel`) each SP rank computes its share of every chunk's
+tokens, receives and sends only that share, and stores its attention heads' K/V.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from ..model.loss import blocked_cross_entropy
 from ..model.stage import StageModel
 from .batch import Batch
 from .memory import SavedTensorMeter
+from .sequence_parallel import SequenceParallel
 
 
 @dataclass
@@ -43,7 +47,8 @@ class StageCompute:
     """Runs chunks through a `StageModel`; gradients accumulate in its parameters."""
 
     def __init__(self, model: StageModel, batch: Batch, normaliser: int | None = None,
-                 loss_block_tokens: int = LOSS_BLOCK_TOKENS, meter: SavedTensorMeter | None = None):
+                 loss_block_tokens: int = LOSS_BLOCK_TOKENS, meter: SavedTensorMeter | None = None,
+                 sp: SequenceParallel | None = None):
         self.model = model
         self.batch = batch
         self.lengths = batch.lengths
@@ -51,6 +56,8 @@ class StageCompute:
         self.loss_block_tokens = loss_block_tokens
         self.device = next(model.parameters()).device
         self.meter = meter
+        self.sp = sp
+        self.kv_heads = model.cfg.kv_heads if sp is None else sp.kv_heads(model.cfg)
         self._live: dict[int, _Live] = {}
         self._kv: dict[int, _SequenceKV] = {}
 
@@ -66,7 +73,7 @@ class StageCompute:
             if seq is not None:
                 raise ValueError(f"chunk {chunk.id}: sequence {seg.seq_id}'s first slice ran forward twice")
             cfg, param = self.model.cfg, next(self.model.parameters())
-            seq = _SequenceKV([LayerKV(self.lengths[seg.seq_id], cfg.kv_heads, cfg.head_dim, param.dtype, self.device)
+            seq = _SequenceKV([LayerKV(self.lengths[seg.seq_id], self.kv_heads, cfg.head_dim, param.dtype, self.device)
                                for _ in self.model.layer_ids])
             self._kv[seg.seq_id] = seq
             if self.meter is not None:
@@ -86,10 +93,12 @@ class StageCompute:
         if chunk.id in self._live:
             raise ValueError(f"chunk {chunk.id}: forward ran twice on this stage")
         model = self.model
-        tokens = chunk.tokens
+        shard = None if self.sp is None else self.sp.shard(chunk.tokens, model.cfg)
+        lo, hi = (0, chunk.tokens) if shard is None else (shard.lo, shard.hi)
+        tokens = hi - lo
         if model.first:
             inp = None
-            h = model.embed_tokens(self.batch.chunk_tokens(chunk).to(self.device))
+            h = model.embed_tokens(self.batch.chunk_tokens(chunk)[lo:hi].to(self.device))
         else:
             if x is None or tuple(x.shape) != (tokens, model.cfg.hidden):
                 got = None if x is None else tuple(x.shape)
@@ -107,12 +116,16 @@ class StageCompute:
         meta = ChunkMeta.of(chunk, self.device, index)
         for j, (layer, store) in enumerate(zip(model.ordered_layers(), stores)):
             if j < recompute_layers:
-                h = checkpoint(layer, h, meta, store, use_reentrant=False)
+                h = checkpoint(layer, h, meta, store, shard, use_reentrant=False)
             else:
-                h = layer(h, meta, store)
+                h = layer(h, meta, store, shard)
         if model.last:
-            labels = self.batch.chunk_labels(chunk).to(self.device)
+            labels = self.batch.chunk_labels(chunk)[lo:hi].to(self.device)
             out = blocked_cross_entropy(h, model.norm, model.head, labels, self.normaliser, self.loss_block_tokens)
+            if shard is not None and not out.requires_grad:
+                # This rank's tokens predict nothing, but its backward must still take part in the
+                # SP group's all-to-alls.
+                out = out + 0 * h.sum()
         else:
             out = h
         self._live[chunk.id] = _Live(inp, out)
