@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .signals import STOP_GRACE_S, STOP_SIGNALS, exit_with_parent, signal_name
+from .signals import STOP_GRACE_S, StopSignals, exit_with_parent, signal_name
 
 DEFAULT_COLLECTIVE_TIMEOUT_S = 30.0
 
@@ -137,14 +137,14 @@ def _deaf_to_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-class _PassStop:
+class _PassStop(StopSignals):
     """The launcher's stop signals: the first is passed on to every rank, a second kills them now."""
 
     def __init__(self, procs: Sequence[mp.Process]):
+        super().__init__()
         self.procs = procs
         self.signum = 0
         self.deadline = float("inf")
-        self._previous: dict[int, Any] = {}
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if self.signum:
@@ -157,14 +157,8 @@ class _PassStop:
                 os.kill(p.pid, signum)
 
     def __enter__(self) -> "_PassStop":
-        if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._on_signal)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        # signal handlers belong to the main thread; a launch from another thread passes none on
+        return super().__enter__() if threading.current_thread() is threading.main_thread() else self
 
 
 def _watch(procs: Sequence[mp.Process], stop: _PassStop, timeout_s: float, outdir: Path) -> None:

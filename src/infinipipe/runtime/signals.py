@@ -14,20 +14,39 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Self
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 STOP_GRACE_S = 25.0
 _PR_SET_PDEATHSIG = 1
 
 
-class StopRequest:
+class StopSignals:
+    """While entered, SIGTERM and SIGINT call ``_on_signal``; leaving restores the handlers before."""
+
+    def __init__(self) -> None:
+        self._previous: dict[int, Any] = {}
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class StopRequest(StopSignals):
     """While entered, SIGTERM/SIGINT set ``signum`` instead of killing; later signals are ignored."""
 
     def __init__(self, grace_s: float = STOP_GRACE_S):
+        super().__init__()
         self.grace_s = grace_s
         self.signum = 0
-        self._previous: dict[int, Any] = {}
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if self.signum:
@@ -36,15 +55,6 @@ class StopRequest:
         timer = threading.Timer(self.grace_s, os._exit, (128 + signum,))
         timer.daemon = True
         timer.start()
-
-    def __enter__(self) -> "StopRequest":
-        for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._on_signal)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def signal_name(signum: int) -> str:
