@@ -268,7 +268,6 @@ class _Search:
                                largest_chunk=max(c.tokens for c in chunks))
         if trial.memory_error is None:
             trial = _Trial(cand, screen, plan, simulate(plan, cost, memory, self.request.link))
-        leader = self.leader()
         if (cand.family != "epp" and self.checkpointing == "ilp"
                 and (leader is None or not trial.feasible
                      or trial.sim.iteration_time_s <= leader.sim.iteration_time_s * (1 + UNIFORM_MARGIN))):
