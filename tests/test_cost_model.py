@@ -86,7 +86,7 @@ def test_more_prefix_never_predicts_less(name, segs, prefix, more):
         assert cm.backward_ms(b, 4) >= cm.backward_ms(a, 4)
         assert cm.recompute_ms(b, 2) >= cm.recompute_ms(a, 2)
         if prefix:  # a slice's own K/V rows live in its sequence's store, a whole segment's in the layer
-            assert cm.activation_bytes(b, 4) >= cm.activation_bytes(a, 4) * (1 - 1e-12)
+            assert cm.activation_bytes(b, 4) >= cm.activation_bytes(a, 4) * (1 - 1e-9)
 
 
 @settings(max_examples=40, deadline=None)

@@ -64,24 +64,22 @@ def one_f_one_b(seq_slices: list[list[int]], num_stages: int, layers: tuple[int,
 
 
 def stage_peaks(plan: Plan, cost: CostModel) -> list[float]:
-    """Independent memory walk: states + held activations + the running chunk's head work."""
+    """Independent memory walk: states + what waiting chunks hold + the running action's peak."""
     shapes = [ChunkShape.of(c, plan.seq_lengths) for c in plan.chunks]
     peaks = []
     last_stage = plan.num_stages - 1
     for s, actions in enumerate(plan.stage_actions):
         first, last, n_l = s == 0, s == last_stage, plan.layers_per_stage[s]
-        held = cost.model_state_bytes(n_l, first, last)
-        peak = held
+        states = cost.model_state_bytes(n_l, first, last)
+        held, peak = 0.0, states
         for a in actions:
-            sh = shapes[a.chunk_id]
-            act = cost.activation_bytes(sh, n_l, a.recompute_layers, first, last)
-            work = cost.head_work_bytes(sh) if last else 0.0
+            m, r = cost.chunk_memory(shapes[a.chunk_id], n_l, first, last), a.recompute_layers
             if a.kind == "F":
-                held += act
-                peak = max(peak, held + work)
+                peak = max(peak, states + held + m.during_forward(r))
+                held += m.held(r)
             else:
-                peak = max(peak, held + work)
-                held -= act
+                held -= m.held(r)
+                peak = max(peak, states + held + m.during_backward(r))
         peaks.append(peak)
     return peaks
 

@@ -57,12 +57,26 @@ class LinearTerm:
         return cls({k: float(v) for k, v in obj.items()})
 
 
+TERM_NAMES = ("layer_fwd", "layer_bwd", "layer_act_bytes", "head_fwd", "head_bwd", "embed_fwd", "embed_bwd",
+              "head_work_bytes")
+WORK_TERM_NAMES = ("layer_fwd_work_bytes", "layer_bwd_work_bytes")
+# Work memory as a share of a layer's per-token activation bytes, for profiles that did not
+# measure it: one layer's no-grad forward and one layer's backward of a LLaMA layer (fp32 CPU and
+# bf16 GPU measurements agree to a few percent).
+FWD_WORK_SHARE = 0.62
+BWD_WORK_SHARE = 0.32
+
+
 @dataclass(frozen=True)
 class Profile:
     """Fitted coefficients for one (device, dtype, model shape), with where they came from.
 
     Times are milliseconds, memory bytes. ``layer_*`` are per decoder layer; ``embed_*`` belong
     to the first stage and ``head_*`` (final norm, LM head, blocked loss) to the last.
+    ``layer_fwd_work_bytes`` is what one layer's forward holds for a moment when it keeps nothing
+    (a checkpointed layer: intermediates alive between its ops), ``layer_bwd_work_bytes`` what
+    one layer's backward holds beyond the activations it frees (gradients in flight); profiles
+    measured before these were recorded estimate them from ``layer_act_bytes`` (`CostModel`).
     """
 
     model: ModelConfig
@@ -76,12 +90,15 @@ class Profile:
     embed_fwd: LinearTerm = LinearTerm({})
     embed_bwd: LinearTerm = LinearTerm({})
     head_work_bytes: LinearTerm = LinearTerm({})
+    layer_fwd_work_bytes: LinearTerm | None = None
+    layer_bwd_work_bytes: LinearTerm | None = None
     torch_version: str = ""
     source: str = ""
     derived_from: str | None = None
     fit_error: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
+        names = TERM_NAMES + tuple(n for n in WORK_TERM_NAMES if getattr(self, n) is not None)
         return {
             "version": PROFILE_FORMAT_VERSION,
             "device": self.device,
@@ -91,9 +108,7 @@ class Profile:
             "derived_from": self.derived_from,
             "model": self.model.to_json(),
             "terms": {
-                name: getattr(self, name).to_json()
-                for name in ("layer_fwd", "layer_bwd", "layer_act_bytes", "head_fwd", "head_bwd",
-                             "embed_fwd", "embed_bwd", "head_work_bytes")
+                name: getattr(self, name).to_json() for name in names
             },
             "fit_error": self.fit_error,
         }
@@ -136,7 +151,47 @@ class OptimizerStates:
         return self.param_bytes + self.grad_bytes + self.state_bytes
 
 
-MIXED_PRECISION_ADAM = OptimizerStates(param_bytes=2, grad_bytes=2, state_bytes=12)
+# bf16 weights that compute; fp32 gradients accumulated in the master copy; fp32 master weights
+# and two AdamW moments.
+MIXED_PRECISION_ADAM = OptimizerStates(param_bytes=2, grad_bytes=4, state_bytes=12)
+
+
+@dataclass(frozen=True)
+class ChunkMemory:
+    """A chunk's bytes on a stage of ``n`` layers as a function of ``r``, its recomputed layers.
+
+    Checkpointed layers are the first ``r``, so backward frees the stored layers before it
+    rematerialises a checkpointed one: the rematerialised layer (``slope``) adds to the peak only
+    when every layer is recomputed, and so does a checkpointed forward's transient
+    (``fwd_extra``, at most ``slope``), which a stored layer's own activations otherwise cover.
+    Both peaks are concave in ``r``; `savings_caps` writes them as sums of ``slope x min(r, cap)``,
+    the form the checkpointing ILP takes.
+    """
+
+    n: int
+    base: float
+    slope: float
+    fwd_work: float
+    fwd_extra: float
+    bwd_work: float
+
+    def held(self, r: int) -> float:
+        """Kept from the end of the forward to the end of the backward."""
+        return self.base - r * self.slope
+
+    def during_forward(self, r: int) -> float:
+        return self.held(r) + self.fwd_work + (self.fwd_extra if r == self.n else 0.0)
+
+    def during_backward(self, r: int) -> float:
+        return self.held(r) + self.bwd_work + (self.slope if r == self.n else 0.0)
+
+    def savings_caps(self, kind: str) -> tuple[tuple[float, int], ...]:
+        """``(slope, cap)`` pairs whose ``sum(slope x min(r, cap))`` is what recomputing saves
+        at the chunk's own forward (``"F"``), backward (``"B"``) or while it waits (``"held"``)."""
+        if kind == "held":
+            return ((self.slope, self.n),)
+        extra = self.fwd_extra if kind == "F" else self.slope
+        return ((self.slope - extra, self.n), (extra, self.n - 1))
 
 
 @dataclass(frozen=True)
@@ -169,6 +224,11 @@ class CostModel:
         scale = {"attn": heads, "mask_area": heads, "kv": heads, "tokens": 1 / sp, "chunk": 1.0}
         for name in ("layer_fwd", "layer_bwd", "layer_act_bytes", "head_fwd", "head_bwd", "embed_fwd", "embed_bwd"):
             term = getattr(self.profile, name)
+            object.__setattr__(self, f"_{name}", LinearTerm({k: v * scale[k] for k, v in term.coef.items()}))
+        for name, share in zip(WORK_TERM_NAMES, (FWD_WORK_SHARE, BWD_WORK_SHARE)):
+            term = getattr(self.profile, name)
+            if term is None:
+                term = LinearTerm({"tokens": share * self.profile.layer_act_bytes.coef.get("tokens", 0.0)})
             object.__setattr__(self, f"_{name}", LinearTerm({k: v * scale[k] for k, v in term.coef.items()}))
         object.__setattr__(self, "_kv_share", math.ceil(self.model.kv_heads / sp) / self.model.kv_heads)
         # Bytes one rank sends through the four all-to-alls of a layer, per token of the chunk.
@@ -270,6 +330,16 @@ class CostModel:
         if last:
             total += shape.tokens * self.model.hidden * self.dtype_bytes / self.layout.sp  # final-norm input
         return total
+
+    def chunk_memory(self, shape: ChunkShape, n_layers: int, first: bool = False, last: bool = False) -> "ChunkMemory":
+        """What a chunk holds on a stage during its forward, between, and during its backward."""
+        base = self.activation_bytes(shape, n_layers, 0, first, last)
+        slope = self.layer_act_bytes(shape) - self.ckpt_layer_bytes(shape)
+        boundary = self.boundary_bytes(shape)
+        head = self.head_work_bytes(shape) if last else 0.0
+        no_grad = min(max(self._layer_fwd_work_bytes(shape) - boundary, 0.0), slope)
+        return ChunkMemory(n_layers, base, slope, fwd_work=boundary + head, fwd_extra=no_grad,
+                           bwd_work=self._layer_bwd_work_bytes(shape) + boundary + head)
 
     def head_work_bytes(self, shape: ChunkShape) -> float:
         """Transient working memory of the blocked loss on the last stage.

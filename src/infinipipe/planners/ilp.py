@@ -64,11 +64,12 @@ class SolverCache:
 
 @dataclass(frozen=True)
 class Window:
-    """Chunks a stage holds at one moment, plus the transient work memory of that moment."""
+    """Chunks a stage holds while it runs action ``kind`` of chunk ``own`` (one of ``chunks``)."""
 
     stage: int
     chunks: tuple[int, ...]
-    transient: float
+    own: int
+    kind: str
 
 
 @dataclass
@@ -145,17 +146,15 @@ def stage_budgets(memory_budget: float | Sequence[float], num_stages: int) -> np
     return budgets
 
 
-def stage_windows(plan: Plan, stage: int, transient: Sequence[float]) -> list[Window]:
-    """In-flight windows of one stage: after each forward, and at each backward that adds work memory."""
+def stage_windows(plan: Plan, stage: int) -> list[Window]:
+    """One window per action of a stage: the chunks held while it runs, its own chunk included."""
     pending: list[int] = []
     out: list[Window] = []
     for a in plan.stage_actions[stage]:
         if a.kind == "F":
             pending.append(a.chunk_id)
-            out.append(Window(stage, tuple(pending), transient[a.chunk_id]))
-        else:
-            if transient[a.chunk_id] > 0:
-                out.append(Window(stage, tuple(pending), transient[a.chunk_id]))
+        out.append(Window(stage, tuple(pending), a.chunk_id, a.kind))
+        if a.kind == "B":
             pending.remove(a.chunk_id)
     return out
 
@@ -209,37 +208,34 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
     need, full_mem, rows, cols, slope, lcap = [], [], [], [], [], []
     for s in range(num_stages):
         first, last, n_l = s == 0, s == num_stages - 1, layers[s]
-        base = np.array([term(cost.activation_bytes, sh, n_l, 0, first, last) for sh in shapes])
-        full = np.array([term(cost.activation_bytes, sh, n_l, n_l, first, last) for sh in shapes])
-        transient = np.array([term(cost.head_work_bytes, sh) if last else 0.0 for sh in shapes])
+        mem = [term(cost.chunk_memory, sh, n_l, first, last) for sh in shapes]
         states = cost.model_state_bytes(n_l, first, last)
-        stage_w = stage_windows(plan, s, transient.tolist())
-        lens = np.array([len(w.chunks) for w in stage_w], dtype=np.int64)
-        flat = np.fromiter((c for w in stage_w for c in w.chunks), dtype=np.int64, count=int(lens.sum()))
-        row = np.repeat(np.arange(len(stage_w)), lens)
-        work = np.array([w.transient for w in stage_w])
-        no_ckpt = states + work + np.bincount(row, weights=base[flat], minlength=len(stage_w))
-        keep = no_ckpt > budgets[s]
-        if not keep.any():
-            continue
-        new_row = np.cumsum(keep) - 1 + len(windows)
-        entry = keep[row]
-        windows.extend(w for w, k in zip(stage_w, keep) if k)
-        need.append(no_ckpt[keep] - budgets[s])
-        full_mem.append((states + work + np.bincount(row, weights=full[flat], minlength=len(stage_w)))[keep])
-        kept = flat[entry]
-        rows.append(new_row[row[entry]])
-        cols.append(var_last[kept] + (num_stages - 1 - s))
-        slope.append((base[kept] - full[kept]) / n_l)
-        lcap.append(np.full(len(kept), float(n_l)))
-
-    def cat(parts: list, dtype) -> np.ndarray:
-        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
+        held0 = np.array([m.held(0) for m in mem])
+        held_full = np.array([m.held(n_l) for m in mem])
+        for w in stage_windows(plan, s):
+            m = mem[w.own]
+            own = m.during_forward if w.kind == "F" else m.during_backward
+            others = [c for c in w.chunks if c != w.own]
+            no_ckpt = states + own(0) + held0[others].sum()
+            if no_ckpt <= budgets[s]:
+                continue
+            row = len(windows)
+            windows.append(w)
+            need.append(no_ckpt - budgets[s])
+            full_mem.append(states + own(n_l) + held_full[others].sum())
+            entries = [(c, m_.slope, n_l) for c in others for m_ in (mem[c],)]
+            entries += [(w.own, k, cap) for k, cap in m.savings_caps(w.kind) if k > 0 and cap > 0]
+            for c, k, cap in entries:
+                rows.append(row)
+                cols.append(var_last[c] + (num_stages - 1 - s))
+                slope.append(k)
+                lcap.append(float(cap))
 
     problem = CheckpointProblem(
-        upper=upper, weight_ms=weight, need=cat(need, float), rows=cat(rows, np.int64),
-        cols=cat(cols, np.int64), slope=cat(slope, float), layer_cap=cat(lcap, float))
-    return PlanProblem(plan=plan, var_of=var_of, windows=windows, full_memory=cat(full_mem, float),
+        upper=upper, weight_ms=weight, need=np.asarray(need, dtype=float), rows=np.asarray(rows, dtype=np.int64),
+        cols=np.asarray(cols, dtype=np.int64), slope=np.asarray(slope, dtype=float),
+        layer_cap=np.asarray(lcap, dtype=float))
+    return PlanProblem(plan=plan, var_of=var_of, windows=windows, full_memory=np.asarray(full_mem, dtype=float),
                        budgets=budgets, problem=problem)
 
 
@@ -287,9 +283,12 @@ def descend(problem: CheckpointProblem, c: np.ndarray) -> np.ndarray:
     bounds = np.searchsorted(problem.cols[by_var], np.arange(len(c) + 1))
     for v in np.argsort(-problem.weight_ms, kind="stable"):
         entries = by_var[bounds[v]:bounds[v + 1]]
-        rows, slope, cap = problem.rows[entries], problem.slope[entries], problem.layer_cap[entries]
+        slope, cap = problem.slope[entries], problem.layer_cap[entries]
+        # A window may hold two entries of one variable (a chunk's own forward or backward).
+        rows, inv = np.unique(problem.rows[entries], return_inverse=True)
         while c[v] > 0:
-            loss = slope * (np.minimum(c[v], cap) - np.minimum(c[v] - 1, cap))
+            loss = np.bincount(inv, weights=slope * (np.minimum(c[v], cap) - np.minimum(c[v] - 1, cap)),
+                               minlength=len(rows))
             if np.any(slack[rows] - loss < -_FEAS_TOL):
                 break
             slack[rows] -= loss

@@ -3,9 +3,10 @@
 Each stage runs its actions in plan order; an action starts when the stage is free and its input
 has arrived (a forward needs the previous stage's forward of the chunk, a backward the next
 stage's backward), transfers paying the link's latency plus bytes over bandwidth. Memory of a
-stage is its model states plus the activations of every chunk from the end of its forward to
-the end of its backward, plus the loss's transient working memory on the last stage while it
-runs a chunk. A stage whose parameters are sharded and gathered once per step (see
+stage is its model states plus what every chunk holds from its forward to the end of its
+backward, plus the running action's transient (`ChunkMemory`: the output or incoming gradient,
+a layer's backward work, the rematerialised layer of a fully recomputed chunk, the loss's working
+memory on the last stage). A stage whose parameters are sharded and gathered once per step (see
 `StageLayout`) starts with that all-gather and ends with the gradients' reduce-scatter; every
 other intra-stage cost (Ulysses all-to-alls, per-chunk FSDP) is inside an action's duration.
 """
@@ -139,8 +140,7 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
         free[s] = end[(a.kind, s, a.chunk_id)] = start + dur
         intervals.append(Interval(s, a.kind, a.chunk_id, start, start + dur, rec))
 
-    activation = functools.cache(lambda cid, n, rec, first, is_last: cost.activation_bytes(
-        shapes[cid], n, rec, first, is_last))
+    memory = functools.cache(lambda cid, n, first, is_last: cost.chunk_memory(shapes[cid], n, first, is_last))
     by_stage: list[list[Interval]] = [[] for _ in range(stages)]
     for iv in intervals:
         by_stage[iv.stage].append(iv)
@@ -148,25 +148,20 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
     for s in range(stages):
         n, first, is_last = plan.layers_per_stage[s], s == 0, s == last
         rec = {a.chunk_id: a.recompute_layers for a in plan.stage_actions[s]}
-        kept: list[tuple[float, float]] = []
-        work: list[tuple[float, float]] = []
-        for iv in by_stage[s]:
-            shape = shapes[iv.chunk_id]
-            act = activation(iv.chunk_id, n, rec[iv.chunk_id], first, is_last)
-            kept.append((iv.end_s, act if iv.kind == "F" else -act))
-            if is_last:
-                w = cost.head_work_bytes(shape)
-                work += [(iv.start_s, w), (iv.end_s, -w)]
-        level = cost.model_state_bytes(n, first, is_last)
-        timeline = [(0.0, level)]
-        for t, delta in sorted(kept + work):
-            level += delta
-            timeline.append((t, level))
-        peak = max(v for _, v in timeline)
+        states = cost.model_state_bytes(n, first, is_last)
         held = act_peak = 0.0
-        for _, delta in sorted(kept):
-            held += delta
+        timeline = [(0.0, states)]
+        for iv in by_stage[s]:
+            m, r = memory(iv.chunk_id, n, first, is_last), rec[iv.chunk_id]
+            if iv.kind == "F":
+                timeline.append((iv.start_s, states + held + m.during_forward(r)))
+                held += m.held(r)
+            else:
+                timeline.append((iv.start_s, states + held - m.held(r) + m.during_backward(r)))
+                held -= m.held(r)
             act_peak = max(act_peak, held)
+            timeline.append((iv.end_s, states + held))
+        peak = max(v for _, v in timeline)
         act_peaks.append(act_peak)
         timelines.append(tuple(timeline))
         peaks.append(peak)
