@@ -1,6 +1,6 @@
 """The 4-node example's layout (pp=4 across nodes, Ulysses sp=8 and FSDP inside each) plans a
-batch holding a full 128K-token document within its memory budget, and faster than one GPU per
-stage could."""
+batch holding a full 128K-token document within its memory budget, where one GPU per stage is
+slower or does not fit at all."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,5 +43,11 @@ def test_llama13b_4node_example_layout_beats_one_gpu_per_stage():
     sharded, budget = _request(StageLayout(sp=dims.sp, fsdp=dims.fsdp))
     alone, _ = _request(StageLayout())
     fast = simulate(make_plan("epp", sharded), sharded.cost, budget)
-    slow = simulate(make_plan("epp", alone), alone.cost, budget)
-    assert fast.feasible and fast.iteration_time_s < slow.iteration_time_s
+    assert fast.feasible
+    try:
+        slow = simulate(make_plan("epp", alone), alone.cost, budget)
+    except ValueError as err:
+        # One GPU per stage cannot even rematerialise one layer of the 128K document.
+        assert "no candidate fits" in str(err)
+    else:
+        assert fast.iteration_time_s < slow.iteration_time_s

@@ -174,6 +174,7 @@ class ChunkMemory:
     fwd_work: float
     fwd_extra: float
     bwd_work: float
+    bwd_extra: float
 
     def held(self, r: int) -> float:
         """Kept from the end of the forward to the end of the backward."""
@@ -183,14 +184,14 @@ class ChunkMemory:
         return self.held(r) + self.fwd_work + (self.fwd_extra if r == self.n else 0.0)
 
     def during_backward(self, r: int) -> float:
-        return self.held(r) + self.bwd_work + (self.slope if r == self.n else 0.0)
+        return self.held(r) + self.bwd_work + (self.bwd_extra if r == self.n else 0.0)
 
     def savings_caps(self, kind: str) -> tuple[tuple[float, int], ...]:
         """``(slope, cap)`` pairs whose ``sum(slope x min(r, cap))`` is what recomputing saves
         at the chunk's own forward (``"F"``), backward (``"B"``) or while it waits (``"held"``)."""
         if kind == "held":
             return ((self.slope, self.n),)
-        extra = self.fwd_extra if kind == "F" else self.slope
+        extra = self.fwd_extra if kind == "F" else self.bwd_extra
         return ((self.slope - extra, self.n), (extra, self.n - 1))
 
 
@@ -327,19 +328,28 @@ class CostModel:
         total += self.kv_bytes(shape, n_layers) + self.dkv_bytes(shape, n_layers)
         if first:
             total += shape.tokens * 8 / self.layout.sp  # token ids kept by the embedding's backward
-        if last:
-            total += shape.tokens * self.model.hidden * self.dtype_bytes / self.layout.sp  # final-norm input
+        # The last stage keeps its final norm's input; any other keeps its output, the root its
+        # backward starts from when the next stage's gradient arrives.
+        total += shape.tokens * self.model.hidden * self.dtype_bytes / self.layout.sp
         return total
 
-    def chunk_memory(self, shape: ChunkShape, n_layers: int, first: bool = False, last: bool = False) -> "ChunkMemory":
-        """What a chunk holds on a stage during its forward, between, and during its backward."""
+    def chunk_memory(self, shape: ChunkShape, n_layers: int, first: bool = False, last: bool = False) -> ChunkMemory:
+        """What a chunk holds on a stage during its forward, between, and during its backward.
+
+        The running action's transient is the larger of the layers' (their output or incoming
+        gradient, a backward's work, a checkpointed forward's intermediates, a rematerialised
+        layer) and, on the last stage, the loss's: the two run one after the other.
+        """
         base = self.activation_bytes(shape, n_layers, 0, first, last)
         slope = self.layer_act_bytes(shape) - self.ckpt_layer_bytes(shape)
         boundary = self.boundary_bytes(shape)
         head = self.head_work_bytes(shape) if last else 0.0
-        no_grad = min(max(self._layer_fwd_work_bytes(shape) - boundary, 0.0), slope)
-        return ChunkMemory(n_layers, base, slope, fwd_work=boundary + head, fwd_extra=no_grad,
-                           bwd_work=self._layer_bwd_work_bytes(shape) + boundary + head)
+        fwd = max(head, boundary)
+        fwd_full = max(fwd, self._layer_fwd_work_bytes(shape))
+        bwd_layers = self._layer_bwd_work_bytes(shape) + boundary
+        bwd = max(head, bwd_layers)
+        return ChunkMemory(n_layers, base, slope, fwd_work=fwd, fwd_extra=min(fwd_full - fwd, slope),
+                           bwd_work=bwd, bwd_extra=max(head, bwd_layers + slope) - bwd)
 
     def head_work_bytes(self, shape: ChunkShape) -> float:
         """Transient working memory of the blocked loss on the last stage.
@@ -365,6 +375,14 @@ class CostModel:
             return params * (opt.param_bytes + opt.grad_bytes) + params * (opt.param_bytes + opt.state_bytes) / d
         layer = self.model.layer_params()
         return params * opt.per_param / d + layer * (2 * opt.param_bytes + opt.grad_bytes)
+
+    def grad_bytes(self, n_layers: int, first: bool = False, last: bool = False) -> float:
+        """The part of `model_state_bytes` a step allocates itself: its gradients (set to None
+        between steps), whole where they accumulate before a once-per-step reduce-scatter."""
+        params = self._stage_params(n_layers, first, last)
+        if self.layout.fsdp > 1 and self.layout.reshard_per_chunk:
+            return params * self.optimizer.grad_bytes / self.layout.fsdp + self.model.layer_params() * self.optimizer.grad_bytes
+        return params * self.optimizer.grad_bytes
 
     def check_range(self, shape: ChunkShape) -> None:
         """Warn when a chunk lies far outside the shapes the profile was fitted on."""

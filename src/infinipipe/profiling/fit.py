@@ -38,6 +38,8 @@ class Measurement:
     fwd_ms: float
     bwd_ms: float
     act_bytes: float
+    fwd_work_bytes: float | None = None
+    bwd_work_bytes: float | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "Measurement":
@@ -50,19 +52,23 @@ class Measurement:
         for key in ("fwd_ms", "bwd_ms", "act_bytes"):
             if not float(row[key]) > 0:
                 raise ValueError(f"measurement row has non-positive {key}: {row}")
+        work = [float(row[k]) if row.get(k) is not None else None for k in WORK_QUANTITIES]
         return cls(ChunkShape(tuple(segs), prefix=pre[first]), float(row["fwd_ms"]), float(row["bwd_ms"]),
-                   float(row["act_bytes"]))
+                   float(row["act_bytes"]), *work)
 
     def to_row(self) -> dict[str, Any]:
         pre = [self.shape.prefix] + [0] * (len(self.shape.seg_lens) - 1)
-        return {"seg_q": list(self.shape.seg_lens), "seg_pre": pre,
-                "fwd_ms": self.fwd_ms, "bwd_ms": self.bwd_ms, "act_bytes": self.act_bytes}
+        row = {"seg_q": list(self.shape.seg_lens), "seg_pre": pre,
+               "fwd_ms": self.fwd_ms, "bwd_ms": self.bwd_ms, "act_bytes": self.act_bytes}
+        row.update({k: getattr(self, k) for k in WORK_QUANTITIES if getattr(self, k) is not None})
+        return row
 
     def value(self, quantity: str) -> float:
         return getattr(self, quantity)
 
 
 QUANTITIES = ("fwd_ms", "bwd_ms", "act_bytes")
+WORK_QUANTITIES = ("fwd_work_bytes", "bwd_work_bytes")
 
 
 def _design(shapes: Sequence[ChunkShape], names: Sequence[str]) -> np.ndarray:
@@ -146,8 +152,13 @@ def fit_layer(fit_set: Sequence[Measurement], held_out: Sequence[Measurement] | 
         "max_kv_len": max(m.shape.kv_len for m in every),
         "min_tokens_measured": min(m.shape.tokens for m in every),
     }
-    return LayerFit({"layer_fwd": terms["fwd_ms"], "layer_bwd": terms["bwd_ms"],
-                     "layer_act_bytes": terms["act_bytes"]}, fit_error)
+    fitted = {"layer_fwd": terms["fwd_ms"], "layer_bwd": terms["bwd_ms"], "layer_act_bytes": terms["act_bytes"]}
+    if all(m.fwd_work_bytes is not None and m.bwd_work_bytes is not None for m in every):
+        for q in WORK_QUANTITIES:
+            fitted[f"layer_{q}"] = fit_term(shapes, [m.value(q) for m in fit_set], mem_features)
+            fit_error[q] = summarize(relative_errors(fitted[f"layer_{q}"], [m.shape for m in judged],
+                                                     [m.value(q) for m in judged]))
+    return LayerFit(fitted, fit_error)
 
 
 def flops_head_terms(cfg: ModelConfig, dtype: str, matmul_tflops: float,

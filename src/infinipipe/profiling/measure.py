@@ -5,7 +5,8 @@ and backward after warm-up; times are medians (CUDA events on GPU; on CPU the me
 CPU time when it is the only intra-op thread, else a wall clock), and the bytes kept for backward
 come from saved-tensor accounting (plus allocator growth on GPU, recorded for comparison). The fit
 uses one grid of shapes and its error is judged on a second grid of different packings and
-prefixes that the fit never saw.
+prefixes that the fit never saw. A layer's transient work memory (its no-grad forward, its
+backward) is counted by `LiveBytesMeter`: every allocation on CPU, the allocator on GPU.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ..model.attention import resolve_backend
 from ..model.kv_store import LayerKV
 from ..model.layers import ChunkMeta, DecoderLayer, RMSNorm
 from ..model.loss import blocked_cross_entropy
+from ..runtime.live_bytes import LiveBytesMeter
 from ..runtime.memory import SavedTensorMeter
 from .fit import (
     ERROR_MIN_TOKENS,
@@ -154,6 +156,26 @@ class LayerBench:
         del out
         return saved
 
+    def work_bytes(self, shape: ChunkShape) -> tuple[int, int]:
+        """Transient bytes of one layer: its forward when nothing is kept (a checkpointed layer's
+        first pass), and its backward beyond the activations it holds when backward starts.
+        Weight gradients exist before (they accumulate over a step's chunks) and are not counted."""
+        meta, h, kv = self._inputs(shape)
+        layer, grad = self.stack[0], torch.randn_like(h)
+        with LiveBytesMeter(self._dev) as meter, torch.no_grad():
+            layer(h, meta, kv[0])
+            fwd = meter.peak
+        layer(h, meta, kv[0]).backward(grad)
+        meta, h, kv = self._inputs(shape)
+        with LiveBytesMeter(self._dev) as meter:
+            out = layer(h, meta, kv[0])
+            held = meter.current
+            meter.reset_peak()
+            out.backward(grad)
+            bwd = meter.peak - held
+        self.stack.zero_grad(set_to_none=True)
+        return fwd, bwd
+
     def measure(self, shapes: Sequence[ChunkShape], passes: int = 2, progress: bool = False,
                 desc: str = "") -> list[Measurement]:
         """Per-layer times and bytes for every shape. Each pass runs each shape ``warmup + reps``
@@ -169,7 +191,8 @@ class LayerBench:
             best[shape] = [min(x, y) for x, y in zip(best.get(shape, med), med)]
             self._cache.pop(shape)
         n = self.layers
-        return [Measurement(s, best[s][0] / n, best[s][1] / n, self.saved_bytes(s) / n) for s in shapes]
+        return [Measurement(s, best[s][0] / n, best[s][1] / n, self.saved_bytes(s) / n, *self.work_bytes(s))
+                for s in shapes]
 
     def allocator_bytes(self, shape: ChunkShape) -> int:
         """CUDA allocator growth over a forward (per layer): kept tensors plus the output; reported
@@ -352,7 +375,8 @@ def _profile_device(cfg, layers, device, dtype, max_tokens, min_len, warmup, rep
         torch_version=torch.__version__,
         source=(f"measured here: {layers} layer(s) of {name or 'the model'}{where}; {len(measured_fit)} fit "
                 f"shapes, {len(measured_held)} held-out shapes; lowest over {passes} pass(es) of the median of "
-                f"{reps} runs after {warmup} warm-up; activation bytes by saved-tensor accounting; embedding and head "
+                f"{reps} runs after {warmup} warm-up; activation bytes by saved-tensor accounting, work memory by counting "
+                f"live bytes; embedding and head "
                 f"(final norm, LM head, blocked loss) measured at {len(edge_fit)} token counts, errors on "
                 f"{len(edge_held)} others; loss working memory estimated from the block size; matmul "
                 f"{tflops:.3g} TFLOP/s and copy {bw / 1e9:.3g} GB/s recorded for rescaling head terms"),

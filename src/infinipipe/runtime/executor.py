@@ -12,6 +12,7 @@ The optimizer step is the caller's: `PipelineWorker.model` holds the parameters.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from ..contract.ir import Plan, downstream_stage, upstream_stage, validate_plan
 from ..contract.model_config import ModelConfig
 from ..model.stage import StageModel, init_weights
 from .batch import Batch
-from .memory import SavedTensorMeter
+from .live_bytes import LiveBytesMeter
 from .nccl_semantics import emulation_from_env
 from .p2p import StageLink, TransferMismatch, plan_digest
 from .parallel_dims import ParallelMesh
@@ -44,6 +45,9 @@ class RuntimeSettings:
     ``nccl_semantics`` makes P2P waits behave as under NCCL (see `nccl_semantics`); it defaults to
     the ``INFINIPIPE_NCCL_SEMANTICS`` environment variable. ``master_dtype`` keeps master weights
     and gradients in that dtype while the stage computes in ``dtype`` (`precision.MasterWeights`).
+    ``count_live_bytes`` counts every tensor byte a CPU step allocates (each operator passes
+    through a Python dispatch mode, so it is for tests and benchmarks); on CUDA the allocator's
+    count is always read.
     """
 
     dtype: torch.dtype = torch.float32
@@ -54,6 +58,7 @@ class RuntimeSettings:
     recv_lookahead: int = 1
     nccl_semantics: bool = field(default_factory=emulation_from_env)
     master_dtype: torch.dtype | None = None
+    count_live_bytes: bool = False
 
     def __post_init__(self) -> None:
         if self.recv_lookahead < 0:
@@ -74,9 +79,10 @@ class StepResult:
     """What one rank measured in one step. ``loss`` is the global batch's, on every rank.
 
     ``busy_s`` sums the compute of the stage's actions, ``idle_s`` is the rest of the pipeline
-    phase (waiting for neighbours); the gradient all-reduce is timed apart. ``peak_activation_bytes``
-    is the saved-tensor peak (what the simulator predicts); ``peak_allocated_bytes`` the CUDA
-    allocator's peak (None on CPU).
+    phase (waiting for neighbours); the gradient all-reduce is timed apart. ``peak_step_bytes`` is
+    the most tensor bytes the step had allocated at once, counting from its start (activations, K/V
+    stores, transients, gradients, communication buffers; what the simulator predicts as
+    ``SimResult.peak_step_bytes``); None on CPU unless ``RuntimeSettings.count_live_bytes``.
     """
 
     loss: float
@@ -88,8 +94,7 @@ class StepResult:
     idle_s: float
     allreduce_s: float
     actions: tuple[ActionTime, ...]
-    peak_activation_bytes: int
-    peak_allocated_bytes: int | None
+    peak_step_bytes: int | None
 
 
 class PipelineWorker:
@@ -168,12 +173,11 @@ class PipelineWorker:
             normaliser = self._global_normaliser(batch)
         self.model.zero_grad(set_to_none=True)
         self.weights.zero_grad(set_to_none=True)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        meter = SavedTensorMeter(exclude=self.model.parameters())
+        counted = self.device.type == "cuda" or self.settings.count_live_bytes
+        meter = LiveBytesMeter(self.device) if counted else contextlib.nullcontext()
         mesh = self.mesh
         sp = SequenceParallel(mesh.sp_group, mesh.sp_rank, mesh.sp) if mesh.sp > 1 else None
-        compute = StageCompute(self.model, batch, normaliser, self.settings.loss_block_tokens, meter, sp)
+        compute = StageCompute(self.model, batch, normaliser, self.settings.loss_block_tokens, sp)
         link = StageLink(self.mesh.pp_group, stage, self.mesh.pp, self.cfg.hidden, self.settings.dtype,
                          self.device, digest, emulate_nccl=self.settings.nccl_semantics)
         actions = plan.stage_actions[stage]
@@ -211,9 +215,9 @@ class PipelineWorker:
                 elif a.kind == "F":
                     losses.append(out)
             link.wait_sends()
-        pipe_end = clock.mark()
-        loss = self._reduce(torch.stack(losses).double().sum() if losses else None)
-        red_end = clock.mark()
+            pipe_end = clock.mark()
+            loss = self._reduce(torch.stack(losses).double().sum() if losses else None)
+            red_end = clock.mark()
         times = [ActionTime(a.kind, a.chunk_id, clock.seconds(*span)) for a, span in zip(actions, spans)]
         pipeline_s = clock.seconds(pipe_start, pipe_end)
         busy = sum(t.compute_s for t in times)
@@ -222,8 +226,7 @@ class PipelineWorker:
             loss=loss, stage=stage, dp_rank=self.mesh.dp_rank,
             step_s=time.perf_counter() - t_step, pipeline_s=pipeline_s, busy_s=busy,
             idle_s=max(0.0, pipeline_s - busy), allreduce_s=allreduce_s, actions=tuple(times),
-            peak_activation_bytes=meter.peak,
-            peak_allocated_bytes=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
+            peak_step_bytes=meter.peak if counted else None,
         )
 
     def _reduce(self, local_loss: torch.Tensor | None) -> float:

@@ -30,20 +30,25 @@ class _StorageCounter(TorchDispatchMode):
 
 
 class LiveBytesMeter:
-    """Context manager: ``peak`` is the most tensor bytes alive at once while it was active,
-    counted from ``current`` = 0 at entry (bytes already alive then are left out)."""
+    """Context manager: ``peak`` is the most tensor bytes alive at once since entry (or since
+    `reset_peak`), counted from ``current`` = 0 at entry (bytes already alive then are left out).
+
+    On CUDA the readings are the allocator's and need no synchronisation of their own: the
+    caching allocator accounts a block when the host enqueues the kernel that uses it.
+    """
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.device = device
-        self.current = self.peak = 0
+        self._current = self._peak = 0
         self._live: dict[int, int] = {}
         self._base = 0
+        self._open = False
         self._mode = None if self.cuda else _StorageCounter(self)
 
     def __enter__(self) -> "LiveBytesMeter":
+        self._open = True
         if self.cuda:
-            torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
@@ -52,10 +57,29 @@ class LiveBytesMeter:
 
     def __exit__(self, *exc) -> None:
         if self.cuda:
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
-            self.current = torch.cuda.memory_allocated(self.device) - self._base
+            self._peak, self._current = self.peak, self.current
         else:
             self._mode.__exit__(*exc)
+        self._open = False
+
+    @property
+    def current(self) -> int:
+        if self.cuda and self._open:
+            return torch.cuda.memory_allocated(self.device) - self._base
+        return self._current
+
+    @property
+    def peak(self) -> int:
+        if self.cuda and self._open:
+            return torch.cuda.max_memory_allocated(self.device) - self._base
+        return self._peak
+
+    def reset_peak(self) -> None:
+        """Start a new peak from what is alive now (to measure one phase, e.g. a backward)."""
+        if self.cuda and self._open:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._peak = self._current
 
     def _see(self, storage: torch.UntypedStorage) -> None:
         key = storage.data_ptr()
@@ -63,9 +87,9 @@ class LiveBytesMeter:
             return
         size = storage.nbytes()
         self._live[key] = size
-        self.current += size
-        self.peak = max(self.peak, self.current)
+        self._current += size
+        self._peak = max(self._peak, self._current)
         weakref.finalize(storage, self._free, key)
 
     def _free(self, key: int) -> None:
-        self.current -= self._live.pop(key, 0)
+        self._current -= self._live.pop(key, 0)

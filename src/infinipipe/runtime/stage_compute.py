@@ -23,7 +23,6 @@ from ..model.layers import ChunkMeta
 from ..model.loss import blocked_cross_entropy
 from ..model.stage import StageModel
 from .batch import Batch
-from .memory import SavedTensorMeter
 from .sequence_parallel import SequenceParallel
 
 
@@ -47,15 +46,13 @@ class StageCompute:
     """Runs chunks through a `StageModel`; gradients accumulate in its parameters."""
 
     def __init__(self, model: StageModel, batch: Batch, normaliser: int | None = None,
-                 loss_block_tokens: int = LOSS_BLOCK_TOKENS, meter: SavedTensorMeter | None = None,
-                 sp: SequenceParallel | None = None):
+                 loss_block_tokens: int = LOSS_BLOCK_TOKENS, sp: SequenceParallel | None = None):
         self.model = model
         self.batch = batch
         self.lengths = batch.lengths
         self.normaliser = batch.predicted_tokens if normaliser is None else normaliser
         self.loss_block_tokens = loss_block_tokens
         self.device = next(model.parameters()).device
-        self.meter = meter
         self.sp = sp
         self.kv_heads = model.cfg.kv_heads if sp is None else sp.kv_heads(model.cfg)
         self._live: dict[int, _Live] = {}
@@ -76,10 +73,6 @@ class StageCompute:
             seq = _SequenceKV([LayerKV(self.lengths[seg.seq_id], self.kv_heads, cfg.head_dim, param.dtype, self.device)
                                for _ in self.model.layer_ids])
             self._kv[seg.seq_id] = seq
-            if self.meter is not None:
-                for store in seq.layers:
-                    for t in store.tensors():
-                        self.meter.hold(t)
         elif seq is None or seq.layers[0].filled != seg.start:
             have = 0 if seq is None else seq.layers[0].filled
             raise ValueError(
@@ -156,11 +149,7 @@ class StageCompute:
         if pairs:
             torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs])
         if seg is not None and seg.start == 0:
-            released = self._kv.pop(seg.seq_id)
-            if self.meter is not None:
-                for store in released.layers:
-                    for t in store.tensors():
-                        self.meter.release(t)
+            del self._kv[seg.seq_id]
         if live.inp is None:
             return None
         # A chunk whose tokens predict nothing (sequences of one token) sends back zeros.

@@ -52,15 +52,18 @@ class OutOfMemory:
 
 @dataclass(frozen=True)
 class SimResult:
-    """``peak_memory_bytes`` is the whole stage (model states, activations, the loss's transient
-    working memory); ``peak_activation_bytes`` only what chunks keep from forward to backward,
-    the quantity saved-tensor accounting measures."""
+    """``peak_memory_bytes`` is the whole stage (model states, what chunks hold, the running
+    action's transient); ``peak_step_bytes`` the same less what exists before a step starts
+    (weights and optimizer state: all model states but the gradients), the quantity a step's
+    live-byte count measures; ``peak_activation_bytes`` only what chunks keep from forward to
+    backward."""
 
     planner: str
     iteration_time_s: float
     busy_s: tuple[float, ...]
     recompute_s: tuple[float, ...]
     peak_memory_bytes: tuple[float, ...]
+    peak_step_bytes: tuple[float, ...]
     peak_activation_bytes: tuple[float, ...]
     memory_budget: float | None
     oom: tuple[OutOfMemory, ...]
@@ -96,6 +99,7 @@ class SimResult:
             "recompute_time_s": self.recompute_time_s,
             "feasible": self.feasible,
             "peak_memory_bytes": list(self.peak_memory_bytes),
+            "peak_step_bytes": list(self.peak_step_bytes),
             "peak_activation_bytes": list(self.peak_activation_bytes),
             "memory_budget": self.memory_budget,
             "num_chunks": self.num_chunks,
@@ -144,7 +148,7 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
     by_stage: list[list[Interval]] = [[] for _ in range(stages)]
     for iv in intervals:
         by_stage[iv.stage].append(iv)
-    timelines, peaks, act_peaks, ooms = [], [], [], []
+    timelines, peaks, step_peaks, act_peaks, ooms = [], [], [], [], []
     for s in range(stages):
         n, first, is_last = plan.layers_per_stage[s], s == 0, s == last
         rec = {a.chunk_id: a.recompute_layers for a in plan.stage_actions[s]}
@@ -162,6 +166,7 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
             act_peak = max(act_peak, held)
             timeline.append((iv.end_s, states + held))
         peak = max(v for _, v in timeline)
+        step_peaks.append(peak - states + cost.grad_bytes(n, first, is_last))
         act_peaks.append(act_peak)
         timelines.append(tuple(timeline))
         peaks.append(peak)
@@ -175,6 +180,7 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
         busy_s=tuple(sum(i.end_s - i.start_s for i in intervals if i.stage == s) for s in range(stages)),
         recompute_s=tuple(sum(i.recompute_s for i in intervals if i.stage == s) for s in range(stages)),
         peak_memory_bytes=tuple(peaks),
+        peak_step_bytes=tuple(step_peaks),
         peak_activation_bytes=tuple(act_peaks),
         memory_budget=None if budget is None else float(budget),
         oom=tuple(ooms),

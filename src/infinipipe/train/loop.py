@@ -153,8 +153,8 @@ def _record(step: int, sp: StepPlans, results: list[dict], tokens: int, step_s: 
         "bubble_ratio_measured": measured_bubble(stages),
         "bubble_ratio_predicted": predicted["bubble_ratio"],
         "iteration_time_predicted_s": predicted["iteration_time_s"],
-        "peak_activation_bytes": [r["peak_activation_bytes"] for r in stages],
-        "peak_activation_bytes_predicted": predicted["peak_memory_bytes"],
+        "peak_step_bytes": [r["peak_step_bytes"] for r in stages],
+        "peak_step_bytes_predicted": predicted["peak_step_bytes"],
         "planning_s": sp.planning_s,
         "plan": [
             {"planner": p.metadata.get("planner"), "num_chunks": len(p.chunks), "num_pipelines": len(p.pipelines),
@@ -281,7 +281,7 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
             worker.refresh()
             scheduler.step()
             mine = {"stage": res.stage, "dp": res.dp_rank, "busy_s": res.busy_s, "pipeline_s": res.pipeline_s,
-                    "peak_activation_bytes": res.peak_activation_bytes, "signal": stop.signum}
+                    "peak_step_bytes": res.peak_step_bytes, "signal": stop.signum}
             gathered = [None] * world if root else None
             dist.gather_object(mine, gathered, dst=0)
             step_s = time.perf_counter() - t0
