@@ -5,7 +5,7 @@ import argparse
 import importlib
 import pkgutil
 import sys
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 
 from . import commands
 
@@ -18,10 +18,18 @@ Start with `infinipipe train` (a tiny model on this Python's standard library, 4
 nothing downloaded). `infinipipe COMMAND --help` describes each command."""
 
 
+def _version() -> str:
+    """Run from a source tree on ``PYTHONPATH`` the package has no installed metadata."""
+    try:
+        return version("infinipipe")
+    except PackageNotFoundError:
+        return "(source tree, not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infinipipe", description=DESCRIPTION, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"infinipipe {version('infinipipe')}")
+    parser.add_argument("--version", action="version", version=f"infinipipe {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)

@@ -18,6 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="fit from a JSON file of measured layer costs instead of measuring")
     src.add_argument("--scale-from", metavar="PROFILE",
                      help="derive the profile by scaling a measured profile (name or file) to --model")
+    p.add_argument("--memory-from", metavar="FILE",
+                   help="refit the memory terms to measurements of this runtime's layer (--measurements-out of a "
+                        "profile of the same model and dtype on any GPU); time terms stay")
     p.add_argument("--layers", type=int, default=2, help="layers to measure (layers are identical)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
@@ -65,11 +68,16 @@ def run(args: argparse.Namespace) -> int:
             warmup=args.warmup, reps=args.reps, passes=args.passes, threads=args.threads,
             progress=not args.no_progress,
             name=args.model)
+    if args.memory_from:
+        from ..profiling.fit import memory_from_measurements
+
+        path = Path(args.memory_from)
+        prof = memory_from_measurements(prof, json.loads(path.read_text()), path.name)
     if args.out:
         prof.save(args.out)
     if args.measurements_out:
         Path(args.measurements_out).write_text(json.dumps(
-            {"device": prof.device, "dtype": prof.dtype, "model": args.model,
+            {"device": prof.device, "dtype": prof.dtype, "model": args.model, "attention": prof.fit_error.get("attention"),
              "fit": [m.to_row() for m in fit_rows], "held_out": [m.to_row() for m in held_rows]}, indent=1) + "\n")
     summary = {"model": args.model, "device": prof.device, "dtype": prof.dtype, "source": prof.source,
                "derived_from": prof.derived_from, "out": args.out, "fit_error": prof.fit_error}
@@ -78,9 +86,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"{args.model} on {prof.device} ({prof.dtype}): {prof.source}")
         fe = prof.fit_error
-        for key in ("fwd", "bwd", "time", "act_bytes", "embed_time", "head_time"):
+        for key in ("fwd", "bwd", "time", "act_bytes", "fwd_work_bytes", "bwd_work_bytes", "embed_time", "head_time"):
             if key in fe and fe[key].get("n"):
-                print(f"  {fe['method']} {key:9s} relative error: median {fe[key]['median']:.2%}, "
+                method = "held-out" if "memory_from" in fe and key.endswith("bytes") else fe.get("method", "held-out")
+                print(f"  {method} {key:9s} relative error: median {fe[key]['median']:.2%}, "
                       f"max {fe[key]['max']:.2%} over {fe[key]['n']} predictions")
         if args.out:
             print(f"  wrote {args.out}")

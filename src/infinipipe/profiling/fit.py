@@ -7,6 +7,7 @@ less). Errors are reported on held-out shapes (or leave-one-out when every shape
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,7 @@ import numpy as np
 from scipy.optimize import nnls
 
 from ..contract.cost import DTYPE_BYTES, LOSS_BLOCK_TOKENS, LinearTerm, Profile
-from ..contract.model_config import ModelConfig
+from ..contract.model_config import ModelConfig, preset
 from ..contract.shapes import FEATURES, ChunkShape
 
 TIME_FEATURES_FLASH = ("attn", "tokens", "kv", "chunk")
@@ -273,3 +274,37 @@ def profile_from_measurements(data: Mapping[str, Any], model_name: str, cfg: Mod
         **fit.terms,
         **flops_head_terms(cfg, dtype, tflops),
     )
+
+
+MEMORY_TERMS = ("layer_act_bytes", "layer_fwd_work_bytes", "layer_bwd_work_bytes")
+
+
+def memory_from_measurements(base: Profile, data: Mapping[str, Any], source_name: str) -> Profile:
+    """``base`` with its memory terms refitted to measurements of this runtime's layer of the same
+    shape and dtype (``infinipipe profile --measurements-out``, on any GPU).
+
+    Bytes kept and held for a moment depend on the layer's code and kernels, not on the GPU's
+    speed: timings measured on one GPU, or of another implementation of the layer, keep their
+    time terms while the memory terms describe what this runtime allocates.
+    """
+    if data.get("dtype") != base.dtype:
+        raise ValueError(f"{source_name}: measured in {data.get('dtype')}, the profile is {base.dtype}")
+    model = data.get("model")
+    if model is None or preset(model).cost_shape() != base.model.cost_shape():
+        raise ValueError(f"{source_name}: measured model {model!r} is not the profile's layer shape")
+    fit_rows = [Measurement.from_row(r) for r in data["fit"]]
+    held = [Measurement.from_row(r) for r in data["held_out"]]
+    if any(m.fwd_work_bytes is None or m.bwd_work_bytes is None for m in fit_rows + held):
+        raise ValueError(f"{source_name}: rows lack fwd_work_bytes/bwd_work_bytes (measured before they were recorded)")
+    features = MEM_FEATURES_SDPA if data.get("attention") == "sdpa" else MEM_FEATURES_FLASH
+    terms, errors = {}, {}
+    for term, quantity in zip(MEMORY_TERMS, ("act_bytes", *WORK_QUANTITIES)):
+        terms[term] = fit_term([m.shape for m in fit_rows], [m.value(quantity) for m in fit_rows], features)
+        errors[quantity] = summarize(relative_errors(terms[term], [m.shape for m in held],
+                                                     [m.value(quantity) for m in held]))
+    return dataclasses.replace(
+        base, **terms,
+        fit_error={**base.fit_error, **errors, "memory_from": source_name},
+        source=(f"{base.source}; memory terms (kept activations, layer work memory) fitted instead to "
+                f"{len(fit_rows)} shapes of this runtime's layer measured on {data.get('device')} in {source_name}, "
+                f"errors on {len(held)} held-out shapes"))

@@ -342,14 +342,15 @@ def _profile_device(cfg, layers, device, dtype, max_tokens, min_len, warmup, rep
     measured = bench.measure(fit_shapes + held_out, passes=passes, progress=progress,
                              desc=f"profiling {name or 'model'} on {device}")
     measured_fit, measured_held = measured[:len(fit_shapes)], measured[len(fit_shapes):]
-    flash = resolve_backend(backend, torch.device(device), TORCH_DTYPES[dtype]) == "varlen"
+    attention = resolve_backend(backend, torch.device(device), TORCH_DTYPES[dtype])
+    flash = attention == "varlen"
     if error_min_tokens is None:
         error_min_tokens = ERROR_MIN_TOKENS if bench.cuda else 0
     fit = fit_layer(measured_fit, measured_held,
                     time_features=TIME_FEATURES_FLASH if flash else TIME_FEATURES_SDPA,
                     mem_features=MEM_FEATURES_FLASH if flash else MEM_FEATURES_SDPA,
                     min_tokens=error_min_tokens)
-    fit_error = dict(fit.fit_error)
+    fit_error = {**fit.fit_error, "attention": attention}
     if bench.cuda:
         ratios = [bench.allocator_bytes(m.shape) / m.act_bytes for m in measured_held]
         fit_error["allocator_over_saved"] = {"median": statistics.median(ratios), "max": max(ratios),

@@ -81,7 +81,7 @@ class SavedTensorMeter:
         key = _storage_key(t)
         if key is None or key in self._excluded:
             return t
-        packed = _Packed(t)
+        packed = _Packed(t.detach())  # the graph keeps the pack: holding the output itself would cycle
         self._acquire(key, t)
         weakref.finalize(packed, self._release, key)
         return packed
