@@ -7,9 +7,10 @@ bf16), once storing every layer and once recomputing every layer. The peak is wh
 allocates beyond the weights (`LiveBytesMeter`: the CUDA allocator, or a storage count on CPU);
 the prediction is `SimResult.peak_step_bytes` from ``--profile`` (default: the committed profile
 of ``--model``). Then the same weights in fp32 run the plain full-sequence reference and each
-gradient's relative error (norm of the difference over the reference's norm) is printed. Exits
-non-zero when the peak is off by more than ``--mem-tol`` or the loss or a gradient by more than
-``--grad-tol``.
+gradient's relative error (norm of the difference over the reference's norm) is printed beside
+that of the plain full-sequence run in the same dtype. Exits non-zero when the peak is off by more
+than ``--mem-tol``, the loss by more than ``--grad-tol``, or a gradient's error exceeds twice the
+plain run's.
 
 Usage: ``python benchmarks/gpu_split_check.py [--model llama-7b --layers 4 --tokens 32768
 --slices 8] [--profile FILE] [--json OUT]``; on CPU, ``--device cpu --model tiny --tokens 2048``.
@@ -110,28 +111,38 @@ def main() -> int:
         if rec == 0:
             grads = {n: p.grad.detach().clone() for n, p in stage.named_parameters()}
 
+    on_device = Batch(tuple(t.to(dev) for t in batch.sequences))
+    stage.zero_grad(set_to_none=True)
+    reference_loss(stage, on_device).backward()
+    plain = {n: p.grad.detach().clone() for n, p in stage.named_parameters()}
     stage.cpu()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     [ref] = build_stages(cfg, [args.layers], seed=0, dtype=torch.float32, backend="sdpa")
     ref.to(dev)
-    ref_loss = reference_loss(ref, Batch(tuple(t.to(dev) for t in batch.sequences)))
+    ref_loss = reference_loss(ref, on_device)
     ref_loss.backward()
     ref_loss = ref_loss.item()
     ref_grads = {n: p.grad.detach() for n, p in ref.named_parameters()}
     errs = relative_errors({n: t.to(dev) for n, t in grads.items()}, ref_grads)
+    floor = relative_errors({n: t.to(dev) for n, t in plain.items()}, ref_grads)
     loss_err = abs(rows[0]["loss"] - ref_loss) / abs(ref_loss)
-    worst = max(errs, key=errs.get)
-    ok &= loss_err <= args.grad_tol and errs[worst] <= args.grad_tol
+    worst = max(errs, key=lambda n: errs[n] / max(floor[n], 1e-12))
+    # The plan may lose no more than the precision itself does: the plain full-sequence run in the
+    # same dtype is the yardstick (twice its error, as flash-attention's own tests judge).
+    ok &= loss_err <= args.grad_tol and all(errs[n] <= 2 * floor[n] + 1e-6 for n in errs)
     print(f"{args.dtype} plan vs fp32 full-sequence reference: loss {rows[0]['loss']:.6f} vs {ref_loss:.6f} "
           f"(relative {loss_err:.2e}); gradient relative error median {statistics.median(errs.values()):.2e}, "
-          f"max {errs[worst]:.2e} ({worst})")
+          f"max {max(errs.values()):.2e}; the plain {args.dtype} full-sequence run: median "
+          f"{statistics.median(floor.values()):.2e}, max {max(floor.values()):.2e}; worst ratio "
+          f"{errs[worst] / max(floor[worst], 1e-12):.2f} ({worst})")
     print("PASS" if ok else "FAIL")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "dtype": args.dtype, "attention": backend, "model": args.model,
                        "layers": args.layers, "lengths": lengths, "slices": slices, "profile": profile_name,
-                       "runs": rows, "loss_relative_error": loss_err, "grad_relative_errors": errs, "pass": ok},
+                       "runs": rows, "loss_relative_error": loss_err, "grad_relative_errors": errs,
+                       "plain_grad_relative_errors": floor, "pass": ok},
                       f, indent=1)
     return 0 if ok else 1
 
