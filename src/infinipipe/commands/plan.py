@@ -94,7 +94,7 @@ def with_layout(cost, layout):
 def describe_layout(layout) -> str:
     """One line for a human: the degrees and the links they are charged on."""
     def link(m) -> str:
-        return f"{m.bandwidth_Bps * 8 / 1e9:g} Gbit/s, {m.latency_s * 1e6:g} us"
+        return f"{m.bandwidth_Bps * 8 / 1e9:.4g} Gbit/s, {m.latency_s * 1e6:.4g} us"
 
     return (f"layout: sp {layout.sp}, parameters sharded over {layout.fsdp} rank(s), {layout.gpus_per_node} GPUs per "
             f"node; intra-node {link(layout.intra_node)}; inter-node {link(layout.inter_node)}")

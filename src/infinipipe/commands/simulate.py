@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__)
     p.add_argument("plan", type=Path, help="plan JSON written by `infinipipe plan`")
     add_model_options(p, "default: the model the plan was made for")
-    add_layout_options(p, "defaults: the plan's")
+    add_layout_options(p, "defaults: the layout the plan records; in brackets where it records none")
     p.add_argument("--memory-budget", help="memory budget per device, e.g. 80GiB (default: the plan's)")
     p.add_argument("--latency-us", type=float, default=10.0, help="P2P latency in microseconds (default 10)")
     p.add_argument("--bandwidth-gbps", type=float, default=200.0,
