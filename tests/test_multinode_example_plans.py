@@ -31,7 +31,7 @@ def test_llama13b_4node_example_plans_within_its_budget():
     cfg = load_config(EXAMPLE)
     dims = ParallelDims.from_config(cfg.parallelism, 32)
     assert dims.keeps_groups_in_nodes(8)
-    request, budget = _request(StageLayout(sp=dims.sp, fsdp=dims.fsdp))
+    request, budget = _request(cfg.cluster.stage_layout(dims.sp, dims.fsdp))
     plan = make_plan(cfg.epp.planner, request)
     result = simulate(plan, request.cost, budget)
     assert result.feasible and max(result.peak_memory_bytes) <= budget
@@ -40,7 +40,7 @@ def test_llama13b_4node_example_plans_within_its_budget():
 def test_llama13b_4node_example_layout_beats_one_gpu_per_stage():
     cfg = load_config(EXAMPLE)
     dims = ParallelDims.from_config(cfg.parallelism, 32)
-    sharded, budget = _request(StageLayout(sp=dims.sp, fsdp=dims.fsdp))
+    sharded, budget = _request(cfg.cluster.stage_layout(dims.sp, dims.fsdp))
     alone, _ = _request(StageLayout())
     fast = simulate(make_plan("epp", sharded), sharded.cost, budget)
     assert fast.feasible

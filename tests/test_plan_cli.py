@@ -106,3 +106,45 @@ def test_hf_folder_plans_and_simulates_on_the_profile_of_its_shape_whatever_its_
     assert main(["bench", "--hf-path", str(folder), "--stages", "2", "--batch", "16", "--max-len", "16384",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["profile"] == "h100-bf16-llama-7b"
+
+
+def test_layout_options_reach_the_plan_and_simulate_reads_them_back(tmp_path, profile_file, capsys):
+    lengths = tmp_path / "lengths.txt"
+    lengths.write_text("40000\n9000\n3000\n3000\n500\n")
+    common = ["plan", "--lengths", str(lengths), "--model", "llama-7b", "--profile", str(profile_file),
+              "--stages", "4", "--planner", "gpipe"]
+    alone, sharded = tmp_path / "alone.json", tmp_path / "sharded.json"
+    assert main([*common, "--out", str(alone)]) == 0
+    assert main([*common, "--sp", "2", "--dp-shard", "2", "--gpus-per-node", "4", "--intra-node-gbps", "800",
+                 "--out", str(sharded)]) == 0
+    assert "layout: sp 2, parameters sharded over 4 rank(s), 4 GPUs per node; intra-node 800 Gbit/s" \
+        in capsys.readouterr().err
+    layout = Plan.loads(sharded.read_text()).metadata["layout"]
+    assert (layout["sp"], layout["fsdp"], layout["gpus_per_node"]) == (2, 4, 4)
+    assert layout["intra_node"]["bandwidth_Bps"] == 100e9
+
+    def figures(*extra: str) -> dict:
+        assert main(["simulate", *extra, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    one, two = figures(str(alone)), figures(str(sharded))
+    assert two["layout"] == layout and one["layout"]["sp"] == 1
+    assert all(b < a for a, b in zip(one["peak_memory_bytes"], two["peak_memory_bytes"]))
+    assert figures(str(sharded), "--sp", "1")["layout"]["fsdp"] == 2  # dp-shard 2 kept from the plan
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sp", "0"], "--sp must be >= 1, got 0"),
+    (["--dp-shard", "-1"], "--dp-shard must be >= 1"),
+    (["--gpus-per-node", "0"], "--gpus-per-node must be >= 1"),
+    (["--inter-node-gbps", "0"], "--inter-node-gbps must be > 0"),
+    (["--intra-node-latency-us", "-5"], "--intra-node-latency-us must be >= 0"),
+    (["--sp", "64"], "--sp 64 exceeds the model's 32 attention heads"),
+    (["--links", "missing-links.json"], "links file missing-links.json"),
+])
+def test_bad_layout_options_exit_2_naming_the_flag(tmp_path, profile_file, capsys, flags, message):
+    for command in (["plan", "--dist", "github", "--batch", "4", "--model", "llama-7b", "--profile", str(profile_file),
+                     "--stages", "2", "--planner", "gpipe", "--out", str(tmp_path / "p.json")],
+                    ["bench", "--model", "llama-7b", "--stages", "2", "--batch", "4"]):
+        assert main([*command, *flags]) == 2
+        assert message in capsys.readouterr().err

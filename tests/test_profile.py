@@ -80,3 +80,33 @@ def test_profile_cli_on_cpu_writes_a_profile_with_held_out_errors(tmp_path, caps
 def test_profile_cli_rejects_too_many_layers(capsys):
     assert main(["profile", "--model", "tiny", "--layers", "9", "--no-progress"]) == 2
     assert "--layers" in capsys.readouterr().err
+
+
+def test_link_fit_recovers_latency_and_bandwidth_and_refuses_noise():
+    from infinipipe.contract.layout import LinkModel
+    from infinipipe.profiling.links import fit_link
+
+    true = LinkModel(latency_s=50e-6, bandwidth_Bps=2e9)
+    fit = fit_link([(b, true.transfer_s(b)) for b in (1e4, 1e6, 8e6)])
+    assert (fit.latency_s, fit.bandwidth_Bps) == pytest.approx((true.latency_s, true.bandwidth_Bps))
+    assert fit_link([(1e6, 4e-4), (2e6, 9e-4)]).latency_s == 0.0  # a negative intercept is held at 0
+    with pytest.raises(ValueError, match="--link-bytes"):
+        fit_link([(1e4, 3e-4), (1e6, 2e-4)])
+
+
+@pytest.mark.slow
+def test_profile_links_measures_two_local_processes_into_a_file_plan_reads(tmp_path, capsys):
+    from infinipipe.contract.layout import read_links
+
+    out = tmp_path / "links.json"
+    assert main(["profile", "--links", "--procs", "2", "--link-bytes", "4KiB,1MiB,8MiB", "--warmup", "1",
+                 "--reps", "5", "--out", str(out), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["backend"] == "gloo" and shown["processes"] == 2 and "intra-node links" in shown["note"]
+    assert set(shown["collectives"]) == {"all_to_all", "all_gather"}
+    links = read_links(out)
+    assert set(links) == {"intra_node"} and links["intra_node"].bandwidth_Bps > 0
+    plan = tmp_path / "plan.json"
+    assert main(["plan", "--dist", "github", "--batch", "8", "--max-len", "16384", "--stages", "2", "--sp", "2",
+                 "--planner", "gpipe", "--links", str(out), "--out", str(plan)]) == 0
+    assert json.loads(plan.read_text())["metadata"]["layout"]["intra_node"] == links["intra_node"].to_json()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .plan import add_model_options
+from .plan import add_layout_options, add_model_options
 
 BENCH_MODEL = "llama-13b"
 
@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__)
     add_model_options(p, f"default {BENCH_MODEL}")
     p.add_argument("--stages", type=int, default=8, help="pipeline stages (default 8)")
+    add_layout_options(p, "defaults in brackets")
     p.add_argument("--dist", default="github", choices=DISTRIBUTIONS,
                    help="length distribution to sample the batch from (default github)")
     p.add_argument("--batch", type=int, default=512, help="sequences in the batch (default 512)")
@@ -38,22 +39,24 @@ def run(args: argparse.Namespace) -> int:
     from ..contract.units import parse_bytes
     from ..data.lengths import sample_lengths
     from ..planners.compare import ABLATIONS, BASELINES, compare_planners, format_rows
-    from .plan import model_from_args, profile_for_model
+    from .plan import describe_layout, layout_from_args, model_from_args, profile_for_model, with_layout
 
     model = model_from_args(args) or preset(BENCH_MODEL)
     name = args.profile or profile_for_model(model)
     profile = load_profile(name)
-    cost = CostModel(profile, model)
+    cost = with_layout(CostModel(profile, model), layout_from_args(args))
     lengths = sample_lengths(args.dist, args.batch, args.max_len, args.seed)
     planners = ["epp", *BASELINES, *(ABLATIONS if args.ablations else ())]
     rows = compare_planners(cost, lengths, args.stages, parse_bytes(args.memory_budget, "--memory-budget"), planners)
     if args.json:
-        print(json.dumps({"simulated": True, "profile": name, "rows": rows}, indent=1, default=str))
+        print(json.dumps({"simulated": True, "profile": name, "layout": cost.layout.to_json(), "rows": rows},
+                         indent=1, default=str))
         return 0
     origin = f"derived from {profile.derived_from}" if profile.derived_from else profile.source.split(";")[0]
     shown = args.hf_path or args.model or BENCH_MODEL
     print(f"SIMULATED (no hardware was run): {shown} on {args.stages} stages, {args.memory_budget} per device, "
           f"{args.batch} {args.dist} sequences up to {args.max_len} tokens ({sum(lengths):,} tokens)")
     print(f"profile {name}: {profile.device}, {profile.dtype}, {origin}")
+    print(describe_layout(cost.layout))
     print("\n".join(format_rows(rows)))
     return 0

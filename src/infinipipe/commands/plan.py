@@ -39,6 +39,67 @@ def add_model_options(p: argparse.ArgumentParser, model_default: str) -> None:
                         "measured for the model's shape)")
 
 
+def add_layout_options(p: argparse.ArgumentParser, default: str) -> None:
+    """``--sp``, ``--dp-shard``, ``--gpus-per-node``, the link options and ``--links``: the ranks
+    of a stage and their links, as `plan`, `simulate` and `bench` cost them."""
+    g = p.add_argument_group("stage layout", f"the ranks that run each stage and their links ({default})")
+    g.add_argument("--sp", type=int, metavar="N", help="Ulysses sequence-parallel degree inside a stage (1)")
+    g.add_argument("--dp-shard", type=int, metavar="N",
+                   help="FSDP degree: a stage's parameters shard over dp-shard x sp ranks, gathered once per step; "
+                        "the batch is one of the dp-shard replicas' share (1)")
+    g.add_argument("--gpus-per-node", type=int, metavar="N", help="consecutive ranks on one node (8)")
+    g.add_argument("--intra-node-gbps", type=float, metavar="GBIT", help="per-GPU bandwidth inside a node, Gbit/s (1200)")
+    g.add_argument("--inter-node-gbps", type=float, metavar="GBIT", help="per-GPU bandwidth between nodes, Gbit/s (200)")
+    g.add_argument("--intra-node-latency-us", type=float, metavar="US", help="collective latency inside a node (10)")
+    g.add_argument("--inter-node-latency-us", type=float, metavar="US", help="collective latency between nodes (10)")
+    g.add_argument("--links", metavar="FILE",
+                   help="links measured by `infinipipe profile --links`; the link options above still win")
+
+
+def layout_from_args(args: argparse.Namespace, base=None):
+    """``base`` (default: one rank per stage on NVLink and InfiniBand) with the layout options given."""
+    from ..contract.layout import LinkModel, StageLayout, read_links
+
+    base = base or StageLayout()
+    for flag in ("sp", "dp_shard", "gpus_per_node"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    links = {"intra_node": base.intra_node, "inter_node": base.inter_node}
+    if args.links:
+        links.update(read_links(args.links))
+    for where in links:
+        gbps, latency_us = getattr(args, f"{where}_gbps"), getattr(args, f"{where}_latency_us")
+        flag = f"--{where.replace('_', '-')}"
+        if gbps is not None and not gbps > 0:
+            raise ValueError(f"{flag}-gbps must be > 0, got {gbps}")
+        if latency_us is not None and latency_us < 0:
+            raise ValueError(f"{flag}-latency-us must be >= 0, got {latency_us}")
+        links[where] = LinkModel(links[where].latency_s if latency_us is None else latency_us / 1e6,
+                                 links[where].bandwidth_Bps if gbps is None else gbps * 1e9 / 8)
+    sp = args.sp or base.sp
+    dp_shard = args.dp_shard or base.fsdp // base.sp
+    return StageLayout(sp=sp, fsdp=dp_shard * sp, reshard_per_chunk=base.reshard_per_chunk,
+                       gpus_per_node=args.gpus_per_node or base.gpus_per_node, **links)
+
+
+def with_layout(cost, layout):
+    """``cost`` on ``layout``; an SP degree above the model's attention heads is refused."""
+    if layout.sp > cost.model.heads:
+        raise ValueError(f"--sp {layout.sp} exceeds the model's {cost.model.heads} attention heads "
+                         "(Ulysses spreads heads over the SP ranks)")
+    return dataclasses.replace(cost, layout=layout)
+
+
+def describe_layout(layout) -> str:
+    """One line for a human: the degrees and the links they are charged on."""
+    def link(m) -> str:
+        return f"{m.bandwidth_Bps * 8 / 1e9:.4g} Gbit/s, {m.latency_s * 1e6:.4g} us"
+
+    return (f"layout: sp {layout.sp}, parameters sharded over {layout.fsdp} rank(s), {layout.gpus_per_node} GPUs per "
+            f"node; intra-node {link(layout.intra_node)}; inter-node {link(layout.inter_node)}")
+
+
 def model_from_args(args: argparse.Namespace):
     """The model named by ``--model`` or ``--hf-path`` (``None`` when neither is given)."""
     from ..contract.model_config import preset
@@ -90,6 +151,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     add_model_options(p, f"default {PLAN_MODEL}, or the profile's model when --profile is given")
     p.add_argument("--stages", type=int, default=8, help="pipeline stages (default 8)")
+    add_layout_options(p, "defaults in brackets")
     p.add_argument("--memory-budget", default="80GiB", help="memory budget per device (default 80GiB)")
     p.add_argument("--layers", help="layers per stage, comma separated (default: balanced by cost)")
     p.add_argument("--planner", default="epp", choices=sorted(PLANNERS))
@@ -102,6 +164,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..contract.layout import StageLayout
     from ..data.lengths import read_lengths, sample_lengths
     from ..planners.registry import make_plan
     from ..planners.request import PlanRequest
@@ -119,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
 
             model = preset(PLAN_MODEL)
         args.profile = profile_for_model(model)
-    cost = build_cost(args.profile, model)
+    cost = with_layout(build_cost(args.profile, model), layout_from_args(args))
     layers = None
     if args.layers:
         try:
@@ -131,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     plan = make_plan(args.planner, request)
     plan = dataclasses.replace(plan, metadata={
         **plan.metadata, "profile": args.profile, "model": cost.model.to_json(),
-        "memory_budget": request.memory_budget, "lengths_source": source,
+        "memory_budget": request.memory_budget, "lengths_source": source, "layout": cost.layout.to_json(),
     })
     args.out.write_text(plan.dumps() + "\n")
     if args.explain:
@@ -143,4 +206,6 @@ def run(args: argparse.Namespace) -> int:
           f"-> {len(plan.chunks)} chunks, "
           f"{len(plan.pipelines)} pipeline(s), layers {list(plan.layers_per_stage)}; wrote {args.out}",
           file=sys.stderr)
+    if cost.layout != StageLayout():
+        print(describe_layout(cost.layout), file=sys.stderr)
     return 0

@@ -1,5 +1,6 @@
 """``infinipipe profile``: fit a cost profile by measuring this device, from a measurement file,
-or by scaling a measured profile to a larger model shape."""
+or by scaling a measured profile to a larger model shape; or, with ``--links``, measure the links
+between local processes for the cost model's SP and FSDP collectives."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,7 @@ from ..contract.model_config import PRESETS, preset
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("profile", help="measure layer costs and fit a cost profile",
+    p = sub.add_parser("profile", help="measure layer costs and fit a cost profile (--links: measure links)",
                        description=__doc__)
     p.add_argument("--model", default="tiny", help=f"model preset ({', '.join(PRESETS)})")
     src = p.add_mutually_exclusive_group()
@@ -21,6 +22,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory-from", metavar="FILE",
                    help="refit the memory terms to measurements of this runtime's layer (--measurements-out of a "
                         "profile of the same model and dtype on any GPU); time terms stay")
+    src.add_argument("--links", action="store_true",
+                     help="measure all-to-all and all-gather between local processes and fit latency + bytes/bandwidth "
+                          "(one host: intra-node links only); --out writes the links file that plan/simulate/bench "
+                          "--links and cluster.links read")
+    p.add_argument("--procs", type=int, default=None,
+                   help="processes for --links (default: the GPUs here when more than one, else 2)")
+    p.add_argument("--link-bytes", default="64KiB,1MiB,8MiB",
+                   help="message sizes for --links, bytes each rank holds, comma separated (default 64KiB,1MiB,8MiB)")
     p.add_argument("--layers", type=int, default=2, help="layers to measure (layers are identical)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
@@ -38,10 +47,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def run_links(args: argparse.Namespace) -> int:
+    """``--links``: time the collectives, fit the links, say that one host measures only intra-node ones."""
+    import torch
+
+    from ..contract.units import parse_bytes
+    from ..profiling.links import measure_links
+
+    procs = args.procs or max(2, torch.cuda.device_count())
+    sizes = [parse_bytes(word, "--link-bytes") for word in args.link_bytes.split(",")]
+    links = measure_links(procs, sizes, warmup=args.warmup, reps=args.reps)
+    if args.out:
+        Path(args.out).write_text(json.dumps(links, indent=1) + "\n")
+    if args.json:
+        print(json.dumps({**links, "out": args.out}, indent=1))
+        return 0
+    print(f"links between {procs} local processes ({links['backend']}, {links['device']}): {links['note']}")
+    for name, fit in [*links["collectives"].items(), ("intra_node (both)", links["intra_node"])]:
+        print(f"  {name:18s} latency {fit['latency_s'] * 1e6:8.1f} us, bandwidth {fit['bandwidth_Bps'] * 8 / 1e9:8.2f} Gbit/s")
+    if args.out:
+        print(f"  wrote {args.out} (pass it to plan/simulate/bench --links, or set cluster.links)")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from ..contract.cost import load_profile
     from ..profiling.fit import profile_from_measurements, scale_profile
 
+    if args.links:
+        return run_links(args)
     cfg = preset(args.model)
     fit_rows, held_rows = [], []
     if args.from_measurements:

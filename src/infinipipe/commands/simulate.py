@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .plan import add_model_options
+from .plan import add_layout_options, add_model_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,6 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__)
     p.add_argument("plan", type=Path, help="plan JSON written by `infinipipe plan`")
     add_model_options(p, "default: the model the plan was made for")
+    add_layout_options(p, "defaults: the layout the plan records; in brackets where it records none")
     p.add_argument("--memory-budget", help="memory budget per device, e.g. 80GiB (default: the plan's)")
     p.add_argument("--latency-us", type=float, default=10.0, help="P2P latency in microseconds (default 10)")
     p.add_argument("--bandwidth-gbps", type=float, default=200.0,
@@ -24,17 +25,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..contract.ir import Plan, validate_plan
-    from ..contract.layout import LinkModel
+    from ..contract.layout import LinkModel, StageLayout
     from ..contract.units import GIB, parse_bytes
     from ..sim.simulator import simulate
-    from .plan import build_cost, model_from_args
+    from .plan import build_cost, describe_layout, layout_from_args, model_from_args, with_layout
 
     plan = Plan.loads(args.plan.read_text())
     validate_plan(plan)
     profile = args.profile or plan.metadata.get("profile")
     if profile is None:
         raise ValueError("the plan does not name its profile; pass --profile")
+    recorded = plan.metadata.get("layout")
+    base = StageLayout.from_json(recorded) if recorded else StageLayout()
     cost = build_cost(profile, model_from_args(args) or plan.metadata.get("model"))
+    cost = with_layout(cost, layout_from_args(args, base))
     memory = (parse_bytes(args.memory_budget, "--memory-budget") if args.memory_budget
               else plan.metadata.get("memory_budget"))
     link = LinkModel(latency_s=args.latency_us * 1e-6, bandwidth_Bps=args.bandwidth_gbps * 1e9 / 8)
@@ -44,10 +48,12 @@ def run(args: argparse.Namespace) -> int:
 
         draw_chart(plan, result, args.chart)
     if args.json:
-        print(json.dumps({**result.to_json(), "simulated": True, "profile": profile}, indent=1))
+        print(json.dumps({**result.to_json(), "simulated": True, "profile": profile, "layout": cost.layout.to_json()},
+                         indent=1))
     else:
         print(f"SIMULATED with profile {profile}: {result.planner or 'plan'}, {result.num_chunks} chunks, "
               f"{result.num_pipelines} pipeline(s)")
+        print(f"  {describe_layout(cost.layout)}")
         print(f"  iteration time {result.iteration_time_s:.4f} s, bubble ratio {result.bubble_ratio:.1%}, "
               f"recompute {result.recompute_time_s:.4f} s (all stages)")
         for s, peak in enumerate(result.peak_memory_bytes):

@@ -3,7 +3,8 @@
 Section and key names follow torchtitan's TOML where the concept is the same (``[job]``,
 ``[model]``, ``[training]``, ``[optimizer]``, ``[lr_scheduler]``, ``[parallelism]``,
 ``[checkpoint]``, ``[metrics]``, ``[comm]``), so its users can read our files at a glance. Data
-settings live in ``[data]`` and EPP's planner settings in ``[epp]``.
+settings live in ``[data]``, EPP's planner settings in ``[epp]`` and the machines' links, which the
+cost model charges intra-stage collectives on, in ``[cluster]``.
 
 The dataclass defaults *are* the embedded default run (``examples/default.toml`` spells them out
 and a test keeps the two equal), so ``infinipipe train`` with no file needs nothing on disk.
@@ -17,6 +18,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+from ..contract.layout import LinkModel, StageLayout, read_links
 from ..contract.model_config import ModelConfig, preset
 from ..contract.units import parse_bytes
 from ..model.attention import BACKENDS
@@ -208,6 +210,50 @@ class ParallelismConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """The GPUs of a node and the links the cost model charges SP and FSDP collectives on.
+
+    Bandwidths are per GPU in Gbit/s (the defaults: NCCL's all-to-all bus bandwidth on an 8-GPU
+    NVLink node, one 200 Gb/s InfiniBand port per GPU); ``links`` names a file written by
+    ``infinipipe profile --links``, whose measured links replace the figures given here (one host
+    measures only ``intra_node``).
+    """
+
+    gpus_per_node: int = 8
+    intra_node_bandwidth_gbps: float = 1200.0
+    intra_node_latency_us: float = 10.0
+    inter_node_bandwidth_gbps: float = 200.0
+    inter_node_latency_us: float = 10.0
+    links: str = ""
+
+    def __post_init__(self) -> None:
+        _at_least("cluster.gpus_per_node", self.gpus_per_node, 1)
+        for where in ("intra_node", "inter_node"):
+            if not getattr(self, f"{where}_bandwidth_gbps") > 0:
+                raise ValueError(f"cluster.{where}_bandwidth_gbps must be > 0, got {getattr(self, f'{where}_bandwidth_gbps')}")
+            _at_least(f"cluster.{where}_latency_us", getattr(self, f"{where}_latency_us"), 0.0)
+        if self.links:
+            self.measured_links()
+
+    def measured_links(self) -> dict[str, LinkModel]:
+        if not self.links:
+            return {}
+        try:
+            return read_links(self.links)
+        except ValueError as exc:
+            raise ValueError(f"cluster.links: {exc}") from None
+
+    def stage_layout(self, sp: int = 1, fsdp: int = 1) -> StageLayout:
+        """A stage of ``sp``-way SP whose parameters shard over ``fsdp`` ranks, gathered once per
+        step (as the runtime does), on this cluster's links."""
+        links = {where: LinkModel(getattr(self, f"{where}_latency_us") / 1e6,
+                                  getattr(self, f"{where}_bandwidth_gbps") * 1e9 / 8)
+                 for where in ("intra_node", "inter_node")}
+        return StageLayout(sp=sp, fsdp=fsdp, reshard_per_chunk=False, gpus_per_node=self.gpus_per_node,
+                           **{**links, **self.measured_links()})
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     """``folder`` is relative to ``job.dump_folder``; ``keep_latest_k = 0`` keeps every checkpoint.
 
@@ -324,6 +370,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     comm: CommConfig = field(default_factory=CommConfig)

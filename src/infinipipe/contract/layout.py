@@ -8,7 +8,13 @@ the ``inter_node`` link; both are configurable.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+LINKS_FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,15 @@ class LinkModel:
 
     def transfer_s(self, nbytes: float) -> float:
         return self.latency_s + nbytes / self.bandwidth_Bps
+
+    def to_json(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any], where: str = "link") -> "LinkModel":
+        if not isinstance(obj, Mapping) or set(obj) != {"latency_s", "bandwidth_Bps"}:
+            raise ValueError(f"{where} must be an object with latency_s and bandwidth_Bps, got {obj!r}")
+        return cls(float(obj["latency_s"]), float(obj["bandwidth_Bps"]))
 
 
 NVLINK = LinkModel(latency_s=10e-6, bandwidth_Bps=150e9)  # NCCL all-to-all bus bandwidth on an 8-GPU NVLink node
@@ -58,6 +73,18 @@ class StageLayout:
             if getattr(self, name) < 1:
                 raise ValueError(f"layout {name} must be >= 1, got {getattr(self, name)}")
 
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "intra_node": self.intra_node.to_json(), "inter_node": self.inter_node.to_json()}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "StageLayout":
+        """The layout a plan records in its metadata (``layout``)."""
+        known = {"sp", "fsdp", "reshard_per_chunk", "gpus_per_node", "intra_node", "inter_node"}
+        if not isinstance(obj, Mapping) or set(obj) - known:
+            raise ValueError(f"a stage layout has the keys {sorted(known)}, got {obj!r}")
+        links = {k: LinkModel.from_json(obj[k], f"layout {k}") for k in ("intra_node", "inter_node") if k in obj}
+        return cls(**{k: v for k, v in obj.items() if k not in links}, **links)
+
     def collective_s(self, group: int, nbytes: float) -> float:
         """One all-to-all, all-gather or reduce-scatter over ``group`` consecutive ranks where each
         rank holds ``nbytes`` of the whole and exchanges ``(group - 1) / group`` of it; the share
@@ -80,3 +107,19 @@ class StageLayout:
     def fsdp_s(self, nbytes: float) -> float:
         """All-gather (or reduce-scatter) of ``nbytes`` of whole parameters over the FSDP group."""
         return self.collective_s(self.fsdp, nbytes)
+
+
+def read_links(path: str | Path) -> dict[str, LinkModel]:
+    """The links a links file (``infinipipe profile --links``) measured, by name (``intra_node``,
+    and ``inter_node`` only where more than one host was measured)."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"links file {path}: not readable JSON ({exc})") from None
+    if not isinstance(obj, dict) or obj.get("version") != LINKS_FORMAT_VERSION:
+        raise ValueError(f"links file {path}: expected version {LINKS_FORMAT_VERSION} of `infinipipe profile --links`")
+    links = {k: LinkModel.from_json(obj[k], f"links file {path}: {k}") for k in ("intra_node", "inter_node") if k in obj}
+    if not links:
+        raise ValueError(f"links file {path}: measures neither intra_node nor inter_node")
+    return links
+

@@ -213,7 +213,7 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
     mesh = dims.build_mesh(torch.device(device).type)
     model_cfg = cfg.model_config()
     dtype, master_dtype = PRECISIONS[cfg.training.mixed_precision]
-    cost = job_cost(cfg, model_cfg)
+    cost = job_cost(cfg, model_cfg, dims)
     layers = balance_layers(cost, pp)
     worker = PipelineWorker(model_cfg, layers, mesh, RuntimeSettings(
         dtype=dtype, master_dtype=master_dtype, device=device, seed=cfg.training.seed,

@@ -20,6 +20,7 @@ from ..planners.options import PlannerOptions
 from ..planners.registry import make_plan
 from ..planners.request import PlanRequest
 from ..profiling.fit import flops_head_terms
+from ..runtime.parallel_dims import ParallelDims
 
 
 @dataclass(frozen=True)
@@ -76,13 +77,19 @@ def check_precision(profile: Profile, dtype) -> None:
 RUN_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
-def job_cost(cfg: Config, model: ModelConfig) -> CostModel:
-    """The cost model a run plans with: its profile, checked against the run's precision, and the
-    optimizer-state bytes of that precision (fp32 master weights under bf16)."""
+def job_cost(cfg: Config, model: ModelConfig, dims: ParallelDims | None = None) -> CostModel:
+    """The cost model a run plans with: its profile, checked against the run's precision, the
+    optimizer-state bytes of that precision (fp32 master weights under bf16), and the layout of a
+    stage's ranks, so SP divides compute and activations and FSDP shards the model states.
+
+    Parameters shard over ``dp_shard x sp`` ranks and are gathered once per step, as the runtime
+    does; ``dims`` (default: the configured degrees) resolves ``data_parallel_shard_degree = -1``.
+    """
     profile = profile_for(cfg, model)
     check_precision(profile, RUN_DTYPES[cfg.training.mixed_precision])
     states = MIXED_PRECISION_ADAM if cfg.training.mixed_precision != "fp32" else OptimizerStates()
-    return CostModel(profile, model, states)
+    dims = dims or ParallelDims.from_config(cfg.parallelism)
+    return CostModel(profile, model, states, cfg.cluster.stage_layout(dims.sp, dims.fsdp))
 
 
 @dataclass(frozen=True)
