@@ -12,19 +12,21 @@ other intra-stage cost (Ulysses all-to-alls, per-chunk FSDP) is inside an action
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..contract.cost import CostModel
-from ..contract.ir import Plan, play_order, upstream_stage
+from ..contract.ir import Plan, play_order
 from ..contract.layout import LinkModel
 from ..contract.shapes import ChunkShape
 from ..contract.units import format_bytes
 
 
-@dataclass(frozen=True)
-class Interval:
-    """One action as it ran: ``recompute_s`` is the leading part of a backward spent recomputing."""
+class Interval(NamedTuple):
+    """One action as it ran: ``recompute_s`` is the leading part of a backward spent recomputing.
+
+    A named tuple: a simulation records one per action, and planners simulate thousands of plans."""
 
     stage: int
     kind: str
@@ -110,34 +112,10 @@ class SimResult:
 def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
              link: LinkModel = LinkModel()) -> SimResult:
     """Run ``plan`` on ``cost``; ``memory_budget`` (per device) defaults to the plan's metadata."""
-    if sum(plan.layers_per_stage) != cost.model.layers:
-        raise ValueError(
-            f"plan splits {sum(plan.layers_per_stage)} layers, the cost model's model has {cost.model.layers}"
-        )
     budget = memory_budget if memory_budget is not None else plan.metadata.get("memory_budget")
-    stages = plan.num_stages
+    run = _play(plan, cost, link, record=True)
+    stages, shapes, intervals = plan.num_stages, run.shapes, run.intervals
     last = stages - 1
-    shapes = [ChunkShape.of(c, plan.seq_lengths) for c in plan.chunks]
-    wire = [link.transfer_s(cost.boundary_bytes(sh)) for sh in shapes]
-    fsdp = [cost.step_fsdp_s(plan.layers_per_stage[s], s == 0, s == last) for s in range(stages)]
-
-    @functools.cache  # stages with the same role and layer count cost a chunk alike
-    def duration(n: int, first: bool, is_last: bool, kind: str, cid: int, rec: int) -> tuple[float, float]:
-        if kind == "F":
-            return cost.forward_ms(shapes[cid], n, first, is_last) / 1e3, 0.0
-        r = cost.recompute_ms(shapes[cid], rec) / 1e3
-        return r + cost.backward_ms(shapes[cid], n, first, is_last) / 1e3, r
-
-    end: dict[tuple[str, int, int], float] = {}
-    free = [gather for gather, _ in fsdp]
-    intervals: list[Interval] = []
-    for s, a in play_order(plan):
-        src = upstream_stage(a.kind, s, stages)
-        ready = end[(a.kind, src, a.chunk_id)] + wire[a.chunk_id] if src is not None else 0.0
-        start = max(free[s], ready)
-        dur, rec = duration(plan.layers_per_stage[s], s == 0, s == last, a.kind, a.chunk_id, a.recompute_layers)
-        free[s] = end[(a.kind, s, a.chunk_id)] = start + dur
-        intervals.append(Interval(s, a.kind, a.chunk_id, start, start + dur, rec))
 
     activation = functools.cache(lambda cid, n, rec, first, is_last: cost.activation_bytes(
         shapes[cid], n, rec, first, is_last))
@@ -176,9 +154,9 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
 
     return SimResult(
         planner=str(plan.metadata.get("planner", "")),
-        iteration_time_s=max(f + reduce for f, (_, reduce) in zip(free, fsdp)),
-        busy_s=tuple(sum(i.end_s - i.start_s for i in intervals if i.stage == s) for s in range(stages)),
-        recompute_s=tuple(sum(i.recompute_s for i in intervals if i.stage == s) for s in range(stages)),
+        iteration_time_s=run.iteration_time_s,
+        busy_s=tuple(run.busy_s),
+        recompute_s=tuple(run.recompute_s),
         peak_memory_bytes=tuple(peaks),
         peak_activation_bytes=tuple(act_peaks),
         memory_budget=None if budget is None else float(budget),
@@ -188,3 +166,81 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
         intervals=tuple(intervals),
         memory_timeline=tuple(timelines),
     )
+
+
+def iteration_time(plan: Plan, cost: CostModel, link: LinkModel = LinkModel()) -> float:
+    """`simulate`'s iteration time alone: what a planner's bound needs, without the memory
+    section or the per-action record."""
+    return _play(plan, cost, link, record=False).iteration_time_s
+
+
+@dataclass
+class _Run:
+    """What the timing pass yields: chunk shapes, each stage's busy and recompute time, the iteration."""
+
+    shapes: list[ChunkShape]
+    busy_s: list[float]
+    recompute_s: list[float]
+    iteration_time_s: float
+    intervals: list[Interval]
+
+
+def _play(plan: Plan, cost: CostModel, link: LinkModel, record: bool) -> _Run:
+    """Time every action, visiting them in `play_order`'s order without building it: sweep the
+    stages, each running on until an action's input has not been produced yet."""
+    if sum(plan.layers_per_stage) != cost.model.layers:
+        raise ValueError(
+            f"plan splits {sum(plan.layers_per_stage)} layers, the cost model's model has {cost.model.layers}"
+        )
+    stages, n = plan.num_stages, len(plan.chunks)
+    last = stages - 1
+    shapes = [ChunkShape.of(c, plan.seq_lengths) for c in plan.chunks]
+    fsdp = [cost.step_fsdp_s(plan.layers_per_stage[s], s == 0, s == last) for s in range(stages)]
+    wire = [link.transfer_s(cost.boundary_bytes(sh)) for sh in shapes]
+
+    @functools.cache  # stages with the same role and layer count cost a chunk alike
+    def duration(n_layers: int, first: bool, is_last: bool, kind: str, cid: int, rec: int) -> tuple[float, float]:
+        if kind == "F":
+            return cost.forward_ms(shapes[cid], n_layers, first, is_last) / 1e3, 0.0
+        r = cost.recompute_ms(shapes[cid], rec) / 1e3
+        return r + cost.backward_ms(shapes[cid], n_layers, first, is_last) / 1e3, r
+
+    # end[s][kind][cid]: when stage s finished that action (nan: not yet run).
+    end = [{"F": [math.nan] * n, "B": [math.nan] * n} for _ in range(stages)]
+    free = [gather for gather, _ in fsdp]
+    busy, recompute = [0.0] * stages, [0.0] * stages
+    intervals: list[Interval] = []
+    ptr, placed = [0] * stages, 0
+    progressed = True
+    while progressed:
+        progressed = False
+        for s, actions in enumerate(plan.stage_actions):
+            n_layers, first, is_last = plan.layers_per_stage[s], s == 0, s == last
+            mine = end[s]
+            i = ptr[s]
+            while i < len(actions):
+                a = actions[i]
+                kind, cid = a.kind, a.chunk_id
+                src = s - 1 if kind == "F" else s + 1
+                if 0 <= src < stages:
+                    done = end[src][kind][cid]
+                    if done != done:  # nan: the input is not there yet
+                        break
+                    ready = done + wire[cid]
+                else:
+                    ready = 0.0
+                start = max(free[s], ready)
+                dur, rec = duration(n_layers, first, is_last, kind, cid, a.recompute_layers)
+                free[s] = mine[kind][cid] = stop = start + dur
+                busy[s] += stop - start
+                recompute[s] += rec
+                if record:
+                    intervals.append(Interval(s, kind, cid, start, stop, rec))
+                i += 1
+            if i != ptr[s]:
+                placed += i - ptr[s]
+                ptr[s] = i
+                progressed = True
+    if placed != sum(len(a) for a in plan.stage_actions):
+        play_order(plan)  # raises its deadlock error naming where the stages wait
+    return _Run(shapes, busy, recompute, max(f + reduce for f, (_, reduce) in zip(free, fsdp)), intervals)
