@@ -145,19 +145,27 @@ def stage_budgets(memory_budget: float | Sequence[float], num_stages: int) -> np
     return budgets
 
 
-def stage_windows(plan: Plan, stage: int, transient: Sequence[float]) -> list[Window]:
-    """In-flight windows of one stage: after each forward, and at each backward that adds work memory."""
+def stage_windows(plan: Plan, stage: int, transient: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """In-flight windows of one stage: after each forward, and at each backward that adds work
+    memory. As arrays (each window's chunk count, all windows' chunks concatenated, each one's
+    transient work memory): a plan has thousands, and only those over budget become `Window`s."""
     pending: list[int] = []
-    out: list[Window] = []
+    lens: list[int] = []
+    flat: list[int] = []
+    work: list[float] = []
     for a in plan.stage_actions[stage]:
+        cid = a.chunk_id
         if a.kind == "F":
-            pending.append(a.chunk_id)
-            out.append(Window(stage, tuple(pending), transient[a.chunk_id]))
-        else:
-            if transient[a.chunk_id] > 0:
-                out.append(Window(stage, tuple(pending), transient[a.chunk_id]))
-            pending.remove(a.chunk_id)
-    return out
+            pending.append(cid)
+        elif transient[cid] <= 0:
+            pending.remove(cid)
+            continue
+        lens.append(len(pending))
+        flat.extend(pending)
+        work.append(transient[cid])
+        if a.kind == "B":
+            pending.remove(cid)
+    return np.array(lens, dtype=np.int64), np.array(flat, dtype=np.int64), np.array(work, dtype=float)
 
 
 def diagonal_variables(plan: Plan) -> tuple[dict[tuple[int, int], int], list[int]]:
@@ -207,26 +215,29 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
 
     windows: list[Window] = []
     need, full_mem, rows, cols, slope, lcap = [], [], [], [], [], []
+    by_role: dict[tuple[int, bool, bool], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for s in range(num_stages):
         first, last, n_l = s == 0, s == num_stages - 1, layers[s]
-        base = np.array([term(cost.activation_bytes, sh, n_l, 0, first, last) for sh in shapes])
-        full = np.array([term(cost.activation_bytes, sh, n_l, n_l, first, last) for sh in shapes])
-        transient = np.array([term(cost.head_work_bytes, sh) if last else 0.0 for sh in shapes])
+        if (n_l, first, last) not in by_role:  # stages alike in role and layers share their terms
+            base = np.array([term(cost.activation_bytes, sh, n_l, 0, first, last) for sh in shapes])
+            full = np.array([term(cost.activation_bytes, sh, n_l, n_l, first, last) for sh in shapes])
+            transient = np.array([term(cost.head_work_bytes, sh) if last else 0.0 for sh in shapes])
+            by_role[(n_l, first, last)] = base, full, transient
+        base, full, transient = by_role[(n_l, first, last)]
         states = cost.model_state_bytes(n_l, first, last)
-        stage_w = stage_windows(plan, s, transient.tolist())
-        lens = np.array([len(w.chunks) for w in stage_w], dtype=np.int64)
-        flat = np.fromiter((c for w in stage_w for c in w.chunks), dtype=np.int64, count=int(lens.sum()))
-        row = np.repeat(np.arange(len(stage_w)), lens)
-        work = np.array([w.transient for w in stage_w])
-        no_ckpt = states + work + np.bincount(row, weights=base[flat], minlength=len(stage_w))
+        lens, flat, work = stage_windows(plan, s, transient.tolist())
+        row = np.repeat(np.arange(len(lens)), lens)
+        no_ckpt = states + work + np.bincount(row, weights=base[flat], minlength=len(lens))
         keep = no_ckpt > budgets[s]
         if not keep.any():
             continue
         new_row = np.cumsum(keep) - 1 + len(windows)
         entry = keep[row]
-        windows.extend(w for w, k in zip(stage_w, keep) if k)
+        starts = np.cumsum(lens) - lens
+        windows.extend(Window(s, tuple(flat[i:i + n].tolist()), float(work[k]))
+                       for k, (i, n) in enumerate(zip(starts, lens)) if keep[k])
         need.append(no_ckpt[keep] - budgets[s])
-        full_mem.append((states + work + np.bincount(row, weights=full[flat], minlength=len(stage_w)))[keep])
+        full_mem.append((states + work + np.bincount(row, weights=full[flat], minlength=len(lens)))[keep])
         kept = flat[entry]
         rows.append(new_row[row[entry]])
         cols.append(var_last[kept] + (num_stages - 1 - s))
