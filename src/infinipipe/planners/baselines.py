@@ -44,16 +44,19 @@ def uniform_recompute(plan: Plan, layers: int) -> Plan:
                                              for s, acts in enumerate(plan.stage_actions)))
 
 
+def _uniform_attempt(request: PlanRequest, base: Plan, r: int) -> tuple[Plan, SimResult]:
+    plan = uniform_recompute(base, r)
+    plan = replace(plan, metadata={**plan.metadata, "recompute_layers": r, "memory_budget": request.memory_budget})
+    return plan, simulate(plan, request.cost, request.memory_budget, request.link)
+
+
 def with_uniform_recompute(request: PlanRequest, base: Plan) -> tuple[Plan, SimResult]:
     """``base`` with the smallest uniform recompute count that fits (or option ``recompute``'s
     fixed layer count); if even full recompute does not fit, the full-recompute plan."""
     layers = request.layers
 
     def attempt(r: int) -> tuple[Plan, SimResult]:
-        plan = uniform_recompute(base, r)
-        plan = replace(plan, metadata={**plan.metadata, "recompute_layers": r,
-                                       "memory_budget": request.memory_budget})
-        return plan, simulate(plan, request.cost, request.memory_budget, request.link)
+        return _uniform_attempt(request, base, r)
 
     r = request.options.recompute
     if r is not None:
@@ -69,6 +72,32 @@ def with_uniform_recompute(request: PlanRequest, base: Plan) -> tuple[Plan, SimR
         trial = attempt(mid)
         if trial[1].feasible:
             hi, best = mid, trial
+        else:
+            lo = mid + 1
+    return best
+
+
+def uniform_faster_than(request: PlanRequest, base: Plan, limit: float) -> tuple[Plan, SimResult] | None:
+    """`with_uniform_recompute`'s plan if it fits and runs faster than ``limit``, else None.
+
+    Recompute only lengthens backwards, so time grows with the count: a count no faster than
+    ``limit`` rules out every larger one, and the bisection stops as soon as nothing can win.
+    """
+    fixed = request.options.recompute
+    if fixed is not None:
+        found = with_uniform_recompute(request, base)
+        return found if found[1].feasible and found[1].iteration_time_s < limit else None
+    lo, hi = 0, max(request.layers)
+    best = None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        plan, sim = _uniform_attempt(request, base, mid)
+        if sim.feasible and sim.iteration_time_s < limit:
+            best, hi = (plan, sim), mid - 1
+        elif sim.feasible:
+            hi = mid - 1
+        elif sim.iteration_time_s >= limit:
+            return None
         else:
             lo = mid + 1
     return best

@@ -21,13 +21,7 @@ from ..contract.ir import Plan, validate_plan
 from ..contract.shapes import ChunkShape
 from ..contract.units import format_bytes
 from ..sim.simulator import SimResult, iteration_time, simulate
-from .baselines import (
-    SEQ1F1B_SLICE_COUNTS,
-    UNIFORM_SLICE_COUNTS,
-    gpipe_schedule,
-    gpipe_uniform,
-    one_f_one_b_uniform,
-)
+from .baselines import SEQ1F1B_SLICE_COUNTS, UNIFORM_SLICE_COUNTS, gpipe_schedule, uniform_faster_than
 from .grouping import CHECKPOINTING, PipelineCoster, group_pipelines
 from .ilp import InfeasibleMemoryError, SolverCache, solve_checkpointing
 from .packing import balanced_chunks, fixed_size_chunks, pack_whole
@@ -299,11 +293,14 @@ class _Search:
         ILP plan comes within UNIFORM_MARGIN of the leader (or does not fit) try it: the ILP's
         answer is rarely beaten at all, and never by that much."""
         meta = {**meta, "checkpointing_kind": "uniform"}
-        builders = [one_f_one_b_uniform] + ([gpipe_uniform] if trial.candidate.family == "whole" else [])
-        for build in builders:
-            plan, sim = build(self.request, chunks, meta, validate=False)
-            if sim.feasible and (not trial.feasible or sim.iteration_time_s < trial.sim.iteration_time_s):
-                trial = _Trial(trial.candidate, trial.screened, plan, sim)
+        request = self.request
+        bases = [epp_schedule(chunks, request.lengths, request.num_stages, request.layers, metadata=meta, validate=False)]
+        if trial.candidate.family == "whole":
+            bases.append(gpipe_schedule(chunks, request.lengths, request.layers, meta))
+        for base in bases:
+            found = uniform_faster_than(request, base, trial.sim.iteration_time_s if trial.feasible else math.inf)
+            if found is not None:
+                trial = _Trial(trial.candidate, trial.screened, *found)
         return trial
 
     def _epp_trial(self, k: int, retry: bool) -> _Trial:
