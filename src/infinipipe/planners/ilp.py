@@ -55,11 +55,14 @@ class InfeasibleMemoryError(ValueError):
 
 @dataclass
 class SolverCache:
-    """What planning one batch reuses across ILPs: cost terms per chunk shape, and answers of
-    identical (sub-)problems keyed by their digest and gap."""
+    """What planning one batch reuses across ILPs: cost terms per chunk shape, answers of
+    identical (sub-)problems keyed by their digest and gap, and the problems of plans that
+    differ only in what the problem ignores (metadata, recompute, sequence numbering): a
+    planner costs a candidate's pipeline before it builds and checkpoints the plan."""
 
     terms: dict[tuple, float] = field(default_factory=dict)
     solutions: dict[tuple[str, float], tuple[np.ndarray, dict[str, Any]]] = field(default_factory=dict)
+    problems: dict[tuple, "PlanProblem"] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -192,8 +195,13 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
     num_stages = plan.num_stages
     budgets = stage_budgets(memory_budget, num_stages)
     layers = plan.layers_per_stage
-    memo = (cache if cache is not None else SolverCache()).terms
+    cache = cache if cache is not None else SolverCache()
+    memo = cache.terms
     shapes = [ChunkShape.of(c, plan.seq_lengths) for c in plan.chunks]
+    key = (tuple(shapes), tuple(budgets.tolist()), layers, plan.pipelines,
+           tuple(tuple((a.kind, a.chunk_id) for a in actions) for actions in plan.stage_actions))
+    if key in cache.problems:
+        return dataclasses.replace(cache.problems[key], plan=plan)
     var_of, _ = diagonal_variables(plan)
     nvars = max(var_of.values()) + 1 if var_of else 0
     # Diagonal of (stage s, chunk c) = diagonal of (last stage, c) + (last - s).
@@ -250,8 +258,9 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
     problem = CheckpointProblem(
         upper=upper, weight_ms=weight, need=cat(need, float), rows=cat(rows, np.int64),
         cols=cat(cols, np.int64), slope=cat(slope, float), layer_cap=cat(lcap, float))
-    return PlanProblem(plan=plan, var_of=var_of, windows=windows, full_memory=cat(full_mem, float),
-                       budgets=budgets, problem=problem)
+    cache.problems[key] = PlanProblem(plan=plan, var_of=var_of, windows=windows, full_memory=cat(full_mem, float),
+                                      budgets=budgets, problem=problem)
+    return cache.problems[key]
 
 
 def check_full_recompute(pp: PlanProblem) -> None:
