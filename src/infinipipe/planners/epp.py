@@ -163,14 +163,18 @@ def plan_epp(request: PlanRequest, checkpointing: Literal["ilp", "none", "full"]
     """
     if checkpointing not in CHECKPOINTING:
         raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {checkpointing!r}")
+    with _cyclic_gc_paused():  # the search is freed on return, before the collector resumes
+        return _plan_epp(request, checkpointing)
+
+
+def _plan_epp(request: PlanRequest, checkpointing: str) -> Plan:
     started = time.perf_counter()
-    with _cyclic_gc_paused():
-        search = _Search(request, checkpointing)
-        fixed = request.options.num_slices
-        if fixed is not None:
-            best = search.trial(Candidate("epp", fixed, search.token_capacity), screen=False)
-        else:
-            best = search.run()
+    search = _Search(request, checkpointing)
+    fixed = request.options.num_slices
+    if fixed is not None:
+        best = search.trial(Candidate("epp", fixed, search.token_capacity), screen=False)
+    else:
+        best = search.run()
     memory = float(request.memory_budget)
     if best.plan is None or (checkpointing != "none" and not best.feasible):
         reason = best.error or "; ".join(str(o) for o in best.sim.oom)
