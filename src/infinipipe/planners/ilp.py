@@ -412,6 +412,7 @@ def solve_checkpointing(
         "cached_parts": sum(bool(i.get("cached")) for i in infos),
         "parts": len(infos),
         "mip_gap": mip_gap,
+        "lp_bound_ms": math.fsum(i.get("lp_bound_ms", 0.0) for i in infos),  # parts without one: 0, still a bound
         "time_limit_s": time_limit_s,
     })
 
