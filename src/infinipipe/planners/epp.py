@@ -220,8 +220,13 @@ class _Search:
         self.token_capacity = opts.token_capacity or token_capacity(
             self.cost, self.layers, self.memory, self.longest, full_recompute=checkpointing != "none")
         self.screen_gap = max(opts.mip_gap, opts.screen_gap)
+        # A searched plan is checkpointed at the screening gap and only the winner tightened; a
+        # fixed K's one plan is the answer.
+        self.plan_gap = self.screen_gap if opts.num_slices is None else opts.mip_gap
         self.cache = SolverCache()
         self.trials: dict[tuple[Candidate, bool], _Trial] = {}
+        self.chunkings: dict[Candidate, list] = {}  # a full trial re-plans a screened candidate's chunks
+        self.uniform_tried: set[Candidate] = set()
 
     def trial(self, cand: Candidate, screen: bool, regroup: bool = True) -> _Trial:
         if (cand, screen) not in self.trials:
@@ -231,6 +236,11 @@ class _Search:
         return self.trials[(cand, screen)]
 
     def _chunks(self, cand: Candidate) -> list:
+        if cand not in self.chunkings:
+            self.chunkings[cand] = self._chunking(cand)
+        return self.chunkings[cand]
+
+    def _chunking(self, cand: Candidate) -> list:
         if cand.family == "epp":
             return process_sequences(self.lengths, self.cost, cand.size, cand.token_capacity)
         if cand.family == "fixed":
@@ -258,8 +268,8 @@ class _Search:
             if bound >= leader.sim.iteration_time_s:
                 return _Trial(cand, screen, None, None, f"pruned: {bound:.2f} s without any recompute is no faster "
                                                         f"than {leader.candidate.label} ({leader.sim.iteration_time_s:.2f} s)")
-        gap = self.screen_gap if screen else self.options.mip_gap
-        # Groupings are compared on loose ILP answers; only the chosen plan is solved at ``gap``.
+        gap = self.screen_gap if screen else self.plan_gap
+        # Groupings are compared on loose ILP answers; the chosen one's plan is solved at ``gap``.
         coster = PipelineCoster(chunks, self.lengths, cost, layers, memory, self.checkpointing,
                                 self.cache, self.screen_gap, self.options.time_limit_s)
         grouping = group_pipelines(coster, max_pipelines=1)
@@ -285,7 +295,8 @@ class _Search:
                                largest_chunk=max(c.tokens for c in chunks))
         if trial.memory_error is None:
             trial = _Trial(cand, screen, plan, simulate(plan, cost, memory, self.request.link))
-        if (cand.family != "epp" and self.checkpointing == "ilp"
+        # The uniform variant runs one pipeline, as the screen did: once per candidate suffices.
+        if (cand.family != "epp" and self.checkpointing == "ilp" and cand not in self.uniform_tried
                 and (leader is None or not trial.feasible
                      or trial.sim.iteration_time_s <= leader.sim.iteration_time_s * (1 + UNIFORM_MARGIN))):
             trial = self._as_baseline(trial, chunks, meta)
@@ -297,6 +308,7 @@ class _Search:
         the better of the two makes EPP never slower than that baseline. Only chunkings whose
         ILP plan comes within UNIFORM_MARGIN of the leader (or does not fit) try it: the ILP's
         answer is rarely beaten at all, and never by that much."""
+        self.uniform_tried.add(trial.candidate)
         meta = {**meta, "checkpointing_kind": "uniform"}
         request = self.request
         bases = [epp_schedule(chunks, request.lengths, request.num_stages, request.layers, metadata=meta, validate=False)]
@@ -386,21 +398,24 @@ class _Search:
         return self.tighten(min(self.trials.values(), key=lambda t: t.score()))
 
     def tighten(self, trial: _Trial) -> _Trial:
-        """Re-solve a screened winner's checkpointing at ``mip_gap``; keep it if it simulates faster.
+        """Re-solve the winner's checkpointing at ``mip_gap`` (trials solve it at the screening
+        gap); keep the answer if it simulates faster.
 
-        Only where that could pay: the screened answer's distance from its LP bound is the most
-        recompute delay an exact answer could save, by the ILP's own measure. Below ``mip_gap`` of
-        the iteration the branch and bound (most of a second for a few hundred chunks, a third of
-        all planning) gained under 0.1% of the iteration on the benchmark batches."""
-        if not trial.screened or trial.plan is None or self.checkpointing != "ilp":
+        Only where that could pay: the winner's distance from its LP bound is the most recompute
+        delay an exact answer could save, by the ILP's own measure. Below ``mip_gap`` of the
+        iteration the branch and bound (most of a second for a few hundred chunks, a third of all
+        planning) gained under 0.1% of the iteration on the benchmark batches."""
+        gap = self.options.mip_gap
+        ckpt = trial.plan.metadata.get("checkpointing") if trial.plan is not None else None
+        if (ckpt is None  # no ILP answer: uniform recompute won, or an ablation
+                or ckpt["mip_gap"] <= gap
+                or (ckpt["objective_ms"] - ckpt["lp_bound_ms"]) / 1e3 <= gap * trial.sim.iteration_time_s):
             return trial
-        ckpt = trial.plan.metadata.get("checkpointing")  # absent where uniform recompute won
-        if ckpt is not None and (ckpt["objective_ms"] - ckpt["lp_bound_ms"]) / 1e3 <= (
-                self.options.mip_gap * trial.sim.iteration_time_s):
-            return trial
-        plan = solve_checkpointing(trial.plan, self.cost, self.memory, self.options.mip_gap,
-                                   self.options.time_limit_s, cache=self.cache)
+        plan = solve_checkpointing(trial.plan, self.cost, self.memory, gap, self.options.time_limit_s, cache=self.cache)
         plan = dataclasses.replace(plan, metadata={**plan.metadata, "screened": False})
         tight = _Trial(trial.candidate, False, plan, simulate(plan, self.cost, self.memory, self.request.link))
-        self.trials.setdefault((trial.candidate, False), tight)
+        if tight.score() < trial.score():  # recorded in place of the full trial it improves on
+            self.trials[(trial.candidate, False)] = tight
+        else:
+            self.trials.setdefault((trial.candidate, False), tight)
         return min((tight, trial), key=lambda t: t.score())
