@@ -60,7 +60,7 @@ class SolverCache:
     differ only in what the problem ignores (metadata, recompute, sequence numbering): a
     planner costs a candidate's pipeline before it builds and checkpoints the plan."""
 
-    terms: dict[tuple, float] = field(default_factory=dict)
+    terms: dict[tuple, Any] = field(default_factory=dict)
     solutions: dict[tuple[str, float], tuple[np.ndarray, dict[str, Any]]] = field(default_factory=dict)
     problems: dict[tuple, "PlanProblem"] = field(default_factory=dict)
 
@@ -72,6 +72,25 @@ class Window:
     stage: int
     chunks: tuple[int, ...]
     transient: float
+
+
+@dataclass(frozen=True)
+class Windows:
+    """The windows of a problem's rows as arrays, each `Window` built on demand: a plan has
+    thousands and only an error message names one."""
+
+    stages: np.ndarray     # stage of each window
+    starts: np.ndarray     # where its chunks begin in ``flat``
+    lens: np.ndarray       # how many chunks it holds
+    flat: np.ndarray       # every window's chunks, concatenated
+    transient: np.ndarray  # its transient work memory
+
+    def __len__(self) -> int:
+        return len(self.stages)
+
+    def __getitem__(self, i: int) -> Window:
+        start, n = int(self.starts[i]), int(self.lens[i])
+        return Window(int(self.stages[i]), tuple(self.flat[start:start + n].tolist()), float(self.transient[i]))
 
 
 @dataclass
@@ -130,7 +149,7 @@ class PlanProblem:
 
     plan: Plan
     var_of: dict[tuple[int, int], int]   # (stage, chunk) -> diagonal variable
-    windows: list[Window]                # the window of each row
+    windows: Windows                     # the window of each row
     full_memory: np.ndarray              # each window's memory with every layer recomputed
     budgets: np.ndarray                     # budget of each stage
     problem: CheckpointProblem
@@ -221,16 +240,21 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
         np.maximum.at(upper, v, layers[s])
         np.maximum.at(weight, v, one_layer)
 
-    windows: list[Window] = []
+    def memory_terms(sh: ChunkShape, n_l: int, first: bool, last: bool) -> tuple[float, float, float]:
+        key = (sh, n_l, first, last)
+        if key not in memo:
+            memo[key] = (cost.activation_bytes(sh, n_l, 0, first, last), cost.activation_bytes(sh, n_l, n_l, first, last),
+                         cost.head_work_bytes(sh) if last else 0.0)
+        return memo[key]
+
+    n_rows = 0
+    win_stage, win_start, win_len, win_flat, win_work = [], [], [], [], []
     need, full_mem, rows, cols, slope, lcap = [], [], [], [], [], []
-    by_role: dict[tuple[int, bool, bool], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    by_role: dict[tuple[int, bool, bool], list[np.ndarray]] = {}
     for s in range(num_stages):
         first, last, n_l = s == 0, s == num_stages - 1, layers[s]
         if (n_l, first, last) not in by_role:  # stages alike in role and layers share their terms
-            base = np.array([term(cost.activation_bytes, sh, n_l, 0, first, last) for sh in shapes])
-            full = np.array([term(cost.activation_bytes, sh, n_l, n_l, first, last) for sh in shapes])
-            transient = np.array([term(cost.head_work_bytes, sh) if last else 0.0 for sh in shapes])
-            by_role[(n_l, first, last)] = base, full, transient
+            by_role[(n_l, first, last)] = [np.array(col) for col in zip(*(memory_terms(sh, n_l, first, last) for sh in shapes))]
         base, full, transient = by_role[(n_l, first, last)]
         states = cost.model_state_bytes(n_l, first, last)
         lens, flat, work = stage_windows(plan, s, transient.tolist())
@@ -239,11 +263,14 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
         keep = no_ckpt > budgets[s]
         if not keep.any():
             continue
-        new_row = np.cumsum(keep) - 1 + len(windows)
+        new_row = np.cumsum(keep) - 1 + n_rows
+        n_rows += int(keep.sum())
         entry = keep[row]
-        starts = np.cumsum(lens) - lens
-        windows.extend(Window(s, tuple(flat[i:i + n].tolist()), float(work[k]))
-                       for k, (i, n) in enumerate(zip(starts, lens)) if keep[k])
+        win_stage.append(np.full(int(keep.sum()), s))
+        win_start.append((np.cumsum(lens) - lens)[keep] + sum(len(f) for f in win_flat))
+        win_len.append(lens[keep])
+        win_flat.append(flat)
+        win_work.append(work[keep])
         need.append(no_ckpt[keep] - budgets[s])
         full_mem.append((states + work + np.bincount(row, weights=full[flat], minlength=len(lens)))[keep])
         kept = flat[entry]
@@ -258,6 +285,8 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
     problem = CheckpointProblem(
         upper=upper, weight_ms=weight, need=cat(need, float), rows=cat(rows, np.int64),
         cols=cat(cols, np.int64), slope=cat(slope, float), layer_cap=cat(lcap, float))
+    windows = Windows(cat(win_stage, np.int64), cat(win_start, np.int64), cat(win_len, np.int64),
+                      cat(win_flat, np.int64), cat(win_work, float))
     cache.problems[key] = PlanProblem(plan=plan, var_of=var_of, windows=windows, full_memory=cat(full_mem, float),
                                       budgets=budgets, problem=problem)
     return cache.problems[key]
@@ -267,12 +296,12 @@ def check_full_recompute(pp: PlanProblem) -> None:
     """Raise `InfeasibleMemoryError` for the worst window that full recompute cannot fit."""
     if not pp.windows:
         return
-    over = pp.full_memory - pp.budgets[[w.stage for w in pp.windows]]
+    over = pp.full_memory - pp.budgets[pp.windows.stages]
     worst = int(np.argmax(over))
     if over[worst] <= _FEAS_TOL:
         return
     stage = pp.windows[worst].stage
-    on_stage = [i for i, w in enumerate(pp.windows) if w.stage == stage]
+    on_stage = np.flatnonzero(pp.windows.stages == stage)
     raise InfeasibleMemoryError(
         stage=stage,
         window=pp.windows[worst].chunks,
