@@ -40,7 +40,7 @@ class PlannerOptions:
     time_limit_s: float = 5.0
     max_pipelines: int = 3
     max_cuts: int = 8
-    refine_top: int = 0
+    refine_top: int = 1
     refine_rounds: int = 1
     recompute: int | None = None
     micro_batch_tokens: int | None = None
