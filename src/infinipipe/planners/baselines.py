@@ -54,22 +54,18 @@ def with_uniform_recompute(request: PlanRequest, base: Plan) -> tuple[Plan, SimR
     """``base`` with the smallest uniform recompute count that fits (or option ``recompute``'s
     fixed layer count); if even full recompute does not fit, the full-recompute plan."""
     layers = request.layers
-
-    def attempt(r: int) -> tuple[Plan, SimResult]:
-        return _uniform_attempt(request, base, r)
-
     r = request.options.recompute
     if r is not None:
         if r > max(layers):
             raise ValueError(f"option recompute={r} is outside 0..{max(layers)} (layers per stage {layers})")
-        return attempt(r)
+        return _uniform_attempt(request, base, r)
     lo, hi = 0, max(layers)
-    best = attempt(hi)
+    best = _uniform_attempt(request, base, hi)
     if not best[1].feasible:
         return best
     while lo < hi:
         mid = (lo + hi) // 2
-        trial = attempt(mid)
+        trial = _uniform_attempt(request, base, mid)
         if trial[1].feasible:
             hi, best = mid, trial
         else:
@@ -111,11 +107,9 @@ def best_of(candidates: Sequence[tuple[Plan, SimResult]]) -> Plan:
     return min(candidates, key=lambda c: max(c[1].peak_memory_bytes))[0]
 
 
-def one_f_one_b_uniform(request: PlanRequest, chunks: list[Chunk], metadata: dict,
-                        validate: bool = True) -> tuple[Plan, SimResult]:
+def one_f_one_b_uniform(request: PlanRequest, chunks: list[Chunk], metadata: dict) -> tuple[Plan, SimResult]:
     """``chunks`` in the EPP 1F1B order, one pipeline, with the smallest uniform recompute that fits."""
-    base = epp_schedule(chunks, request.lengths, request.num_stages, request.layers, metadata=metadata,
-                        validate=validate)
+    base = epp_schedule(chunks, request.lengths, request.num_stages, request.layers, metadata=metadata)
     return with_uniform_recompute(request, base)
 
 
@@ -126,12 +120,10 @@ def plan_batch_1f1b(request: PlanRequest) -> Plan:
     return one_f_one_b_uniform(request, chunks, {"planner": "batch-1f1b", "micro_batch_tokens": budget})[0]
 
 
-def gpipe_uniform(request: PlanRequest, chunks: list[Chunk], metadata: dict,
-                  validate: bool = True) -> tuple[Plan, SimResult]:
+def gpipe_uniform(request: PlanRequest, chunks: list[Chunk], metadata: dict) -> tuple[Plan, SimResult]:
     """``chunks`` all forwards then all backwards, with the smallest uniform recompute that fits."""
     base = gpipe_schedule(chunks, request.lengths, request.layers, metadata)
-    if validate:
-        validate_plan(base)
+    validate_plan(base)
     return with_uniform_recompute(request, base)
 
 
