@@ -1,13 +1,17 @@
+import math
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from infinipipe.contract.ir import check_coverage, validate_plan
 from infinipipe.contract.shapes import ChunkShape
+from infinipipe.planners.baselines import uniform_faster_than, with_uniform_recompute
 from infinipipe.planners.options import PlannerOptions
 from infinipipe.planners.packing import fixed_size_chunks, pack_whole
 from infinipipe.planners.registry import PLANNERS, make_plan
 from infinipipe.planners.request import PlanRequest
+from infinipipe.planners.schedule import epp_schedule
 from infinipipe.planners.stage_layers import balance_layers
 from infinipipe.sim.simulator import simulate
 from test_simulator import h100_like_cost
@@ -102,6 +106,19 @@ def test_uniform_checkpointing_picks_the_smallest_count_that_fits():
     fewer = make_plan("seq1f1b", PlanRequest(lengths, COST, 4, 60 * GiB,
                                              options=PlannerOptions(chunk_tokens=8192, recompute=r - 1)))
     assert not simulate(fewer, COST).feasible
+
+
+@pytest.mark.parametrize("budget_gib", [45, 60, 80, 160])
+def test_uniform_faster_than_finds_what_the_bisection_finds_or_proves_it_cannot_win(budget_gib):
+    request = PlanRequest([32768] * 8, COST, 4, budget_gib * GiB)
+    base = epp_schedule(fixed_size_chunks(request.lengths, 8192), request.lengths, 4, request.layers)
+    plan, sim = with_uniform_recompute(request, base)
+    for limit in (math.inf, sim.iteration_time_s * 1.001, sim.iteration_time_s, sim.iteration_time_s * 0.9):
+        found = uniform_faster_than(request, base, limit)
+        if sim.feasible and sim.iteration_time_s < limit:
+            assert found is not None and found[0] == plan and found[1].iteration_time_s == sim.iteration_time_s
+        else:
+            assert found is None
 
 
 def test_seq1f1b_auto_size_is_no_slower_than_any_fixed_size():

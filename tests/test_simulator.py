@@ -7,7 +7,7 @@ from infinipipe.contract.ir import Action, Chunk, Plan, Segment
 from infinipipe.contract.model_config import PRESETS
 from infinipipe.contract.shapes import ChunkShape
 from infinipipe.planners.schedule import epp_schedule
-from infinipipe.sim.simulator import LinkModel, simulate
+from infinipipe.sim.simulator import LinkModel, iteration_time, simulate
 
 NO_LINK = LinkModel(latency_s=0.0, bandwidth_Bps=1e30)
 
@@ -50,6 +50,15 @@ def test_matches_hand_computed_1f1b_timeline_on_equal_chunks(m, stages):
     assert result.iteration_time_s == pytest.approx((m + stages - 1) * (f + b), rel=1e-9)
     assert result.busy_s == pytest.approx([m * (f + b)] * stages)
     assert result.bubble_ratio == pytest.approx((stages - 1) / (m + stages - 1), rel=1e-9)
+
+
+def test_iteration_time_alone_is_the_simulations():
+    cost = h100_like_cost()
+    plan = epp_schedule([Chunk(0, (Segment(0, 0, 6000),)), Chunk(1, (Segment(0, 6000, 9000), Segment(1, 0, 2000))),
+                         Chunk(2, (Segment(2, 0, 5000),))], [9000, 2000, 5000], 4, [8] * 4,
+                        recompute=lambda s, c: (s + c) % 3)
+    for link in (NO_LINK, LinkModel()):
+        assert iteration_time(plan, cost, link) == simulate(plan, cost, link=link).iteration_time_s
 
 
 def test_link_latency_and_bandwidth_delay_every_hop():

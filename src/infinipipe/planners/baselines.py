@@ -44,31 +44,56 @@ def uniform_recompute(plan: Plan, layers: int) -> Plan:
                                              for s, acts in enumerate(plan.stage_actions)))
 
 
+def _uniform_attempt(request: PlanRequest, base: Plan, r: int) -> tuple[Plan, SimResult]:
+    plan = uniform_recompute(base, r)
+    plan = replace(plan, metadata={**plan.metadata, "recompute_layers": r, "memory_budget": request.memory_budget})
+    return plan, simulate(plan, request.cost, request.memory_budget, request.link)
+
+
 def with_uniform_recompute(request: PlanRequest, base: Plan) -> tuple[Plan, SimResult]:
     """``base`` with the smallest uniform recompute count that fits (or option ``recompute``'s
     fixed layer count); if even full recompute does not fit, the full-recompute plan."""
     layers = request.layers
-
-    def attempt(r: int) -> tuple[Plan, SimResult]:
-        plan = uniform_recompute(base, r)
-        plan = replace(plan, metadata={**plan.metadata, "recompute_layers": r,
-                                       "memory_budget": request.memory_budget})
-        return plan, simulate(plan, request.cost, request.memory_budget, request.link)
-
     r = request.options.recompute
     if r is not None:
         if r > max(layers):
             raise ValueError(f"option recompute={r} is outside 0..{max(layers)} (layers per stage {layers})")
-        return attempt(r)
+        return _uniform_attempt(request, base, r)
     lo, hi = 0, max(layers)
-    best = attempt(hi)
+    best = _uniform_attempt(request, base, hi)
     if not best[1].feasible:
         return best
     while lo < hi:
         mid = (lo + hi) // 2
-        trial = attempt(mid)
+        trial = _uniform_attempt(request, base, mid)
         if trial[1].feasible:
             hi, best = mid, trial
+        else:
+            lo = mid + 1
+    return best
+
+
+def uniform_faster_than(request: PlanRequest, base: Plan, limit: float) -> tuple[Plan, SimResult] | None:
+    """`with_uniform_recompute`'s plan if it fits and runs faster than ``limit``, else None.
+
+    Recompute only lengthens backwards, so time grows with the count: a count no faster than
+    ``limit`` rules out every larger one, and the bisection stops as soon as nothing can win.
+    """
+    fixed = request.options.recompute
+    if fixed is not None:
+        found = with_uniform_recompute(request, base)
+        return found if found[1].feasible and found[1].iteration_time_s < limit else None
+    lo, hi = 0, max(request.layers)
+    best = None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        plan, sim = _uniform_attempt(request, base, mid)
+        if sim.feasible and sim.iteration_time_s < limit:
+            best, hi = (plan, sim), mid - 1
+        elif sim.feasible:
+            hi = mid - 1
+        elif sim.iteration_time_s >= limit:
+            return None
         else:
             lo = mid + 1
     return best
@@ -82,11 +107,9 @@ def best_of(candidates: Sequence[tuple[Plan, SimResult]]) -> Plan:
     return min(candidates, key=lambda c: max(c[1].peak_memory_bytes))[0]
 
 
-def one_f_one_b_uniform(request: PlanRequest, chunks: list[Chunk], metadata: dict,
-                        validate: bool = True) -> tuple[Plan, SimResult]:
+def one_f_one_b_uniform(request: PlanRequest, chunks: list[Chunk], metadata: dict) -> tuple[Plan, SimResult]:
     """``chunks`` in the EPP 1F1B order, one pipeline, with the smallest uniform recompute that fits."""
-    base = epp_schedule(chunks, request.lengths, request.num_stages, request.layers, metadata=metadata,
-                        validate=validate)
+    base = epp_schedule(chunks, request.lengths, request.num_stages, request.layers, metadata=metadata)
     return with_uniform_recompute(request, base)
 
 
@@ -97,12 +120,10 @@ def plan_batch_1f1b(request: PlanRequest) -> Plan:
     return one_f_one_b_uniform(request, chunks, {"planner": "batch-1f1b", "micro_batch_tokens": budget})[0]
 
 
-def gpipe_uniform(request: PlanRequest, chunks: list[Chunk], metadata: dict,
-                  validate: bool = True) -> tuple[Plan, SimResult]:
+def gpipe_uniform(request: PlanRequest, chunks: list[Chunk], metadata: dict) -> tuple[Plan, SimResult]:
     """``chunks`` all forwards then all backwards, with the smallest uniform recompute that fits."""
     base = gpipe_schedule(chunks, request.lengths, request.layers, metadata)
-    if validate:
-        validate_plan(base)
+    validate_plan(base)
     return with_uniform_recompute(request, base)
 
 

@@ -8,23 +8,20 @@ the grouping search and the final plan of each K solve every distinct pipeline o
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import math
 import time
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from ..contract.cost import CostModel
 from ..contract.ir import Plan, validate_plan
 from ..contract.shapes import ChunkShape
 from ..contract.units import format_bytes
-from ..sim.simulator import SimResult, simulate
-from .baselines import (
-    SEQ1F1B_SLICE_COUNTS,
-    UNIFORM_SLICE_COUNTS,
-    gpipe_schedule,
-    gpipe_uniform,
-    one_f_one_b_uniform,
-)
+from ..sim.simulator import SimResult, iteration_time, simulate
+from .baselines import SEQ1F1B_SLICE_COUNTS, UNIFORM_SLICE_COUNTS, gpipe_schedule, uniform_faster_than
 from .grouping import CHECKPOINTING, PipelineCoster, group_pipelines
 from .ilp import InfeasibleMemoryError, SolverCache, solve_checkpointing
 from .packing import balanced_chunks, fixed_size_chunks, pack_whole
@@ -158,14 +155,20 @@ def plan_epp(request: PlanRequest, checkpointing: Literal["ilp", "none", "full"]
     with a smaller token capacity when a stage's window cannot hold its chunks, and (with the
     ILP) the fixed-granularity chunkings of the baselines, so their plans are in EPP's search
     space. The best ``refine_top`` candidates then get the full pipeline-grouping DP, and the
-    winner's checkpointing is re-solved at ``mip_gap``; every trial is a complete simulated plan
-    and the fastest that fits wins (knobs: `PlannerOptions`). ``metadata["search"]`` lists every
+    winner's checkpointing is re-solved at ``mip_gap`` where its LP bound leaves room for a gain
+    of more than ``mip_gap`` of the iteration; every trial is a complete simulated plan and the
+    fastest that fits wins (knobs: `PlannerOptions`). ``metadata["search"]`` lists every
     trial, which ``infinipipe plan --explain`` prints. Raises ``ValueError`` when nothing fits
     with checkpointing (naming the closest attempt and why); the ``none`` ablation returns its
     closest plan flagged ``metadata["feasible"] = False``.
     """
     if checkpointing not in CHECKPOINTING:
         raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {checkpointing!r}")
+    with _cyclic_gc_paused():  # the search is freed on return, before the collector resumes
+        return _plan_epp(request, checkpointing)
+
+
+def _plan_epp(request: PlanRequest, checkpointing: str) -> Plan:
     started = time.perf_counter()
     search = _Search(request, checkpointing)
     fixed = request.options.num_slices
@@ -192,6 +195,20 @@ def plan_epp(request: PlanRequest, checkpointing: Literal["ilp", "none", "full"]
     return dataclasses.replace(best.plan, metadata=meta)
 
 
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """The search allocates about a million acyclic objects (actions, intervals, chunks), which
+    reference counting frees; the cyclic collector's passes over the live ones found nothing to
+    free and took a quarter of the planning time."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class _Search:
     def __init__(self, request: PlanRequest, checkpointing: str):
         self.request, self.checkpointing = request, checkpointing
@@ -203,8 +220,13 @@ class _Search:
         self.token_capacity = opts.token_capacity or token_capacity(
             self.cost, self.layers, self.memory, self.longest, full_recompute=checkpointing != "none")
         self.screen_gap = max(opts.mip_gap, opts.screen_gap)
+        # A searched plan is checkpointed at the screening gap and only the winner tightened; a
+        # fixed K's one plan is the answer.
+        self.plan_gap = self.screen_gap if opts.num_slices is None else opts.mip_gap
         self.cache = SolverCache()
         self.trials: dict[tuple[Candidate, bool], _Trial] = {}
+        self.chunkings: dict[Candidate, list] = {}  # a full trial re-plans a screened candidate's chunks
+        self.uniform_tried: set[Candidate] = set()
 
     def trial(self, cand: Candidate, screen: bool, regroup: bool = True) -> _Trial:
         if (cand, screen) not in self.trials:
@@ -214,6 +236,11 @@ class _Search:
         return self.trials[(cand, screen)]
 
     def _chunks(self, cand: Candidate) -> list:
+        if cand not in self.chunkings:
+            self.chunkings[cand] = self._chunking(cand)
+        return self.chunkings[cand]
+
+    def _chunking(self, cand: Candidate) -> list:
         if cand.family == "epp":
             return process_sequences(self.lengths, self.cost, cand.size, cand.token_capacity)
         if cand.family == "fixed":
@@ -237,12 +264,12 @@ class _Search:
             bare = [epp_schedule(chunks, self.lengths, len(layers), layers, validate=False)]
             if cand.family == "whole":  # the baseline may also run these chunks in GPipe's order
                 bare.append(gpipe_schedule(chunks, self.lengths, layers, {}))
-            bound = min(simulate(p, cost, None, self.request.link).iteration_time_s for p in bare)
+            bound = min(iteration_time(p, cost, self.request.link) for p in bare)
             if bound >= leader.sim.iteration_time_s:
                 return _Trial(cand, screen, None, None, f"pruned: {bound:.2f} s without any recompute is no faster "
                                                         f"than {leader.candidate.label} ({leader.sim.iteration_time_s:.2f} s)")
-        gap = self.screen_gap if screen else self.options.mip_gap
-        # Groupings are compared on loose ILP answers; only the chosen plan is solved at ``gap``.
+        gap = self.screen_gap if screen else self.plan_gap
+        # Groupings are compared on loose ILP answers; the chosen one's plan is solved at ``gap``.
         coster = PipelineCoster(chunks, self.lengths, cost, layers, memory, self.checkpointing,
                                 self.cache, self.screen_gap, self.options.time_limit_s)
         grouping = group_pipelines(coster, max_pipelines=1)
@@ -268,7 +295,8 @@ class _Search:
                                largest_chunk=max(c.tokens for c in chunks))
         if trial.memory_error is None:
             trial = _Trial(cand, screen, plan, simulate(plan, cost, memory, self.request.link))
-        if (cand.family != "epp" and self.checkpointing == "ilp"
+        # The uniform variant runs one pipeline, as the screen did: once per candidate suffices.
+        if (cand.family != "epp" and self.checkpointing == "ilp" and cand not in self.uniform_tried
                 and (leader is None or not trial.feasible
                      or trial.sim.iteration_time_s <= leader.sim.iteration_time_s * (1 + UNIFORM_MARGIN))):
             trial = self._as_baseline(trial, chunks, meta)
@@ -280,12 +308,16 @@ class _Search:
         the better of the two makes EPP never slower than that baseline. Only chunkings whose
         ILP plan comes within UNIFORM_MARGIN of the leader (or does not fit) try it: the ILP's
         answer is rarely beaten at all, and never by that much."""
+        self.uniform_tried.add(trial.candidate)
         meta = {**meta, "checkpointing_kind": "uniform"}
-        builders = [one_f_one_b_uniform] + ([gpipe_uniform] if trial.candidate.family == "whole" else [])
-        for build in builders:
-            plan, sim = build(self.request, chunks, meta, validate=False)
-            if sim.feasible and (not trial.feasible or sim.iteration_time_s < trial.sim.iteration_time_s):
-                trial = _Trial(trial.candidate, trial.screened, plan, sim)
+        request = self.request
+        bases = [epp_schedule(chunks, request.lengths, request.num_stages, request.layers, metadata=meta, validate=False)]
+        if trial.candidate.family == "whole":
+            bases.append(gpipe_schedule(chunks, request.lengths, request.layers, meta))
+        for base in bases:
+            found = uniform_faster_than(request, base, trial.sim.iteration_time_s if trial.feasible else math.inf)
+            if found is not None:
+                trial = _Trial(trial.candidate, trial.screened, *found)
         return trial
 
     def _epp_trial(self, k: int, retry: bool) -> _Trial:
@@ -363,15 +395,34 @@ class _Search:
                           key=lambda t: t.score())
         for t in screened[:self.options.refine_top]:
             self.trial(t.candidate, False)
+        # A slice count whose one or two pipelines cannot fit even with full recompute may fit
+        # as more pipelines: the closest such screen gets the grouping search too, as the
+        # full-recompute ablation's best screen does.
+        blocked = [t for (c, screen), t in self.trials.items()
+                   if screen and c.family == "epp" and t.memory_error is not None]
+        if blocked:
+            self.trial(min(blocked, key=lambda t: t.memory_error.min_memory_bytes).candidate, False)
         return self.tighten(min(self.trials.values(), key=lambda t: t.score()))
 
     def tighten(self, trial: _Trial) -> _Trial:
-        """Re-solve a screened winner's checkpointing at ``mip_gap``; keep it if it simulates faster."""
-        if not trial.screened or trial.plan is None or self.checkpointing != "ilp":
+        """Re-solve the winner's checkpointing at ``mip_gap`` (trials solve it at the screening
+        gap); keep the answer if it simulates faster.
+
+        Only where that could pay: the winner's distance from its LP bound is the most recompute
+        delay an exact answer could save, by the ILP's own measure. Below ``mip_gap`` of the
+        iteration the branch and bound (most of a second for a few hundred chunks, a third of all
+        planning) gained under 0.1% of the iteration on the benchmark batches."""
+        gap = self.options.mip_gap
+        ckpt = trial.plan.metadata.get("checkpointing") if trial.plan is not None else None
+        if (ckpt is None  # no ILP answer: uniform recompute won, or an ablation
+                or ckpt["mip_gap"] <= gap
+                or (ckpt["objective_ms"] - ckpt["lp_bound_ms"]) / 1e3 <= gap * trial.sim.iteration_time_s):
             return trial
-        plan = solve_checkpointing(trial.plan, self.cost, self.memory, self.options.mip_gap,
-                                   self.options.time_limit_s, cache=self.cache)
+        plan = solve_checkpointing(trial.plan, self.cost, self.memory, gap, self.options.time_limit_s, cache=self.cache)
         plan = dataclasses.replace(plan, metadata={**plan.metadata, "screened": False})
         tight = _Trial(trial.candidate, False, plan, simulate(plan, self.cost, self.memory, self.request.link))
-        self.trials.setdefault((trial.candidate, False), tight)
+        if tight.score() < trial.score():  # recorded in place of the full trial it improves on
+            self.trials[(trial.candidate, False)] = tight
+        else:
+            self.trials.setdefault((trial.candidate, False), tight)
         return min((tight, trial), key=lambda t: t.score())

@@ -16,6 +16,7 @@ def explain_lines(plan: Plan) -> list[str]:
     chosen = meta.get("chosen")
     fits = [t for t in trials if t.get("feasible")]
     best = min((t["iteration_time_s"] for t in fits), default=None)
+    marked = False  # the chosen plan is the trial of that candidate with its simulated time
     lines = [f"{len(trials)} candidate plans tried ({len(fits)} fit); SIMULATED iteration times",
              f"  {'candidate':<28} {'pass':<6} {'iteration':>10} {'vs best':>8} {'bubble':>7} "
              f"{'recompute':>10} {'chunks':>6} {'pipes':>5}  note"]
@@ -24,7 +25,9 @@ def explain_lines(plan: Plan) -> list[str]:
             line = (f"  {t['candidate']:<28} {'screen' if t['screened'] else 'full':<6} {t['iteration_time_s']:>9.2f}s "
                     f"{t['iteration_time_s'] / best:>7.3f}x {t['bubble_ratio']:>6.1%} {t['recompute_s']:>9.2f}s "
                     f"{t['num_chunks']:>6} {t['num_pipelines']:>5}")
-            note = "<- chosen" if t["candidate"] == chosen and not t["screened"] else ""
+            is_chosen = not marked and t["candidate"] == chosen and t["iteration_time_s"] == meta.get("iteration_time_s")
+            marked = marked or is_chosen
+            note = "<- chosen" if is_chosen else ""
             if t.get("checkpointing_kind") == "uniform":
                 note = (note + " uniform recompute").strip()
         else:

@@ -55,11 +55,14 @@ class InfeasibleMemoryError(ValueError):
 
 @dataclass
 class SolverCache:
-    """What planning one batch reuses across ILPs: cost terms per chunk shape, and answers of
-    identical (sub-)problems keyed by their digest and gap."""
+    """What planning one batch reuses across ILPs: cost terms per chunk shape, answers of
+    identical (sub-)problems keyed by their digest and gap, and the problems of plans that
+    differ only in what the problem ignores (metadata, recompute, sequence numbering): a
+    planner costs a candidate's pipeline before it builds and checkpoints the plan."""
 
-    terms: dict[tuple, float] = field(default_factory=dict)
+    terms: dict[tuple, Any] = field(default_factory=dict)
     solutions: dict[tuple[str, float], tuple[np.ndarray, dict[str, Any]]] = field(default_factory=dict)
+    problems: dict[tuple, "PlanProblem"] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,27 @@ class Window:
     chunks: tuple[int, ...]
     own: int
     kind: str
+
+
+@dataclass(frozen=True)
+class Windows:
+    """The windows of a problem's rows as arrays, each `Window` built on demand: a plan has
+    thousands and only an error message names one."""
+
+    stages: np.ndarray     # stage of each window
+    starts: np.ndarray     # where its chunks begin in ``flat``
+    lens: np.ndarray       # how many chunks it holds
+    flat: np.ndarray       # every window's chunks, concatenated
+    own: np.ndarray        # the chunk whose action runs
+    forward: np.ndarray    # whether that action is its forward
+
+    def __len__(self) -> int:
+        return len(self.stages)
+
+    def __getitem__(self, i: int) -> Window:
+        start, n = int(self.starts[i]), int(self.lens[i])
+        return Window(int(self.stages[i]), tuple(self.flat[start:start + n].tolist()), int(self.own[i]),
+                      "F" if self.forward[i] else "B")
 
 
 @dataclass
@@ -128,7 +152,7 @@ class PlanProblem:
 
     plan: Plan
     var_of: dict[tuple[int, int], int]   # (stage, chunk) -> diagonal variable
-    windows: list[Window]                # the window of each row
+    windows: Windows                     # the window of each row
     full_memory: np.ndarray              # each window's memory with every layer recomputed
     budgets: np.ndarray                     # budget of each stage
     problem: CheckpointProblem
@@ -146,17 +170,27 @@ def stage_budgets(memory_budget: float | Sequence[float], num_stages: int) -> np
     return budgets
 
 
-def stage_windows(plan: Plan, stage: int) -> list[Window]:
-    """One window per action of a stage: the chunks held while it runs, its own chunk included."""
+def stage_windows(plan: Plan, stage: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One window per action of a stage: the chunks held while it runs, its own chunk included.
+    As arrays (each window's chunk count, all windows' chunks concatenated, each one's own chunk,
+    whether it is a forward): a plan has thousands, and only those over budget become `Window`s."""
     pending: list[int] = []
-    out: list[Window] = []
+    lens: list[int] = []
+    flat: list[int] = []
+    own: list[int] = []
+    forward: list[bool] = []
     for a in plan.stage_actions[stage]:
+        cid = a.chunk_id
         if a.kind == "F":
-            pending.append(a.chunk_id)
-        out.append(Window(stage, tuple(pending), a.chunk_id, a.kind))
+            pending.append(cid)
+        lens.append(len(pending))
+        flat.extend(pending)
+        own.append(cid)
+        forward.append(a.kind == "F")
         if a.kind == "B":
-            pending.remove(a.chunk_id)
-    return out
+            pending.remove(cid)
+    return (np.array(lens, dtype=np.int64), np.array(flat, dtype=np.int64), np.array(own, dtype=np.int64),
+            np.array(forward, dtype=bool))
 
 
 def diagonal_variables(plan: Plan) -> tuple[dict[tuple[int, int], int], list[int]]:
@@ -183,8 +217,13 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
     num_stages = plan.num_stages
     budgets = stage_budgets(memory_budget, num_stages)
     layers = plan.layers_per_stage
-    memo = (cache if cache is not None else SolverCache()).terms
+    cache = cache if cache is not None else SolverCache()
+    memo = cache.terms
     shapes = [ChunkShape.of(c, plan.seq_lengths) for c in plan.chunks]
+    key = (tuple(shapes), tuple(budgets.tolist()), layers, plan.pipelines,
+           tuple(tuple((a.kind, a.chunk_id) for a in actions) for actions in plan.stage_actions))
+    if key in cache.problems:
+        return dataclasses.replace(cache.problems[key], plan=plan)
     var_of, _ = diagonal_variables(plan)
     nvars = max(var_of.values()) + 1 if var_of else 0
     # Diagonal of (stage s, chunk c) = diagonal of (last stage, c) + (last - s).
@@ -204,51 +243,84 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
         np.maximum.at(upper, v, layers[s])
         np.maximum.at(weight, v, one_layer)
 
-    windows: list[Window] = []
+    def memory_terms(sh: ChunkShape, n_l: int, first: bool, last: bool) -> tuple[float, ...]:
+        key = ("chunk_memory", sh, n_l, first, last)
+        if key not in memo:
+            m = cost.chunk_memory(sh, n_l, first, last)
+            memo[key] = (m.held(0), m.slope, m.fwd_work, m.fwd_extra, m.bwd_work, m.bwd_extra)
+        return memo[key]
+
+    n_rows = 0
+    win_stage, win_start, win_len, win_flat, win_own, win_fwd = [], [], [], [], [], []
     need, full_mem, rows, cols, slope, lcap = [], [], [], [], [], []
+    by_role: dict[tuple[int, bool, bool], list[np.ndarray]] = {}
+    flat_seen = 0  # length of win_flat so far
     for s in range(num_stages):
         first, last, n_l = s == 0, s == num_stages - 1, layers[s]
-        mem = [term(cost.chunk_memory, sh, n_l, first, last) for sh in shapes]
+        if (n_l, first, last) not in by_role:  # stages alike in role and layers share their terms
+            by_role[(n_l, first, last)] = [np.array(col) for col in zip(*(memory_terms(sh, n_l, first, last) for sh in shapes))]
+        base, per_layer, fwd_work, fwd_extra, bwd_work, bwd_extra = by_role[(n_l, first, last)]
         states = cost.model_state_bytes(n_l, first, last)
-        held0 = np.array([m.held(0) for m in mem])
-        held_full = np.array([m.held(n_l) for m in mem])
-        for w in stage_windows(plan, s):
-            m = mem[w.own]
-            own = m.during_forward if w.kind == "F" else m.during_backward
-            others = [c for c in w.chunks if c != w.own]
-            no_ckpt = states + own(0) + held0[others].sum()
-            if no_ckpt <= budgets[s]:
-                continue
-            row = len(windows)
-            windows.append(w)
-            need.append(no_ckpt - budgets[s])
-            full_mem.append(states + own(n_l) + held_full[others].sum())
-            entries = [(c, m_.slope, n_l) for c in others for m_ in (mem[c],)]
-            entries += [(w.own, k, cap) for k, cap in m.savings_caps(w.kind) if k > 0 and cap > 0]
-            for c, k, cap in entries:
-                rows.append(row)
-                cols.append(var_last[c] + (num_stages - 1 - s))
-                slope.append(k)
-                lcap.append(float(cap))
+        lens, flat, own, forward = stage_windows(plan, s)
+        row = np.repeat(np.arange(len(lens)), lens)
+        work = np.where(forward, fwd_work[own], bwd_work[own])
+        extra = np.where(forward, fwd_extra[own], bwd_extra[own])  # added at its own full recompute
+        no_ckpt = states + work + np.bincount(row, weights=base[flat], minlength=len(lens))
+        keep = no_ckpt > budgets[s]
+        if not keep.any():
+            continue
+        starts = np.cumsum(lens) - lens + flat_seen
+        flat_seen += len(flat)
+        new_row = np.cumsum(keep) - 1 + n_rows
+        n_rows += int(keep.sum())
+        win_stage.append(np.full(int(keep.sum()), s))
+        win_start.append(starts[keep])
+        win_len.append(lens[keep])
+        win_flat.append(flat)
+        win_own.append(own[keep])
+        win_fwd.append(forward[keep])
+        need.append(no_ckpt[keep] - budgets[s])
+        held_full = base - n_l * per_layer
+        full_mem.append((states + work + extra + np.bincount(row, weights=held_full[flat], minlength=len(lens)))[keep])
+        # Every chunk of a window saves per_layer x min(r, n); its own chunk saves extra less at r = n,
+        # written as (per_layer - extra) x min(r, n) + extra x min(r, n - 1).
+        entry = keep[row]
+        kept = flat[entry]
+        is_own = kept == own[row[entry]]
+        k = per_layer[kept] - np.where(is_own, extra[row[entry]], 0.0)
+        rows.append(new_row[row[entry]])
+        cols.append(var_last[kept] + (num_stages - 1 - s))
+        slope.append(k)
+        lcap.append(np.full(len(kept), float(n_l)))
+        mine = keep & (extra > 0) if n_l > 1 else np.zeros_like(keep)
+        rows.append(new_row[mine])
+        cols.append(var_last[own[mine]] + (num_stages - 1 - s))
+        slope.append(extra[mine])
+        lcap.append(np.full(int(mine.sum()), float(n_l - 1)))
+
+    def cat(parts: list, dtype) -> np.ndarray:
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
 
     problem = CheckpointProblem(
-        upper=upper, weight_ms=weight, need=np.asarray(need, dtype=float), rows=np.asarray(rows, dtype=np.int64),
-        cols=np.asarray(cols, dtype=np.int64), slope=np.asarray(slope, dtype=float),
-        layer_cap=np.asarray(lcap, dtype=float))
-    return PlanProblem(plan=plan, var_of=var_of, windows=windows, full_memory=np.asarray(full_mem, dtype=float),
-                       budgets=budgets, problem=problem)
+        upper=upper, weight_ms=weight, need=cat(need, float), rows=cat(rows, np.int64),
+        cols=cat(cols, np.int64), slope=cat(slope, float), layer_cap=cat(lcap, float))
+    windows = Windows(cat(win_stage, np.int64), cat(win_start, np.int64), cat(win_len, np.int64),
+                      cat(win_flat, np.int64), cat(win_own, np.int64), cat(win_fwd, bool))
+    cache.problems[key] = PlanProblem(plan=plan, var_of=var_of, windows=windows, full_memory=cat(full_mem, float),
+                                      budgets=budgets, problem=problem)
+    return cache.problems[key]
 
 
 def check_full_recompute(pp: PlanProblem) -> None:
     """Raise `InfeasibleMemoryError` for the worst window that full recompute cannot fit."""
     if not pp.windows:
         return
-    over = pp.full_memory - pp.budgets[[w.stage for w in pp.windows]]
+    over = pp.full_memory - pp.budgets[pp.windows.stages]
     worst = int(np.argmax(over))
     if over[worst] <= _FEAS_TOL:
         return
     stage = pp.windows[worst].stage
-    on_stage = [i for i, w in enumerate(pp.windows) if w.stage == stage]
+    on_stage = np.flatnonzero(pp.windows.stages == stage)
     raise InfeasibleMemoryError(
         stage=stage,
         window=pp.windows[worst].chunks,
@@ -301,26 +373,30 @@ def solve_problem(problem: CheckpointProblem, mip_gap: float, time_limit_s: floa
     again; accepted when it is within ``mip_gap`` of the LP bound, else HiGHS branch and bound.
     If the MILP hits its time limit, the better of its incumbent and the rounded answer is used."""
     nvars = len(problem.upper)
-    # Variables: one integer per diagonal, then one continuous min(c_d, layers of stage) per
-    # entry whose stage has fewer layers than the diagonal's bound (unequal stage splits).
+    # Variables: one integer per diagonal, then one continuous min(c_d, cap) per distinct
+    # (diagonal, cap) whose cap is below the diagonal's bound (a stage with fewer layers; a
+    # chunk's own window, where full recompute saves one layer less).
     clipped = np.flatnonzero(problem.layer_cap < problem.upper[problem.cols])
-    n_aux = len(clipped)
+    pairs, aux_of = np.unique(np.stack([problem.cols[clipped], problem.layer_cap[clipped]]), axis=1,
+                              return_inverse=True)
+    n_aux = pairs.shape[1]
     entry_var = problem.cols.copy()
-    entry_var[clipped] = nvars + np.arange(n_aux)
+    entry_var[clipped] = nvars + aux_of.reshape(-1)
     scale = 1.0 / GIB
     a_mem = csr_matrix((problem.slope * scale, (problem.rows, entry_var)), shape=(len(problem.need), nvars + n_aux))
     constraints = [LinearConstraint(a_mem, lb=problem.need * scale, ub=np.inf)]
     if n_aux:
         link = np.arange(n_aux)
         a_link = csr_matrix((np.r_[np.ones(n_aux), -np.ones(n_aux)],
-                             (np.r_[link, link], np.r_[nvars + link, problem.cols[clipped]])),
+                             (np.r_[link, link], np.r_[nvars + link, pairs[0].astype(np.int64)])),
                             shape=(n_aux, nvars + n_aux))
         constraints.append(LinearConstraint(a_link, lb=-np.inf, ub=0.0))
     objective = np.concatenate([problem.weight_ms, np.zeros(n_aux)])
-    bounds = Bounds(np.zeros(nvars + n_aux), np.concatenate([problem.upper, problem.layer_cap[clipped]]))
+    bounds = Bounds(np.zeros(nvars + n_aux), np.concatenate([problem.upper, pairs[1]]))
     options = {"time_limit": time_limit_s, "disp": False}
 
-    relaxed = milp(objective, constraints=constraints, bounds=bounds, options=options)
+    # HiGHS's presolve costs the relaxation more than it saves (a third of its time on EPP's screens).
+    relaxed = milp(objective, constraints=constraints, bounds=bounds, options={**options, "presolve": False})
     if relaxed.x is not None:
         rounded = np.minimum(np.ceil(relaxed.x[:nvars] - 1e-6), problem.upper)
         rounded = greedy(problem, rounded) if (problem.deficit(rounded) > _FEAS_TOL).any() else rounded
@@ -390,6 +466,7 @@ def solve_checkpointing(
         "cached_parts": sum(bool(i.get("cached")) for i in infos),
         "parts": len(infos),
         "mip_gap": mip_gap,
+        "lp_bound_ms": math.fsum(i.get("lp_bound_ms", 0.0) for i in infos),  # parts without one: 0, still a bound
         "time_limit_s": time_limit_s,
     })
 

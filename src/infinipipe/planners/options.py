@@ -19,10 +19,12 @@ class PlannerOptions:
 
     EPP: ``num_slices`` fixes the slice count K of the longest sequence, else K is searched in
     ``min_slices..max_slices``; ``token_capacity`` caps a chunk's tokens (None: derived from the
-    memory budget); ``mip_gap`` is the final ILP's relative gap and ``screen_gap`` the looser gap
-    used while screening candidates; ``time_limit_s`` bounds each ILP solve; grouping tries up to
-    ``max_pipelines`` pipelines over ``max_cuts`` cut points; ``refine_top`` candidates get the
-    full grouping search; ``refine_rounds`` bisection rounds refine the K ladder.
+    memory budget); ``mip_gap`` is the final ILP's relative gap (a screened winner is re-solved at
+    it only where the screening answer could be more than ``mip_gap`` of the iteration from the
+    optimum) and ``screen_gap`` the looser gap used while screening candidates; ``time_limit_s``
+    bounds each ILP solve; grouping tries up to ``max_pipelines`` pipelines over ``max_cuts`` cut
+    points; ``refine_top`` candidates get the full grouping search; ``refine_rounds`` bisection
+    rounds refine the K ladder.
     Baselines: ``recompute`` fixes their uniform recompute layer count (None: the smallest that
     fits); ``micro_batch_tokens`` is the packing budget of ``batch-1f1b``/``gpipe`` (None: the
     longest sequence); ``chunk_tokens`` fixes ``seq1f1b``'s chunk size (None: the fastest fitting
@@ -38,7 +40,7 @@ class PlannerOptions:
     time_limit_s: float = 5.0
     max_pipelines: int = 3
     max_cuts: int = 8
-    refine_top: int = 0
+    refine_top: int = 1
     refine_rounds: int = 1
     recompute: int | None = None
     micro_batch_tokens: int | None = None

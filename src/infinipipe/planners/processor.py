@@ -163,9 +163,9 @@ def process_sequences(lengths: Sequence[int], cost: CostModel, num_slices: int, 
         if not buckets or min(b.tokens for b in buckets) + n > token_limit:
             buckets.append(_Bucket([Segment(seq, 0, n)], timer.slice_ms(0, n), n))
             continue
-        by_rate = sorted(buckets, key=lambda b: b.time / b.tokens)
-        target = next((b for b in by_rate
-                       if b.time + extra <= time_limit and b.tokens + n <= token_limit), None)
+        # The cheapest-per-token bucket with room (the first such in opening order on a tie).
+        target = min((b for b in buckets if b.time + extra <= time_limit and b.tokens + n <= token_limit),
+                     key=lambda b: b.time / b.tokens, default=None)
         if target is None:
             buckets.append(_Bucket([Segment(seq, 0, n)], timer.slice_ms(0, n), n))
             continue

@@ -96,13 +96,18 @@ def epp_schedule(
                     )
     stage_ops: list[list[Action]] = [[] for _ in range(num_stages)]
     ordered_pipes = []
+    shared: dict[tuple[str, int], Action] = {}  # without recompute, every stage's actions are alike
     for g in groups:
         forward, backward, n_split = pipeline_orders(chunks, seq_lengths, g)
         ordered_pipes.append(tuple(forward))
         for p in range(num_stages):
             for kind, cid in one_f_one_b(forward, backward, num_stages - 1 - p + n_split):
-                rec = recompute(p, cid) if recompute else 0
-                stage_ops[p].append(Action(kind, cid, int(rec)))
+                if recompute:
+                    stage_ops[p].append(Action(kind, cid, int(recompute(p, cid))))
+                else:
+                    if (kind, cid) not in shared:
+                        shared[(kind, cid)] = Action(kind, cid)
+                    stage_ops[p].append(shared[(kind, cid)])
     plan = Plan(
         seq_lengths=tuple(seq_lengths),
         chunks=tuple(chunks),

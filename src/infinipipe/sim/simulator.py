@@ -13,19 +13,23 @@ other intra-stage cost (Ulysses all-to-alls, per-chunk FSDP) is inside an action
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-from ..contract.cost import CostModel
-from ..contract.ir import Plan, play_order, upstream_stage
+import numpy as np
+
+from ..contract.cost import ChunkMemory, CostModel
+from ..contract.ir import Plan, play_order
 from ..contract.layout import LinkModel
 from ..contract.shapes import ChunkShape
 from ..contract.units import format_bytes
 
 
-@dataclass(frozen=True)
-class Interval:
-    """One action as it ran: ``recompute_s`` is the leading part of a backward spent recomputing."""
+class Interval(NamedTuple):
+    """One action as it ran: ``recompute_s`` is the leading part of a backward spent recomputing.
+
+    A named tuple: a simulation records one per action, and planners simulate thousands of plans."""
 
     stage: int
     kind: str
@@ -115,70 +119,55 @@ class SimResult:
 def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
              link: LinkModel = LinkModel()) -> SimResult:
     """Run ``plan`` on ``cost``; ``memory_budget`` (per device) defaults to the plan's metadata."""
-    if sum(plan.layers_per_stage) != cost.model.layers:
-        raise ValueError(
-            f"plan splits {sum(plan.layers_per_stage)} layers, the cost model's model has {cost.model.layers}"
-        )
     budget = memory_budget if memory_budget is not None else plan.metadata.get("memory_budget")
-    stages = plan.num_stages
+    run = _play(plan, cost, link, record=True)
+    stages, shapes, intervals = plan.num_stages, run.shapes, run.intervals
     last = stages - 1
-    shapes = [ChunkShape.of(c, plan.seq_lengths) for c in plan.chunks]
-    wire = [link.transfer_s(cost.boundary_bytes(sh)) for sh in shapes]
-    fsdp = [cost.step_fsdp_s(plan.layers_per_stage[s], s == 0, s == last) for s in range(stages)]
 
-    @functools.cache  # stages with the same role and layer count cost a chunk alike
-    def duration(n: int, first: bool, is_last: bool, kind: str, cid: int, rec: int) -> tuple[float, float]:
-        if kind == "F":
-            return cost.forward_ms(shapes[cid], n, first, is_last) / 1e3, 0.0
-        r = cost.recompute_ms(shapes[cid], rec) / 1e3
-        return r + cost.backward_ms(shapes[cid], n, first, is_last) / 1e3, r
-
-    end: dict[tuple[str, int, int], float] = {}
-    free = [gather for gather, _ in fsdp]
-    intervals: list[Interval] = []
-    for s, a in play_order(plan):
-        src = upstream_stage(a.kind, s, stages)
-        ready = end[(a.kind, src, a.chunk_id)] + wire[a.chunk_id] if src is not None else 0.0
-        start = max(free[s], ready)
-        dur, rec = duration(plan.layers_per_stage[s], s == 0, s == last, a.kind, a.chunk_id, a.recompute_layers)
-        free[s] = end[(a.kind, s, a.chunk_id)] = start + dur
-        intervals.append(Interval(s, a.kind, a.chunk_id, start, start + dur, rec))
-
-    memory = functools.cache(lambda cid, n, first, is_last: cost.chunk_memory(shapes[cid], n, first, is_last))
     by_stage: list[list[Interval]] = [[] for _ in range(stages)]
     for iv in intervals:
         by_stage[iv.stage].append(iv)
+    roles: dict[tuple[int, bool, bool], np.ndarray] = {}
     timelines, peaks, step_peaks, act_peaks, ooms = [], [], [], [], []
     for s in range(stages):
         n, first, is_last = plan.layers_per_stage[s], s == 0, s == last
+        if (n, first, is_last) not in roles:  # per chunk: held(0), slope, fwd/bwd work and extra
+            roles[(n, first, is_last)] = np.array([_memory_row(cost.chunk_memory(sh, n, first, is_last))
+                                                   for sh in shapes]).reshape(len(shapes), 6)
+        terms = roles[(n, first, is_last)]
+        ivs = by_stage[s]
         rec = {a.chunk_id: a.recompute_layers for a in plan.stage_actions[s]}
+        cid = np.array([iv.chunk_id for iv in ivs], dtype=np.int64)
+        fwd = np.array([iv.kind == "F" for iv in ivs], dtype=bool)
+        r = np.array([rec[c] for c in cid.tolist()], dtype=float)
+        base, slope, fwd_work, fwd_extra, bwd_work, bwd_extra = terms[cid].T
+        held_r = base - r * slope
+        after = np.cumsum(np.where(fwd, held_r, -held_r))
+        # While it runs, a forward's chunk holds its activations already and a backward's still.
+        during = (np.where(fwd, after, after + held_r) + np.where(fwd, fwd_work, bwd_work)
+                  + np.where(r == n, np.where(fwd, fwd_extra, bwd_extra), 0.0))
         states = cost.model_state_bytes(n, first, is_last)
-        held = act_peak = 0.0
-        timeline = [(0.0, states)]
-        for iv in by_stage[s]:
-            m, r = memory(iv.chunk_id, n, first, is_last), rec[iv.chunk_id]
-            if iv.kind == "F":
-                timeline.append((iv.start_s, states + held + m.during_forward(r)))
-                held += m.held(r)
-            else:
-                timeline.append((iv.start_s, states + held - m.held(r) + m.during_backward(r)))
-                held -= m.held(r)
-            act_peak = max(act_peak, held)
-            timeline.append((iv.end_s, states + held))
-        peak = max(v for _, v in timeline)
+        times = np.empty(2 * len(ivs) + 1)
+        levels = np.empty(2 * len(ivs) + 1)
+        times[0], levels[0] = 0.0, states
+        times[1::2] = [iv.start_s for iv in ivs]
+        times[2::2] = [iv.end_s for iv in ivs]
+        levels[1::2] = states + during
+        levels[2::2] = states + after
+        peak = float(levels.max())
         step_peaks.append(peak - states + cost.grad_bytes(n, first, is_last))
-        act_peaks.append(act_peak)
-        timelines.append(tuple(timeline))
+        act_peaks.append(float(max(after.max(initial=0.0), 0.0)))
+        timelines.append(tuple(zip(times.tolist(), levels.tolist())))
         peaks.append(peak)
         if budget is not None and peak > budget:
-            when = next(t for t, v in timeline if v > budget)
+            when = float(times[np.argmax(levels > budget)])
             ooms.append(OutOfMemory(s, when, peak - budget, peak, float(budget)))
 
     return SimResult(
         planner=str(plan.metadata.get("planner", "")),
-        iteration_time_s=max(f + reduce for f, (_, reduce) in zip(free, fsdp)),
-        busy_s=tuple(sum(i.end_s - i.start_s for i in intervals if i.stage == s) for s in range(stages)),
-        recompute_s=tuple(sum(i.recompute_s for i in intervals if i.stage == s) for s in range(stages)),
+        iteration_time_s=run.iteration_time_s,
+        busy_s=tuple(run.busy_s),
+        recompute_s=tuple(run.recompute_s),
         peak_memory_bytes=tuple(peaks),
         peak_step_bytes=tuple(step_peaks),
         peak_activation_bytes=tuple(act_peaks),
@@ -189,3 +178,85 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
         intervals=tuple(intervals),
         memory_timeline=tuple(timelines),
     )
+
+
+def _memory_row(m: ChunkMemory) -> tuple[float, ...]:
+    return (m.held(0), m.slope, m.fwd_work, m.fwd_extra, m.bwd_work, m.bwd_extra)
+
+
+def iteration_time(plan: Plan, cost: CostModel, link: LinkModel = LinkModel()) -> float:
+    """`simulate`'s iteration time alone: what a planner's bound needs, without the memory
+    section or the per-action record."""
+    return _play(plan, cost, link, record=False).iteration_time_s
+
+
+@dataclass
+class _Run:
+    """What the timing pass yields: chunk shapes, each stage's busy and recompute time, the iteration."""
+
+    shapes: list[ChunkShape]
+    busy_s: list[float]
+    recompute_s: list[float]
+    iteration_time_s: float
+    intervals: list[Interval]
+
+
+def _play(plan: Plan, cost: CostModel, link: LinkModel, record: bool) -> _Run:
+    """Time every action, visiting them in `play_order`'s order without building it: sweep the
+    stages, each running on until an action's input has not been produced yet."""
+    if sum(plan.layers_per_stage) != cost.model.layers:
+        raise ValueError(
+            f"plan splits {sum(plan.layers_per_stage)} layers, the cost model's model has {cost.model.layers}"
+        )
+    stages, n = plan.num_stages, len(plan.chunks)
+    last = stages - 1
+    shapes = [ChunkShape.of(c, plan.seq_lengths) for c in plan.chunks]
+    fsdp = [cost.step_fsdp_s(plan.layers_per_stage[s], s == 0, s == last) for s in range(stages)]
+    wire = [link.transfer_s(cost.boundary_bytes(sh)) for sh in shapes]
+
+    @functools.cache  # stages with the same role and layer count cost a chunk alike
+    def duration(n_layers: int, first: bool, is_last: bool, kind: str, cid: int, rec: int) -> tuple[float, float]:
+        if kind == "F":
+            return cost.forward_ms(shapes[cid], n_layers, first, is_last) / 1e3, 0.0
+        r = cost.recompute_ms(shapes[cid], rec) / 1e3
+        return r + cost.backward_ms(shapes[cid], n_layers, first, is_last) / 1e3, r
+
+    # end[s][kind][cid]: when stage s finished that action (nan: not yet run).
+    end = [{"F": [math.nan] * n, "B": [math.nan] * n} for _ in range(stages)]
+    free = [gather for gather, _ in fsdp]
+    busy, recompute = [0.0] * stages, [0.0] * stages
+    intervals: list[Interval] = []
+    ptr, placed = [0] * stages, 0
+    progressed = True
+    while progressed:
+        progressed = False
+        for s, actions in enumerate(plan.stage_actions):
+            n_layers, first, is_last = plan.layers_per_stage[s], s == 0, s == last
+            mine = end[s]
+            i = ptr[s]
+            while i < len(actions):
+                a = actions[i]
+                kind, cid = a.kind, a.chunk_id
+                src = s - 1 if kind == "F" else s + 1
+                if 0 <= src < stages:
+                    done = end[src][kind][cid]
+                    if done != done:  # nan: the input is not there yet
+                        break
+                    ready = done + wire[cid]
+                else:
+                    ready = 0.0
+                start = max(free[s], ready)
+                dur, rec = duration(n_layers, first, is_last, kind, cid, a.recompute_layers)
+                free[s] = mine[kind][cid] = stop = start + dur
+                busy[s] += stop - start
+                recompute[s] += rec
+                if record:
+                    intervals.append(Interval(s, kind, cid, start, stop, rec))
+                i += 1
+            if i != ptr[s]:
+                placed += i - ptr[s]
+                ptr[s] = i
+                progressed = True
+    if placed != sum(len(a) for a in plan.stage_actions):
+        play_order(plan)  # raises its deadlock error naming where the stages wait
+    return _Run(shapes, busy, recompute, max(f + reduce for f, (_, reduce) in zip(free, fsdp)), intervals)
