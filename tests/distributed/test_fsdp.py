@@ -4,6 +4,7 @@ several pipelines per step; gathered once per step and reduce-scattered once."""
 from __future__ import annotations
 
 import pytest
+import torch
 from test_exact_pipeline import CFG, TOL, _batch, _cases, _reference
 from torch.distributed.tensor import DTensor
 
@@ -111,3 +112,36 @@ def test_weights_are_gathered_once_per_step_and_gradients_reduce_scattered_once(
     units = 3  # per stage: two layers and the root (the embedding, or the final norm and head)
     for per_step in launch_local(count_collectives, dims.world_size, (dims, layers, chosen), timeout_s=120):
         assert per_step == [{"all_gather_single": units, "reduce_scatter_single": units}] * len(chosen)
+
+
+def run_bf16(dims: ParallelDims, layers: tuple[int, ...], cases):
+    """Worker: bf16 compute over fp32 shards; the shards' and gradients' dtypes, loss, whole gradients."""
+    mesh = dims.build_mesh()
+    settings = RuntimeSettings(dtype=torch.bfloat16, master_dtype=torch.float32, seed=0, loss_block_tokens=7,
+                               nccl_semantics=True)
+    worker = PipelineWorker(CFG, layers, mesh, settings)
+    out = []
+    for plans, batches in cases:
+        res = worker.run_step(plans[mesh.dp_rank], batches[mesh.dp_rank])
+        dtypes = {(p.dtype, p.grad.dtype) for p in worker.weights.parameters()}
+        out.append((dtypes, res.loss, full_gradients(worker.model)))
+    return out
+
+
+def test_bf16_compute_keeps_fp32_shards_and_reduces_gradients_in_fp32():
+    dims, layers = ParallelDims(pp=2, dp_shard=2), (2, 2)
+    cases, refs, names = _hand_cases(layers, dims.dp)
+    chosen = [names.index(n) for n in ("packed, recompute 0", "split, recompute 1", "hybrid, recompute 2")]
+    results = launch_local(run_bf16, dims.world_size, (dims, layers, [cases[i] for i in chosen]), timeout_s=120)
+    for k, i in enumerate(chosen):
+        ref_loss, ref_grads = refs[i]
+        grads = {}
+        for out in results:
+            dtypes, loss, g = out[k]
+            assert dtypes == {(torch.float32, torch.float32)}
+            assert loss == pytest.approx(ref_loss, rel=2e-2), names[i]
+            assert loss != pytest.approx(ref_loss, rel=1e-6), f"{names[i]}: computed in fp32"
+            grads.update(g)
+        got = torch.cat([grads[n].flatten() for n in ref_grads])
+        want = torch.cat([g.flatten() for g in ref_grads.values()])
+        assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.999, names[i]

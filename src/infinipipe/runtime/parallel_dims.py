@@ -148,13 +148,6 @@ class ParallelDims:
         inner = self.dp_shard * self.sp
         return local_world_size % inner == 0 and (self.pp == 1 or self.ranks_per_stage % local_world_size == 0)
 
-    def require_runtime_support(self) -> None:
-        """Refuse degrees the runtime cannot execute yet (planning and simulation accept them)."""
-        if self.dp_shard > 1:
-            raise ValueError(f"parallelism.data_parallel_shard_degree = {self.dp_shard}: the runtime does not shard "
-                             "parameters (FSDP) yet (only 1); use parallelism.data_parallel_replicate_degree for "
-                             "plain data parallelism")
-
     def build_mesh(self, device_type: str = "cpu") -> ParallelMesh:
         """The mesh over the already initialised default process group."""
         world = dist.get_world_size()
