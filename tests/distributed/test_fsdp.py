@@ -145,3 +145,17 @@ def test_bf16_compute_keeps_fp32_shards_and_reduces_gradients_in_fp32():
         got = torch.cat([grads[n].flatten() for n in ref_grads])
         want = torch.cat([g.flatten() for g in ref_grads.values()])
         assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.999, names[i]
+
+
+def peak_activation_bytes(dims: ParallelDims, cases):
+    mesh = dims.build_mesh()
+    worker = PipelineWorker(CFG, (CFG.layers,), mesh, RuntimeSettings(seed=0, loss_block_tokens=7, nccl_semantics=True))
+    return [worker.run_step(plans[mesh.dp_rank], batches[mesh.dp_rank]).peak_activation_bytes for plans, batches in cases]
+
+
+def test_gathered_weights_are_not_counted_as_activations():
+    cases, _, _ = _hand_cases((CFG.layers,), 1)
+    (whole,) = launch_local(peak_activation_bytes, 1, (ParallelDims(pp=1), cases), timeout_s=120)
+    twice = [(plans * 2, batches * 2) for plans, batches in cases]
+    for sharded in launch_local(peak_activation_bytes, 2, (ParallelDims(pp=1, dp_shard=2), twice), timeout_s=120):
+        assert sharded == whole

@@ -77,9 +77,9 @@ class StepResult:
     """What one rank measured in one step. ``loss`` is the global batch's, on every rank.
 
     ``busy_s`` sums the compute of the stage's actions, ``idle_s`` is the rest of the pipeline
-    phase (waiting for neighbours); the gradient all-reduce is timed apart. ``peak_activation_bytes``
-    is the saved-tensor peak (what the simulator predicts); ``peak_allocated_bytes`` the CUDA
-    allocator's peak (None on CPU).
+    phase (waiting for neighbours); the gradient reduction (all-reduce, or FSDP's reduce-scatter) is
+    timed apart in ``allreduce_s``. ``peak_activation_bytes`` is the saved-tensor peak (what the
+    simulator predicts); ``peak_allocated_bytes`` the CUDA allocator's peak (None on CPU).
     """
 
     loss: float
