@@ -140,11 +140,11 @@ def test_bf16_compute_keeps_fp32_shards_and_reduces_gradients_in_fp32():
             dtypes, loss, g = out[k]
             assert dtypes == {(torch.float32, torch.float32)}
             assert loss == pytest.approx(ref_loss, rel=2e-2), names[i]
-            assert loss != pytest.approx(ref_loss, rel=1e-6), f"{names[i]}: computed in fp32"
             grads.update(g)
         got = torch.cat([grads[n].flatten() for n in ref_grads])
         want = torch.cat([g.flatten() for g in ref_grads.values()])
         assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.999, names[i]
+        assert (got - want).abs().max() > 1e-4 * want.abs().max(), f"{names[i]}: computed in fp32"
 
 
 def peak_activation_bytes(dims: ParallelDims, cases):

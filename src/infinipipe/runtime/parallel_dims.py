@@ -31,7 +31,8 @@ class ParallelMesh:
     the batch) and ``dp_rank`` is this rank's replica; ``sp_rank`` its place in its SP group.
     ``fsdp`` counts the ranks (``dp_shard x sp``) a stage's parameters are sharded over, and
     ``dp_replicate`` the groups of them that hold replicas of the shards; ``shard_mesh`` is FSDP's
-    mesh: those ranks, 2-D ``dp_replicate x dp_shard_sp`` when ``dp_replicate > 1`` (HSDP).
+    mesh: those ranks, 2-D ``dp_replicate x dp_shard_sp`` when ``dp_replicate > 1`` (HSDP); None
+    when ``fsdp`` is 1 (nothing is sharded).
     """
 
     mesh: DeviceMesh
@@ -156,8 +157,10 @@ class ParallelDims:
                              f"sp ({self.sp}) = {self.world_size} processes, but the job has {world}")
         mesh = init_device_mesh(device_type, tuple(getattr(self, n) for n in MESH_DIMS), mesh_dim_names=MESH_DIMS)
         mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        shard = mesh["dp_shard", "sp"]._flatten(SHARD_DIM)
-        if self.dp_replicate > 1:
+        shard = None
+        if self.fsdp > 1 and self.dp_replicate == 1:
+            shard = mesh["dp_shard", "sp"]._flatten(SHARD_DIM)
+        elif self.fsdp > 1:
             shard = mesh["dp_replicate", "dp_shard", "sp"]._flatten("dp_sp")._unflatten(
                 0, (self.dp_replicate, self.fsdp), ("dp_replicate", SHARD_DIM))
         return ParallelMesh(mesh, self.dp, self.pp, mesh.get_local_rank("dp"), mesh.get_local_rank("pp"),
