@@ -46,13 +46,6 @@ def test_shard_degree_minus_one_takes_ranks_left_after_sp():
         ParallelDims.from_config(cfg, 6)
 
 
-def test_runtime_refuses_sharding_naming_the_field_and_runs_sequence_parallel():
-    with pytest.raises(ValueError, match="parallelism.data_parallel_shard_degree = 2"):
-        ParallelDims(pp=2, dp_shard=2, sp=2).require_runtime_support()
-    ParallelDims(pp=2, dp_replicate=2).require_runtime_support()
-    ParallelDims(pp=2, sp=2).require_runtime_support()
-
-
 def test_context_parallel_is_refused_and_points_to_sequence_parallel():
     with pytest.raises(ValueError, match="sequence_parallel_degree"):
         ParallelismConfig(context_parallel_degree=2)

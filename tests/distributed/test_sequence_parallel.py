@@ -13,6 +13,7 @@ from infinipipe.contract.model_config import ModelConfig
 from infinipipe.planners.schedule import epp_schedule
 from infinipipe.runtime.batch import Batch
 from infinipipe.runtime.executor import PipelineWorker, RuntimeSettings
+from infinipipe.runtime.fsdp import full_gradients
 from infinipipe.runtime.full_sequence import reference_loss
 from infinipipe.runtime.launch import launch_local
 from infinipipe.runtime.local import build_stages, run_plan_local
@@ -94,13 +95,14 @@ def test_sequence_parallel_loss_and_gradients_equal_full_sequence_reference(cfg,
 
 
 def run_sp_pipeline(cfg, layers, cases):
-    """Worker: an sp x pp mesh; each case one step of the distributed executor."""
+    """Worker: an sp x pp mesh (each stage FSDP-sharded over its SP ranks); each case one step of the
+    distributed executor."""
     mesh = ParallelDims(pp=len(layers), sp=2).build_mesh()
     worker = PipelineWorker(cfg, layers, mesh, RuntimeSettings(seed=0, loss_block_tokens=5, nccl_semantics=True))
     out = []
     for plan, batch in cases:
         res = worker.run_step(plan, batch)
-        out.append((res.loss, {n: p.grad.clone() for n, p in worker.model.named_parameters()}))
+        out.append((res.loss, full_gradients(worker.model)))
     return mesh.stage, out
 
 

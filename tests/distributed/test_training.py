@@ -13,6 +13,9 @@ import pytest
 
 from infinipipe.config import load_config
 from infinipipe.data.dataset import build_dataset
+from infinipipe.model.hf import load_hf_checkpoint
+from infinipipe.runtime.local import build_stages
+from infinipipe.train.checkpoint import export_hf
 from infinipipe.train.loop import run_training
 from infinipipe.train.single_device import reference_losses
 
@@ -61,6 +64,29 @@ def test_sp2_pp2_training_matches_single_device_losses(tmp_path, cache_dir):
     assert len(result.losses) == 4
     for step, (got, want) in enumerate(zip(result.losses, expected), start=1):
         assert got == pytest.approx(want, rel=2e-4), f"step {step}"
+
+
+def test_fsdp_dp_shard2_pp2_training_matches_single_device_losses_and_resumes_from_a_sharded_checkpoint(tmp_path,
+                                                                                                     cache_dir):
+    common = SMALL_RUN + [f"--data.cache_dir={cache_dir}", "--training.steps=4",
+                          "--parallelism.pipeline_parallel_degree=2", "--parallelism.data_parallel_shard_degree=2",
+                          "--epp.min_slices=2", "--checkpoint.enable=true", "--checkpoint.interval=2"]
+    cfg = load_config(None, common)
+    straight = run_training(cfg, tmp_path, progress=False).losses
+    dataset, _ = build_dataset(cfg)
+    expected = reference_losses(cfg, dataset)
+    assert len(straight) == 4
+    for step, (got, want) in enumerate(zip(straight, expected), start=1):
+        assert got == pytest.approx(want, rel=2e-4), f"step {step}"
+    assert len(list((tmp_path / "checkpoint" / "step-2").glob("*.distcp"))) == 4  # every rank wrote its shards
+    model_cfg = cfg.model_config()
+    _, exported = load_hf_checkpoint(export_hf(tmp_path / "checkpoint" / "step-4", model_cfg, tmp_path / "hf"))
+    (whole,) = build_stages(model_cfg, [model_cfg.layers])
+    assert {n: t.shape for n, t in exported.items()} == {n: t.shape for n, t in whole.state_dict().items()}
+
+    resumed = run_training(load_config(None, common + ["--checkpoint.load_step=2"]), tmp_path, progress=False)
+    assert resumed.start_step == 2
+    assert resumed.losses == pytest.approx(straight[2:], rel=1e-6)
 
 
 def test_run_killed_between_steps_resumes_with_the_uninterrupted_losses(tmp_path, cache_dir):

@@ -179,11 +179,11 @@ class ParallelismConfig:
     ``pipeline_parallel_degree`` stages (across nodes); inside a stage,
     ``sequence_parallel_degree`` ranks run Ulysses sequence parallelism (a chunk's tokens spread
     over them, all-to-all around attention) and ``data_parallel_shard_degree`` ranks shard the
-    stage FSDP-style (torchtitan's meaning; ``-1`` takes the ranks left);
-    ``data_parallel_replicate_degree`` ranks hold full replicas. Planning and simulation accept
-    every degree; the runtime refuses sequence parallelism and sharding above 1 until it runs
-    them. Ring-attention context parallelism and tensor parallelism are recognised keys so a
-    torchtitan file reads, but only degree 1 is accepted.
+    stage FSDP-style (torchtitan's meaning; ``-1`` takes the ranks left): its parameters are sharded
+    over the ``dp_shard x sp`` ranks; ``data_parallel_replicate_degree`` groups of those ranks hold
+    replicas (of the whole stage, or of its shards: HSDP). Every data-parallel rank, replicate or
+    shard, trains its own share of the batch. Ring-attention context parallelism and tensor
+    parallelism are recognised keys so a torchtitan file reads, but only degree 1 is accepted.
     """
 
     pipeline_parallel_degree: int = 4

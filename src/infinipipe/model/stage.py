@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from ..contract.cost import LOSS_BLOCK_TOKENS
 from ..contract.model_config import ModelConfig
-from .layers import DecoderLayer, RMSNorm
+from .kv_store import LayerKV
+from .layers import ChunkMeta, DecoderLayer, HeadExchange, RMSNorm
+from .loss import blocked_cross_entropy
 
 
 class StageModel(nn.Module):
@@ -33,6 +38,31 @@ class StageModel(nn.Module):
                 self.head.weight = self.embed.weight
         else:
             self.norm = self.head = None
+
+    def forward(self, x: torch.Tensor, meta: ChunkMeta, stores: Sequence[LayerKV | None] | None = None,
+                shard: HeadExchange | None = None, recompute_layers: int = 0, labels: torch.Tensor | None = None,
+                normaliser: int = 1, loss_block_tokens: int = LOSS_BLOCK_TOKENS) -> torch.Tensor:
+        """One chunk through the stage: token ids in on the first stage, hidden states otherwise; the
+        chunk's loss (its token losses over ``normaliser``) out of the last stage, hidden states otherwise.
+
+        The first ``recompute_layers`` layers are checkpointed. The whole chunk is one call of the
+        module, so wrappers that hook ``forward`` (FSDP) see one forward per chunk.
+        """
+        h = self.embed_tokens(x) if self.first else x
+        stores = [None] * len(self.layer_ids) if stores is None else stores
+        for j, (layer, store) in enumerate(zip(self.ordered_layers(), stores)):
+            if j < recompute_layers:
+                h = checkpoint(layer, h, meta, store, shard, use_reentrant=False)
+            else:
+                h = layer(h, meta, store, shard)
+        if not self.last:
+            return h
+        out = blocked_cross_entropy(h, self.norm, self.head, labels, normaliser, loss_block_tokens)
+        if shard is not None and not out.requires_grad:
+            # This rank's tokens predict nothing, but its backward must still take part in the
+            # SP group's all-to-alls.
+            out = out + 0 * h.sum()
+        return out
 
     def ordered_layers(self) -> list[DecoderLayer]:
         return [self.layers[str(i)] for i in self.layer_ids]

@@ -7,7 +7,9 @@ and pipeline of the step. With Ulysses SP each rank of a stage's SP group comput
 every chunk's tokens and exchanges only that share with the same SP rank of the neighbouring
 stages; the SP group, then data-parallel replicas, sum their gradients; every token loss is
 divided by the global batch's predicted tokens, so the sum is the exact global-batch gradient.
-The optimizer step is the caller's: `PipelineWorker.model` holds the parameters.
+When a stage has several ``dp_shard x sp`` ranks its parameters are sharded over them with FSDP
+(`fsdp.ShardedStage`: gathered once per step, reduce-scattered once after its backwards).
+The optimizer step is the caller's: `PipelineWorker.weights` holds the parameters it steps.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from ..contract.ir import Plan, downstream_stage, upstream_stage, validate_plan
 from ..contract.model_config import ModelConfig
 from ..model.stage import StageModel, init_weights
 from .batch import Batch
+from .fsdp import ShardedStage
 from .live_bytes import LiveBytesMeter
 from .nccl_semantics import emulation_from_env
 from .p2p import StageLink, TransferMismatch, plan_digest
@@ -79,10 +82,11 @@ class StepResult:
     """What one rank measured in one step. ``loss`` is the global batch's, on every rank.
 
     ``busy_s`` sums the compute of the stage's actions, ``idle_s`` is the rest of the pipeline
-    phase (waiting for neighbours); the gradient all-reduce is timed apart. ``peak_step_bytes`` is
-    the most tensor bytes the step had allocated at once, counting from its start (activations, K/V
-    stores, transients, gradients, communication buffers; what the simulator predicts as
-    ``SimResult.peak_step_bytes``); None on CPU unless ``RuntimeSettings.count_live_bytes``.
+    phase (waiting for neighbours); the gradient reduction (all-reduce, or FSDP's reduce-scatter) is
+    timed apart in ``allreduce_s``. ``peak_step_bytes`` is the most tensor bytes the step had
+    allocated at once, counting from its start (activations, K/V stores, transients, gradients,
+    communication buffers; what the simulator predicts as ``SimResult.peak_step_bytes``); None on
+    CPU unless ``RuntimeSettings.count_live_bytes``.
     """
 
     loss: float
@@ -102,6 +106,8 @@ class PipelineWorker:
 
     ``model`` computes; ``weights`` is what the optimizer steps and checkpoints hold (the master
     copy under mixed precision, else ``model`` itself), and its ``.grad`` the step's gradients.
+    Under FSDP (``mesh.fsdp > 1``) ``model`` is sharded and is ``weights``: its fp32 shards are the
+    master weights and FSDP gathers them in the compute dtype.
     """
 
     def __init__(self, cfg: ModelConfig, layers_per_stage: tuple[int, ...], mesh: ParallelMesh,
@@ -119,9 +125,15 @@ class PipelineWorker:
         model = StageModel(cfg, range(lo, lo + layers_per_stage[mesh.stage]), first=mesh.stage == 0,
                            last=mesh.is_last_stage, backend=settings.attention_backend)
         init_weights(model, settings.seed)
-        master = copy.deepcopy(model).to(self.device, settings.master_dtype) if settings.master_dtype else None
-        self.model = model.to(device=self.device, dtype=settings.dtype)
-        self.masters = None if master is None else MasterWeights(self.model, master)
+        self.sharded: ShardedStage | None = None
+        self.masters: MasterWeights | None = None
+        if mesh.fsdp > 1:
+            self.model = model.to(device=self.device, dtype=settings.master_dtype or settings.dtype)
+            self.sharded = ShardedStage(self.model, mesh.shard_mesh, settings.dtype)
+        else:
+            master = copy.deepcopy(model).to(self.device, settings.master_dtype) if settings.master_dtype else None
+            self.model = model.to(device=self.device, dtype=settings.dtype)
+            self.masters = None if master is None else MasterWeights(self.model, master)
 
     @property
     def weights(self) -> torch.nn.Module:
@@ -173,11 +185,13 @@ class PipelineWorker:
             normaliser = self._global_normaliser(batch)
         self.model.zero_grad(set_to_none=True)
         self.weights.zero_grad(set_to_none=True)
+        if self.sharded is not None:
+            self.sharded.begin_step()
         counted = self.device.type == "cuda" or self.settings.count_live_bytes
         meter = LiveBytesMeter(self.device) if counted else contextlib.nullcontext()
         mesh = self.mesh
         sp = SequenceParallel(mesh.sp_group, mesh.sp_rank, mesh.sp) if mesh.sp > 1 else None
-        compute = StageCompute(self.model, batch, normaliser, self.settings.loss_block_tokens, sp)
+        compute = StageCompute(self.model, batch, normaliser, self.settings.loss_block_tokens, sp, self.settings.dtype)
         link = StageLink(self.mesh.pp_group, stage, self.mesh.pp, self.cfg.hidden, self.settings.dtype,
                          self.device, digest, emulate_nccl=self.settings.nccl_semantics)
         actions = plan.stage_actions[stage]
@@ -231,25 +245,29 @@ class PipelineWorker:
 
     def _reduce(self, local_loss: torch.Tensor | None) -> float:
         """Loss from the last stage to every stage, then both loss and gradients summed over the SP
-        group (each SP rank computed its share of the tokens) and over replicas.
+        group (each SP rank computed its share of the tokens) and over replicas; under FSDP the
+        gradients are already reduced (their shards summed over every data-parallel and SP rank).
 
         The loss stays on the device until here: reading it inside the pipeline would block the
         host on the compute stream mid-step.
         """
         mesh = self.mesh
+        if self.sharded is not None:
+            self.sharded.end_step()
         loss = torch.zeros(1, dtype=torch.float64, device=self.device)
         if local_loss is not None:
             loss += local_loss
         if mesh.pp > 1:
             dist.broadcast(loss, src=dist.get_global_rank(mesh.pp_group, mesh.pp - 1), group=mesh.pp_group)
         groups = ([mesh.sp_group] if mesh.sp > 1 else []) + ([mesh.dp_group] if mesh.dp > 1 else [])
-        if groups:
+        for group in groups:
+            dist.all_reduce(loss, group=group)
+        if groups and self.sharded is None:
             params = list(self.weights.parameters())
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = _flatten_dense_tensors(grads)
             for group in groups:
                 dist.all_reduce(flat, group=group)
-                dist.all_reduce(loss, group=group)
             for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
                 p.grad = g
         return float(loss.item())

@@ -20,6 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from ..config.schema import ParallelismConfig
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "sp")
+SHARD_DIM = "dp_shard_sp"
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,10 @@ class ParallelMesh:
 
     ``dp`` counts data-parallel replicas (``dp_replicate x dp_shard``: each trains its own share of
     the batch) and ``dp_rank`` is this rank's replica; ``sp_rank`` its place in its SP group.
+    ``fsdp`` counts the ranks (``dp_shard x sp``) a stage's parameters are sharded over, and
+    ``dp_replicate`` the groups of them that hold replicas of the shards; ``shard_mesh`` is FSDP's
+    mesh: those ranks, 2-D ``dp_replicate x dp_shard_sp`` when ``dp_replicate > 1`` (HSDP); None
+    when ``fsdp`` is 1 (nothing is sharded).
     """
 
     mesh: DeviceMesh
@@ -37,6 +42,9 @@ class ParallelMesh:
     stage: int
     sp: int = 1
     sp_rank: int = 0
+    fsdp: int = 1
+    dp_replicate: int = 1
+    shard_mesh: DeviceMesh | None = None
 
     @property
     def pp_group(self) -> dist.ProcessGroup:
@@ -141,13 +149,6 @@ class ParallelDims:
         inner = self.dp_shard * self.sp
         return local_world_size % inner == 0 and (self.pp == 1 or self.ranks_per_stage % local_world_size == 0)
 
-    def require_runtime_support(self) -> None:
-        """Refuse degrees the runtime cannot execute yet (planning and simulation accept them)."""
-        if self.dp_shard > 1:
-            raise ValueError(f"parallelism.data_parallel_shard_degree = {self.dp_shard}: the runtime does not shard "
-                             "parameters (FSDP) yet (only 1); use parallelism.data_parallel_replicate_degree for "
-                             "plain data parallelism")
-
     def build_mesh(self, device_type: str = "cpu") -> ParallelMesh:
         """The mesh over the already initialised default process group."""
         world = dist.get_world_size()
@@ -156,5 +157,11 @@ class ParallelDims:
                              f"sp ({self.sp}) = {self.world_size} processes, but the job has {world}")
         mesh = init_device_mesh(device_type, tuple(getattr(self, n) for n in MESH_DIMS), mesh_dim_names=MESH_DIMS)
         mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        shard = None
+        if self.fsdp > 1 and self.dp_replicate == 1:
+            shard = mesh["dp_shard", "sp"]._flatten(SHARD_DIM)
+        elif self.fsdp > 1:
+            shard = mesh["dp_replicate", "dp_shard", "sp"]._flatten("dp_sp")._unflatten(
+                0, (self.dp_replicate, self.fsdp), ("dp_replicate", SHARD_DIM))
         return ParallelMesh(mesh, self.dp, self.pp, mesh.get_local_rank("dp"), mesh.get_local_rank("pp"),
-                            self.sp, mesh.get_local_rank("sp"))
+                            self.sp, mesh.get_local_rank("sp"), self.fsdp, self.dp_replicate, shard)

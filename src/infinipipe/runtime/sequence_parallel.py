@@ -86,7 +86,8 @@ class SequenceShard:
 
 @dataclass(frozen=True)
 class SequenceParallel:
-    """An SP group of one stage: every rank holds the whole stage's weights (no FSDP)."""
+    """An SP group of one stage. The distributed executor also shards the stage's weights over it
+    (FSDP); `reduce_gradients` serves runs whose stages are whole (the in-process runner)."""
 
     group: object
     rank: int

@@ -14,13 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from ..contract.cost import LOSS_BLOCK_TOKENS
 from ..contract.ir import Chunk
 from ..model.kv_store import LayerKV
 from ..model.layers import ChunkMeta
-from ..model.loss import blocked_cross_entropy
 from ..model.stage import StageModel
 from .batch import Batch
 from .sequence_parallel import SequenceParallel
@@ -43,16 +41,23 @@ class _Live:
 
 
 class StageCompute:
-    """Runs chunks through a `StageModel`; gradients accumulate in its parameters."""
+    """Runs chunks through a `StageModel`; gradients accumulate in its parameters.
+
+    ``dtype`` is the compute dtype, which the K/V stores hold; it defaults to the parameters' (under
+    FSDP's mixed precision the stored parameters are fp32 shards, the computing ones bf16).
+    """
 
     def __init__(self, model: StageModel, batch: Batch, normaliser: int | None = None,
-                 loss_block_tokens: int = LOSS_BLOCK_TOKENS, sp: SequenceParallel | None = None):
+                 loss_block_tokens: int = LOSS_BLOCK_TOKENS, sp: SequenceParallel | None = None,
+                 dtype: torch.dtype | None = None):
         self.model = model
         self.batch = batch
         self.lengths = batch.lengths
         self.normaliser = batch.predicted_tokens if normaliser is None else normaliser
         self.loss_block_tokens = loss_block_tokens
-        self.device = next(model.parameters()).device
+        param = next(model.parameters())
+        self.device = param.device
+        self.dtype = param.dtype if dtype is None else dtype
         self.sp = sp
         self.kv_heads = model.cfg.kv_heads if sp is None else sp.kv_heads(model.cfg)
         self._live: dict[int, _Live] = {}
@@ -69,8 +74,8 @@ class StageCompute:
         if seg.start == 0:
             if seq is not None:
                 raise ValueError(f"chunk {chunk.id}: sequence {seg.seq_id}'s first slice ran forward twice")
-            cfg, param = self.model.cfg, next(self.model.parameters())
-            seq = _SequenceKV([LayerKV(self.lengths[seg.seq_id], self.kv_heads, cfg.head_dim, param.dtype, self.device)
+            cfg = self.model.cfg
+            seq = _SequenceKV([LayerKV(self.lengths[seg.seq_id], self.kv_heads, cfg.head_dim, self.dtype, self.device)
                                for _ in self.model.layer_ids])
             self._kv[seg.seq_id] = seq
         elif seq is None or seq.layers[0].filled != seg.start:
@@ -91,36 +96,23 @@ class StageCompute:
         tokens = hi - lo
         if model.first:
             inp = None
-            h = model.embed_tokens(self.batch.chunk_tokens(chunk)[lo:hi].to(self.device))
+            x = self.batch.chunk_tokens(chunk)[lo:hi].to(self.device)
         else:
             if x is None or tuple(x.shape) != (tokens, model.cfg.hidden):
                 got = None if x is None else tuple(x.shape)
                 raise ValueError(
                     f"chunk {chunk.id}: stage input has shape {got}, expected {(tokens, model.cfg.hidden)}"
                 )
-            inp = x.detach().requires_grad_(True)
-            h = inp
+            inp = x = x.detach().requires_grad_(True)
         index, seg = self._split(chunk)
-        stores = [None] * len(model.layer_ids)
+        stores = None
         if seg is not None:
             seq = self._store(chunk, seg)
             seq.pending.add(seg.start)
             stores = seq.layers
         meta = ChunkMeta.of(chunk, self.device, index)
-        for j, (layer, store) in enumerate(zip(model.ordered_layers(), stores)):
-            if j < recompute_layers:
-                h = checkpoint(layer, h, meta, store, shard, use_reentrant=False)
-            else:
-                h = layer(h, meta, store, shard)
-        if model.last:
-            labels = self.batch.chunk_labels(chunk)[lo:hi].to(self.device)
-            out = blocked_cross_entropy(h, model.norm, model.head, labels, self.normaliser, self.loss_block_tokens)
-            if shard is not None and not out.requires_grad:
-                # This rank's tokens predict nothing, but its backward must still take part in the
-                # SP group's all-to-alls.
-                out = out + 0 * h.sum()
-        else:
-            out = h
+        labels = self.batch.chunk_labels(chunk)[lo:hi].to(self.device) if model.last else None
+        out = model(x, meta, stores, shard, recompute_layers, labels, self.normaliser, self.loss_block_tokens)
         self._live[chunk.id] = _Live(inp, out)
         return out.detach()
 

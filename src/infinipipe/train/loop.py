@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from ..config import Config
 from ..contract.cost import CostModel
@@ -28,6 +29,7 @@ from ..data.dataset import TokenDataset, build_dataset, build_sampler
 from ..planners.stage_layers import balance_layers
 from ..runtime.batch import Batch
 from ..runtime.executor import PipelineWorker, RuntimeSettings, StepResult
+from ..runtime.fsdp import full_tensor
 from ..runtime.launch import init_from_env, launch_local, under_torchrun
 from ..runtime.parallel_dims import ParallelDims, ParallelMesh
 from ..runtime.signals import StopRequest, serve_parent, signal_name
@@ -91,9 +93,7 @@ def run_training(cfg: Config, run_dir: str | Path, *, progress: bool = True,
         if (refusal := _own_run_dir(cfg, run_dir, held)) is not None:
             raise RunDirBusy(refusal)
         dataset = _dataset(cfg, shape)
-        dims = ParallelDims.from_config(cfg.parallelism)
-        dims.require_runtime_support()
-        world = dims.world_size
+        world = ParallelDims.from_config(cfg.parallelism).world_size
         for line in banner(cfg, run_dir, dataset, "cpu (local gloo processes)", world, shape.layers_per_stage):
             say(line)
         threads = max(1, (os.cpu_count() or 1) // world)
@@ -128,9 +128,10 @@ def _write_config(cfg: Config, run_dir: Path) -> None:
 
 
 def _clip(worker: PipelineWorker, mesh: ParallelMesh, max_norm: float) -> float:
-    """Global gradient norm over every stage (replicas agree after their all-reduce); clip to it."""
+    """Global gradient norm over every stage (replicas agree after their all-reduce; FSDP shards'
+    norms are combined over the shard group); clip to it."""
     params = [p for p in worker.weights.parameters() if p.grad is not None]
-    local = torch.nn.utils.get_total_norm([p.grad for p in params]).double() ** 2
+    local = full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params])).double() ** 2
     if mesh.pp > 1:
         dist.all_reduce(local, group=mesh.pp_group)
     total = local.sqrt()
@@ -208,7 +209,6 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
            stop: StopRequest) -> TrainResult | None:
     rank, world = dist.get_rank(), dist.get_world_size()
     dims = ParallelDims.from_config(cfg.parallelism, world)
-    dims.require_runtime_support()
     pp = dims.pp
     mesh = dims.build_mesh(torch.device(device).type)
     model_cfg = cfg.model_config()
@@ -222,7 +222,9 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
     if cfg.model.hf_path:
         from ..model.hf import read_hf_tensors
 
-        weights.load_state_dict(read_hf_tensors(cfg.model.hf_path, weights.state_dict()))
+        # Whole tensors on every rank; under FSDP each rank keeps its shards.
+        set_model_state_dict(weights, read_hf_tensors(cfg.model.hf_path, weights.state_dict()),
+                             options=StateDictOptions(full_state_dict=True))
         worker.refresh()
     optimizer, scheduler = build_optimizer(cfg, weights.parameters())
     steps = cfg.training.steps
