@@ -159,4 +159,5 @@ def test_gathered_weights_are_not_counted_in_a_steps_peak():
     (whole,) = launch_local(peak_step_bytes, 1, (ParallelDims(pp=1), cases), timeout_s=120)
     twice = [(plans * 2, batches * 2) for plans, batches in cases]
     for sharded in launch_local(peak_step_bytes, 2, (ParallelDims(pp=1, dp_shard=2), twice), timeout_s=120):
-        assert sharded == whole
+        # FSDP's own bookkeeping allocates a few scalars; the gathered weights would be whole layers.
+        assert sharded == pytest.approx(whole, abs=4096)

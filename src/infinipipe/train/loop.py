@@ -173,7 +173,7 @@ def _predict(sp: StepPlans, cost: CostModel, memory_budget: int) -> dict:
     return {
         "bubble_ratio": max(s.bubble_ratio for s in sims),
         "iteration_time_s": max(s.iteration_time_s for s in sims),
-        "peak_memory_bytes": [list(s.peak_memory_bytes) for s in sims],
+        "peak_step_bytes": [list(s.peak_step_bytes) for s in sims],
     }
 
 
