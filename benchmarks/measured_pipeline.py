@@ -2,11 +2,12 @@
 
 Each planner plans the same skewed batch of the ``tiny`` model; the plan runs on real processes
 (gloo, one process per stage, one thread each) and the table prints the measured iteration time
-(median over steps of the slowest stage's pipeline phase) and each stage's measured peak
-activation bytes, beside what the simulator predicts with the committed CPU profile. As an outside
-reference the same batch goes through ``torch.distributed.pipelining.Schedule1F1B``: it needs
-micro-batches of equal shape, so sequences are packed into rows of the longest sequence's length
-and padded (the padding fraction is printed); each row keeps per-document causal attention.
+(median over steps of the slowest stage's pipeline phase) and each stage's measured peak step
+bytes (every allocation, counted in a separate untimed step), beside what the simulator
+predicts with the committed CPU profile. As an outside reference the same batch goes through
+``torch.distributed.pipelining.Schedule1F1B``: it needs micro-batches of equal shape, so
+sequences are packed into rows of the longest sequence's length and padded (the padding fraction
+is printed); each row keeps per-document causal attention.
 
 Every process runs one intra-op thread. The simulated times assume each stage has a core of its
 own and runs as fast as when the profile was measured; on a machine with fewer free cores than
@@ -52,12 +53,16 @@ def skewed_lengths(seed: int) -> list[int]:
 
 
 def run_plans(model, plans, batch, layers, steps):
+    """Timed steps first; then one step with every allocation counted (that slows each op, so it
+    is kept out of the timing) for each stage's peak."""
     mesh = ParallelDims(pp=len(layers), dp_replicate=1).build_mesh()
-    worker = PipelineWorker(preset(model), layers, mesh, RuntimeSettings())
+    timed = PipelineWorker(preset(model), layers, mesh, RuntimeSettings())
+    counted = PipelineWorker(preset(model), layers, mesh, RuntimeSettings(count_live_bytes=True))
     out = []
     for plan in plans:
-        results = [worker.run_step(plan, batch) for _ in range(steps + 1)][1:]
-        out.append([(r.pipeline_s, r.busy_s, r.peak_activation_bytes) for r in results])
+        results = [timed.run_step(plan, batch) for _ in range(steps + 1)][1:]
+        peak = counted.run_step(plan, batch).peak_step_bytes
+        out.append([(r.pipeline_s, r.busy_s, peak) for r in results])
     return out
 
 
@@ -171,14 +176,14 @@ def main() -> None:
     print("MEASURED: wall time on real processes, one thread each; simulated: committed profile "
           f"{default_profile_name(args.model)}, one core per stage assumed")
     print(f"\n{'planner':12} {'chunks':>6} {'pipes':>5} {'MEASURED s':>10} {'simulated s':>11} "
-          f"{'meas/sim':>8}  peak activation MiB per stage (MEASURED / simulated)")
+          f"{'meas/sim':>8}  peak step MiB per stage (MEASURED / simulated)")
     for i, (name, plan, sim) in enumerate(zip(names, plans, sims)):
         per_step = [max(rank[i][k][0] for rank in measured) for k in range(args.steps)]
         t = statistics.median(per_step)
         mem = []
         for s in range(args.stages):
             act = measured[s][i][0][2]
-            mem.append(f"{act / 2**20:.2f}/{sim.peak_activation_bytes[s] / 2**20:.2f}")
+            mem.append(f"{act / 2**20:.2f}/{sim.peak_step_bytes[s] / 2**20:.2f}")
         print(f"{name:12} {len(plan.chunks):>6} {len(plan.pipelines):>5} {t:>10.3f} {sim.iteration_time_s:>11.3f} "
               f"{t / sim.iteration_time_s:>8.2f}  {'  '.join(mem)}")
     rows = pack_rows(lengths, max(lengths))
