@@ -13,12 +13,18 @@ Every process runs one intra-op thread. The simulated times assume each stage ha
 own and runs as fast as when the profile was measured; on a machine with fewer free cores than
 stages (2 stages on a busy 2-core machine) measured times are longer for that reason alone.
 
-Usage: ``python benchmarks/measured_pipeline.py [--stages 2] [--steps 3]``; on a 16-core machine
+The committed CPU profile is used only if this machine runs its layer shapes within 5% of it
+(the runtime's per-action overhead is then measured here and added); otherwise the machine is
+re-profiled first, and the output says which.
+
+Usage: ``python benchmarks/measured_pipeline.py [--stages 2] [--steps 3] [--model small --longest
+4096]``; on a 16-core machine
 ``--stages 8 --model small`` (the ``tiny`` model has only 4 layers).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import statistics
 import time
@@ -27,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from infinipipe.contract.cost import CostModel, default_profile, default_profile_name
+from infinipipe.contract.cost import CostModel, LinearTerm, Profile, default_profile, default_profile_name
 from infinipipe.contract.layout import LinkModel
 from infinipipe.contract.model_config import preset
 from infinipipe.contract.shapes import ChunkShape
@@ -35,6 +41,7 @@ from infinipipe.model.layers import ChunkMeta
 from infinipipe.model.stage import StageModel, init_weights
 from infinipipe.planners.registry import make_plan
 from infinipipe.planners.request import PlanRequest
+from infinipipe.profiling.measure import LayerBench, measure_action_overhead, profile_device
 from infinipipe.runtime.batch import Batch
 from infinipipe.runtime.executor import PipelineWorker, RuntimeSettings
 from infinipipe.runtime.launch import RankFailed, launch_local
@@ -46,10 +53,11 @@ PLANNERS = ("epp", "batch-1f1b", "seq1f1b")
 LOCAL_LINK = LinkModel(latency_s=100e-6, bandwidth_Bps=1e9)
 
 
-def skewed_lengths(seed: int) -> list[int]:
+def skewed_lengths(seed: int, longest: int = 2048) -> list[int]:
     """A long-tailed batch: one long document, a few medium ones, many short ones."""
     rng = random.Random(seed)
-    return [2048, 768, 512] + [rng.randint(64, 256) for _ in range(6)] + [rng.randint(8, 64) for _ in range(12)]
+    return ([longest, longest * 3 // 8, longest // 4] + [rng.randint(64, 256) for _ in range(6)]
+            + [rng.randint(8, 64) for _ in range(12)])
 
 
 def run_plans(model, plans, batch, layers, steps):
@@ -139,19 +147,50 @@ def run_torch_1f1b(model_name, batch, layers, rows, steps):
     return times[1:]
 
 
+HOST_TOLERANCE = 0.05
+CHECK_SHAPES = (ChunkShape((512,)), ChunkShape((1024,)), ChunkShape((256,) * 4))
+
+
+def profile_for_this_host(model: str, longest: int) -> tuple[Profile, str]:
+    """The committed CPU profile if this machine runs its layer shapes within HOST_TOLERANCE of
+    it (with the runtime's per-action overhead measured here added), else a fresh profile of
+    this machine: a CPU profile does not carry over between hosts."""
+    cfg, prof = preset(model), default_profile(model)
+    bench = LayerBench(cfg, layers=1, warmup=2, reps=5)
+    ratios = []
+    for shape in CHECK_SHAPES:
+        runs = [bench.time_once(shape) for _ in range(bench.warmup + bench.reps)][bench.warmup:]
+        measured = statistics.median(f for f, _ in runs) + statistics.median(b for _, b in runs)
+        ratios.append(measured / (prof.layer_fwd(shape) + prof.layer_bwd(shape)))
+    ratio = statistics.median(ratios)
+    if abs(ratio - 1) <= HOST_TOLERANCE:
+        fwd, bwd = measure_action_overhead(cfg, "cpu", "float32", prof.layer_fwd, prof.layer_bwd)
+        prof = dataclasses.replace(prof, action_fwd=LinearTerm({"chunk": fwd}), action_bwd=LinearTerm({"chunk": bwd}))
+        return prof, (f"committed profile {default_profile_name(model)} (this machine runs its layers at x{ratio:.2f} "
+                      f"of it; per-action overhead measured here: {fwd:.3f} ms forward, {bwd:.3f} ms backward)")
+    t0 = time.perf_counter()
+    prof, _, _ = profile_device(cfg, layers=2, max_tokens=max(2048, longest), passes=1, reps=5, warmup=2,
+                                progress=False, name=model)
+    return prof, (f"RE-PROFILED this machine in {time.perf_counter() - t0:.0f} s: it runs the committed profile's "
+                  f"layers at x{ratio:.2f}, beyond +-{HOST_TOLERANCE:.0%}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="tiny", help="model preset with a committed CPU profile (tiny, small)")
+    ap.add_argument("--longest", type=int, default=2048, help="the batch's longest sequence (tokens)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = preset(args.model)
     if args.stages > cfg.layers:
         raise SystemExit(f"--stages {args.stages} exceeds the {cfg.layers} layers of {args.model!r}")
-    cost = CostModel(default_profile(args.model), cfg)
-    lengths = skewed_lengths(args.seed)
+    profile, provenance = profile_for_this_host(args.model, args.longest)
+    print(f"profile: {provenance}")
+    cost = CostModel(profile, cfg)
+    lengths = skewed_lengths(args.seed, args.longest)
     g = torch.Generator().manual_seed(args.seed)
     batch = Batch(tuple(torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in lengths))
     # A budget that the longest sequence does not fit whole without recompute: chunking matters.
@@ -173,8 +212,8 @@ def main() -> None:
     print(f"model {args.model}, {args.stages} stages (layers {layers}), {len(lengths)} sequences, "
           f"{sum(lengths)} tokens, longest {max(lengths)}; memory budget {memory / 2**20:.1f} MiB/stage")
     measured = launch_local(run_plans, args.stages, (args.model, plans, batch, layers, args.steps), timeout_s=600)
-    print("MEASURED: wall time on real processes, one thread each; simulated: committed profile "
-          f"{default_profile_name(args.model)}, one core per stage assumed")
+    print("MEASURED: wall time on real processes, one thread each; SIMULATED with the profile above, "
+          "one core per stage assumed")
     print(f"\n{'planner':12} {'chunks':>6} {'pipes':>5} {'MEASURED s':>10} {'simulated s':>11} "
           f"{'meas/sim':>8}  peak step MiB per stage (MEASURED / simulated)")
     for i, (name, plan, sim) in enumerate(zip(names, plans, sims)):

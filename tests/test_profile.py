@@ -110,3 +110,22 @@ def test_profile_links_measures_two_local_processes_into_a_file_plan_reads(tmp_p
     assert main(["plan", "--dist", "github", "--batch", "8", "--max-len", "16384", "--stages", "2", "--sp", "2",
                  "--planner", "gpipe", "--links", str(out), "--out", str(plan)]) == 0
     assert json.loads(plan.read_text())["metadata"]["layout"]["intra_node"] == links["intra_node"].to_json()
+
+
+def test_per_action_overhead_is_measured_and_added_to_every_action_of_a_stage():
+    import dataclasses
+
+    from infinipipe.contract.cost import CostModel, LinearTerm, default_profile
+    from infinipipe.contract.model_config import preset
+    from infinipipe.contract.shapes import ChunkShape
+    from infinipipe.profiling.measure import measure_action_overhead
+
+    prof = default_profile("tiny")
+    fwd, bwd = measure_action_overhead(preset("tiny"), "cpu", "float32", prof.layer_fwd, prof.layer_bwd, warmup=1, reps=2)
+    assert 0 <= fwd < 50 and 0 <= bwd < 50
+    with_overhead = dataclasses.replace(prof, action_fwd=LinearTerm({"chunk": 1.5}), action_bwd=LinearTerm({"chunk": 2.5}))
+    plain, extra = CostModel(prof, preset("tiny")), CostModel(with_overhead, preset("tiny"))
+    shape = ChunkShape((256, 64))
+    for first, last in ((True, False), (False, False), (False, True)):
+        assert extra.forward_ms(shape, 2, first, last) - plain.forward_ms(shape, 2, first, last) == pytest.approx(1.5)
+        assert extra.backward_ms(shape, 2, first, last) - plain.backward_ms(shape, 2, first, last) == pytest.approx(2.5)

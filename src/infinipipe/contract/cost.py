@@ -58,7 +58,7 @@ class LinearTerm:
 
 
 TERM_NAMES = ("layer_fwd", "layer_bwd", "layer_act_bytes", "head_fwd", "head_bwd", "embed_fwd", "embed_bwd",
-              "head_work_bytes")
+              "head_work_bytes", "action_fwd", "action_bwd")
 WORK_TERM_NAMES = ("layer_fwd_work_bytes", "layer_bwd_work_bytes")
 # Work memory as a share of a layer's per-token activation bytes, for profiles that did not
 # measure it: this runtime's LLaMA-7B layer in bf16 with varlen flash attention holds 0.70 of its
@@ -74,6 +74,8 @@ class Profile:
 
     Times are milliseconds, memory bytes. ``layer_*`` are per decoder layer; ``embed_*`` belong
     to the first stage and ``head_*`` (final norm, LM head, blocked loss) to the last.
+    ``action_*`` is what the runtime adds to any stage's forward or backward of a chunk, whatever
+    its layers (chunk metadata, the checkpoint wrapper, detaching and handing on the output).
     ``layer_fwd_work_bytes`` is what one layer's forward holds for a moment when it keeps nothing
     (a checkpointed layer: intermediates alive between its ops), ``layer_bwd_work_bytes`` what
     one layer's backward holds beyond the activations it frees (gradients in flight); profiles
@@ -91,6 +93,8 @@ class Profile:
     embed_fwd: LinearTerm = LinearTerm({})
     embed_bwd: LinearTerm = LinearTerm({})
     head_work_bytes: LinearTerm = LinearTerm({})
+    action_fwd: LinearTerm = LinearTerm({})
+    action_bwd: LinearTerm = LinearTerm({})
     layer_fwd_work_bytes: LinearTerm | None = None
     layer_bwd_work_bytes: LinearTerm | None = None
     torch_version: str = ""
@@ -269,13 +273,13 @@ class CostModel:
 
     def forward_ms(self, shape: ChunkShape, n_layers: int, first: bool = False, last: bool = False) -> float:
         compute = self._stage(self._layer_fwd(shape) + self.all_to_all_ms(shape), self._embed_fwd(shape),
-                              self._head_fwd(shape), n_layers, first, last)
+                              self._head_fwd(shape), n_layers, first, last) + self.profile.action_fwd(shape)
         return max(compute, self._per_chunk_fsdp_ms(n_layers, first, last, backward=False))
 
     def backward_ms(self, shape: ChunkShape, n_layers: int, first: bool = False, last: bool = False) -> float:
         """Backward alone, without recompute."""
         compute = self._stage(self._layer_bwd(shape) + self.all_to_all_ms(shape), self._embed_bwd(shape),
-                              self._head_bwd(shape), n_layers, first, last)
+                              self._head_bwd(shape), n_layers, first, last) + self.profile.action_bwd(shape)
         return max(compute, self._per_chunk_fsdp_ms(n_layers, first, last, backward=True))
 
     def recompute_ms(self, shape: ChunkShape, layers: int) -> float:

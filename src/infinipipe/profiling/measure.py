@@ -19,15 +19,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..contract.cost import Profile
+from ..contract.cost import LinearTerm, Profile
+from ..contract.ir import Chunk, Segment
 from ..contract.model_config import ModelConfig
 from ..contract.shapes import ChunkShape
 from ..model.attention import resolve_backend
 from ..model.kv_store import LayerKV
 from ..model.layers import ChunkMeta, DecoderLayer, RMSNorm
 from ..model.loss import blocked_cross_entropy
+from ..model.stage import StageModel
+from ..runtime.batch import Batch
 from ..runtime.live_bytes import LiveBytesMeter
 from ..runtime.memory import SavedTensorMeter
+from ..runtime.stage_compute import StageCompute
 from .fit import (
     ERROR_MIN_TOKENS,
     MEM_FEATURES_FLASH,
@@ -280,6 +284,42 @@ def measure_edges(cfg: ModelConfig, device: str, dtype: str, tokens: Sequence[in
     return out
 
 
+OVERHEAD_SHAPES = ((64,), (128,), (256,), (64, 64, 64, 64))
+
+
+def measure_action_overhead(cfg: ModelConfig, device: str, dtype: str, layer_fwd: LinearTerm, layer_bwd: LinearTerm,
+                            warmup: int = 3, reps: int = 20, seed: int = 0) -> tuple[float, float]:
+    """Milliseconds the runtime adds to a chunk's forward and backward on a stage, beyond its
+    layers: chunk metadata, the checkpoint wrapper, detaching and handing on the output. The
+    median, over small packed chunks where it matters most, of a one-layer middle stage's action
+    time (as `StageCompute` runs it, recomputing its layer every other time) less the fitted layer
+    time (and, when recomputing, one more layer forward)."""
+    dev, dt = torch.device(device), TORCH_DTYPES[dtype]
+    torch.manual_seed(seed)
+    model = StageModel(cfg, range(0, 1), first=False, last=False).to(dev, dt)
+    clock = _stopwatch(dev)
+    fwd, bwd = [], []
+    for seg_lens in OVERHEAD_SHAPES:
+        batch = Batch.of([[1] * n for n in seg_lens])
+        chunk = Chunk(0, tuple(Segment(i, 0, n) for i, n in enumerate(seg_lens)))
+        shape = ChunkShape(seg_lens)
+        x = torch.randn(shape.tokens, cfg.hidden, device=dev, dtype=dt)
+        for i in range(warmup + reps):
+            compute = StageCompute(model, batch)
+            stop = clock()
+            out = compute.forward(chunk, x, recompute_layers=i % 2)
+            f = stop()
+            grad = torch.ones_like(out)
+            stop = clock()
+            compute.backward(chunk, grad)
+            b = stop()
+            model.zero_grad(set_to_none=True)
+            if i >= warmup:
+                fwd.append(f - layer_fwd(shape))
+                bwd.append(b - layer_bwd(shape) - (layer_fwd(shape) if i % 2 else 0.0))
+    return max(statistics.median(fwd), 0.0), max(statistics.median(bwd), 0.0)
+
+
 def _median_seconds(fn: Callable[[], object], device: torch.device, runs: int = 5) -> float:
     fn()
     cuda = device.type == "cuda"
@@ -366,6 +406,8 @@ def _profile_device(cfg, layers, device, dtype, max_tokens, min_len, warmup, rep
         errs = np.concatenate([relative_errors(edge_terms[f"{side}_{d}"], [ChunkShape((n,)) for n in edge_held],
                                                [edges[n][f"{side}_{d}"] for n in edge_held]) for d in ("fwd", "bwd")])
         fit_error[f"{side}_time"] = summarize(errs)
+    action_fwd, action_bwd = measure_action_overhead(cfg, device, dtype, fit.terms["layer_fwd"], fit.terms["layer_bwd"])
+    fit_error["action_overhead_ms"] = {"fwd": action_fwd, "bwd": action_bwd}
     tflops = matmul_tflops(device, dtype, 4096 if bench.cuda else 512)
     bw = copy_bytes_per_s(device)
     where = "" if bench.cuda else f", {threads} CPU thread(s), CPU time of the measuring thread"
@@ -379,10 +421,13 @@ def _profile_device(cfg, layers, device, dtype, max_tokens, min_len, warmup, rep
                 f"{reps} runs after {warmup} warm-up; activation bytes by saved-tensor accounting, work memory by counting "
                 f"live bytes; embedding and head "
                 f"(final norm, LM head, blocked loss) measured at {len(edge_fit)} token counts, errors on "
-                f"{len(edge_held)} others; loss working memory estimated from the block size; matmul "
+                f"{len(edge_held)} others; per-action runtime overhead measured on a one-layer stage; loss working "
+                f"memory estimated from the block size; matmul "
                 f"{tflops:.3g} TFLOP/s and copy {bw / 1e9:.3g} GB/s recorded for rescaling head terms"),
         fit_error={**fit_error, "matmul_tflops": tflops, "copy_bytes_per_s": bw},
         **fit.terms,
         **edge_terms,
         head_work_bytes=loss_work_term(cfg, dtype),
+        action_fwd=LinearTerm({"chunk": action_fwd}),
+        action_bwd=LinearTerm({"chunk": action_bwd}),
     ), measured_fit, measured_held
