@@ -38,6 +38,24 @@ from .sequence_parallel import SequenceParallel, token_shares
 from .stage_compute import StageCompute
 from .stopwatch import Stopwatch
 
+# Gradients are all-reduced in buckets of about this size, as DDP does: one flat copy of every
+# gradient at once would add the stage's whole gradient bytes to its peak at the end of a step.
+ALLREDUCE_BUCKET_BYTES = 25 * 2**20
+
+
+def _buckets(tensors: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
+    """Consecutive tensors grouped up to ``limit`` bytes (a larger tensor is a bucket alone)."""
+    out: list[list[torch.Tensor]] = []
+    size = limit
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if size + nbytes > limit:
+            out.append([])
+            size = 0
+        out[-1].append(t)
+        size += nbytes
+    return out
+
 
 @dataclass(frozen=True)
 class RuntimeSettings:
@@ -263,11 +281,13 @@ class PipelineWorker:
         for group in groups:
             dist.all_reduce(loss, group=group)
         if groups and self.sharded is None:
-            params = list(self.weights.parameters())
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = _flatten_dense_tensors(grads)
-            for group in groups:
-                dist.all_reduce(flat, group=group)
-            for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
-                p.grad = g
+            for p in self.weights.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            for bucket in _buckets([p.grad for p in self.weights.parameters()], ALLREDUCE_BUCKET_BYTES):
+                flat = _flatten_dense_tensors(bucket)
+                for group in groups:
+                    dist.all_reduce(flat, group=group)
+                for g, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                    g.copy_(reduced)
         return float(loss.item())
