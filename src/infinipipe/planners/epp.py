@@ -343,15 +343,18 @@ class _Search:
     def _baseline_ladders(self) -> list[list[Candidate]]:
         """Every baseline's chunkings, screened with the ILP's checkpointing so their plans lie in
         EPP's search space: Seq1F1B's equal-compute slice counts, from the fewest up; whole
-        sequences packed; fixed token sizes (Seq1F1B's powers of two and epp-uniform's
-        ``longest / K``), from the largest down."""
+        sequences packed; fixed token sizes, Seq1F1B's powers of two and epp-uniform's
+        ``longest / K`` each from the largest down."""
         top = max(math.ceil(math.log2(self.longest)), 11)
         powers = {min(2**k, self.longest) for k in range(11, top + 1)}
         uniform = {-(-self.longest // k) for k in UNIFORM_SLICE_COUNTS if k <= self.longest}
+        # Powers of two and longest / K are two ladders: interleaved, an odd size that packs
+        # badly between two good powers would end the ladder before the second.
         return [
             [Candidate("balanced", n) for n in SEQ1F1B_SLICE_COUNTS if n == 2 or self.longest // n >= 1024],
             [Candidate("whole", self.longest)],
-            [Candidate("fixed", n) for n in sorted((powers | uniform) - {self.longest}, reverse=True)],
+            [Candidate("fixed", n) for n in sorted(powers - {self.longest}, reverse=True)],
+            [Candidate("fixed", n) for n in sorted(uniform - powers - {self.longest}, reverse=True)],
         ]
 
     def _screen_ladders(self, ladders: list[list[Candidate]]) -> None:
