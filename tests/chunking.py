@@ -6,6 +6,16 @@ from collections.abc import Sequence
 
 from infinipipe.contract.ir import Action, Chunk, Plan, Segment
 
+HAND_LENGTHS = [23, 9, 1, 14]
+# Packed (whole sequences), split (slices of one sequence) and hybrid (tail slice + whole) chunks.
+HAND_CHUNKS = {
+    "packed": [Chunk(0, (Segment(0, 0, 23), Segment(2, 0, 1))), Chunk(1, (Segment(1, 0, 9), Segment(3, 0, 14)))],
+    "split": [Chunk(0, (Segment(0, 0, 7),)), Chunk(1, (Segment(0, 7, 16),)), Chunk(2, (Segment(0, 16, 23),)),
+              Chunk(3, (Segment(1, 0, 9), Segment(2, 0, 1), Segment(3, 0, 14)))],
+    "hybrid": [Chunk(0, (Segment(0, 0, 10), Segment(2, 0, 1))), Chunk(1, (Segment(1, 0, 9), Segment(0, 10, 23))),
+               Chunk(2, (Segment(3, 0, 5),)), Chunk(3, (Segment(3, 5, 14),))],
+}
+
 
 def random_chunks(lengths: Sequence[int], rng: random.Random, max_slices: int = 4) -> list[Chunk]:
     """Split some sequences into slices, pack whole ones anywhere (hybrid chunks included)."""

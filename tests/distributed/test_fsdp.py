@@ -8,8 +8,7 @@ import torch
 from test_exact_pipeline import CFG, TOL, _batch, _cases, _reference
 from torch.distributed.tensor import DTensor
 
-from chunking import sequential_plan
-from infinipipe.contract.ir import Chunk, Segment
+from chunking import HAND_CHUNKS, HAND_LENGTHS, sequential_plan
 from infinipipe.runtime.batch import Batch
 from infinipipe.runtime.executor import PipelineWorker, RuntimeSettings
 from infinipipe.runtime.fsdp import full_gradients
@@ -48,14 +47,7 @@ def _check(results, refs, names):
 def _hand_cases(layers, dp: int):
     """Packed (whole sequences), split (slices of one sequence) and hybrid (tail slice + whole) chunks
     on every replica, with no, partial and full recompute; each replica trains its own sequences."""
-    lengths = [23, 9, 1, 14]
-    chunks = {
-        "packed": [Chunk(0, (Segment(0, 0, 23), Segment(2, 0, 1))), Chunk(1, (Segment(1, 0, 9), Segment(3, 0, 14)))],
-        "split": [Chunk(0, (Segment(0, 0, 7),)), Chunk(1, (Segment(0, 7, 16),)), Chunk(2, (Segment(0, 16, 23),)),
-                  Chunk(3, (Segment(1, 0, 9), Segment(2, 0, 1), Segment(3, 0, 14)))],
-        "hybrid": [Chunk(0, (Segment(0, 0, 10), Segment(2, 0, 1))), Chunk(1, (Segment(1, 0, 9), Segment(0, 10, 23))),
-                   Chunk(2, (Segment(3, 0, 5),)), Chunk(3, (Segment(3, 5, 14),))],
-    }
+    lengths, chunks = HAND_LENGTHS, HAND_CHUNKS
     local = [_batch(lengths, 11 + r) for r in range(dp)]
     whole = Batch(tuple(s for b in local for s in b.sequences))
     cases, refs, names = [], [], []

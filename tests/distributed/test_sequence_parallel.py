@@ -7,8 +7,7 @@ import random
 import pytest
 import torch
 
-from chunking import random_chunks, sequential_plan
-from infinipipe.contract.ir import Chunk, Segment
+from chunking import HAND_CHUNKS, HAND_LENGTHS, random_chunks, sequential_plan
 from infinipipe.contract.model_config import ModelConfig
 from infinipipe.planners.schedule import epp_schedule
 from infinipipe.runtime.batch import Batch
@@ -54,14 +53,7 @@ def run_sp(cfg, layers, cases):
 
 def _hand_cases(cfg, layers):
     """Packed (whole sequences), split (slices of one sequence) and hybrid (tail slice + whole)."""
-    lengths = [23, 9, 1, 14]
-    chunks = {
-        "packed": [Chunk(0, (Segment(0, 0, 23), Segment(2, 0, 1))), Chunk(1, (Segment(1, 0, 9), Segment(3, 0, 14)))],
-        "split": [Chunk(0, (Segment(0, 0, 7),)), Chunk(1, (Segment(0, 7, 16),)), Chunk(2, (Segment(0, 16, 23),)),
-                  Chunk(3, (Segment(1, 0, 9), Segment(2, 0, 1), Segment(3, 0, 14)))],
-        "hybrid": [Chunk(0, (Segment(0, 0, 10), Segment(2, 0, 1))), Chunk(1, (Segment(1, 0, 9), Segment(0, 10, 23))),
-                   Chunk(2, (Segment(3, 0, 5),)), Chunk(3, (Segment(3, 5, 14),))],
-    }
+    lengths, chunks = HAND_LENGTHS, HAND_CHUNKS
     batch = _batch(cfg, lengths, 11)
     cases = []
     for name, cs in chunks.items():

@@ -191,6 +191,10 @@ class ChunkMemory:
     def during_backward(self, r: int) -> float:
         return self.held(r) + self.bwd_work + (self.bwd_extra if r == self.n else 0.0)
 
+    def row(self) -> tuple[float, float, float, float, float, float]:
+        """held(0), slope, fwd_work, fwd_extra, bwd_work, bwd_extra: the terms as one array row."""
+        return (self.base, self.slope, self.fwd_work, self.fwd_extra, self.bwd_work, self.bwd_extra)
+
     def savings_caps(self, kind: str) -> tuple[tuple[float, int], ...]:
         """``(slope, cap)`` pairs whose ``sum(slope x min(r, cap))`` is what recomputing saves
         at the chunk's own forward (``"F"``), backward (``"B"``) or while it waits (``"held"``)."""

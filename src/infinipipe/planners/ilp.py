@@ -246,8 +246,7 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
     def memory_terms(sh: ChunkShape, n_l: int, first: bool, last: bool) -> tuple[float, ...]:
         key = ("chunk_memory", sh, n_l, first, last)
         if key not in memo:
-            m = cost.chunk_memory(sh, n_l, first, last)
-            memo[key] = (m.held(0), m.slope, m.fwd_work, m.fwd_extra, m.bwd_work, m.bwd_extra)
+            memo[key] = cost.chunk_memory(sh, n_l, first, last).row()
         return memo[key]
 
     n_rows = 0

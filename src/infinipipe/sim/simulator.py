@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..contract.cost import ChunkMemory, CostModel
+from ..contract.cost import CostModel
 from ..contract.ir import Plan, play_order
 from ..contract.layout import LinkModel
 from ..contract.shapes import ChunkShape
@@ -132,7 +132,7 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
     for s in range(stages):
         n, first, is_last = plan.layers_per_stage[s], s == 0, s == last
         if (n, first, is_last) not in roles:  # per chunk: held(0), slope, fwd/bwd work and extra
-            roles[(n, first, is_last)] = np.array([_memory_row(cost.chunk_memory(sh, n, first, is_last))
+            roles[(n, first, is_last)] = np.array([cost.chunk_memory(sh, n, first, is_last).row()
                                                    for sh in shapes]).reshape(len(shapes), 6)
         terms = roles[(n, first, is_last)]
         ivs = by_stage[s]
@@ -178,10 +178,6 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
         intervals=tuple(intervals),
         memory_timeline=tuple(timelines),
     )
-
-
-def _memory_row(m: ChunkMemory) -> tuple[float, ...]:
-    return (m.held(0), m.slope, m.fwd_work, m.fwd_extra, m.bwd_work, m.bwd_extra)
 
 
 def iteration_time(plan: Plan, cost: CostModel, link: LinkModel = LinkModel()) -> float:
