@@ -90,7 +90,10 @@ def _child(rank: int, job: _Job) -> None:
             dist.destroy_process_group()
         (out / f"{rank}.result").write_bytes(pickle.dumps(result))
     except BaseException:
-        (out / f"{rank}.error").write_text(f"{time.time()!r}\n{traceback.format_exc()}")
+        # Renamed into place: the parent may read it while this rank is still writing.
+        part = out / f"{rank}.error.part"
+        part.write_text(f"{time.time()!r}\n{traceback.format_exc()}")
+        os.replace(part, out / f"{rank}.error")
         os._exit(1)
     # The result is saved: leave without running interpreter teardown, where destroying the
     # communication library's threads has aborted a finished rank ("terminate called without an
