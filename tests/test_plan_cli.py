@@ -117,7 +117,7 @@ def test_layout_options_reach_the_plan_and_simulate_reads_them_back(tmp_path, pr
     assert main([*common, "--out", str(alone)]) == 0
     assert main([*common, "--sp", "2", "--dp-shard", "2", "--gpus-per-node", "4", "--intra-node-gbps", "800",
                  "--out", str(sharded)]) == 0
-    assert "layout: sp 2, parameters sharded over 4 rank(s), 4 GPUs per node; intra-node 800 Gbit/s" \
+    assert "layout: sp 2, parameters sharded over 4 rank(s), 1 replica(s), 4 GPUs per node; intra-node 800 Gbit/s" \
         in capsys.readouterr().err
     layout = Plan.loads(sharded.read_text()).metadata["layout"]
     assert (layout["sp"], layout["fsdp"], layout["gpus_per_node"]) == (2, 4, 4)

@@ -1,9 +1,11 @@
+import dataclasses
 import json
 
 import pytest
 
 from infinipipe.contract.cost import CostModel, LinearTerm, Profile
 from infinipipe.contract.ir import Action, Chunk, Plan, Segment
+from infinipipe.contract.layout import StageLayout
 from infinipipe.contract.model_config import PRESETS
 from infinipipe.contract.shapes import ChunkShape
 from infinipipe.planners.schedule import epp_schedule
@@ -68,6 +70,20 @@ def test_link_latency_and_bandwidth_delay_every_hop():
     hop = 1e-3 + 4096 * cost.model.hidden * 2 / 1e9
     base = simulate(plan, cost, link=NO_LINK).iteration_time_s
     assert simulate(plan, cost, link=link).iteration_time_s == pytest.approx(base + 2 * 3 * hop)
+
+
+def test_each_hop_runs_at_the_link_the_layout_places_it_on():
+    """Two GPUs a node, one per stage: hops 0 and 2 stay inside a node, hop 1 crosses; one chunk
+    crosses each hop twice (forward, backward)."""
+    intra, inter = LinkModel(1e-4, 1e9), LinkModel(1e-3, 1e8)
+    cost = h100_like_cost(head=False)
+    cost = dataclasses.replace(cost, layout=StageLayout(gpus_per_node=2, intra_node=intra, inter_node=inter))
+    plan = equal_chunks_plan(1, 4, 4096, cost)
+    sent = 4096 * cost.model.hidden * 2
+    base = simulate(plan, cost, link=NO_LINK).iteration_time_s
+    expected = base + 2 * (2 * intra.transfer_s(sent) + inter.transfer_s(sent))
+    assert simulate(plan, cost).iteration_time_s == pytest.approx(expected)
+    assert iteration_time(plan, cost) == simulate(plan, cost).iteration_time_s
 
 
 def test_peak_memory_is_model_states_plus_chunks_in_flight():

@@ -1,5 +1,6 @@
-"""Ulysses SP and FSDP inside a stage: compute and activations divided over the SP ranks, four
-all-to-alls per layer (bytes / bandwidth + latency), FSDP traffic and sharded model states."""
+"""Ulysses SP and FSDP inside a stage: compute and activations divided over the SP ranks, two
+all-to-alls per layer (bytes / bandwidth + latency), FSDP traffic and sharded model states, and
+which pipeline hops cross nodes."""
 from __future__ import annotations
 
 import math
@@ -35,14 +36,14 @@ def test_one_rank_layout_gives_the_profiles_own_figures():
     assert plain.model_state_bytes(10) == 10 * MODEL.layer_params() * MIXED_PRECISION_ADAM.per_param
 
 
-def test_ulysses_forward_is_compute_over_sp_plus_four_all_to_alls_per_layer():
+def test_ulysses_forward_is_compute_over_sp_plus_two_all_to_alls_per_layer():
     sp = 8
     c = cost(sp=sp, fsdp=sp)
     f = PROFILE.layer_fwd.coef
     feats = SHAPE.features
     compute = f["attn"] * feats["attn"] / sp + f["kv"] * feats["kv"] / sp + f["tokens"] * feats["tokens"] / sp + f["chunk"]
     per_rank = SHAPE.tokens / sp * (2 * MODEL.hidden + 2 * MODEL.kv_dim) * 2
-    a2a_ms = (4 * INTRA.latency_s + per_rank * (sp - 1) / sp / INTRA.bandwidth_Bps) * 1e3
+    a2a_ms = (2 * INTRA.latency_s + per_rank * (sp - 1) / sp / INTRA.bandwidth_Bps) * 1e3
     assert c.all_to_all_ms(SHAPE) == pytest.approx(a2a_ms, rel=1e-12)
     assert c.forward_ms(SHAPE, 10) == pytest.approx(10 * (compute + a2a_ms), rel=1e-12)
     assert c.recompute_ms(SHAPE, 3) == pytest.approx(3 * (compute + a2a_ms), rel=1e-12)
@@ -51,9 +52,9 @@ def test_ulysses_forward_is_compute_over_sp_plus_four_all_to_alls_per_layer():
 def test_all_to_all_across_nodes_is_bound_by_the_inter_node_link():
     within, across = cost(sp=8), cost(sp=32)
     per_rank = SHAPE.tokens / 32 * (2 * MODEL.hidden + 2 * MODEL.kv_dim) * 2
-    expected = 4 * INTER.latency_s + per_rank * 24 / 32 / INTER.bandwidth_Bps
+    expected = 2 * INTER.latency_s + per_rank * 24 / 32 / INTER.bandwidth_Bps
     assert across.all_to_all_ms(SHAPE) == pytest.approx(expected * 1e3, rel=1e-12)
-    assert across.all_to_all_ms(SHAPE) > 4 * within.all_to_all_ms(SHAPE) / 4
+    assert across.all_to_all_ms(SHAPE) > within.all_to_all_ms(SHAPE)
 
 
 def test_uneven_heads_cost_the_busiest_rank():
@@ -109,3 +110,17 @@ def test_simulator_adds_the_once_per_step_gather_and_reduce_scatter(stages):
     gather, reduce = sharded.step_fsdp_s(plan.layers_per_stage[0], first=True, last=stages == 1)
     assert gather > 0 and reduce > 0
     assert t1 == pytest.approx(t0 + gather + reduce, rel=1e-12)
+
+
+@pytest.mark.parametrize("layout,stages,crossing", [
+    (dict(), 8, []),                                  # one GPU a stage, one node holds them all
+    (dict(), 16, [7]),                                # the ninth stage starts the second node
+    (dict(sp=8, fsdp=8), 4, [0, 1, 2]),               # a node per stage: the paper's layout
+    (dict(sp=4, fsdp=4), 4, [1]),                     # two stages a node
+    (dict(sp=2, fsdp=2, dp_replicate=2), 4, [1]),     # replicas count: four ranks a stage
+    (dict(sp=3, fsdp=3), 4, [1, 2]),                  # stage 2 straddles two nodes
+])
+def test_hops_cross_nodes_where_the_stages_ranks_do(layout, stages, crossing):
+    hops = StageLayout(intra_node=INTRA, inter_node=INTER, **layout).hop_links(stages)
+    assert [h for h, link in enumerate(hops) if link == INTER] == crossing
+    assert len(hops) == stages - 1

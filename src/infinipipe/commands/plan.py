@@ -40,13 +40,17 @@ def add_model_options(p: argparse.ArgumentParser, model_default: str) -> None:
 
 
 def add_layout_options(p: argparse.ArgumentParser, default: str) -> None:
-    """``--sp``, ``--dp-shard``, ``--gpus-per-node``, the link options and ``--links``: the ranks
-    of a stage and their links, as `plan`, `simulate` and `bench` cost them."""
+    """``--sp``, ``--dp-shard``, ``--dp-replicate``, ``--gpus-per-node``, the link options and
+    ``--links``: the ranks of a stage, their links and the pipeline hops', as `plan`, `simulate`
+    and `bench` cost them."""
     g = p.add_argument_group("stage layout", f"the ranks that run each stage and their links ({default})")
     g.add_argument("--sp", type=int, metavar="N", help="Ulysses sequence-parallel degree inside a stage (1)")
     g.add_argument("--dp-shard", type=int, metavar="N",
                    help="FSDP degree: a stage's parameters shard over dp-shard x sp ranks, gathered once per step; "
                         "the batch is one of the dp-shard replicas' share (1)")
+    g.add_argument("--dp-replicate", type=int, metavar="N",
+                   help="replicas of each stage; with sp and dp-shard it places the stages on nodes, which decides "
+                        "the link of each pipeline hop (1)")
     g.add_argument("--gpus-per-node", type=int, metavar="N", help="consecutive ranks on one node (8)")
     g.add_argument("--intra-node-gbps", type=float, metavar="GBIT", help="per-GPU bandwidth inside a node, Gbit/s (1200)")
     g.add_argument("--inter-node-gbps", type=float, metavar="GBIT", help="per-GPU bandwidth between nodes, Gbit/s (200)")
@@ -61,7 +65,7 @@ def layout_from_args(args: argparse.Namespace, base=None):
     from ..contract.layout import LinkModel, StageLayout, read_links
 
     base = base or StageLayout()
-    for flag in ("sp", "dp_shard", "gpus_per_node"):
+    for flag in ("sp", "dp_shard", "dp_replicate", "gpus_per_node"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -80,7 +84,8 @@ def layout_from_args(args: argparse.Namespace, base=None):
     sp = args.sp or base.sp
     dp_shard = args.dp_shard or base.fsdp // base.sp
     return StageLayout(sp=sp, fsdp=dp_shard * sp, reshard_per_chunk=base.reshard_per_chunk,
-                       gpus_per_node=args.gpus_per_node or base.gpus_per_node, **links)
+                       gpus_per_node=args.gpus_per_node or base.gpus_per_node,
+                       dp_replicate=args.dp_replicate or base.dp_replicate, **links)
 
 
 def with_layout(cost, layout):
@@ -96,8 +101,9 @@ def describe_layout(layout) -> str:
     def link(m) -> str:
         return f"{m.bandwidth_Bps * 8 / 1e9:.4g} Gbit/s, {m.latency_s * 1e6:.4g} us"
 
-    return (f"layout: sp {layout.sp}, parameters sharded over {layout.fsdp} rank(s), {layout.gpus_per_node} GPUs per "
-            f"node; intra-node {link(layout.intra_node)}; inter-node {link(layout.inter_node)}")
+    return (f"layout: sp {layout.sp}, parameters sharded over {layout.fsdp} rank(s), {layout.dp_replicate} replica(s), "
+            f"{layout.gpus_per_node} GPUs per node; intra-node {link(layout.intra_node)}; "
+            f"inter-node {link(layout.inter_node)}")
 
 
 def model_from_args(args: argparse.Namespace):

@@ -15,9 +15,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_options(p, "default: the model the plan was made for")
     add_layout_options(p, "defaults: the layout the plan records; in brackets where it records none")
     p.add_argument("--memory-budget", help="memory budget per device, e.g. 80GiB (default: the plan's)")
-    p.add_argument("--latency-us", type=float, default=10.0, help="P2P latency in microseconds (default 10)")
-    p.add_argument("--bandwidth-gbps", type=float, default=200.0,
-                   help="P2P bandwidth in Gbit/s (default 200)")
+    p.add_argument("--latency-us", type=float,
+                   help="P2P latency of every pipeline hop in microseconds (default: each hop's link, intra- or "
+                        "inter-node, from where the layout places the stages)")
+    p.add_argument("--bandwidth-gbps", type=float,
+                   help="P2P bandwidth of every pipeline hop in Gbit/s (default: each hop's link, as above)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--chart", type=Path, help="write a Gantt chart and memory timeline PNG here")
     p.set_defaults(func=run)
@@ -41,7 +43,11 @@ def run(args: argparse.Namespace) -> int:
     cost = with_layout(cost, layout_from_args(args, base))
     memory = (parse_bytes(args.memory_budget, "--memory-budget") if args.memory_budget
               else plan.metadata.get("memory_budget"))
-    link = LinkModel(latency_s=args.latency_us * 1e-6, bandwidth_Bps=args.bandwidth_gbps * 1e9 / 8)
+    link = None
+    if args.latency_us is not None or args.bandwidth_gbps is not None:
+        hop = cost.layout.inter_node
+        link = LinkModel(hop.latency_s if args.latency_us is None else args.latency_us * 1e-6,
+                         hop.bandwidth_Bps if args.bandwidth_gbps is None else args.bandwidth_gbps * 1e9 / 8)
     result = simulate(plan, cost, memory, link)
     if args.chart:
         from ..sim.charts import draw_chart

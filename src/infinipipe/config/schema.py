@@ -243,14 +243,14 @@ class ClusterConfig:
         except ValueError as exc:
             raise ValueError(f"cluster.links: {exc}") from None
 
-    def stage_layout(self, sp: int = 1, fsdp: int = 1) -> StageLayout:
+    def stage_layout(self, sp: int = 1, fsdp: int = 1, dp_replicate: int = 1) -> StageLayout:
         """A stage of ``sp``-way SP whose parameters shard over ``fsdp`` ranks, gathered once per
-        step (as the runtime does), on this cluster's links."""
+        step (as the runtime does), ``dp_replicate`` replicas of it, on this cluster's links."""
         links = {where: LinkModel(getattr(self, f"{where}_latency_us") / 1e6,
                                   getattr(self, f"{where}_bandwidth_gbps") * 1e9 / 8)
                  for where in ("intra_node", "inter_node")}
         return StageLayout(sp=sp, fsdp=fsdp, reshard_per_chunk=False, gpus_per_node=self.gpus_per_node,
-                           **{**links, **self.measured_links()})
+                           dp_replicate=dp_replicate, **{**links, **self.measured_links()})
 
 
 @dataclass(frozen=True)

@@ -213,9 +213,10 @@ class CostModel:
     ``layout`` says how many ranks run the stage: with Ulysses SP of degree ``sp`` each rank
     computes ``1/sp`` of the tokens' projections and MLP and ``ceil(heads/sp)`` heads of
     attention (the slowest rank sets the pace), pays the fixed per-chunk overhead whole, keeps
-    ``1/sp`` of the activations, and adds four all-to-alls per layer in forward (Q, K, V, output)
-    and four in backward (their gradients). FSDP costs and memory follow `StageLayout`. With the
-    default layout (one rank per stage) every figure is the profile's own.
+    ``1/sp`` of the activations, and adds two all-to-alls per layer in forward (Q, K and V in one,
+    as the runtime sends them, then the output) and two in backward (their gradients). FSDP costs
+    and memory follow `StageLayout`. With the default layout (one rank per stage) every figure
+    is the profile's own.
     """
 
     profile: Profile
@@ -241,7 +242,7 @@ class CostModel:
                 term = LinearTerm({"tokens": share * self.profile.layer_act_bytes.coef.get("tokens", 0.0)})
             object.__setattr__(self, f"_{name}", LinearTerm({k: v * scale[k] for k, v in term.coef.items()}))
         object.__setattr__(self, "_kv_share", math.ceil(self.model.kv_heads / sp) / self.model.kv_heads)
-        # Bytes one rank sends through the four all-to-alls of a layer, per token of the chunk.
+        # Bytes one rank sends through a layer's all-to-alls (Q, K, V, output), per token of the chunk.
         object.__setattr__(self, "_a2a_bytes_per_token",
                            (2 * self.model.hidden + 2 * self.model.kv_dim) * self.dtype_bytes / sp)
 
@@ -253,10 +254,10 @@ class CostModel:
         return n_layers * layer + (embed if first else 0.0) + (head if last else 0.0)
 
     def all_to_all_ms(self, shape: ChunkShape) -> float:
-        """One layer's four Ulysses all-to-alls (forward; backward moves the same bytes)."""
+        """One layer's two Ulysses all-to-alls, Q/K/V fused and output (forward; backward moves the same bytes)."""
         if self.layout.sp == 1:
             return 0.0
-        return self.layout.all_to_all_s(shape.tokens * self._a2a_bytes_per_token, 4) * 1e3
+        return self.layout.all_to_all_s(shape.tokens * self._a2a_bytes_per_token, 2) * 1e3
 
     def _stage_params(self, n_layers: int, first: bool, last: bool) -> int:
         params = n_layers * self.model.layer_params()

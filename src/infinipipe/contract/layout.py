@@ -1,7 +1,7 @@
 """What a stage's ranks cost to talk to each other: links, and the layout of one stage.
 
 A pipeline stage may run on a group of ranks: Ulysses sequence parallelism of degree ``sp``
-(a chunk's tokens spread over the ranks, four all-to-alls per layer around attention, the paper's
+(a chunk's tokens spread over the ranks, all-to-alls around attention priced by the paper's
 Eq. 3: bytes / bandwidth + latency) and FSDP sharding of its parameters over ``fsdp`` ranks.
 Collectives inside a node use the ``intra_node`` link, those whose group spans nodes are limited by
 the ``inter_node`` link; both are configurable.
@@ -58,18 +58,21 @@ class StageLayout:
     only the optimizer state and the fp32 master copy are sharded); ``True`` is ZeRO-3 as
     DeepSpeed runs it: every chunk gathers each layer in forward and backward and reduce-scatters
     its gradients, overlapped with compute by prefetching, and only a working set of layers is
-    ever whole. Groups are consecutive ranks, ``gpus_per_node`` to a node.
+    ever whole. Groups are consecutive ranks, ``gpus_per_node`` to a node; a stage holds
+    ``dp_replicate`` such groups (replicas), and the pipeline dimension is outermost, which
+    places the stages and so decides which of their point-to-point hops cross nodes.
     """
 
     sp: int = 1
     fsdp: int = 1
     reshard_per_chunk: bool = False
     gpus_per_node: int = 8
+    dp_replicate: int = 1
     intra_node: LinkModel = NVLINK
     inter_node: LinkModel = INFINIBAND
 
     def __post_init__(self) -> None:
-        for name in ("sp", "fsdp", "gpus_per_node"):
+        for name in ("sp", "fsdp", "gpus_per_node", "dp_replicate"):
             if getattr(self, name) < 1:
                 raise ValueError(f"layout {name} must be >= 1, got {getattr(self, name)}")
 
@@ -79,7 +82,7 @@ class StageLayout:
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> "StageLayout":
         """The layout a plan records in its metadata (``layout``)."""
-        known = {"sp", "fsdp", "reshard_per_chunk", "gpus_per_node", "intra_node", "inter_node"}
+        known = {"sp", "fsdp", "reshard_per_chunk", "gpus_per_node", "dp_replicate", "intra_node", "inter_node"}
         if not isinstance(obj, Mapping) or set(obj) - known:
             raise ValueError(f"a stage layout has the keys {sorted(known)}, got {obj!r}")
         links = {k: LinkModel.from_json(obj[k], f"layout {k}") for k in ("intra_node", "inter_node") if k in obj}
@@ -107,6 +110,14 @@ class StageLayout:
     def fsdp_s(self, nbytes: float) -> float:
         """All-gather (or reduce-scatter) of ``nbytes`` of whole parameters over the FSDP group."""
         return self.collective_s(self.fsdp, nbytes)
+
+    def hop_links(self, num_stages: int) -> tuple[LinkModel, ...]:
+        """The link of each hop between stages ``s`` and ``s + 1``: stage ``s`` holds ranks
+        ``[s g, (s + 1) g)`` with ``g = dp_replicate x max(sp, fsdp)``, and rank ``s g + j`` sends to
+        ``(s + 1) g + j``; a hop where any such pair sits on two nodes runs at the inter-node link."""
+        g, node = self.dp_replicate * max(self.sp, self.fsdp), self.gpus_per_node
+        return tuple(self.inter_node if g >= node or (s * g) // node != ((s + 2) * g - 1) // node else self.intra_node
+                     for s in range(num_stages - 1))
 
 
 def read_links(path: str | Path) -> dict[str, LinkModel]:

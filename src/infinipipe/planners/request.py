@@ -13,7 +13,7 @@ from .stage_layers import balance_layers
 @dataclass(frozen=True)
 class PlanRequest:
     """One global batch to plan. ``memory_budget`` is bytes per device; ``layers_per_stage``
-    defaults to the cost-balanced split."""
+    defaults to the cost-balanced split; ``link``, every stage hop's, to the cost model's layout's."""
 
     lengths: Sequence[int]
     cost: CostModel
@@ -21,7 +21,7 @@ class PlanRequest:
     memory_budget: float
     layers_per_stage: Sequence[int] | None = None
     options: PlannerOptions = field(default_factory=PlannerOptions)
-    link: LinkModel = LinkModel()
+    link: LinkModel | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lengths", tuple(int(n) for n in self.lengths))

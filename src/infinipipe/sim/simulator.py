@@ -2,7 +2,8 @@
 
 Each stage runs its actions in plan order; an action starts when the stage is free and its input
 has arrived (a forward needs the previous stage's forward of the chunk, a backward the next
-stage's backward), transfers paying the link's latency plus bytes over bandwidth. Memory of a
+stage's backward), transfers paying the hop's link latency plus bytes over bandwidth (by default
+the links `StageLayout.hop_links` places the stages on). Memory of a
 stage is its model states plus what every chunk holds from its forward to the end of its
 backward, plus the running action's transient (`ChunkMemory`: the output or incoming gradient,
 a layer's backward work, the rematerialised layer of a fully recomputed chunk, the loss's working
@@ -117,8 +118,9 @@ class SimResult:
 
 
 def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
-             link: LinkModel = LinkModel()) -> SimResult:
-    """Run ``plan`` on ``cost``; ``memory_budget`` (per device) defaults to the plan's metadata."""
+             link: LinkModel | None = None) -> SimResult:
+    """Run ``plan`` on ``cost``; ``memory_budget`` (per device) defaults to the plan's metadata;
+    ``link`` (every hop's) to the cost model's layout's hop links."""
     budget = memory_budget if memory_budget is not None else plan.metadata.get("memory_budget")
     run = _play(plan, cost, link, record=True)
     stages, shapes, intervals = plan.num_stages, run.shapes, run.intervals
@@ -180,7 +182,7 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
     )
 
 
-def iteration_time(plan: Plan, cost: CostModel, link: LinkModel = LinkModel()) -> float:
+def iteration_time(plan: Plan, cost: CostModel, link: LinkModel | None = None) -> float:
     """`simulate`'s iteration time alone: what a planner's bound needs, without the memory
     section or the per-action record."""
     return _play(plan, cost, link, record=False).iteration_time_s
@@ -197,7 +199,7 @@ class _Run:
     intervals: list[Interval]
 
 
-def _play(plan: Plan, cost: CostModel, link: LinkModel, record: bool) -> _Run:
+def _play(plan: Plan, cost: CostModel, link: LinkModel | None, record: bool) -> _Run:
     """Time every action, visiting them in `play_order`'s order without building it: sweep the
     stages, each running on until an action's input has not been produced yet."""
     if sum(plan.layers_per_stage) != cost.model.layers:
@@ -208,7 +210,10 @@ def _play(plan: Plan, cost: CostModel, link: LinkModel, record: bool) -> _Run:
     last = stages - 1
     shapes = [ChunkShape.of(c, plan.seq_lengths) for c in plan.chunks]
     fsdp = [cost.step_fsdp_s(plan.layers_per_stage[s], s == 0, s == last) for s in range(stages)]
-    wire = [link.transfer_s(cost.boundary_bytes(sh)) for sh in shapes]
+    hops = cost.layout.hop_links(stages) if link is None else (link,) * (stages - 1)
+    sent = [cost.boundary_bytes(sh) for sh in shapes]
+    by_link = {h: [h.transfer_s(b) for b in sent] for h in set(hops)}
+    wire = [by_link[h] for h in hops]  # wire[hop][cid]: the hop between stages hop and hop + 1
 
     @functools.cache  # stages with the same role and layer count cost a chunk alike
     def duration(n_layers: int, first: bool, is_last: bool, kind: str, cid: int, rec: int) -> tuple[float, float]:
@@ -238,7 +243,7 @@ def _play(plan: Plan, cost: CostModel, link: LinkModel, record: bool) -> _Run:
                     done = end[src][kind][cid]
                     if done != done:  # nan: the input is not there yet
                         break
-                    ready = done + wire[cid]
+                    ready = done + wire[min(s, src)][cid]
                 else:
                     ready = 0.0
                 start = max(free[s], ready)

@@ -89,7 +89,7 @@ def job_cost(cfg: Config, model: ModelConfig, dims: ParallelDims | None = None) 
     check_precision(profile, RUN_DTYPES[cfg.training.mixed_precision])
     states = MIXED_PRECISION_ADAM if cfg.training.mixed_precision != "fp32" else OptimizerStates()
     dims = dims or ParallelDims.from_config(cfg.parallelism)
-    return CostModel(profile, model, states, cfg.cluster.stage_layout(dims.sp, dims.fsdp))
+    return CostModel(profile, model, states, cfg.cluster.stage_layout(dims.sp, dims.fsdp, dims.dp_replicate))
 
 
 @dataclass(frozen=True)
