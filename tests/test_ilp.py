@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scipy.optimize import linprog
+from scipy.sparse import vstack
 
 from infinipipe.contract.cost import CostModel, LinearTerm, Profile
 from infinipipe.contract.ir import Action, Chunk, Plan, Segment, validate_plan
@@ -14,9 +16,11 @@ from infinipipe.contract.model_config import PRESETS
 from infinipipe.contract.shapes import ChunkShape
 from infinipipe.planners.ilp import (
     InfeasibleMemoryError,
+    LinearForm,
     SolverCache,
     build_problem,
     greedy,
+    relaxation,
     solve_checkpointing,
 )
 from infinipipe.sim.simulator import simulate
@@ -235,6 +239,26 @@ def test_solver_plans_stay_within_budget_and_beat_uniform(batch, split, frac):
     # on it), not the sum over chunks: uniform checkpointing can recompute less in total while
     # delaying the pipeline more, so only the delay is compared.
     assert solved.metadata["checkpointing"]["objective_ms"] <= _objective(uniform) * (1 + 1e-9) + 1e-9
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=batches, split=st.sampled_from([(8,), (4, 4), (3, 5), (2, 3, 3), (2, 2, 2, 2)]), frac=st.floats(0.0, 1.0))
+def test_row_generation_reaches_the_whole_lps_optimum(batch, split, frac):
+    """The relaxation takes in windows a round at a time; its answer must satisfy every window
+    and cost what the LP over all windows at once costs."""
+    plan = one_f_one_b(batch, len(split), split)
+    problem = build_problem(plan, COST, budget_between(plan, frac) + 1.0).problem
+    if not len(problem.need):
+        return
+    form = LinearForm.of(problem)
+    x, value = relaxation(form, time_limit_s=10.0)
+    assert (form.memory @ x >= form.need - 1e-6).all() and (form.link @ x <= 1e-9).all()
+    assert np.all(x >= -1e-9) and np.all(x <= form.upper + 1e-9)
+    whole = linprog(form.objective, A_ub=vstack([-form.memory, form.link]),
+                    b_ub=np.r_[-form.need, np.zeros(form.link.shape[0])],
+                    bounds=np.c_[np.zeros(len(form.upper)), form.upper], method="highs")
+    assert whole.status == 0
+    assert value == pytest.approx(whole.fun, rel=1e-7, abs=1e-9)
 
 
 def _objective(plan: Plan) -> float:
