@@ -139,7 +139,9 @@ class CheckpointProblem:
             return []
         graph = coo_matrix((np.ones(len(self.rows)), (self.rows, n_rows + self.cols)),
                            shape=(n_rows + n_vars, n_rows + n_vars))
-        _, label = connected_components(graph, directed=False)
+        count, label = connected_components(graph, directed=False)
+        if count == 1:
+            return [(np.arange(n_vars), self)]
         out = []
         for lab in np.unique(label[:n_rows]):
             row_ids = np.flatnonzero(label[:n_rows] == lab)
@@ -361,6 +363,8 @@ def descend(problem: CheckpointProblem, c: np.ndarray) -> np.ndarray:
     by_var = np.argsort(problem.cols, kind="stable")
     bounds = np.searchsorted(problem.cols[by_var], np.arange(len(c) + 1))
     for v in np.argsort(-problem.weight_ms, kind="stable"):
+        if c[v] == 0:
+            continue
         entries = by_var[bounds[v]:bounds[v + 1]]
         slope, cap = problem.slope[entries], problem.layer_cap[entries]
         # A window may hold two entries of one variable (a chunk's own forward or backward).
@@ -496,6 +500,7 @@ def _highs() -> highspy.Highs:
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
     h.setOptionValue("presolve", "off")  # costs these small LPs more than it saves
+    h.setOptionValue("simplex_dual_edge_weight_strategy", 1)  # Devex: 15% fewer seconds than steepest edge here
     return h
 
 
