@@ -1,12 +1,14 @@
 """The epp planner end to end: valid plans that fit, ablations that behave as named, K search."""
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from infinipipe.contract.ir import validate_plan
-from infinipipe.planners.epp import slice_count_ladder, token_capacity
+from infinipipe.planners.epp import convex_floor, slice_count_ladder, token_capacity
 from infinipipe.planners.ilp import InfeasibleMemoryError
 from infinipipe.planners.options import PlannerOptions
 from infinipipe.planners.registry import make_plan
@@ -78,6 +80,33 @@ def test_budget_below_model_states_names_the_stage_and_the_smallest_budget():
 def test_slice_count_ladder_is_increasing_and_spans_the_range():
     ladder = slice_count_ladder(3, 40)
     assert ladder[0] == 3 and ladder[-1] == 40 and ladder == sorted(set(ladder))
+
+
+@settings(max_examples=200, deadline=None)
+@given(kinks=st.lists(st.tuples(st.floats(0.0, 5.0), st.floats(0.0, 3.0)), min_size=1, max_size=4),
+       tilt=st.floats(-4.0, 4.0), xs=st.lists(st.integers(0, 20), min_size=2, max_size=8, unique=True),
+       x=st.floats(0.0, 6.0))
+def test_convex_floor_never_exceeds_a_convex_curve_through_the_points(kinks, tilt, xs, x):
+    """The ladder stops and skips refinement on this floor: it must stay below any convex curve
+    through the screened points, at ``x`` or, past the last point, anywhere up to ``x``."""
+    def f(z: float) -> float:
+        return tilt * z + sum(w * abs(z - a) for a, w in kinks)
+
+    xs = sorted(i / 4 for i in xs)  # points apart as log K of distinct slice counts are
+    floor = convex_floor([(z, f(z)) for z in xs], x)
+    if x > xs[-1]:
+        lowest = min(f(xs[-1] + (x - xs[-1]) * i / 64) for i in range(1, 65))
+    else:
+        lowest = f(x)
+    assert floor <= lowest + 1e-6 * (1 + abs(lowest))
+
+
+def test_convex_floor_extends_the_nearest_lines():
+    points = [(0.0, 10.0), (1.0, 6.0), (2.0, 4.0), (3.0, 5.0)]
+    assert convex_floor(points, 2.5) == pytest.approx(4.0 - 2.0 * 0.5)  # (1, 6)-(2, 4) extended; no pair on the right
+    assert convex_floor(points, 5.0) == pytest.approx(5.0)  # rising past the last point: its own value
+    assert convex_floor(points[:3], 4.0) == pytest.approx(4.0 - 2.0 * 2.0)
+    assert convex_floor(points[:1], 0.5) == -math.inf
 
 
 def test_token_capacity_is_the_largest_single_chunk_that_fits():

@@ -8,6 +8,7 @@ the grouping search and the final plan of each K solve every distinct pipeline o
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import gc
@@ -69,6 +70,25 @@ def token_capacity(cost: CostModel, layers: tuple[int, ...], memory_budget: floa
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
+
+
+def convex_floor(points: list[tuple[float, float]], x: float) -> float:
+    """The least a convex curve through ``points`` (sorted by x) can be at ``x``, or, for ``x``
+    past the last point, anywhere from there to ``x``; -inf where the points do not say.
+
+    A line through two neighbouring points, extended beyond them, lies below the curve: the
+    nearest pair on each side of ``x`` bounds it."""
+    xs = [p[0] for p in points]
+    j = bisect.bisect_left(xs, x)  # points[:j] lie left of x
+    floor = -math.inf
+    if j >= 2:
+        (x0, y0), (x1, y1) = points[j - 2], points[j - 1]
+        slope = (y1 - y0) / (x1 - x0)
+        floor = y1 + (min(slope, 0.0) if j == len(points) else slope) * (x - x1)
+    if len(points) - j >= 2 and x < xs[j]:
+        (x0, y0), (x1, y1) = points[j], points[j + 1]
+        floor = max(floor, y0 + (y1 - y0) / (x1 - x0) * (x - x0))
+    return floor
 
 
 def slice_count_ladder(lo: int, hi: int) -> list[int]:
@@ -340,6 +360,14 @@ class _Search:
         fits = [t for t in self.trials.values() if t.feasible]
         return min(fits, key=lambda t: t.score()) if fits else None
 
+    def _out_of_reach(self, ladder: dict[int, _Trial], k: int) -> bool:
+        """Whether the slice count ``k`` (past the ladder's last rung: every count up to ``k``)
+        cannot beat the leader, with the screened time taken as convex in log K (`convex_floor`):
+        the ladder's times are close to unimodal, and its largest rungs cost the most."""
+        leader = self.leader()
+        points = sorted((math.log(size), t.sim.iteration_time_s) for size, t in ladder.items() if t.feasible)
+        return leader is not None and convex_floor(points, math.log(k)) >= leader.sim.iteration_time_s
+
     def _baseline_ladders(self) -> list[list[Candidate]]:
         """Every baseline's chunkings, screened with the ILP's checkpointing so their plans lie in
         EPP's search space: Seq1F1B's equal-compute slice counts, from the fewest up; whole
@@ -373,7 +401,9 @@ class _Search:
 
     def run(self) -> _Trial:
         """Screen the K ladder (bisecting towards the best rung) and the baselines' chunkings,
-        give the top few the full grouping search, then tighten the winner's checkpointing."""
+        give the top few the full grouping search, then tighten the winner's checkpointing. The
+        K ladder stops, and a bisection point is skipped, where `convex_floor` of its screened
+        times says no slice count there can beat the leader."""
         # Slices under MIN_SLICE_TOKENS waste the device, but one cut is always worth a look:
         # the simulator, not the heuristic, says whether it pays.
         hi = max(1, min(self.options.max_slices, self.longest, max(2, self.longest // MIN_SLICE_TOKENS)))
@@ -385,10 +415,14 @@ class _Search:
         best: dict[int, _Trial] = {}
         for i, k in enumerate(tried):  # a wall in the ladder is probed with smaller chunks once
             best[k] = self._epp_trial(k, retry=i > 0 and best[tried[i - 1]].feasible)
+            if k < hi and best[k].feasible and self._out_of_reach(best, hi):
+                tried = tried[:i + 1]
+                break
         for _ in range(self.options.refine_rounds):
             k_best = min(tried, key=lambda k: best[k].score())
             i = tried.index(k_best)
             new = {(k_best + n) // 2 for n in (tried[max(i - 1, 0)], tried[min(i + 1, len(tried) - 1)])} - set(tried)
+            new = {k for k in new if not self._out_of_reach(best, k)}
             if not new:
                 break
             best.update({k: self._epp_trial(k, retry=False) for k in new})

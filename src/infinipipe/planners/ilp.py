@@ -121,8 +121,10 @@ class CheckpointProblem:
     def deficit(self, c: np.ndarray) -> np.ndarray:
         return self.need - self.savings(c)
 
+    @functools.cached_property
     def key(self) -> str:
-        """Digest of everything the solution depends on, for caching across identical problems."""
+        """Digest of everything the solution depends on, for caching across identical problems
+        (kept: a cached plan's problem is looked up again by every plan that repeats it)."""
         h = hashlib.blake2b(digest_size=16)
         for arr in (self.upper, self.weight_ms, self.need, self.rows, self.cols, self.slope, self.layer_cap):
             h.update(np.ascontiguousarray(arr).tobytes())
@@ -400,8 +402,10 @@ class LinearForm:
     def of(cls, problem: CheckpointProblem) -> "LinearForm":
         nvars = len(problem.upper)
         clipped = np.flatnonzero(problem.layer_cap < problem.upper[problem.cols])
-        pairs, aux_of = np.unique(np.stack([problem.cols[clipped], problem.layer_cap[clipped]]), axis=1,
-                                  return_inverse=True)
+        span = int(problem.layer_cap.max(initial=0)) + 1  # caps are whole layer counts
+        pair_ids, aux_of = np.unique(problem.cols[clipped] * span + problem.layer_cap[clipped].astype(np.int64),
+                                     return_inverse=True)
+        pairs = np.stack([pair_ids // span, pair_ids % span])
         n_aux = pairs.shape[1]
         entry_var = problem.cols.copy()
         entry_var[clipped] = nvars + aux_of.reshape(-1)
@@ -581,7 +585,7 @@ def _solve_parts(problem: CheckpointProblem, mip_gap: float, time_limit_s: float
     c = np.zeros(len(problem.upper))
     infos = []
     for var_ids, part in problem.parts():
-        key = (part.key(), mip_gap)
+        key = (part.key, mip_gap)
         if key in solutions:
             sol, info = solutions[key]
             info = {**info, "cached": True}
