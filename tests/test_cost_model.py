@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 
 from infinipipe.cli import main
 from infinipipe.contract.cost import (
+    MIXED_PRECISION_ADAM,
     CostModel,
+    OptimizerStates,
     Profile,
     committed_profiles,
     default_profile,
@@ -267,3 +269,13 @@ def test_memory_terms_from_another_measurement_keep_times_and_refuse_other_shape
         memory_from_measurements(load_profile("h100-bf16-llama-13b"), data, "rows")
     with pytest.raises(ValueError, match="float32"):
         memory_from_measurements(base, {**data, "dtype": "float32"}, "rows")
+
+
+def test_model_states_default_to_training_in_the_profiles_precision():
+    """`infinipipe plan` and `bench` build their cost model without naming the optimizer; a bf16
+    run keeps fp32 gradients, master weights and moments beside its bf16 weights (18 bytes a
+    parameter, as the runtime's planner charges), not fp32 AdamW's 16."""
+    bf16 = CostModel(load_profile("h100-bf16-llama-7b"), preset("llama-7b"))
+    assert bf16.optimizer == MIXED_PRECISION_ADAM and bf16.optimizer.per_param == 18
+    fp32 = CostModel(load_profile("cpu-fp32-tiny"), preset("tiny"))
+    assert fp32.optimizer == OptimizerStates()

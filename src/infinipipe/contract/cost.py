@@ -161,6 +161,12 @@ class OptimizerStates:
 MIXED_PRECISION_ADAM = OptimizerStates(param_bytes=2, grad_bytes=4, state_bytes=12)
 
 
+def training_states(dtype: str) -> OptimizerStates:
+    """The model-state bytes of a run that computes in ``dtype``: fp32 AdamW for float32,
+    mixed precision (half-precision weights, fp32 gradients, master weights and moments) else."""
+    return OptimizerStates() if dtype == "float32" else MIXED_PRECISION_ADAM
+
+
 @dataclass(frozen=True)
 class ChunkMemory:
     """A chunk's bytes on a stage of ``n`` layers as a function of ``r``, its recomputed layers.
@@ -210,6 +216,7 @@ class CostModel:
 
     ``model`` may differ from the profile's only in its number of layers (layers are identical,
     so a profile of a few layers serves the whole model); any other difference is refused.
+    ``optimizer`` defaults to what training in the profile's precision keeps (`training_states`).
     ``layout`` says how many ranks run the stage: with Ulysses SP of degree ``sp`` each rank
     computes ``1/sp`` of the tokens' projections and MLP and ``ceil(heads/sp)`` heads of
     attention (the slowest rank sets the pace), pays the fixed per-chunk overhead whole, keeps
@@ -221,10 +228,12 @@ class CostModel:
 
     profile: Profile
     model: ModelConfig
-    optimizer: OptimizerStates = OptimizerStates()
+    optimizer: OptimizerStates | None = None
     layout: StageLayout = StageLayout()
 
     def __post_init__(self) -> None:
+        if self.optimizer is None:  # a run trains in its profile's precision (the planner checks it)
+            object.__setattr__(self, "optimizer", training_states(self.profile.dtype))
         if self.model.cost_shape() != self.profile.model.cost_shape():
             raise ValueError(
                 f"profile was made for model shape {self.profile.model.to_json()}, "
