@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from infinipipe.contract.cost import CostModel, default_profile
 from infinipipe.contract.model_config import preset
-from infinipipe.planners.compare import BASELINES
+from infinipipe.planners.compare import BASELINES, compute_floor_s
 from infinipipe.planners.options import PlannerOptions
 from infinipipe.planners.registry import make_plan
 from infinipipe.planners.request import PlanRequest
@@ -37,5 +37,6 @@ def test_epp_is_never_slower_than_a_feasible_baseline(long, short, stages, memor
         return
     epp = simulate(plan, COST, request.memory_budget)
     assert epp.feasible  # EPP may also fit where no baseline does (grouping, per-chunk recompute)
+    assert compute_floor_s(COST, lengths, stages) <= epp.iteration_time_s * (1 + 1e-9)
     for name, time_s in baselines.items():
         assert epp.iteration_time_s <= time_s * (1 + 1e-9), (name, epp.iteration_time_s, time_s)

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from ..contract.model_config import preset
     from ..contract.units import parse_bytes
     from ..data.lengths import sample_lengths
-    from ..planners.compare import ABLATIONS, BASELINES, compare_planners, format_rows
+    from ..planners.compare import ABLATIONS, BASELINES, compare_planners, compute_floor_s, format_rows
     from .plan import describe_layout, layout_from_args, model_from_args, profile_for_model, with_layout
 
     model = model_from_args(args) or preset(BENCH_MODEL)
@@ -48,9 +48,10 @@ def run(args: argparse.Namespace) -> int:
     lengths = sample_lengths(args.dist, args.batch, args.max_len, args.seed)
     planners = ["epp", *BASELINES, *(ABLATIONS if args.ablations else ())]
     rows = compare_planners(cost, lengths, args.stages, parse_bytes(args.memory_budget, "--memory-budget"), planners)
+    floor = compute_floor_s(cost, lengths, args.stages)
     if args.json:
-        print(json.dumps({"simulated": True, "profile": name, "layout": cost.layout.to_json(), "rows": rows},
-                         indent=1, default=str))
+        print(json.dumps({"simulated": True, "profile": name, "layout": cost.layout.to_json(), "rows": rows,
+                          "compute_floor_s": floor}, indent=1, default=str))
         return 0
     origin = f"derived from {profile.derived_from}" if profile.derived_from else profile.source.split(";")[0]
     shown = args.hf_path or args.model or BENCH_MODEL
@@ -59,4 +60,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"profile {name}: {profile.device}, {profile.dtype}, {origin}")
     print(describe_layout(cost.layout))
     print("\n".join(format_rows(rows)))
+    print(f"  no plan of this batch beats {floor:.2f}s: the busiest stage's forward and backward of every "
+          "token, as one chunk, with no bubble or recompute")
     return 0

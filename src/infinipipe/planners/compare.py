@@ -5,11 +5,13 @@ import time
 from collections.abc import Sequence
 
 from ..contract.cost import CostModel
+from ..contract.shapes import ChunkShape
 from ..contract.units import GIB
 from ..sim.simulator import simulate
 from .options import PlannerOptions
 from .registry import make_plan
 from .request import PlanRequest
+from .stage_layers import balance_layers
 
 BASELINES = ("seq1f1b", "seq1f1b-balanced", "batch-1f1b", "gpipe", "epp-uniform")
 ABLATIONS = ("epp-no-ckpt", "epp-full-ckpt")
@@ -30,6 +32,17 @@ def compare_planners(cost: CostModel, lengths: Sequence[int], stages: int, memor
         planning_s = time.perf_counter() - started
         rows[name] = {**simulate(plan, cost, memory_budget).to_json(), "planned": True, "planning_s": planning_s}
     return rows
+
+
+def compute_floor_s(cost: CostModel, lengths: Sequence[int], stages: int) -> float:
+    """No plan of this batch on the cost-balanced layer split (every planner's default) is
+    faster: its busiest stage runs every sequence's forward and backward as one chunk (splitting
+    only adds per-chunk overhead and prefix reads), with no bubble and no recompute."""
+    whole = ChunkShape(tuple(lengths))
+    layers = balance_layers(cost, stages)
+    last = len(layers) - 1
+    return max(cost.forward_ms(whole, n, s == 0, s == last) + cost.backward_ms(whole, n, s == 0, s == last)
+               for s, n in enumerate(layers)) / 1e3
 
 
 def format_rows(rows: dict[str, dict], reference: str = "epp") -> list[str]:
