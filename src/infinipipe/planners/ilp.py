@@ -427,8 +427,8 @@ def solve_problem(problem: CheckpointProblem, mip_gap: float, time_limit_s: floa
     if relaxed is not None:
         rounded = np.minimum(np.ceil(relaxed[0][:nvars] - 1e-6), problem.upper)
         rounded = greedy(problem, rounded) if (problem.deficit(rounded) > _FEAS_TOL).any() else rounded
-    else:
-        rounded = greedy(problem)
+    else:  # from full recompute, which fits: raising from none one layer at a time takes hours on a big plan
+        rounded = problem.upper.copy()
     rounded = descend(problem, rounded)
     heuristic = float(rounded @ problem.weight_ms)
     if relaxed is not None and heuristic - relaxed[1] <= mip_gap * heuristic + 1e-9 * max(heuristic, 1.0):
