@@ -79,6 +79,21 @@ def test_explain_lists_every_candidate_and_names_the_winner(tmp_path, capsys):
     assert f"chosen: {plan['metadata']['chosen']}" in text and "<- chosen" in text
 
 
+def test_explain_names_the_slice_counts_the_k_ladder_left_out_and_why(tmp_path, capsys):
+    """The planning benchmark's batch: the K ladder stops once lines through its rungs put every
+    larger K behind the leader; those counts are named, never planned, with the bound that cut them."""
+    out = tmp_path / "p.json"
+    assert main(["plan", "--dist", "github", "--batch", "512", "--max-len", "131072", "--model", "llama-7b",
+                 "--stages", "8", "--out", str(out), "--explain"]) == 0
+    text = capsys.readouterr().out
+    meta = json.loads(out.read_text())["metadata"]
+    skipped, tried = meta["search_skipped"], {t["candidate"].split(" cap=")[0] for t in meta["search"]}
+    assert skipped
+    for s in skipped:
+        assert s["floor_s"] >= s["leader_s"] and s["candidate"] not in tried
+        assert f"{s['candidate']} " in text and "not planned" in text
+
+
 def test_plan_needs_no_model_and_takes_llama_7b_with_its_committed_profile(tmp_path, capsys):
     out = tmp_path / "plan.json"
     assert main(["plan", "--dist", "github", "--stages", "4", "--batch", "32", "--out", str(out)]) == 0

@@ -210,6 +210,7 @@ def _plan_epp(request: PlanRequest, checkpointing: str) -> Plan:
         "iteration_time_s": best.sim.iteration_time_s,
         "chosen": best.candidate.label,
         "search": [t.summary() for t in search.trials.values()],
+        "search_skipped": search.skipped,
         "planning_time_s": time.perf_counter() - started,
     }
     return dataclasses.replace(best.plan, metadata=meta)
@@ -247,6 +248,7 @@ class _Search:
         self.trials: dict[tuple[Candidate, bool], _Trial] = {}
         self.chunkings: dict[Candidate, list] = {}  # a full trial re-plans a screened candidate's chunks
         self.uniform_tried: set[Candidate] = set()
+        self.skipped: list[dict[str, Any]] = []  # slice counts the K ladder's convex floor left out
 
     def trial(self, cand: Candidate, screen: bool, regroup: bool = True) -> _Trial:
         if (cand, screen) not in self.trials:
@@ -360,13 +362,19 @@ class _Search:
         fits = [t for t in self.trials.values() if t.feasible]
         return min(fits, key=lambda t: t.score()) if fits else None
 
-    def _out_of_reach(self, ladder: dict[int, _Trial], k: int) -> bool:
+    def _out_of_reach(self, ladder: dict[int, _Trial], k: int, what: str) -> bool:
         """Whether the slice count ``k`` (past the ladder's last rung: every count up to ``k``)
         cannot beat the leader, with the screened time taken as convex in log K (`convex_floor`):
-        the ladder's times are close to unimodal, and its largest rungs cost the most."""
+        the ladder's times are close to unimodal, and its largest rungs cost the most. A count
+        left out is recorded, as ``what``, for ``--explain``."""
         leader = self.leader()
         points = sorted((math.log(size), t.sim.iteration_time_s) for size, t in ladder.items() if t.feasible)
-        return leader is not None and convex_floor(points, math.log(k)) >= leader.sim.iteration_time_s
+        floor = convex_floor(points, math.log(k))
+        if leader is None or floor < leader.sim.iteration_time_s:
+            return False
+        self.skipped.append({"candidate": what, "floor_s": floor, "leader": leader.candidate.label,
+                             "leader_s": leader.sim.iteration_time_s})
+        return True
 
     def _baseline_ladders(self) -> list[list[Candidate]]:
         """Every baseline's chunkings, screened with the ILP's checkpointing so their plans lie in
@@ -415,14 +423,14 @@ class _Search:
         best: dict[int, _Trial] = {}
         for i, k in enumerate(tried):  # a wall in the ladder is probed with smaller chunks once
             best[k] = self._epp_trial(k, retry=i > 0 and best[tried[i - 1]].feasible)
-            if k < hi and best[k].feasible and self._out_of_reach(best, hi):
+            if k < hi and best[k].feasible and self._out_of_reach(best, hi, f"epp K={tried[i + 1]}..{hi}"):
                 tried = tried[:i + 1]
                 break
         for _ in range(self.options.refine_rounds):
             k_best = min(tried, key=lambda k: best[k].score())
             i = tried.index(k_best)
             new = {(k_best + n) // 2 for n in (tried[max(i - 1, 0)], tried[min(i + 1, len(tried) - 1)])} - set(tried)
-            new = {k for k in new if not self._out_of_reach(best, k)}
+            new = {k for k in sorted(new) if not self._out_of_reach(best, k, f"epp K={k}")}
             if not new:
                 break
             best.update({k: self._epp_trial(k, retry=False) for k in new})

@@ -34,6 +34,10 @@ def explain_lines(plan: Plan) -> list[str]:
             line = f"  {t['candidate']:<28} {'screen' if t['screened'] else 'full':<6} {'-':>10}"
             note = t.get("error", "does not fit")
         lines.append(f"{line}  {note}")
+    for s in meta.get("search_skipped", []):
+        lines.append(f"  {s['candidate']:<28} {'-':<6} {'-':>10}  not planned: lines through the K ladder's rungs "
+                     f"(time taken as convex in log K) put it at {s['floor_s']:.2f}s or more, no faster than "
+                     f"{s['leader']} ({s['leader_s']:.2f}s)")
     lines.append(f"chosen: {chosen}: the fastest plan that fits the memory budget in simulation"
                  if chosen else "no candidate fits")
     return lines
