@@ -37,12 +37,12 @@ def pipeline_row(name: str, cost: CostModel, lengths: list[int], memory: float) 
     best = None
     for per_chunk in (False, True):
         staged = replace(cost, layout=replace(cost.layout, sp=NODE, fsdp=NODE, reshard_per_chunk=per_chunk))
-        request = PlanRequest(lengths, staged, PP, memory, link=cost.layout.inter_node)
+        request = PlanRequest(lengths, staged, PP, memory)  # a node per stage: every hop inter-node
         try:
             plan = make_plan(name, request)
         except ValueError:
             continue
-        sim = simulate(plan, staged, memory, cost.layout.inter_node)
+        sim = simulate(plan, staged, memory)
         row = {"time": sim.iteration_time_s, "feasible": sim.feasible, "peak": max(sim.peak_memory_bytes),
                "note": f"bubble {sim.bubble_ratio:.0%}, FSDP {'per chunk' if per_chunk else 'per step'}"}
         if best is None or (row["feasible"], -row["time"]) > (best["feasible"], -best["time"]):
