@@ -251,7 +251,8 @@ def test_row_generation_reaches_the_whole_lps_optimum(batch, split, frac):
     if not len(problem.need):
         return
     form = LinearForm.of(problem)
-    x, value = relaxation(form, time_limit_s=10.0)
+    x, value, status = relaxation(form, time_limit_s=10.0)
+    assert status == "optimal"
     assert (form.memory @ x >= form.need - 1e-6).all() and (form.link @ x <= 1e-9).all()
     assert np.all(x >= -1e-9) and np.all(x <= form.upper + 1e-9)
     whole = linprog(form.objective, A_ub=vstack([-form.memory, form.link]),

@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import highspy
 import numpy as np
@@ -424,16 +424,18 @@ def solve_problem(problem: CheckpointProblem, mip_gap: float, time_limit_s: floa
     nvars = len(problem.upper)
     form = LinearForm.of(problem)
     relaxed = relaxation(form, time_limit_s)
-    if relaxed is not None:
-        rounded = np.minimum(np.ceil(relaxed[0][:nvars] - 1e-6), problem.upper)
+    if relaxed.x is not None:
+        rounded = np.minimum(np.ceil(relaxed.x[:nvars] - 1e-6), problem.upper)
         rounded = greedy(problem, rounded) if (problem.deficit(rounded) > _FEAS_TOL).any() else rounded
     else:  # from full recompute, which fits: raising from none one layer at a time takes hours on a big plan
         rounded = problem.upper.copy()
     rounded = descend(problem, rounded)
     heuristic = float(rounded @ problem.weight_ms)
-    if relaxed is not None and heuristic - relaxed[1] <= mip_gap * heuristic + 1e-9 * max(heuristic, 1.0):
-        return rounded, {"status": "optimal", "method": "lp_rounding", "lp_bound_ms": relaxed[1],
+    if relaxed.x is not None and heuristic - relaxed.value <= mip_gap * heuristic + 1e-9 * max(heuristic, 1.0):
+        return rounded, {"status": "optimal", "method": "lp_rounding", "lp_bound_ms": relaxed.value,
                          "greedy_fallback": False}
+    if relaxed.status == "time_limit":  # branch and bound starts from this LP: it would spend the limit again
+        return rounded, {"status": "time_limit", "method": "descend_from_full", "greedy_fallback": True}
 
     constraints = [LinearConstraint(form.memory, lb=form.need, ub=np.inf)]
     if form.link.shape[0]:
@@ -444,8 +446,8 @@ def solve_problem(problem: CheckpointProblem, mip_gap: float, time_limit_s: floa
                options={"time_limit": time_limit_s, "disp": False, "mip_rel_gap": mip_gap})
     info: dict[str, Any] = {"status": _STATUS.get(res.status, str(res.status)), "method": "branch_and_bound",
                             "greedy_fallback": False}
-    if relaxed is not None:
-        info["lp_bound_ms"] = relaxed[1]
+    if relaxed.x is not None:
+        info["lp_bound_ms"] = relaxed.value
     if res.x is None:
         info["greedy_fallback"] = True
         return rounded, info
@@ -462,9 +464,17 @@ def solve_problem(problem: CheckpointProblem, mip_gap: float, time_limit_s: floa
 _STATUS = {0: "optimal", 1: "time_limit", 2: "infeasible", 3: "unbounded", 4: "error"}
 
 
-def relaxation(form: LinearForm, time_limit_s: float) -> tuple[np.ndarray, float] | None:
-    """The LP relaxation of ``form`` by row generation: its optimum and value, None where HiGHS
-    gives no optimum.
+class Relaxed(NamedTuple):
+    """An LP relaxation's answer: ``x`` is None where HiGHS found no optimum, and ``status`` says
+    why (``"time_limit"``, or HiGHS's own word)."""
+
+    x: np.ndarray | None
+    value: float
+    status: str
+
+
+def relaxation(form: LinearForm, time_limit_s: float) -> Relaxed:
+    """The LP relaxation of ``form`` by row generation.
 
     A few hundred of a plan's thousands of windows bind at the optimum (those at a stage's peak),
     so the LP starts from none and takes in the most violated windows a round at a time, each
@@ -484,13 +494,15 @@ def relaxation(form: LinearForm, time_limit_s: float) -> tuple[np.ndarray, float
         short = form.need - form.memory @ x
         candidates = np.flatnonzero((short > _ROW_TOL) & ~taken)
         if not len(candidates):
-            return x, float(form.objective @ x)
+            return Relaxed(x, float(form.objective @ x), "optimal")
         rows = np.sort(candidates[np.argsort(-short[candidates])[:_ROWS_PER_ROUND]])
         taken[rows] = True
         _add_rows(h, form.memory[rows], form.need[rows], np.full(len(rows), highspy.kHighsInf))
         h.run()
-        if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
-            return None
+        status = h.getModelStatus()
+        if status != highspy.HighsModelStatus.kOptimal:
+            timed_out = status == highspy.HighsModelStatus.kTimeLimit
+            return Relaxed(None, math.nan, "time_limit" if timed_out else h.modelStatusToString(status))
         x = np.asarray(h.getSolution().col_value)
 
 
