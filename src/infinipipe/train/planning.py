@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..config import Config
-from ..contract.cost import CostModel, Profile, default_profile_name, load_profile, training_states
+from ..contract.cost import CostModel, Profile, default_profile_name, load_profile
 from ..contract.ir import Plan
 from ..contract.model_config import ModelConfig
 from ..data.dataset import BatchSampler
@@ -88,8 +88,7 @@ def job_cost(cfg: Config, model: ModelConfig, dims: ParallelDims | None = None) 
     profile = profile_for(cfg, model)
     check_precision(profile, RUN_DTYPES[cfg.training.mixed_precision])
     dims = dims or ParallelDims.from_config(cfg.parallelism)
-    return CostModel(profile, model, training_states(profile.dtype),
-                     cfg.cluster.stage_layout(dims.sp, dims.fsdp, dims.dp_replicate))
+    return CostModel(profile, model, layout=cfg.cluster.stage_layout(dims.sp, dims.fsdp, dims.dp_replicate))
 
 
 @dataclass(frozen=True)
