@@ -68,22 +68,31 @@ def one_f_one_b(seq_slices: list[list[int]], num_stages: int, layers: tuple[int,
 
 
 def stage_peaks(plan: Plan, cost: CostModel) -> list[float]:
-    """Independent memory walk: states + what waiting chunks hold + the running action's peak."""
+    """Independent memory walk: states + what waiting chunks hold + split sequences' dK/dV (from
+    their last slice's backward to their first's) + the running action's peak."""
     shapes = [ChunkShape.of(c, plan.seq_lengths) for c in plan.chunks]
+    lengths = plan.seq_lengths
+    store_shape = {seg.seq_id: shapes[c.id] for c in plan.chunks for seg in c.segments
+                   if seg.start == 0 and seg.end < lengths[seg.seq_id]}
     peaks = []
     last_stage = plan.num_stages - 1
     for s, actions in enumerate(plan.stage_actions):
         first, last, n_l = s == 0, s == last_stage, plan.layers_per_stage[s]
         states = cost.model_state_bytes(n_l, first, last)
-        held, peak = 0.0, states
+        held, grads, peak = 0.0, 0.0, states
         for a in actions:
+            chunk = plan.chunks[a.chunk_id]
             m, r = cost.chunk_memory(shapes[a.chunk_id], n_l, first, last), a.recompute_layers
             if a.kind == "F":
-                peak = max(peak, states + held + m.during_forward(r))
+                peak = max(peak, states + held + grads + m.during_forward(r))
                 held += m.held(r)
             else:
+                grads += sum(cost.dkv_bytes(store_shape[seg.seq_id], n_l) for seg in chunk.segments
+                             if seg.start > 0 and seg.end == lengths[seg.seq_id])
                 held -= m.held(r)
-                peak = max(peak, states + held + m.during_backward(r))
+                peak = max(peak, states + held + grads + m.during_backward(r))
+                grads -= sum(cost.dkv_bytes(store_shape[seg.seq_id], n_l) for seg in chunk.segments
+                             if seg.seq_id in store_shape and seg.start == 0)
         peaks.append(peak)
     return peaks
 
@@ -281,3 +290,26 @@ def test_time_limit_falls_back_to_a_feasible_answer_and_says_so():
     meta = solved.metadata["checkpointing"]
     assert max(stage_peaks(solved, COST)) <= budget + 1.0
     assert meta["status"] == "time_limit" and meta["greedy_fallback"]
+
+
+@pytest.mark.parametrize("seq_slices,stages,layers", [
+    ([[2000, 1500, 500], [1000, 800], [600]], 2, (4, 4)),
+    ([[3000, 1000], [2500, 1200, 300], [400], [300]], 3, (3, 2, 3)),
+])
+def test_simulated_peaks_follow_the_memory_walk_with_dkv_from_each_sequences_first_backward(seq_slices, stages, layers):
+    """The simulator charges a split sequence's dK/dV from its last slice's backward to its first
+    slice's, not from its first forward: so do the ILP's windows (the brute-force test above) and
+    this independent walk; and the stores' gradients are indeed absent while slices run forward."""
+    plan = one_f_one_b(seq_slices, stages, layers)
+    rng = np.random.default_rng(0)
+    rec = {(s, c.id): int(rng.integers(0, layers[s] + 1)) for s in range(stages) for c in plan.chunks}
+    plan = Plan(plan.seq_lengths, plan.chunks,
+                tuple(tuple(Action(a.kind, a.chunk_id, rec[(s, a.chunk_id)]) for a in acts)
+                      for s, acts in enumerate(plan.stage_actions)), plan.layers_per_stage)
+    result = simulate(plan, COST)
+    assert result.peak_memory_bytes == pytest.approx(stage_peaks(plan, COST), rel=1e-12)
+    assert COST.dkv_bytes(ChunkShape.of(plan.chunks[0], plan.seq_lengths), layers[0]) > 0
+    after_first_sequence = result.memory_timeline[0][2 * len(seq_slices[0])][1]  # its forwards ran, no backward yet
+    held = sum(COST.chunk_memory(ChunkShape.of(plan.chunks[c], plan.seq_lengths), layers[0], True, False).held(rec[(0, c)])
+               for c in range(len(seq_slices[0])))
+    assert after_first_sequence == pytest.approx(COST.model_state_bytes(layers[0], True, False) + held)

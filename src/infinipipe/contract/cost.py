@@ -334,17 +334,20 @@ class CostModel:
         return 2 * shape.kept * self.model.kv_dim * self.dtype_bytes * n_layers * self._kv_share
 
     def dkv_bytes(self, shape: ChunkShape, n_layers: int) -> float:
-        """The store's dK/dV, where later slices' gradients accumulate for earlier slices."""
+        """The store's dK/dV, where later slices' gradients accumulate for earlier slices: allocated
+        when the sequence's backward begins (its last slice's), dropped after its first slice's
+        (`gradient_store_spans`), so a sequence waiting in forward does not hold it."""
         return self.kv_bytes(shape, n_layers)
 
     def activation_bytes(self, shape: ChunkShape, n_layers: int, recompute: int = 0,
                          first: bool = False, last: bool = False) -> float:
-        """Everything a chunk keeps on a stage from its forward until its backward."""
+        """Everything a chunk keeps on a stage from its forward until its backward (a split
+        sequence's dK/dV, held over its backwards only, is `dkv_bytes`)."""
         if not 0 <= recompute <= n_layers:
             raise ValueError(f"recompute {recompute} outside 0..{n_layers}")
         full = n_layers - recompute
         total = full * self.layer_act_bytes(shape) + recompute * self.ckpt_layer_bytes(shape)
-        total += self.kv_bytes(shape, n_layers) + self.dkv_bytes(shape, n_layers)
+        total += self.kv_bytes(shape, n_layers)
         if first:
             total += shape.tokens * 8 / self.layout.sp  # token ids kept by the embedding's backward
         # The last stage keeps its final norm's input; any other keeps its output, the root its

@@ -94,6 +94,22 @@ class Chunk:
         return cls(int(obj["id"]), tuple(Segment.from_json(s) for s in obj["segments"]))
 
 
+def gradient_store_spans(chunks: Iterable[Chunk], seq_lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """``(first, last)`` chunk ids of each split sequence: its K/V store's dK/dV lives on a stage
+    from the start of the backward of the chunk holding its last slice (``last``, the first of
+    its slices to run backward) to the end of the backward of the chunk holding its first slice."""
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for c in chunks:
+        for s in c.segments:
+            if s.length < seq_lengths[s.seq_id]:
+                if s.start == 0:
+                    first[s.seq_id] = c.id
+                if s.end == seq_lengths[s.seq_id]:
+                    last[s.seq_id] = c.id
+    return [(first[q], last[q]) for q in sorted(first) if q in last]
+
+
 def check_coverage(chunks: Iterable[Chunk], lengths: Sequence[int]) -> None:
     """Raise ``ValueError`` unless every token of every sequence is in exactly one segment.
 

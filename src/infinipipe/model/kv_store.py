@@ -1,7 +1,9 @@
 """One K/V store per split sequence and layer: the slices of a sequence share it, none copies it.
 
-The store holds the whole sequence's keys and values (and their gradients) from its first slice
-on. Each slice writes its K/V into its rows and attends to rows ``[0, end)`` as one key range, an
+The store holds the whole sequence's keys and values from its first slice on, and their
+gradients from the sequence's first backward (its last slice's) on: a sequence whose slices are
+still running forward, or waiting for their backward behind other work, holds no gradient
+buffer. Each slice writes its K/V into its rows and attends to rows ``[0, end)`` as one key range, an
 alias of the store, so attention of slice ``j`` keeps nothing that grows with ``j`` and a
 checkpointed layer holds the store object, never a copy. Rows are written once and never
 change afterwards (a recompute writes the same values again), which is why the alias can skip
@@ -23,20 +25,25 @@ def _alias(buf: torch.Tensor, end: int) -> torch.Tensor:
 
 
 class LayerKV:
-    """K, V, dK and dV of one split sequence on one layer, each ``[length, kv_heads, head_dim]``."""
+    """K, V, dK and dV of one split sequence on one layer, each ``[length, kv_heads, head_dim]``;
+    dK and dV exist once `gradients` is first called."""
 
     def __init__(self, length: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         size = (length, kv_heads, head_dim)
         self.k, self.v = (torch.empty(size, dtype=dtype, device=device) for _ in range(2))
-        self.dk, self.dv = (torch.zeros(size, dtype=dtype, device=device) for _ in range(2))
+        self.dk: torch.Tensor | None = None
+        self.dv: torch.Tensor | None = None
         self.filled = 0
 
     @property
     def length(self) -> int:
         return self.k.shape[0]
 
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.k, self.v, self.dk, self.dv
+    def gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """dK and dV, zeroed when first asked for: by the backward of the sequence's last slice."""
+        if self.dk is None or self.dv is None:
+            self.dk, self.dv = (torch.zeros_like(self.k) for _ in range(2))
+        return self.dk, self.dv
 
     def attend(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write a slice's K/V at ``start``; return keys and values of ``[0, start + len)``."""
@@ -62,7 +69,7 @@ class _KeyRange(torch.autograd.Function):
     def backward(ctx, dk_range, dv_range):
         st, end, store = ctx.start, ctx.end, ctx.store
         out = []
-        for d, acc in ((dk_range, store.dk), (dv_range, store.dv)):
+        for d, acc in zip((dk_range, dv_range), store.gradients()):
             if d is None:
                 out.append(acc[st:end].clone())
                 continue

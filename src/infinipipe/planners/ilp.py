@@ -34,6 +34,7 @@ from ..contract.cost import CostModel
 from ..contract.ir import Action, Plan
 from ..contract.shapes import ChunkShape
 from ..contract.units import GIB, format_bytes
+from ..sim.simulator import gradient_store_bytes
 
 _FEAS_TOL = 1.0  # bytes: slack allowed when checking a rounded solution
 _ROWS_PER_ROUND = 100  # most violated windows the LP relaxation takes in per round
@@ -276,7 +277,8 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
         row = np.repeat(np.arange(len(lens)), lens)
         work = np.where(forward, fwd_work[own], bwd_work[own])
         extra = np.where(forward, fwd_extra[own], bwd_extra[own])  # added at its own full recompute
-        no_ckpt = states + work + np.bincount(row, weights=base[flat], minlength=len(lens))
+        grads, _ = gradient_store_bytes(plan, s, cost, shapes)
+        no_ckpt = states + work + grads + np.bincount(row, weights=base[flat], minlength=len(lens))
         keep = no_ckpt > budgets[s]
         if not keep.any():
             continue
@@ -292,7 +294,7 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
         win_fwd.append(forward[keep])
         need.append(no_ckpt[keep] - budgets[s])
         held_full = base - n_l * per_layer
-        full_mem.append((states + work + extra + np.bincount(row, weights=held_full[flat], minlength=len(lens)))[keep])
+        full_mem.append((states + work + grads + extra + np.bincount(row, weights=held_full[flat], minlength=len(lens)))[keep])
         # Every chunk of a window saves per_layer x min(r, n); its own chunk saves extra less at r = n,
         # written as (per_layer - extra) x min(r, n) + extra x min(r, n - 1).
         entry = keep[row]

@@ -119,8 +119,11 @@ class LayerBench:
         return meta, h, kv
 
     def _prefix_kv(self, c: int, s: int) -> LayerKV:
-        """A split sequence's K/V store with a cached prefix of ``c`` tokens, as the runtime keeps it."""
+        """A split sequence's K/V store with a cached prefix of ``c`` tokens, as the runtime keeps it
+        once the sequence's backward has begun (its dK/dV, which the cost model charges apart, exist
+        before any measurement starts)."""
         store = LayerKV(c + s, self.cfg.kv_heads, self.cfg.head_dim, self._dt, self._dev)
+        store.gradients()
         store.k[:c].normal_()
         store.v[:c].normal_()
         store.filled = c

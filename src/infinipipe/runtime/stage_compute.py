@@ -1,7 +1,8 @@
 """Forward and backward of one chunk on one stage, with the K/V store of split sequences.
 
 Per split sequence the stage keeps one K/V store per layer (`LayerKV`), allocated at the
-sequence's first slice for its whole length and dropped after that slice's backward. Every slice
+sequence's first slice for its whole length (its dK/dV at the sequence's first backward) and
+dropped after that slice's backward. Every slice
 writes its K/V into it and attends to it in place; the gradients later slices give to earlier
 slices' K/V accumulate in the store's dK/dV and flow into each earlier slice's graph when its
 own backward runs (slices run backward in reverse order).

@@ -7,9 +7,10 @@ the links `StageLayout.hop_links` places the stages on). Memory of a
 stage is its model states plus what every chunk holds from its forward to the end of its
 backward, plus the running action's transient (`ChunkMemory`: the output or incoming gradient,
 a layer's backward work, the rematerialised layer of a fully recomputed chunk, the loss's working
-memory on the last stage). A stage whose parameters are sharded and gathered once per step (see
-`StageLayout`) starts with that all-gather and ends with the gradients' reduce-scatter; every
-other intra-stage cost (Ulysses all-to-alls, per-chunk FSDP) is inside an action's duration.
+memory on the last stage), plus each split sequence's dK/dV over its backwards. A stage whose
+parameters are sharded and gathered once per step (see `StageLayout`) starts with that all-gather
+and ends with the gradients' reduce-scatter; every other intra-stage cost (Ulysses all-to-alls,
+per-chunk FSDP) is inside an action's duration.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..contract.cost import CostModel
-from ..contract.ir import Plan, play_order
+from ..contract.ir import Plan, gradient_store_spans, play_order
 from ..contract.layout import LinkModel
 from ..contract.shapes import ChunkShape
 from ..contract.units import format_bytes
@@ -144,10 +145,11 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
         r = np.array([rec[c] for c in cid.tolist()], dtype=float)
         base, slope, fwd_work, fwd_extra, bwd_work, bwd_extra = terms[cid].T
         held_r = base - r * slope
-        after = np.cumsum(np.where(fwd, held_r, -held_r))
+        grads_during, grads_after = gradient_store_bytes(plan, s, cost, shapes)
+        after = np.cumsum(np.where(fwd, held_r, -held_r)) + grads_after
         # While it runs, a forward's chunk holds its activations already and a backward's still.
-        during = (np.where(fwd, after, after + held_r) + np.where(fwd, fwd_work, bwd_work)
-                  + np.where(r == n, np.where(fwd, fwd_extra, bwd_extra), 0.0))
+        during = (np.where(fwd, after, after + held_r) - grads_after + grads_during
+                  + np.where(fwd, fwd_work, bwd_work) + np.where(r == n, np.where(fwd, fwd_extra, bwd_extra), 0.0))
         states = cost.model_state_bytes(n, first, is_last)
         times = np.empty(2 * len(ivs) + 1)
         levels = np.empty(2 * len(ivs) + 1)
@@ -180,6 +182,27 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
         intervals=tuple(intervals),
         memory_timeline=tuple(timelines),
     )
+
+
+def gradient_store_bytes(plan: Plan, stage: int, cost: CostModel,
+                         shapes: list[ChunkShape] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes of split sequences' dK/dV alive on ``stage`` during and after each of its actions
+    (in plan order): each is allocated by the backward of its sequence's last slice and dropped
+    after the backward of its first slice."""
+    actions = plan.stage_actions[stage]
+    during = np.zeros(len(actions))
+    after = np.zeros(len(actions))
+    spans = gradient_store_spans(plan.chunks, plan.seq_lengths)
+    if not spans:
+        return during, after
+    shapes = shapes if shapes is not None else [ChunkShape.of(c, plan.seq_lengths) for c in plan.chunks]
+    at = {a.chunk_id: i for i, a in enumerate(actions) if a.kind == "B"}
+    n = plan.layers_per_stage[stage]
+    for first, last in spans:
+        size = cost.dkv_bytes(shapes[first], n)
+        during[at[last]:at[first] + 1] += size
+        after[at[last]:at[first]] += size
+    return during, after
 
 
 def iteration_time(plan: Plan, cost: CostModel, link: LinkModel | None = None) -> float:
