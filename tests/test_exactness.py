@@ -159,3 +159,34 @@ def test_exact_random_chunking_on_cuda(dtype, tol):
     ref_loss = reference_loss(ref, batch)
     ref_loss.backward()
     assert_matches_reference(loss, _grads(stages), ref_loss.item(), {n: p.grad for n, p in ref.named_parameters()}, tol)
+
+
+def test_exact_parts_planned_apart_and_joined_with_whole_chunks_between_split_sequences():
+    """Two split sequences, each with whole chunks between its slices' backward and the next
+    sequence (one pipeline), and the same chunks as three pipelines planned apart and joined."""
+    from infinipipe.planners.compose import join_plans
+    from infinipipe.planners.grouping import sub_batch
+    from infinipipe.planners.schedule import epp_schedule
+
+    lengths = [30, 24, 5, 4, 6, 3, 7]
+    batch = _random_batch(lengths, 11)
+    chunks = [Chunk(0, (Segment(0, 0, 12),)), Chunk(1, (Segment(0, 12, 22),)), Chunk(2, (Segment(0, 22, 30),)),
+              Chunk(3, (Segment(1, 0, 14),)), Chunk(4, (Segment(1, 14, 24), Segment(2, 0, 5))),
+              Chunk(5, (Segment(3, 0, 4), Segment(4, 0, 6))), Chunk(6, (Segment(5, 0, 3),)), Chunk(7, (Segment(6, 0, 7),))]
+    split = [2, 2]
+    rng = random.Random(3)
+    rec = {(s, c.id): rng.randint(0, 2) for s in range(2) for c in chunks}
+    one = epp_schedule(chunks, lengths, 2, split, recompute=lambda s, c: rec[s, c])
+    forward = [a.chunk_id for a in one.stage_actions[0] if a.kind == "F"]
+    assert forward.index(3) - forward.index(2) > 1  # whole chunks sit between the two sequences
+    parts = []
+    for ids in ([0, 1, 2], [3, 4], [5, 6, 7]):
+        sub, sub_lengths = sub_batch(chunks, lengths, ids)
+        seq_ids = list(dict.fromkeys(s.seq_id for c in ids for s in chunks[c].segments))
+        parts.append((epp_schedule(sub, sub_lengths, 2, split, recompute=lambda s, c, ids=ids: rec[s, ids[c]]), seq_ids))
+    joined = join_plans(parts, lengths)
+    assert len(joined.pipelines) == 3
+    for plan in (one, joined):
+        stages = build_stages(CFG, split, dtype=torch.float64)
+        loss = run_plan_local(plan, stages, batch)
+        assert_matches_reference(loss, _grads(stages), *_reference(batch, torch.float64), TOL[torch.float64])

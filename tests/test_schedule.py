@@ -4,7 +4,7 @@ from hypothesis import strategies as st
 
 from infinipipe.contract.ir import Chunk, Segment, validate_plan
 from infinipipe.planners.processor import process_sequences
-from infinipipe.planners.schedule import epp_schedule
+from infinipipe.planners.schedule import epp_schedule, split_gap
 from test_simulator import h100_like_cost
 
 COST = h100_like_cost()
@@ -52,11 +52,37 @@ def split_batch():
 
 
 def test_longer_sequences_first_slices_forward_in_order_backward_in_reverse():
+    """Whole chunk 5 sits between the two split sequences: it fills the first one's backward."""
     chunks, lengths = split_batch()
     plan = epp_schedule(chunks, lengths, 3, [10, 11, 11])
     for p in range(3):
-        assert order(plan, p, "F") == [1, 2, 4, 0, 3, 5]
-        assert order(plan, p, "B") == [4, 2, 1, 3, 0, 5]
+        assert order(plan, p, "F") == [1, 2, 4, 5, 0, 3]
+        assert order(plan, p, "B") == [4, 2, 1, 5, 3, 0]
+
+
+@pytest.mark.parametrize("stages, whole", [(2, 40), (4, 40), (8, 40), (4, 3)])
+def test_whole_chunks_keep_split_sequences_out_of_flight_together_where_there_are_enough(stages, whole):
+    """Per stage, a split sequence's first forward waits for the previous one's last backward
+    where `split_gap` whole chunks stand between them: the first gaps are filled first."""
+    slices = [4, 4, 3]
+    chunks, lengths = [], []
+    for seq, k in enumerate(slices):
+        lengths.append(1000 * k)
+        for j in range(k):
+            chunks.append(Chunk(len(chunks), (Segment(seq, 1000 * j, 1000 * (j + 1)),)))
+    for _ in range(whole):
+        lengths.append(500)
+        chunks.append(Chunk(len(chunks), (Segment(len(lengths) - 1, 0, 500),)))
+    plan = epp_schedule(chunks, lengths, stages, layers_for(stages))
+    first = {seq: next(c.id for c in chunks if c.segments[0] == Segment(seq, 0, 1000)) for seq in range(3)}
+    gap = split_gap(stages, max(slices))
+    forward = order(plan, 0, "F")
+    gaps = [forward.index(first[1]) - 4, forward.index(first[2]) - forward.index(first[1]) - 4]
+    assert gaps == [min(gap, whole), min(gap, whole - min(gap, whole))]
+    for p in range(stages):
+        ops = [(a.kind, a.chunk_id) for a in plan.stage_actions[p]]
+        for (a, b), filled in zip(((0, 1), (1, 2)), gaps):
+            assert (ops.index(("B", first[a])) < ops.index(("F", first[b]))) == (filled >= split_gap(stages - p, 4))
 
 
 @pytest.mark.parametrize("stages", [1, 2, 3, 5])

@@ -9,9 +9,11 @@ import torch
 
 from chunking import random_chunks, sequential_plan
 from infinipipe.contract.cost import CostModel, LinearTerm, Profile
-from infinipipe.contract.ir import Plan
+from infinipipe.contract.ir import Plan, validate_plan
 from infinipipe.contract.model_config import ModelConfig
+from infinipipe.planners.compose import join_plans
 from infinipipe.planners.data_parallel import split_batch, whole_sequence_cost
+from infinipipe.planners.grouping import sequence_units, sub_batch
 from infinipipe.planners.schedule import epp_schedule
 from infinipipe.runtime.batch import Batch
 from infinipipe.runtime.executor import PipelineWorker, RuntimeSettings
@@ -71,7 +73,23 @@ def hand_plans(lengths, layers, rng: random.Random) -> dict[str, Plan]:
         "sequential+recompute": sequential_plan(chunks, lengths, layers, rec),
         "1f1b-multi-pipeline+recompute": epp_schedule(chunks, lengths, len(layers), layers, pipes,
                                                       recompute=lambda s, c: per_stage[s, c]),
+        "1f1b-whole-chunks-between-split-sequences+recompute": epp_schedule(
+            chunks, lengths, len(layers), layers, recompute=lambda s, c: per_stage[s, c]),
+        "parts-planned-apart-and-joined": joined_parts(chunks, lengths, layers, rng),
     }
+
+
+def joined_parts(chunks, lengths, layers, rng: random.Random) -> Plan:
+    """Each sequence unit scheduled as a batch of its own (random recompute), the parts joined."""
+    parts = []
+    for ids in sequence_units(chunks):
+        sub, sub_lengths = sub_batch(chunks, lengths, ids)
+        seq_ids = list(dict.fromkeys(s.seq_id for c in ids for s in chunks[c].segments))
+        rec = {(s, c.id): rng.randint(0, n) for s, n in enumerate(layers) for c in sub}
+        parts.append((epp_schedule(sub, sub_lengths, len(layers), layers, recompute=lambda s, c, rec=rec: rec[s, c]), seq_ids))
+    plan = join_plans(parts, lengths)
+    validate_plan(plan)
+    return plan
 
 
 def planner_plans(lengths, layers) -> dict[str, Plan]:

@@ -19,7 +19,7 @@ from ..contract.cost import CostModel
 from ..contract.ir import Chunk, Segment
 from ..contract.shapes import ChunkShape
 from .ilp import InfeasibleMemoryError, SolverCache, build_problem, check_full_recompute, min_recompute_ms
-from .schedule import epp_schedule
+from .schedule import epp_schedule, split_gap
 
 Checkpointing = Literal["ilp", "none", "full"]
 CHECKPOINTING = ("ilp", "none", "full")
@@ -134,8 +134,31 @@ class PipelineCoster:
         return float(pp.problem.upper @ pp.problem.weight_ms)
 
 
+def interleaved_units(chunks: Sequence[Chunk], num_stages: int) -> list[list[int]]:
+    """Sequence units in the order the grouping DP cuts them: split sequences by chunk count (most
+    first), each followed by as many whole chunks as `split_gap` asks (from the first gap on),
+    the remaining whole chunks last. A cut then leaves every pipeline the short work that keeps
+    its split sequences' stores apart, as `pipeline_orders` lays it out."""
+    units = sequence_units(chunks)
+    tokens = [sum(chunks[c].tokens for c in u) for u in units]
+    units = [units[i] for i in sorted(range(len(units)), key=lambda i: (-len(units[i]), -tokens[i], units[i][0]))]
+    split = [u for u in units if len(u) > 1]
+    whole = [u for u in units if len(u) == 1]
+    if len(split) < 2:
+        return units
+    gap = split_gap(num_stages, len(split[0]))
+    out: list[list[int]] = []
+    taken = 0
+    for i, u in enumerate(split):
+        out.append(u)
+        if i < len(split) - 1:
+            out += whole[taken:taken + gap]
+            taken = min(taken + gap, len(whole))
+    return out + whole[taken:]
+
+
 def group_pipelines(coster: PipelineCoster, max_pipelines: int = 4, max_cuts: int = 12) -> Grouping:
-    """Run the grouping DP over sequence units sorted by chunk count (most first).
+    """Run the grouping DP over sequence units in `interleaved_units` order.
 
     Cut points are restricted to where the chunk count changes, thinned to at most ``max_cuts``
     (plus evenly spaced points inside long runs of equal count), which keeps the number of ILPs
@@ -143,10 +166,7 @@ def group_pipelines(coster: PipelineCoster, max_pipelines: int = 4, max_cuts: in
     """
     if max_pipelines < 1:
         raise ValueError(f"max_pipelines must be >= 1, got {max_pipelines}")
-    units = sequence_units(coster.chunks)
-    tokens = [sum(coster.chunks[c].tokens for c in u) for u in units]
-    order = sorted(range(len(units)), key=lambda i: (-len(units[i]), -tokens[i], units[i][0]))
-    units = [units[i] for i in order]
+    units = interleaved_units(coster.chunks, len(coster.layers))
     counts = [len(u) for u in units]
     n = len(units)
 

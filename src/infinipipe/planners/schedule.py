@@ -1,8 +1,9 @@
 """EPP 1F1B schedule: per-stage F/B order for one or more back-to-back 1F1B pipelines.
 
 Inside a pipeline, sequences with more chunks go first (a short one first would stall the
-steady phase while a long one is half in flight), a sequence's slices run forward in order and
-backward in reverse, and stage ``p`` (0-indexed) warms up with ``d - 1 - p + N_split`` forwards so
+steady phase while a long one is half in flight), whole chunks fill the gaps between split
+sequences so their K/V stores are not in flight together, a sequence's slices run forward in
+order and backward in reverse, and stage ``p`` (0-indexed) warms up with ``d - 1 - p + N_split`` forwards so
 the last slice of the longest sequence can turn round on the last stage. Every stage runs the same
 forward order and the same backward order, so sends and receives pair up.
 """
@@ -23,8 +24,21 @@ def _owner(chunk: Chunk, seq_lengths: Sequence[int]) -> int | None:
     return None
 
 
-def pipeline_orders(chunks: Sequence[Chunk], seq_lengths: Sequence[int], ids: Sequence[int]) -> tuple[list[int], list[int], int]:
-    """Forward order, backward order and N_split of one pipeline holding chunks ``ids``."""
+def split_gap(num_stages: int, n_split: int) -> int:
+    """Whole chunks between two split sequences that keep the second one's slices out of flight
+    on every stage until the first one's backward is done: the first stage's warm-up less one."""
+    return max(num_stages - 2 + n_split, 0)
+
+
+def pipeline_orders(chunks: Sequence[Chunk], seq_lengths: Sequence[int], ids: Sequence[int],
+                    num_stages: int = 1) -> tuple[list[int], list[int], int]:
+    """Forward order, backward order and N_split of one pipeline holding chunks ``ids``.
+
+    Split sequences go first, most slices first, and whole chunks fill the gaps between them,
+    `split_gap` each from the first gap on (the rest follow the last one): a split sequence's
+    backward then overlaps forwards of whole chunks, not the next split sequence's slices, so the
+    largest K/V stores are in flight one at a time as far as the batch has short work for it.
+    """
     by_seq: dict[int, list[Chunk]] = defaultdict(list)
     whole: list[int] = []
     for cid in ids:
@@ -36,10 +50,19 @@ def pipeline_orders(chunks: Sequence[Chunk], seq_lengths: Sequence[int], ids: Se
     groups = [[c.id for c in sorted(cs, key=lambda c: next(s.start for s in c.segments if s.seq_id == seq))]
               for seq, cs in by_seq.items()]
     groups.sort(key=lambda g: (-len(g), g[0]))
-    groups += [[cid] for cid in whole]
-    forward = [cid for g in groups for cid in g]
-    backward = [cid for g in groups for cid in reversed(g)]
-    return forward, backward, max(len(g) for g in groups)
+    n_split = max((len(g) for g in groups), default=1)
+    gap = split_gap(num_stages, n_split)
+    blocks: list[list[int]] = []
+    taken = 0
+    for i, g in enumerate(groups):
+        blocks.append(g)
+        if i < len(groups) - 1:
+            blocks += [[cid] for cid in whole[taken:taken + gap]]
+            taken = min(taken + gap, len(whole))
+    blocks += [[cid] for cid in whole[taken:]]
+    forward = [cid for b in blocks for cid in b]
+    backward = [cid for b in blocks for cid in reversed(b)]
+    return forward, backward, n_split
 
 
 def one_f_one_b(forward: Sequence[int], backward: Sequence[int], warmup: int) -> list[tuple[str, int]]:
@@ -98,7 +121,7 @@ def epp_schedule(
     ordered_pipes = []
     shared: dict[tuple[str, int], Action] = {}  # without recompute, every stage's actions are alike
     for g in groups:
-        forward, backward, n_split = pipeline_orders(chunks, seq_lengths, g)
+        forward, backward, n_split = pipeline_orders(chunks, seq_lengths, g, num_stages)
         ordered_pipes.append(tuple(forward))
         for p in range(num_stages):
             for kind, cid in one_f_one_b(forward, backward, num_stages - 1 - p + n_split):
