@@ -4,8 +4,9 @@ For each model, pipeline depth, context length, length distribution and memory b
 planner plans the same sampled global batch and the event-driven simulator costs each plan with
 the committed GPU profile of that model. Per case it prints EPP's iteration time and its speedup
 over each baseline (``OOM`` where a baseline's plan does not fit, ``-`` where it found none),
-then the median speedup over each baseline and every case where EPP did not fit or was slower
-than a baseline that fit. Nothing runs on a GPU: the figures are the cost model's predictions.
+then the median speedup over each baseline and every case where EPP did not fit although the
+memory lower bound allows a plan, or was slower than a baseline that fit. A case whose lower bound
+exceeds its budget is not planned: no plan can fit it. Nothing runs on a GPU: the figures are the cost model's predictions.
 
 Usage: ``python benchmarks/simulated_planners.py [--models llama-7b ...] [--jobs 2] [--json out.json]``.
 """
@@ -21,18 +22,23 @@ from concurrent.futures import ProcessPoolExecutor
 from infinipipe.contract.cost import CostModel, default_profile_name, load_profile
 from infinipipe.contract.model_config import preset
 from infinipipe.data.lengths import sample_lengths
+from infinipipe.planners.bound import memory_lower_bound
 from infinipipe.planners.compare import BASELINES, compare_planners
+from infinipipe.planners.stage_layers import balance_layers
 
 SEQ1F1B = ("seq1f1b", "seq1f1b-balanced")
 
 
 def run_case(case: tuple) -> dict:
-    model, stages, max_len, dist, memory_gib, batch, seed = case
+    model, stages, max_len, dist, memory_gib, batch, seed, at_cap = case
     cost = CostModel(load_profile(default_profile_name(model)), preset(model))
-    lengths = sample_lengths(dist, batch, max_len, seed=seed)
-    rows = compare_planners(cost, lengths, stages, memory_gib * 2**30, ["epp", *BASELINES])
-    return {"model": model, "stages": stages, "max_len": max_len, "dist": dist, "memory_gib": memory_gib,
-            "batch": batch, "tokens": sum(lengths), "simulated": True, "planners": rows}
+    lengths = sample_lengths(dist, batch, max_len, seed=seed, at_cap=at_cap)
+    bound = memory_lower_bound(cost, balance_layers(cost, stages), lengths)
+    out = {"model": model, "stages": stages, "max_len": max_len, "dist": dist, "memory_gib": memory_gib,
+           "batch": batch, "tokens": sum(lengths), "simulated": True, "lower_bound_gib": bound.bytes / 2**30}
+    if bound.bytes > memory_gib * 2**30:  # no planner can fit: nothing to plan
+        return {**out, "planners": {}}
+    return {**out, "planners": compare_planners(cost, lengths, stages, memory_gib * 2**30, ["epp", *BASELINES])}
 
 
 def time_of(row: dict) -> float | None:
@@ -48,12 +54,13 @@ def main() -> None:
     parser.add_argument("--memory-gib", nargs="+", type=float, default=[64.0, 80.0])
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--at-cap", type=int, default=0, help="at least this many sequences at the context length")
     parser.add_argument("--jobs", type=int, default=1, help="cases planned in parallel processes")
     parser.add_argument("--json", help="also write every figure to this JSON file")
     args = parser.parse_args()
 
     # Models vary fastest, so a run cut short has covered every model at the depths it reached.
-    cases = [(m, s, n, d, g, args.batch, args.seed) for s, n, d, g, m in
+    cases = [(m, s, n, d, g, args.batch, args.seed, args.at_cap) for s, n, d, g, m in
              itertools.product(args.stages, args.max_len, args.dists, args.memory_gib, args.models)
              if s <= preset(m).layers]
     print("SIMULATED iteration times (event-driven simulator on the committed H100 profiles; no GPU was run)")
@@ -67,10 +74,16 @@ def main() -> None:
             rows = rec["planners"]
             name = (f"{rec['model']} pp{rec['stages']} {rec['max_len'] // 1024}K {rec['dist']} "
                     f"{rec['memory_gib']:g}G")
+            if not rows:
+                print(f"{name:<36} no plan can fit: any plan needs {rec['lower_bound_gib']:.1f} GiB (the lower bound)")
+                continue
             times = {p: time_of(r) for p, r in rows.items()}
             times["best seq1f1b"] = min((times[p] for p in SEQ1F1B if times[p] is not None), default=None)
+            if times["epp"] is None:
+                problems.append(f"{name}: epp found no plan although the lower bound "
+                                f"({rec['lower_bound_gib']:.1f} GiB) allows one")
             if all(t is None for t in times.values()):
-                print(f"{name:<36} no planner fits: the model does not fit this budget at this depth")
+                print(f"{name:<36} no planner fits under a budget the lower bound allows")
                 continue
             records.append(rec)
             epp = times["epp"]
@@ -86,8 +99,6 @@ def main() -> None:
                     cells.append(f"{times[b] / epp:.2f}x")
                     if epp > times[b] * (1 + 1e-9):
                         problems.append(f"{name}: epp {epp:.2f}s slower than {b} {times[b]:.2f}s")
-            if epp is None:
-                problems.append(f"{name}: epp found no plan that fits while a baseline did")
             print(f"{name:<36} {epp if epp is not None else float('nan'):>7.2f}s  "
                   + "  ".join(f"{c:>16}" for c in cells))
             sys.stdout.flush()
@@ -96,7 +107,7 @@ def main() -> None:
         if values:
             print(f"  {b:<16} median {statistics.median(values):.2f}x  min {min(values):.2f}x  "
                   f"max {max(values):.2f}x  ({len(values)} cases)")
-    print(f"\nEPP infeasible where a baseline fits, or slower than a fitting baseline: {len(problems)} case(s)")
+    print(f"\nEPP infeasible where the lower bound allows a plan, or slower than a fitting baseline: {len(problems)} case(s)")
     for p in problems:
         print("  " + p)
     if args.json:

@@ -196,3 +196,15 @@ def test_config_builds_a_mapped_stdlib_dataset_and_batches(tmp_path):
     i = ds.names.index("__future__.py")
     text = next(d.text for d in StdlibCorpus(max_docs=30).documents() if d.name == "__future__.py")
     assert ds.sequence(i).tolist() == (tok.encode(text) + [tok.eos_id])[:2048]
+
+
+def test_cap_heavy_samples_put_at_least_that_many_sequences_at_the_context_length():
+    from infinipipe.data.lengths import sample_lengths
+
+    plain = sample_lengths("github", 256, 65536, seed=4)
+    capped = sample_lengths("github", 256, 65536, seed=4, at_cap=6)
+    assert capped == sample_lengths("github", 256, 65536, seed=4, at_cap=6)
+    assert capped.count(65536) >= 6 > plain.count(65536)
+    assert sum(a != b for a, b in zip(plain, capped)) == 6 - plain.count(65536)
+    with pytest.raises(ValueError, match="at_cap must be in 0..256"):
+        sample_lengths("github", 256, 65536, at_cap=257)

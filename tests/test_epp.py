@@ -8,8 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from infinipipe.contract.ir import validate_plan
-from infinipipe.planners.epp import convex_floor, slice_count_ladder, token_capacity
-from infinipipe.planners.ilp import InfeasibleMemoryError
+from infinipipe.planners.epp import NoPlanError, convex_floor, slice_count_ladder, token_capacity
 from infinipipe.planners.options import PlannerOptions
 from infinipipe.planners.registry import make_plan
 from infinipipe.planners.request import PlanRequest
@@ -72,9 +71,10 @@ def test_fixed_slice_count_is_used():
 
 
 def test_budget_below_model_states_names_the_stage_and_the_smallest_budget():
-    with pytest.raises(InfeasibleMemoryError, match=r"stage \d+ cannot hold even a one-token chunk") as err:
+    with pytest.raises(NoPlanError, match=r"any plan needs at least .* \(stage \d+: .* of model states") as err:
         make_plan("epp", request(1e5))
-    assert err.value.min_memory_bytes > 1e5
+    assert err.value.bound.bytes > err.value.bound.states > 1e5
+    assert err.value.closest_bytes >= err.value.bound.bytes and err.value.metadata["search"] == []
 
 
 def test_slice_count_ladder_is_increasing_and_spans_the_range():

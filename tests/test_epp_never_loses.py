@@ -23,7 +23,19 @@ FAST = PlannerOptions(time_limit_s=1.0)
        short=st.lists(st.integers(64, 6000), min_size=4, max_size=40),
        stages=st.sampled_from([2, 4, 8]), memory_gib=st.sampled_from([40, 64, 80]))
 def test_epp_is_never_slower_than_a_feasible_baseline(long, short, stages, memory_gib):
-    lengths = sorted(long + short, reverse=True)
+    check_never_slower(sorted(long + short, reverse=True), stages, memory_gib)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cap=st.sampled_from([32768, 65536, 98304]), at_cap=st.integers(2, 5),
+       short=st.lists(st.integers(64, 8000), min_size=8, max_size=40),
+       stages=st.sampled_from([4, 8]), memory_gib=st.sampled_from([64, 80]))
+def test_epp_is_never_slower_than_a_feasible_baseline_on_cap_heavy_batches(cap, at_cap, short, stages, memory_gib):
+    """Several sequences at the context length, as in a corpus truncated there."""
+    check_never_slower([cap] * at_cap + [min(n, cap) for n in short], stages, memory_gib)
+
+
+def check_never_slower(lengths, stages, memory_gib):
     request = PlanRequest(lengths, COST, stages, memory_gib * GiB, options=FAST)
     baselines = {}
     for name in BASELINES:

@@ -47,7 +47,8 @@ def test_llama13b_4node_example_layout_beats_one_gpu_per_stage():
     try:
         slow = simulate(make_plan("epp", alone), alone.cost, budget)
     except ValueError as err:
-        # One GPU per stage cannot even rematerialise one layer of the 128K document.
-        assert "no candidate fits" in str(err)
+        # One GPU per stage cannot even rematerialise one layer of the 128K document: no plan
+        # can, by the memory lower bound.
+        assert "any plan needs at least" in str(err)
     else:
         assert fast.iteration_time_s < slow.iteration_time_s

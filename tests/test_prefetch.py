@@ -8,7 +8,7 @@ import pytest
 from infinipipe.contract.cost import CostModel, LinearTerm, Profile
 from infinipipe.contract.ir import validate_plan
 from infinipipe.contract.model_config import PRESETS
-from infinipipe.planners.ilp import InfeasibleMemoryError
+from infinipipe.planners.epp import NoPlanError
 from infinipipe.planners.registry import make_plan
 from infinipipe.planners.request import PlanRequest
 from infinipipe.train.prefetch import PlanPrefetcher
@@ -51,13 +51,14 @@ def test_depth_must_be_positive():
         PlanPrefetcher(functools.partial(make_plan, "epp"), [], depth=0)
 
 
-def test_infeasible_memory_error_crosses_the_planning_process_with_the_smallest_budget():
+def test_no_plan_error_crosses_the_planning_process_with_the_bound_and_the_smallest_budget():
     request = PlanRequest([4000, 900, 300], COST, 2, 1024)
-    with pytest.raises(InfeasibleMemoryError) as direct:
+    with pytest.raises(NoPlanError) as direct:
         make_plan("epp", request)
     with PlanPrefetcher(functools.partial(make_plan, "epp"), [request]) as plans:
-        with pytest.raises(InfeasibleMemoryError) as crossed:
+        with pytest.raises(NoPlanError) as crossed:
             next(plans)
     assert str(crossed.value) == str(direct.value)
-    assert "smallest budget that fits" in str(crossed.value)
-    assert crossed.value.min_memory_bytes == direct.value.min_memory_bytes
+    assert "any plan needs at least" in str(crossed.value) and "epp plans it from" in str(crossed.value)
+    assert crossed.value.bound == direct.value.bound
+    assert crossed.value.closest_bytes == direct.value.closest_bytes >= direct.value.bound.bytes

@@ -1,6 +1,8 @@
 """`infinipipe train` refuses input it cannot train on before starting any rank."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from infinipipe.cli import main
@@ -42,10 +44,11 @@ def test_more_stages_than_layers_is_refused_before_any_rank_starts(tmp_path, cap
     assert "parallelism.pipeline_parallel_degree = 8 exceeds the model's 4 layers" in line
 
 
-def test_memory_budget_below_the_model_is_refused_naming_the_smallest_budget(tmp_path, capsys, cache_dir):
+def test_memory_budget_below_the_model_is_refused_naming_the_bound_and_the_budget_that_plans(tmp_path, capsys, cache_dir):
     line = _refusal(tmp_path, capsys, cache_dir, "--epp.memory_budget=1MiB")
-    assert line.startswith("infinipipe train: error: epp.memory_budget = 1MiB is too small for this model")
-    assert "the smallest budget that fits this stage is" in line and "--epp.memory_budget=5MiB" in line
+    assert line.startswith("infinipipe train: error: epp.memory_budget = 1MiB is too small for this batch")
+    assert "any plan needs at least" in line and "epp plans it from" in line
+    assert re.search(r"--epp.memory_budget=\d+MiB$", line)
 
 
 def test_bad_override_is_not_hidden_by_a_later_steps_flag(tmp_path, capsys, cache_dir):

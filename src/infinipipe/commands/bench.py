@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="context length: sampled lengths are truncated to it (default 98304)")
     p.add_argument("--memory-budget", default="80GiB", help="memory budget per device (default 80GiB)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--at-cap", type=int, default=0, metavar="N",
+                   help="at least N sequences at the context length, as in a corpus truncated there (default 0)")
     p.add_argument("--ablations", action="store_true", help="also run epp-no-ckpt and epp-full-ckpt")
     p.add_argument("--json", action="store_true", help="print every figure as JSON")
     p.set_defaults(func=run)
@@ -38,20 +40,23 @@ def run(args: argparse.Namespace) -> int:
     from ..contract.model_config import preset
     from ..contract.units import parse_bytes
     from ..data.lengths import sample_lengths
+    from ..planners.bound import memory_lower_bound
     from ..planners.compare import ABLATIONS, BASELINES, compare_planners, compute_floor_s, format_rows
+    from ..planners.stage_layers import balance_layers
     from .plan import describe_layout, layout_from_args, model_from_args, profile_for_model, with_layout
 
     model = model_from_args(args) or preset(BENCH_MODEL)
     name = args.profile or profile_for_model(model)
     profile = load_profile(name)
     cost = with_layout(CostModel(profile, model), layout_from_args(args))
-    lengths = sample_lengths(args.dist, args.batch, args.max_len, args.seed)
+    lengths = sample_lengths(args.dist, args.batch, args.max_len, args.seed, args.at_cap)
     planners = ["epp", *BASELINES, *(ABLATIONS if args.ablations else ())]
     rows = compare_planners(cost, lengths, args.stages, parse_bytes(args.memory_budget, "--memory-budget"), planners)
     floor = compute_floor_s(cost, lengths, args.stages)
+    bound = memory_lower_bound(cost, balance_layers(cost, args.stages), lengths)
     if args.json:
         print(json.dumps({"simulated": True, "profile": name, "layout": cost.layout.to_json(), "rows": rows,
-                          "compute_floor_s": floor}, indent=1, default=str))
+                          "compute_floor_s": floor, "memory_lower_bound": bound.bytes}, indent=1, default=str))
         return 0
     origin = f"derived from {profile.derived_from}" if profile.derived_from else profile.source.split(";")[0]
     shown = args.hf_path or args.model or BENCH_MODEL
@@ -60,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"profile {name}: {profile.device}, {profile.dtype}, {origin}")
     print(describe_layout(cost.layout))
     print("\n".join(format_rows(rows)))
+    epp = rows["epp"]
+    versus = f"; epp runs at {epp['iteration_time_s'] / floor:.2f}x it" if epp["planned"] and epp["feasible"] else ""
     print(f"  no plan of this batch beats {floor:.2f}s: the busiest stage's forward and backward of every "
-          "token, as one chunk, with no bubble or recompute")
+          f"token, as one chunk, with no bubble or recompute{versus}")
+    print(f"  memory: {bound}")
     return 0

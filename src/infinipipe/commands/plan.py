@@ -155,6 +155,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-len", type=int, default=98304,
                    help="context length: sampled lengths are truncated to it (default 98304)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--at-cap", type=int, default=0, metavar="N",
+                   help="with --dist: at least N sequences at the context length (default 0)")
     add_model_options(p, f"default {PLAN_MODEL}, or the profile's model when --profile is given")
     p.add_argument("--stages", type=int, default=8, help="pipeline stages (default 8)")
     add_layout_options(p, "defaults in brackets")
@@ -172,6 +174,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..contract.layout import StageLayout
     from ..data.lengths import read_lengths, sample_lengths
+    from ..planners.epp import NoPlanError
     from ..planners.registry import make_plan
     from ..planners.request import PlanRequest
 
@@ -179,8 +182,9 @@ def run(args: argparse.Namespace) -> int:
         lengths = read_lengths(args.lengths)
         source = f"file {args.lengths.name}"
     else:
-        lengths = sample_lengths(args.dist, args.batch, args.max_len, args.seed)
-        source = f"{args.dist} (batch {args.batch}, max length {args.max_len}, seed {args.seed})"
+        lengths = sample_lengths(args.dist, args.batch, args.max_len, args.seed, args.at_cap)
+        capped = f", {args.at_cap}+ at the cap" if args.at_cap else ""
+        source = f"{args.dist} (batch {args.batch}, max length {args.max_len}, seed {args.seed}{capped})"
     model = model_from_args(args)
     if args.profile is None:
         if model is None:
@@ -197,7 +201,14 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--layers expects comma-separated integers, got {args.layers!r}") from None
     request = PlanRequest(lengths, cost, args.stages, parse_bytes(args.memory_budget, "--memory-budget"), layers,
                           parse_options(args.option))
-    plan = make_plan(args.planner, request)
+    try:
+        plan = make_plan(args.planner, request)
+    except NoPlanError as exc:
+        if args.explain:
+            from ..planners.explain import explain_metadata
+
+            print("\n".join(explain_metadata(exc.metadata)))
+        raise
     plan = dataclasses.replace(plan, metadata={
         **plan.metadata, "profile": args.profile, "model": cost.model.to_json(),
         "memory_budget": request.memory_budget, "lengths_source": source, "layout": cost.layout.to_json(),

@@ -17,6 +17,8 @@ comes from and which numbers are our assumptions.
   ``.py`` files.
 
 Samples longer than the context length are truncated to it, as training truncates documents.
+``at_cap`` models a corpus of long documents (books, papers, repositories) truncated at the
+context length: that many of the batch's sequences sit exactly at the cap.
 """
 from __future__ import annotations
 
@@ -91,12 +93,15 @@ PARAMETRIC: dict[str, Callable[[np.random.Generator, int, int], np.ndarray]] = {
 DISTRIBUTIONS = tuple(sorted([*PARAMETRIC, *EMPIRICAL_FILES]))
 
 
-def sample_lengths(name: str, n: int, max_len: int, seed: int = 0) -> list[int]:
-    """``n`` sequence lengths in ``1..max_len`` from distribution ``name`` (deterministic in ``seed``)."""
+def sample_lengths(name: str, n: int, max_len: int, seed: int = 0, at_cap: int = 0) -> list[int]:
+    """``n`` sequence lengths in ``1..max_len`` from distribution ``name`` (deterministic in ``seed``);
+    at least ``at_cap`` of them (drawn at random places) are ``max_len``."""
     if n < 1:
         raise ValueError(f"batch size n must be >= 1, got {n}")
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
+    if not 0 <= at_cap <= n:
+        raise ValueError(f"at_cap must be in 0..{n} (the batch size), got {at_cap}")
     rng = np.random.default_rng(seed)
     if name in PARAMETRIC:
         raw = PARAMETRIC[name](rng, n, max_len)
@@ -104,4 +109,9 @@ def sample_lengths(name: str, n: int, max_len: int, seed: int = 0) -> list[int]:
         raw = rng.choice(np.asarray(empirical_lengths(name)), size=n, replace=True)
     else:
         raise ValueError(f"unknown length distribution {name!r}; known: {', '.join(DISTRIBUTIONS)}")
-    return [int(x) for x in np.clip(np.rint(raw), 1, max_len)]
+    lengths = np.clip(np.rint(raw), 1, max_len)
+    short = np.flatnonzero(lengths < max_len)
+    missing = at_cap - (n - len(short))
+    if missing > 0:
+        lengths[np.random.default_rng([seed, at_cap]).choice(short, size=missing, replace=False)] = max_len
+    return [int(x) for x in lengths]

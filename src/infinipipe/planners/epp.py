@@ -23,6 +23,8 @@ from ..contract.shapes import ChunkShape
 from ..contract.units import format_bytes
 from ..sim.simulator import SimResult, iteration_time, simulate
 from .baselines import SEQ1F1B_SLICE_COUNTS, UNIFORM_SLICE_COUNTS, gpipe_schedule, uniform_faster_than
+from .bound import MemoryBound, memory_lower_bound
+from .compose import join_plans
 from .grouping import CHECKPOINTING, PipelineCoster, group_pipelines
 from .ilp import InfeasibleMemoryError, SolverCache, solve_checkpointing
 from .packing import balanced_chunks, fixed_size_chunks, pack_whole
@@ -34,6 +36,21 @@ PLANNER_NAMES = {"ilp": "epp", "none": "epp-no-ckpt", "full": "epp-full-ckpt"}
 MIN_SLICE_TOKENS = 1024  # below this, slices waste the GPU; the search stops there
 UNIFORM_MARGIN = 0.02  # a baseline chunking this close to the best also runs as the baseline would
 SCREEN_CUTS = 3  # cut points a screened K may group at; enough to split off the longest sequences
+
+
+class NoPlanError(ValueError):
+    """No plan fits the budget: ``bound`` is what any plan needs (`memory_lower_bound`),
+    ``closest_bytes`` the smallest budget the closest candidate tried needs (None when the budget
+    is under the bound and nothing was tried), ``metadata`` the search's record for ``--explain``."""
+
+    def __init__(self, message: str, bound: MemoryBound, closest_bytes: float | None = None,
+                 metadata: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.bound, self.closest_bytes, self.metadata = bound, closest_bytes, dict(metadata or {})
+
+    def __reduce__(self):
+        """Rebuilt from its fields, so it survives the planning process's pickling."""
+        return type(self), (str(self), self.bound, self.closest_bytes, self.metadata)
 
 
 def token_capacity(cost: CostModel, layers: tuple[int, ...], memory_budget: float, longest: int,
@@ -52,7 +69,7 @@ def token_capacity(cost: CostModel, layers: tuple[int, ...], memory_budget: floa
         for s, n in enumerate(layers):
             first, is_last = s == 0, s == last
             need = cost.model_state_bytes(n, first, is_last) + cost.activation_bytes(
-                shape, n, n if full_recompute else 0, first, is_last)
+                shape, n, n if full_recompute else 0, first, is_last) + cost.dkv_bytes(shape, n)
             out.append(need + (cost.head_work_bytes(shape) if is_last else 0.0))
         return out
 
@@ -111,7 +128,7 @@ class Candidate:
     of at most ``size`` tokens (the ``batch-1f1b`` family).
     """
 
-    family: Literal["epp", "fixed", "balanced", "whole"]
+    family: Literal["epp", "fixed", "balanced", "whole", "composite", "frugal"]
     size: int
     token_capacity: int = 0
 
@@ -121,6 +138,10 @@ class Candidate:
             return f"epp K={self.size} cap={self.token_capacity}"
         if self.family == "balanced":
             return f"balanced {self.size} slices"
+        if self.family == "composite":
+            return f"{self.size} longest alone + rest"
+        if self.family == "frugal":
+            return "frugal (least memory)"
         return f"{self.family} {self.size} tokens"
 
 
@@ -188,32 +209,113 @@ def plan_epp(request: PlanRequest, checkpointing: Literal["ilp", "none", "full"]
         return _plan_epp(request, checkpointing)
 
 
-def _plan_epp(request: PlanRequest, checkpointing: str) -> Plan:
+def _plan_epp(request: PlanRequest, checkpointing: str, compose: bool = True) -> Plan:
+    """``compose``: the search may also plan the batch in parts (`_Search.composite`); the parts'
+    own searches may not, so parts never nest."""
     started = time.perf_counter()
-    search = _Search(request, checkpointing)
+    memory = float(request.memory_budget)
+    name = PLANNER_NAMES[checkpointing]
+    bound = memory_lower_bound(request.cost, request.layers, request.lengths)
+    if checkpointing != "none" and memory < bound.bytes:
+        frugal = max(simulate(frugal_plan(request), request.cost).peak_memory_bytes)
+        raise NoPlanError(f"{name}: no plan of this batch fits {format_bytes(memory)} per device: {bound}; "
+                          f"{name} plans it from {format_bytes(frugal)} ({frugal / bound.bytes:.2f}x the bound)",
+                          bound, frugal, metadata={"planner": name, "memory_lower_bound": bound.bytes, "search": []})
+    search = _Search(request, checkpointing, compose)
     fixed = request.options.num_slices
     if fixed is not None:
         best = search.trial(Candidate("epp", fixed, search.token_capacity), screen=False)
     else:
         best = search.run()
-    memory = float(request.memory_budget)
+    meta = {
+        "planner": name,
+        "memory_budget": memory,
+        "memory_lower_bound": bound.bytes,
+        "search": [t.summary() for t in search.trials.values()],
+        "search_skipped": search.skipped,
+    }
     if best.plan is None or (checkpointing != "none" and not best.feasible):
-        reason = best.error or "; ".join(str(o) for o in best.sim.oom)
         tried = sorted({t.candidate.size for t in search.trials.values() if t.candidate.family == "epp"})
-        raise ValueError(
-            f"{PLANNER_NAMES[checkpointing]}: no candidate fits {format_bytes(memory)} per stage "
-            f"(tried K = {tried} and {len(search.trials)} plans in all); closest: {best.candidate.label}: {reason}")
+        frugal = search.trials.get((Candidate("frugal", 0), False))
+        nearest = frugal if frugal is not None and frugal.memory_error is not None else search.nearest()
+        if nearest is None:
+            need, closest = f"; closest: {best.candidate.label}: {best.error or best.sim.oom[0]}", None
+        else:
+            closest = nearest.memory_error.min_memory_bytes
+            need = (f"; {name} plans it from {format_bytes(closest)} ({closest / bound.bytes:.2f}x the bound: "
+                    f"{nearest.candidate.label} with every layer recomputed)")
+        raise NoPlanError(
+            f"{name}: no candidate fits {format_bytes(memory)} per device (tried K = {tried} and "
+            f"{len(search.trials)} plans in all): {bound}{need}", bound, closest, meta)
     validate_plan(best.plan)  # trials skip validation; the plan handed on must pass it
     meta = {
         **best.plan.metadata,
+        **meta,
         "feasible": best.feasible,
         "iteration_time_s": best.sim.iteration_time_s,
         "chosen": best.candidate.label,
-        "search": [t.summary() for t in search.trials.values()],
-        "search_skipped": search.skipped,
         "planning_time_s": time.perf_counter() - started,
     }
     return dataclasses.replace(best.plan, metadata=meta)
+
+
+FRUGAL_SLICE_TOKENS = 256  # the frugal plan's slices: small enough that their transients are a rounding error
+
+
+def frugal_plan(request: PlanRequest) -> Plan:
+    """The plan of the batch that needs the least memory among those EPP's search tries, with
+    every layer recomputed: each sequence of at least half the longest's length alone in a
+    pipeline, cut into equal slices (no chunk then holds more tokens, so no action's transient is
+    larger), the rest cut and packed at that slice size in one more pipeline; the slice count
+    (powers of two up to ``max_slices``, no slice under FRUGAL_SLICE_TOKENS tokens) is the one
+    with the lowest peak (more slices hold fewer tokens at a time, but where attention needs an
+    explicit mask each one's mask over its prefix grows).
+    Its peak depends on the batch, not the budget: from that budget on, EPP plans."""
+    longest = max(request.lengths)
+    top = min(request.options.max_slices, max(1, longest // FRUGAL_SLICE_TOKENS))
+    plans = [_frugal_at(request, k) for k in sorted({*(2**i for i in range(top.bit_length()) if 2**i <= top), top})]
+    peaks = [max(simulate(p, request.cost).peak_memory_bytes) for p in plans]
+    return plans[peaks.index(min(peaks))]
+
+
+def _frugal_at(request: PlanRequest, slices: int) -> Plan:
+    lengths, layers = request.lengths, request.layers
+    longest = max(lengths)
+    size = -(-longest // slices)
+    parts = [[i] for i, n in enumerate(lengths) if 2 * n >= longest]
+    rest = [i for i, n in enumerate(lengths) if 2 * n < longest]
+    planned = []
+    for part in parts + ([rest] if rest else []):
+        sub = [lengths[i] for i in part]
+        chunks = fixed_size_chunks(sub, size)
+        planned.append((epp_schedule(chunks, sub, len(layers), layers, recompute=lambda s, _c: layers[s],
+                                     validate=False), part))
+    return join_plans(planned, lengths, {"chunking": "frugal", "num_slices": slices, "parts": len(planned),
+                                         "screened": False})
+
+
+def plan_in_parts(request: PlanRequest, parts: list[list[int]], checkpointing: str = "ilp") -> Plan:
+    """The batch's sequences ``parts`` (lists of indices covering it) each planned by an EPP
+    search of its own, at the request's budget, and joined as back-to-back pipelines (parts of
+    equal lengths are planned once). Raises `NoPlanError` for the neediest part that has no plan,
+    with its ``closest_bytes`` (the budget from which the whole would fit, as far as the parts'
+    searches say)."""
+    planned: dict[tuple[int, ...], Plan] = {}
+    failed: list[tuple[float, int, NoPlanError]] = []
+    for part in parts:
+        lengths = tuple(request.lengths[i] for i in part)
+        if lengths in planned:
+            continue
+        try:
+            planned[lengths] = _plan_epp(dataclasses.replace(request, lengths=lengths), checkpointing, compose=False)
+        except NoPlanError as exc:
+            failed.append((exc.bound.bytes if exc.closest_bytes is None else exc.closest_bytes, len(part), exc))
+    if failed:
+        need, count, exc = max(failed, key=lambda f: f[0])
+        raise NoPlanError(f"the part of {count} sequence(s) has no plan: {exc}", exc.bound, need, exc.metadata)
+    return join_plans([(planned[tuple(request.lengths[i] for i in p)], p) for p in parts], request.lengths,
+                      {"planner": PLANNER_NAMES[checkpointing], "memory_budget": float(request.memory_budget),
+                       "chunking": "composite", "parts": len(parts), "screened": False})
 
 
 @contextlib.contextmanager
@@ -231,8 +333,8 @@ def _cyclic_gc_paused() -> Iterator[None]:
 
 
 class _Search:
-    def __init__(self, request: PlanRequest, checkpointing: str):
-        self.request, self.checkpointing = request, checkpointing
+    def __init__(self, request: PlanRequest, checkpointing: str, compose: bool = True):
+        self.request, self.checkpointing, self.compose = request, checkpointing, compose
         self.options = opts = request.options
         self.cost, self.layers = request.cost, tuple(request.layers)
         self.memory = float(request.memory_budget)
@@ -357,6 +459,59 @@ class _Search:
             trial = self.trial(Candidate("epp", k, cap), True, regroup=False)
         return trial
 
+    def nearest(self) -> _Trial | None:
+        """The candidate refused for memory that needs the smallest budget with every layer
+        recomputed (None if none was refused for memory)."""
+        refused = [t for t in self.trials.values() if t.memory_error is not None]
+        return min(refused, key=lambda t: t.memory_error.min_memory_bytes) if refused else None
+
+    def composite(self) -> None:
+        """The batch in parts, each planned by a search of its own and run back to back: every
+        sequence of at least half the longest's length alone, the rest together. A capped
+        sequence then holds the only K/V store of its pipeline and no short work waits in its
+        window, and each part gets the chunking that suits it. Tried where two or more such
+        sequences share the batch, or where nothing else fits; parts of equal lengths are planned
+        once."""
+        long = [i for i, n in enumerate(self.lengths) if 2 * n >= self.longest]
+        if (not self.compose or self.checkpointing != "ilp" or len(self.lengths) < 2
+                or (len(long) < 2 and self.leader() is not None)):
+            return
+        t0 = time.perf_counter()
+        cand = Candidate("composite", len(long))
+        rest = [i for i, n in enumerate(self.lengths) if 2 * n < self.longest]
+        try:
+            plan = plan_in_parts(self.request, [[i] for i in long] + ([rest] if rest else []), self.checkpointing)
+        except NoPlanError as exc:
+            need = exc.bound.bytes if exc.closest_bytes is None else exc.closest_bytes
+            trial = _Trial(cand, False, None, None, str(exc),
+                           memory_error=InfeasibleMemoryError(exc.bound.stage, (), need, self.memory))
+        else:
+            trial = _Trial(cand, False, plan, simulate(plan, self.cost, self.memory, self.request.link))
+        trial.seconds = time.perf_counter() - t0
+        self.trials[(cand, False)] = trial
+
+    def frugal(self) -> None:
+        """`frugal_plan`, checkpointed by the ILP (or left at full recompute by that ablation):
+        tried where nothing else fits, so that every budget from its peak on has a plan."""
+        t0 = time.perf_counter()
+        cand = Candidate("frugal", 0)
+        plan = frugal_plan(self.request)
+        plan = dataclasses.replace(plan, metadata={**plan.metadata, "planner": PLANNER_NAMES[self.checkpointing],
+                                                   "memory_budget": self.memory})
+        trial = _Trial(cand, False, plan, simulate(plan, self.cost, self.memory, self.request.link))
+        need = max(trial.sim.peak_memory_bytes)
+        if need > self.memory:
+            trial = _Trial(cand, False, None, None, f"needs {format_bytes(need)} with every layer recomputed",
+                           memory_error=InfeasibleMemoryError(int(max(range(len(self.layers)),
+                                                                      key=trial.sim.peak_memory_bytes.__getitem__)),
+                                                              (), need, self.memory))
+        elif self.checkpointing == "ilp":
+            plan = solve_checkpointing(plan, self.cost, self.memory, self.plan_gap, self.options.time_limit_s,
+                                       cache=self.cache)
+            trial = _Trial(cand, False, plan, simulate(plan, self.cost, self.memory, self.request.link))
+        trial.seconds = time.perf_counter() - t0
+        self.trials[(cand, False)] = trial
+
     def leader(self) -> _Trial | None:
         """The fastest fitting trial so far."""
         fits = [t for t in self.trials.values() if t.feasible]
@@ -447,6 +602,9 @@ class _Search:
                    if screen and c.family == "epp" and t.memory_error is not None]
         if blocked:
             self.trial(min(blocked, key=lambda t: t.memory_error.min_memory_bytes).candidate, False)
+        self.composite()
+        if self.leader() is None and self.checkpointing != "none":
+            self.frugal()
         return self.tighten(min(self.trials.values(), key=lambda t: t.score()))
 
     def tighten(self, trial: _Trial) -> _Trial:

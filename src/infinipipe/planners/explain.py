@@ -8,8 +8,16 @@ from ..contract.ir import Plan
 
 def explain_lines(plan: Plan) -> list[str]:
     """Readable lines from ``plan.metadata["search"]`` (EPP planners record it; others do not)."""
-    meta: dict[str, Any] = plan.metadata
+    return explain_metadata(plan.metadata)
+
+
+def explain_metadata(meta: dict[str, Any]) -> list[str]:
+    """The same lines from a search's record: a plan's metadata, or a `NoPlanError`'s when no
+    candidate fits."""
     trials = meta.get("search")
+    if trials == []:
+        return [f"{meta.get('planner', 'epp')}: no candidate tried: the budget is under what any plan of the batch "
+                f"needs ({meta['memory_lower_bound'] / 2**30:.2f} GiB per device)"]
     if not trials:
         return [f"{meta.get('planner', 'this planner')}: no candidate search to explain "
                 "(only the epp planners search; the baselines fix their chunking and recompute)"]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ..config import Config
 from ..contract.cost import CostModel
 from ..data.dataset import TokenDataset, build_sampler
+from ..planners.epp import NoPlanError
 from ..planners.ilp import InfeasibleMemoryError
 from ..planners.registry import PLANNERS
 from ..planners.stage_layers import balance_layers
@@ -52,6 +53,10 @@ def check_first_step(cfg: Config, dataset: TokenDataset, shape: JobShape) -> Non
     except InfeasibleMemoryError as exc:
         raise ValueError(f"epp.memory_budget = {cfg.epp.memory_budget} is too small for this model: {exc}; "
                          f"set at least --epp.memory_budget={_round_up(exc.min_memory_bytes)}") from None
+    except NoPlanError as exc:
+        need = exc.bound.bytes if exc.closest_bytes is None else exc.closest_bytes
+        raise ValueError(f"epp.memory_budget = {cfg.epp.memory_budget} is too small for this batch: {exc}; "
+                         f"set at least --epp.memory_budget={_round_up(need)}") from None
 
 
 def _round_up(nbytes: float) -> str:
