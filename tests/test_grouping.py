@@ -108,3 +108,24 @@ def test_ablation_costs(mode):
 def test_bad_checkpointing_mode_is_refused():
     with pytest.raises(ValueError, match="checkpointing"):
         PipelineCoster(chunks_for(), LENGTHS, COST, LAYERS, 1e9, checkpointing="sometimes")
+
+
+def test_interleaved_order_puts_the_split_gap_of_whole_chunks_after_each_split_sequence():
+    from infinipipe.contract.ir import Chunk, Segment
+    from infinipipe.planners.grouping import ordered_units
+    from infinipipe.planners.schedule import split_gap
+
+    chunks, lengths = [], []
+    for seq, k in enumerate((5, 4, 3)):
+        lengths.append(100 * k)
+        for j in range(k):
+            chunks.append(Chunk(len(chunks), (Segment(seq, 100 * j, 100 * (j + 1)),)))
+    for _ in range(20):
+        lengths.append(50)
+        chunks.append(Chunk(len(chunks), (Segment(len(lengths) - 1, 0, 50),)))
+    plain = ordered_units(chunks, 4)
+    assert [len(u) for u in plain] == [5, 4, 3] + [1] * 20
+    mixed = [len(u) for u in ordered_units(chunks, 4, interleave=True)]
+    gap = split_gap(4, 5)
+    assert mixed == [5] + [1] * gap + [4] + [1] * gap + [3] + [1] * (20 - 2 * gap)
+    assert sorted(c for u in ordered_units(chunks, 4, interleave=True) for c in u) == list(range(len(chunks)))

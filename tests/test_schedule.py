@@ -52,12 +52,15 @@ def split_batch():
 
 
 def test_longer_sequences_first_slices_forward_in_order_backward_in_reverse():
-    """Whole chunk 5 sits between the two split sequences: it fills the first one's backward."""
+    """Interleaved, whole chunk 5 sits between the two split sequences: it fills the first one's backward."""
     chunks, lengths = split_batch()
     plan = epp_schedule(chunks, lengths, 3, [10, 11, 11])
+    interleaved = epp_schedule(chunks, lengths, 3, [10, 11, 11], interleave=True)
     for p in range(3):
-        assert order(plan, p, "F") == [1, 2, 4, 5, 0, 3]
-        assert order(plan, p, "B") == [4, 2, 1, 5, 3, 0]
+        assert order(plan, p, "F") == [1, 2, 4, 0, 3, 5]
+        assert order(plan, p, "B") == [4, 2, 1, 3, 0, 5]
+        assert order(interleaved, p, "F") == [1, 2, 4, 5, 0, 3]
+        assert order(interleaved, p, "B") == [4, 2, 1, 5, 3, 0]
 
 
 @pytest.mark.parametrize("stages, whole", [(2, 40), (4, 40), (8, 40), (4, 3)])
@@ -73,7 +76,7 @@ def test_whole_chunks_keep_split_sequences_out_of_flight_together_where_there_ar
     for _ in range(whole):
         lengths.append(500)
         chunks.append(Chunk(len(chunks), (Segment(len(lengths) - 1, 0, 500),)))
-    plan = epp_schedule(chunks, lengths, stages, layers_for(stages))
+    plan = epp_schedule(chunks, lengths, stages, layers_for(stages), interleave=True)
     first = {seq: next(c.id for c in chunks if c.segments[0] == Segment(seq, 0, 1000)) for seq in range(3)}
     gap = split_gap(stages, max(slices))
     forward = order(plan, 0, "F")

@@ -74,7 +74,7 @@ def hand_plans(lengths, layers, rng: random.Random) -> dict[str, Plan]:
         "1f1b-multi-pipeline+recompute": epp_schedule(chunks, lengths, len(layers), layers, pipes,
                                                       recompute=lambda s, c: per_stage[s, c]),
         "1f1b-whole-chunks-between-split-sequences+recompute": epp_schedule(
-            chunks, lengths, len(layers), layers, recompute=lambda s, c: per_stage[s, c]),
+            chunks, lengths, len(layers), layers, recompute=lambda s, c: per_stage[s, c], interleave=True),
         "parts-planned-apart-and-joined": joined_parts(chunks, lengths, layers, rng),
     }
 

@@ -131,9 +131,14 @@ class Candidate:
     family: Literal["epp", "fixed", "balanced", "whole", "composite", "frugal"]
     size: int
     token_capacity: int = 0
+    interleave: bool = False
 
     @property
     def label(self) -> str:
+        return self._label + (" interleaved" if self.interleave else "")
+
+    @property
+    def _label(self) -> str:
         if self.family == "epp":
             return f"epp K={self.size} cap={self.token_capacity}"
         if self.family == "balanced":
@@ -360,6 +365,7 @@ class _Search:
         return self.trials[(cand, screen)]
 
     def _chunks(self, cand: Candidate) -> list:
+        cand = dataclasses.replace(cand, interleave=False)  # the order does not change the chunks
         if cand not in self.chunkings:
             self.chunkings[cand] = self._chunking(cand)
         return self.chunkings[cand]
@@ -385,7 +391,7 @@ class _Search:
         if screen and leader is not None:
             # Recompute only adds time: one pipeline with none at all bounds what this
             # candidate's screen can reach, so one already slower than the leader skips the ILP.
-            bare = [epp_schedule(chunks, self.lengths, len(layers), layers, validate=False)]
+            bare = [epp_schedule(chunks, self.lengths, len(layers), layers, validate=False, interleave=cand.interleave)]
             if cand.family == "whole":  # the baseline may also run these chunks in GPipe's order
                 bare.append(gpipe_schedule(chunks, self.lengths, layers, {}))
             bound = min(iteration_time(p, cost, self.request.link) for p in bare)
@@ -395,7 +401,7 @@ class _Search:
         gap = self.screen_gap if screen else self.plan_gap
         # Groupings are compared on loose ILP answers; the chosen one's plan is solved at ``gap``.
         coster = PipelineCoster(chunks, self.lengths, cost, layers, memory, self.checkpointing,
-                                self.cache, self.screen_gap, self.options.time_limit_s)
+                                self.cache, self.screen_gap, self.options.time_limit_s, cand.interleave)
         grouping = group_pipelines(coster, max_pipelines=1)
         if not screen:
             grouping = group_pipelines(coster, self.options.max_pipelines, self.options.max_cuts)
@@ -409,7 +415,7 @@ class _Search:
                 "grouping_evaluated": grouping.evaluated, "screened": screen}
         full = (lambda s, _c: layers[s]) if self.checkpointing == "full" else None
         plan = epp_schedule(chunks, self.lengths, len(layers), layers, pipelines=grouping.pipelines,
-                            recompute=full, metadata=meta, validate=False)
+                            recompute=full, metadata=meta, validate=False, interleave=cand.interleave)
         trial = _Trial(cand, screen, None, None)
         if self.checkpointing == "ilp":
             try:
@@ -420,7 +426,7 @@ class _Search:
         if trial.memory_error is None:
             trial = _Trial(cand, screen, plan, simulate(plan, cost, memory, self.request.link))
         # The uniform variant runs one pipeline, as the screen did: once per candidate suffices.
-        if (cand.family != "epp" and self.checkpointing == "ilp" and cand not in self.uniform_tried
+        if (cand.family != "epp" and self.checkpointing == "ilp" and not cand.interleave and cand not in self.uniform_tried
                 and (leader is None or not trial.feasible
                      or trial.sim.iteration_time_s <= leader.sim.iteration_time_s * (1 + UNIFORM_MARGIN))):
             trial = self._as_baseline(trial, chunks, meta)
@@ -595,6 +601,10 @@ class _Search:
                           key=lambda t: t.score())
         for t in screened[:self.options.refine_top]:
             self.trial(t.candidate, False)
+            if self.checkpointing == "ilp" and t.sim.recompute_time_s > 0:
+                # Where memory binds, the same chunks with short work between the split
+                # sequences (their stores apart, the short work in their window) may need less.
+                self.trial(dataclasses.replace(t.candidate, interleave=True), False)
         # A slice count whose one or two pipelines cannot fit even with full recompute may fit
         # as more pipelines: the closest such screen gets the grouping search too, as the
         # full-recompute ablation's best screen does.

@@ -78,7 +78,7 @@ class PipelineCoster:
     def __init__(self, chunks: Sequence[Chunk], seq_lengths: Sequence[int], cost: CostModel,
                  layers_per_stage: Sequence[int], memory_budget: float | Sequence[float],
                  checkpointing: Checkpointing = "ilp", cache: SolverCache | None = None,
-                 mip_gap: float = 0.02, time_limit_s: float = 10.0):
+                 mip_gap: float = 0.02, time_limit_s: float = 10.0, interleave: bool = False):
         if checkpointing not in CHECKPOINTING:
             raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {checkpointing!r}")
         self.chunks, self.seq_lengths, self.cost = list(chunks), list(seq_lengths), cost
@@ -86,7 +86,7 @@ class PipelineCoster:
         self.memory_budget = memory_budget
         self.checkpointing = checkpointing
         self.cache = SolverCache() if cache is None else cache
-        self.mip_gap, self.time_limit_s = mip_gap, time_limit_s
+        self.mip_gap, self.time_limit_s, self.interleave = mip_gap, time_limit_s, interleave
         shapes = [ChunkShape.of(c, seq_lengths) for c in chunks]
         total = sum(self.layers)
 
@@ -117,7 +117,8 @@ class PipelineCoster:
     def _recompute_ms(self, ids: tuple[int, ...]) -> float:
         self.evaluated += 1
         sub_chunks, lengths = sub_batch(self.chunks, self.seq_lengths, ids)
-        plan = epp_schedule(sub_chunks, lengths, len(self.layers), self.layers, validate=False)
+        plan = epp_schedule(sub_chunks, lengths, len(self.layers), self.layers, validate=False,
+                            interleave=self.interleave)
         if self.checkpointing == "ilp":
             try:
                 return min_recompute_ms(plan, self.cost, self.memory_budget, self.mip_gap,
@@ -134,17 +135,18 @@ class PipelineCoster:
         return float(pp.problem.upper @ pp.problem.weight_ms)
 
 
-def interleaved_units(chunks: Sequence[Chunk], num_stages: int) -> list[list[int]]:
-    """Sequence units in the order the grouping DP cuts them: split sequences by chunk count (most
-    first), each followed by as many whole chunks as `split_gap` asks (from the first gap on),
-    the remaining whole chunks last. A cut then leaves every pipeline the short work that keeps
-    its split sequences' stores apart, as `pipeline_orders` lays it out."""
+def ordered_units(chunks: Sequence[Chunk], num_stages: int, interleave: bool = False) -> list[list[int]]:
+    """Sequence units in the order the grouping DP cuts them: by chunk count (most first). With
+    ``interleave``, each split sequence is followed by as many whole chunks as `split_gap` asks
+    (from the first gap on) and the remaining whole chunks come last: a cut then leaves every
+    pipeline the short work that keeps its split sequences' stores apart, as `pipeline_orders`
+    lays it out."""
     units = sequence_units(chunks)
     tokens = [sum(chunks[c].tokens for c in u) for u in units]
     units = [units[i] for i in sorted(range(len(units)), key=lambda i: (-len(units[i]), -tokens[i], units[i][0]))]
     split = [u for u in units if len(u) > 1]
     whole = [u for u in units if len(u) == 1]
-    if len(split) < 2:
+    if not interleave or len(split) < 2:
         return units
     gap = split_gap(num_stages, len(split[0]))
     out: list[list[int]] = []
@@ -158,7 +160,7 @@ def interleaved_units(chunks: Sequence[Chunk], num_stages: int) -> list[list[int
 
 
 def group_pipelines(coster: PipelineCoster, max_pipelines: int = 4, max_cuts: int = 12) -> Grouping:
-    """Run the grouping DP over sequence units in `interleaved_units` order.
+    """Run the grouping DP over sequence units in `ordered_units` order.
 
     Cut points are restricted to where the chunk count changes, thinned to at most ``max_cuts``
     (plus evenly spaced points inside long runs of equal count), which keeps the number of ILPs
@@ -166,7 +168,7 @@ def group_pipelines(coster: PipelineCoster, max_pipelines: int = 4, max_cuts: in
     """
     if max_pipelines < 1:
         raise ValueError(f"max_pipelines must be >= 1, got {max_pipelines}")
-    units = interleaved_units(coster.chunks, len(coster.layers))
+    units = ordered_units(coster.chunks, len(coster.layers), coster.interleave)
     counts = [len(u) for u in units]
     n = len(units)
 

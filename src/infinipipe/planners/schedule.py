@@ -1,9 +1,9 @@
 """EPP 1F1B schedule: per-stage F/B order for one or more back-to-back 1F1B pipelines.
 
 Inside a pipeline, sequences with more chunks go first (a short one first would stall the
-steady phase while a long one is half in flight), whole chunks fill the gaps between split
-sequences so their K/V stores are not in flight together, a sequence's slices run forward in
-order and backward in reverse, and stage ``p`` (0-indexed) warms up with ``d - 1 - p + N_split`` forwards so
+steady phase while a long one is half in flight), whole chunks follow them or (interleaved) fill
+the gaps between split sequences so their K/V stores are not in flight together, a sequence's
+slices run forward in order and backward in reverse, and stage ``p`` (0-indexed) warms up with ``d - 1 - p + N_split`` forwards so
 the last slice of the longest sequence can turn round on the last stage. Every stage runs the same
 forward order and the same backward order, so sends and receives pair up.
 """
@@ -31,13 +31,15 @@ def split_gap(num_stages: int, n_split: int) -> int:
 
 
 def pipeline_orders(chunks: Sequence[Chunk], seq_lengths: Sequence[int], ids: Sequence[int],
-                    num_stages: int = 1) -> tuple[list[int], list[int], int]:
+                    num_stages: int = 1, interleave: bool = False) -> tuple[list[int], list[int], int]:
     """Forward order, backward order and N_split of one pipeline holding chunks ``ids``.
 
-    Split sequences go first, most slices first, and whole chunks fill the gaps between them,
-    `split_gap` each from the first gap on (the rest follow the last one): a split sequence's
-    backward then overlaps forwards of whole chunks, not the next split sequence's slices, so the
-    largest K/V stores are in flight one at a time as far as the batch has short work for it.
+    Split sequences go first, most slices first, back to back, then the whole chunks. With
+    ``interleave``, whole chunks fill the gaps between split sequences instead, `split_gap` each
+    from the first gap on (the rest follow the last one): a split sequence's backward then
+    overlaps forwards of whole chunks, not the next split sequence's slices, so the largest K/V
+    stores are in flight one at a time as far as the batch has short work for it (the short work
+    then waits in the long sequences' window: which is faster depends on the batch).
     """
     by_seq: dict[int, list[Chunk]] = defaultdict(list)
     whole: list[int] = []
@@ -51,7 +53,7 @@ def pipeline_orders(chunks: Sequence[Chunk], seq_lengths: Sequence[int], ids: Se
               for seq, cs in by_seq.items()]
     groups.sort(key=lambda g: (-len(g), g[0]))
     n_split = max((len(g) for g in groups), default=1)
-    gap = split_gap(num_stages, n_split)
+    gap = split_gap(num_stages, n_split) if interleave else 0
     blocks: list[list[int]] = []
     taken = 0
     for i, g in enumerate(groups):
@@ -88,13 +90,15 @@ def epp_schedule(
     recompute: Callable[[int, int], int] | None = None,
     metadata: dict[str, Any] | None = None,
     validate: bool = True,
+    interleave: bool = False,
 ) -> Plan:
     """A validated `Plan`; ``pipelines`` groups chunk ids into back-to-back 1F1B pipelines.
 
     ``recompute(stage, chunk_id)`` gives the layers that chunk recomputes on that stage (0 if
     omitted). A sequence's chunks must all sit in one pipeline (its K/V lives there).
     ``validate=False`` skips `validate_plan` for plans built only to be costed (a planner's
-    throw-away candidates); a plan handed to the runtime must be validated.
+    throw-away candidates); a plan handed to the runtime must be validated. ``interleave`` puts
+    whole chunks between split sequences (`pipeline_orders`).
     """
     if num_stages < 1:
         raise ValueError(f"num_stages must be >= 1, got {num_stages}")
@@ -121,7 +125,7 @@ def epp_schedule(
     ordered_pipes = []
     shared: dict[tuple[str, int], Action] = {}  # without recompute, every stage's actions are alike
     for g in groups:
-        forward, backward, n_split = pipeline_orders(chunks, seq_lengths, g, num_stages)
+        forward, backward, n_split = pipeline_orders(chunks, seq_lengths, g, num_stages, interleave)
         ordered_pipes.append(tuple(forward))
         for p in range(num_stages):
             for kind, cid in one_f_one_b(forward, backward, num_stages - 1 - p + n_split):
