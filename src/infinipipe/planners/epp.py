@@ -472,29 +472,34 @@ class _Search:
         return min(refused, key=lambda t: t.memory_error.min_memory_bytes) if refused else None
 
     def composite(self) -> None:
-        """The batch in parts, each planned by a search of its own and run back to back: every
-        sequence of at least half the longest's length alone, the rest together. A capped
+        """The batch in parts, each planned by a search of its own and run back to back: the
+        sequences at the longest's length (the context cap of a truncated corpus), and again
+        every sequence of at least half that length, each alone, the rest together. A long
         sequence then holds the only K/V store of its pipeline and no short work waits in its
         window, and each part gets the chunking that suits it. Tried where two or more such
         sequences share the batch, or where nothing else fits; parts of equal lengths are planned
         once."""
-        long = [i for i, n in enumerate(self.lengths) if 2 * n >= self.longest]
-        if (not self.compose or self.checkpointing != "ilp" or len(self.lengths) < 2
-                or (len(long) < 2 and self.leader() is not None)):
+        if not self.compose or self.checkpointing != "ilp" or len(self.lengths) < 2:
             return
-        t0 = time.perf_counter()
-        cand = Candidate("composite", len(long))
-        rest = [i for i, n in enumerate(self.lengths) if 2 * n < self.longest]
-        try:
-            plan = plan_in_parts(self.request, [[i] for i in long] + ([rest] if rest else []), self.checkpointing)
-        except NoPlanError as exc:
-            need = exc.bound.bytes if exc.closest_bytes is None else exc.closest_bytes
-            trial = _Trial(cand, False, None, None, str(exc),
-                           memory_error=InfeasibleMemoryError(exc.bound.stage, (), need, self.memory))
-        else:
-            trial = _Trial(cand, False, plan, simulate(plan, self.cost, self.memory, self.request.link))
-        trial.seconds = time.perf_counter() - t0
-        self.trials[(cand, False)] = trial
+        capped = [i for i, n in enumerate(self.lengths) if n == self.longest]
+        half = [i for i, n in enumerate(self.lengths) if 2 * n >= self.longest]
+        for long in (capped, half) if half != capped else (half,):
+            if len(long) < 2 and self.leader() is not None:
+                continue
+            t0 = time.perf_counter()
+            cand = Candidate("composite", len(long))
+            alone = set(long)
+            rest = [i for i in range(len(self.lengths)) if i not in alone]
+            try:
+                plan = plan_in_parts(self.request, [[i] for i in long] + ([rest] if rest else []), self.checkpointing)
+            except NoPlanError as exc:
+                need = exc.bound.bytes if exc.closest_bytes is None else exc.closest_bytes
+                trial = _Trial(cand, False, None, None, str(exc),
+                               memory_error=InfeasibleMemoryError(exc.bound.stage, (), need, self.memory))
+            else:
+                trial = _Trial(cand, False, plan, simulate(plan, self.cost, self.memory, self.request.link))
+            trial.seconds = time.perf_counter() - t0
+            self.trials[(cand, False)] = trial
 
     def frugal(self) -> None:
         """`frugal_plan`, checkpointed by the ILP (or left at full recompute by that ablation):
