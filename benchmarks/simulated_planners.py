@@ -8,7 +8,9 @@ then the median speedup over each baseline and every case where EPP did not fit 
 memory lower bound allows a plan, or was slower than a baseline that fit. A case whose lower bound
 exceeds its budget is not planned: no plan can fit it. Nothing runs on a GPU: the figures are the cost model's predictions.
 
-Usage: ``python benchmarks/simulated_planners.py [--models llama-7b ...] [--jobs 2] [--json out.json]``.
+Usage: ``python benchmarks/simulated_planners.py [--models llama-7b ...] [--jobs 2] [--json out.json]``;
+``--feasibility`` only sorts the cases into those no plan can fit (the lower bound), those EPP
+plans (at or above the frugal plan's peak, or planned where between), and any left.
 """
 from __future__ import annotations
 
@@ -24,7 +26,11 @@ from infinipipe.contract.model_config import preset
 from infinipipe.data.lengths import sample_lengths
 from infinipipe.planners.bound import memory_lower_bound
 from infinipipe.planners.compare import BASELINES, compare_planners
+from infinipipe.planners.epp import NoPlanError, frugal_plan
+from infinipipe.planners.registry import make_plan
+from infinipipe.planners.request import PlanRequest
 from infinipipe.planners.stage_layers import balance_layers
+from infinipipe.sim.simulator import simulate
 
 SEQ1F1B = ("seq1f1b", "seq1f1b-balanced")
 
@@ -39,6 +45,48 @@ def run_case(case: tuple) -> dict:
     if bound.bytes > memory_gib * 2**30:  # no planner can fit: nothing to plan
         return {**out, "planners": {}}
     return {**out, "planners": compare_planners(cost, lengths, stages, memory_gib * 2**30, ["epp", *BASELINES])}
+
+
+def feasibility(case: tuple) -> dict:
+    """Whether a case has a plan, without the full comparison: under the lower bound none can
+    fit; at or above the frugal plan's peak EPP plans (its search tries that plan where nothing
+    else fits); between the two, EPP is run to see."""
+    model, stages, max_len, dist, memory_gib, batch, seed, at_cap = case
+    cost = CostModel(load_profile(default_profile_name(model)), preset(model))
+    lengths = sample_lengths(dist, batch, max_len, seed=seed, at_cap=at_cap)
+    request = PlanRequest(lengths, cost, stages, memory_gib * 2**30)
+    bound = memory_lower_bound(cost, request.layers, lengths).bytes
+    frugal = max(simulate(frugal_plan(request), cost).peak_memory_bytes)
+    out = {"case": case, "bound_gib": bound / 2**30, "frugal_gib": frugal / 2**30}
+    if bound <= request.memory_budget < frugal:
+        try:
+            out["epp_s"] = simulate(make_plan("epp", request), cost).iteration_time_s
+        except NoPlanError:
+            out["epp_s"] = None
+    return out
+
+
+def print_feasibility(cases: list[tuple], jobs: int) -> None:
+    print("lower bound and frugal plan per case (SIMULATED peaks; EPP run only between the two)")
+    counts = {"no plan can fit (budget under the lower bound)": 0, "epp plans (budget at or above the frugal peak)": 0,
+              "epp plans (between bound and frugal peak)": 0, "epp finds no plan although the bound allows one": 0}
+    with ProcessPoolExecutor(jobs) as pool:
+        for rec in pool.map(feasibility, cases):
+            model, stages, max_len, dist, memory_gib = rec["case"][:5]
+            name = f"{model} pp{stages} {max_len // 1024}K {dist} {memory_gib:g}G"
+            if rec["bound_gib"] > memory_gib:
+                verdict = "no plan can fit (budget under the lower bound)"
+            elif rec["frugal_gib"] <= memory_gib:
+                verdict = "epp plans (budget at or above the frugal peak)"
+            elif rec.get("epp_s") is not None:
+                verdict = "epp plans (between bound and frugal peak)"
+            else:
+                verdict = "epp finds no plan although the bound allows one"
+            counts[verdict] += 1
+            print(f"{name:<36} bound {rec['bound_gib']:6.1f} GiB  frugal {rec['frugal_gib']:6.1f} GiB  {verdict}")
+            sys.stdout.flush()
+    for verdict, n in counts.items():
+        print(f"  {n:4d} cases: {verdict}")
 
 
 def time_of(row: dict) -> float | None:
@@ -57,12 +105,17 @@ def main() -> None:
     parser.add_argument("--at-cap", type=int, default=0, help="at least this many sequences at the context length")
     parser.add_argument("--jobs", type=int, default=1, help="cases planned in parallel processes")
     parser.add_argument("--json", help="also write every figure to this JSON file")
+    parser.add_argument("--feasibility", action="store_true",
+                        help="only say which cases have a plan (lower bound, frugal plan, EPP between the two)")
     args = parser.parse_args()
 
     # Models vary fastest, so a run cut short has covered every model at the depths it reached.
     cases = [(m, s, n, d, g, args.batch, args.seed, args.at_cap) for s, n, d, g, m in
              itertools.product(args.stages, args.max_len, args.dists, args.memory_gib, args.models)
              if s <= preset(m).layers]
+    if args.feasibility:
+        print_feasibility(cases, args.jobs)
+        return
     print("SIMULATED iteration times (event-driven simulator on the committed H100 profiles; no GPU was run)")
     print(f"{len(cases)} cases, batch {args.batch}; speedup = baseline time / EPP time; "
           "'best seq1f1b' is the faster of seq1f1b and seq1f1b-balanced")

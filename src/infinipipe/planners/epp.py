@@ -14,7 +14,7 @@ import dataclasses
 import gc
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 from ..contract.cost import CostModel
@@ -40,8 +40,8 @@ SCREEN_CUTS = 3  # cut points a screened K may group at; enough to split off the
 
 class NoPlanError(ValueError):
     """No plan fits the budget: ``bound`` is what any plan needs (`memory_lower_bound`),
-    ``closest_bytes`` the smallest budget the closest candidate tried needs (None when the budget
-    is under the bound and nothing was tried), ``metadata`` the search's record for ``--explain``."""
+    ``closest_bytes`` the budget from which EPP plans the batch (`frugal_plan`'s peak; else the
+    closest candidate's need, or None), ``metadata`` the search's record for ``--explain``."""
 
     def __init__(self, message: str, bound: MemoryBound, closest_bytes: float | None = None,
                  metadata: dict[str, Any] | None = None):
@@ -285,18 +285,21 @@ def frugal_plan(request: PlanRequest) -> Plan:
 
 def _frugal_at(request: PlanRequest, slices: int) -> Plan:
     lengths, layers = request.lengths, request.layers
-    longest = max(lengths)
-    size = -(-longest // slices)
-    parts = [[i] for i, n in enumerate(lengths) if 2 * n >= longest]
-    rest = [i for i, n in enumerate(lengths) if 2 * n < longest]
+    size = -(-max(lengths) // slices)
     planned = []
-    for part in parts + ([rest] if rest else []):
+    for part in alone_and_rest(lengths, lambda n: 2 * n >= max(lengths)):
         sub = [lengths[i] for i in part]
         chunks = fixed_size_chunks(sub, size)
         planned.append((epp_schedule(chunks, sub, len(layers), layers, recompute=lambda s, _c: layers[s],
                                      validate=False), part))
     return join_plans(planned, lengths, {"chunking": "frugal", "num_slices": slices, "parts": len(planned),
                                          "screened": False})
+
+
+def alone_and_rest(lengths: Sequence[int], alone: Callable[[int], bool]) -> list[list[int]]:
+    """Each sequence whose length ``alone`` picks as a part of its own, then the rest as one."""
+    rest = [i for i, n in enumerate(lengths) if not alone(n)]
+    return [[i] for i, n in enumerate(lengths) if alone(n)] + ([rest] if rest else [])
 
 
 def plan_in_parts(request: PlanRequest, parts: list[list[int]], checkpointing: str = "ilp") -> Plan:
@@ -481,17 +484,16 @@ class _Search:
         once."""
         if not self.compose or self.checkpointing != "ilp" or len(self.lengths) < 2:
             return
-        capped = [i for i, n in enumerate(self.lengths) if n == self.longest]
-        half = [i for i, n in enumerate(self.lengths) if 2 * n >= self.longest]
-        for long in (capped, half) if half != capped else (half,):
-            if len(long) < 2 and self.leader() is not None:
+        capped = alone_and_rest(self.lengths, lambda n: n == self.longest)
+        half = alone_and_rest(self.lengths, lambda n: 2 * n >= self.longest)
+        for parts in (capped, half) if half != capped else (half,):
+            alone = sum(len(p) == 1 and 2 * self.lengths[p[0]] >= self.longest for p in parts)
+            if alone < 2 and self.leader() is not None:
                 continue
             t0 = time.perf_counter()
-            cand = Candidate("composite", len(long))
-            alone = set(long)
-            rest = [i for i in range(len(self.lengths)) if i not in alone]
+            cand = Candidate("composite", alone)
             try:
-                plan = plan_in_parts(self.request, [[i] for i in long] + ([rest] if rest else []), self.checkpointing)
+                plan = plan_in_parts(self.request, parts, self.checkpointing)
             except NoPlanError as exc:
                 need = exc.bound.bytes if exc.closest_bytes is None else exc.closest_bytes
                 trial = _Trial(cand, False, None, None, str(exc),
@@ -516,7 +518,7 @@ class _Search:
                            memory_error=InfeasibleMemoryError(int(max(range(len(self.layers)),
                                                                       key=trial.sim.peak_memory_bytes.__getitem__)),
                                                               (), need, self.memory))
-        elif self.checkpointing == "ilp":
+        elif self.checkpointing == "ilp":  # full recompute fits: the ILP has an answer, at most as slow
             plan = solve_checkpointing(plan, self.cost, self.memory, self.plan_gap, self.options.time_limit_s,
                                        cache=self.cache)
             trial = _Trial(cand, False, plan, simulate(plan, self.cost, self.memory, self.request.link))
