@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory-budget", default="80GiB", help="memory budget per device (default 80GiB)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--ablations", action="store_true", help="also run epp-no-ckpt and epp-full-ckpt")
+    p.add_argument("--sp-baselines", action="store_true",
+                   help="also run ulysses and flexsp on the pipelines' stages x sp GPUs (on whenever --sp > 1)")
     p.add_argument("--json", action="store_true", help="print every figure as JSON")
     p.set_defaults(func=run)
 
@@ -38,7 +40,15 @@ def run(args: argparse.Namespace) -> int:
     from ..contract.model_config import preset
     from ..contract.units import parse_bytes
     from ..data.lengths import sample_lengths
-    from ..planners.compare import ABLATIONS, BASELINES, compare_planners, compute_floor_s, format_rows
+    from ..planners.compare import (
+        ABLATIONS,
+        BASELINES,
+        compare_planners,
+        compare_sp_baselines,
+        compute_floor_s,
+        describe_sp_rows,
+        format_rows,
+    )
     from .plan import describe_layout, layout_from_args, model_from_args, profile_for_model, with_layout
 
     model = model_from_args(args) or preset(BENCH_MODEL)
@@ -47,7 +57,11 @@ def run(args: argparse.Namespace) -> int:
     cost = with_layout(CostModel(profile, model), layout_from_args(args))
     lengths = sample_lengths(args.dist, args.batch, args.max_len, args.seed)
     planners = ["epp", *BASELINES, *(ABLATIONS if args.ablations else ())]
-    rows = compare_planners(cost, lengths, args.stages, parse_bytes(args.memory_budget, "--memory-budget"), planners)
+    budget = parse_bytes(args.memory_budget, "--memory-budget")
+    rows = compare_planners(cost, lengths, args.stages, budget, planners)
+    sp_gpus = args.stages * cost.layout.sp if args.sp_baselines or cost.layout.sp > 1 else 0
+    if sp_gpus:
+        rows |= compare_sp_baselines(cost, lengths, sp_gpus, budget)
     floor = compute_floor_s(cost, lengths, args.stages)
     if args.json:
         print(json.dumps({"simulated": True, "profile": name, "layout": cost.layout.to_json(), "rows": rows,
@@ -60,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"profile {name}: {profile.device}, {profile.dtype}, {origin}")
     print(describe_layout(cost.layout))
     print("\n".join(format_rows(rows)))
+    if sp_gpus:
+        print(describe_sp_rows(rows, sp_gpus))
     print(f"  no plan of this batch beats {floor:.2f}s: the busiest stage's forward and backward of every "
           "token, as one chunk, with no bubble or recompute")
     return 0
