@@ -60,21 +60,33 @@ def _hand_cases(layers, dp: int):
     return cases, refs, names
 
 
+def _exact_cases(dims: ParallelDims, layers: tuple[int, ...], seeds):
+    cases, refs, names = _hand_cases(layers, dims.dp)
+    more = _cases(dims.pp, layers, seeds, dims.dp)
+    return cases + more[0], refs + more[1], names + more[2]
+
+
+SHARD2_PP2, SHARD2_PP2_LAYERS = ParallelDims(pp=2, dp_shard=2), (2, 2)
+COUNTED = ("split, recompute 1", "hybrid, recompute 2")
+BF16 = ("packed, recompute 0", "split, recompute 1", "hybrid, recompute 2")
+
+
 @pytest.mark.parametrize("dims, layers, seeds", [
-    (ParallelDims(pp=2, dp_shard=2), (2, 2), (4,)),
+    (SHARD2_PP2, SHARD2_PP2_LAYERS, (4,)),
     (ParallelDims(pp=1, dp_replicate=2, dp_shard=2), (4,), (6,)),
     (ParallelDims(pp=1, dp_shard=2, sp=2), (4,), (7,)),
 ], ids=["dp_shard2xpp2", "hsdp-replicate2xshard2", "dp_shard2xsp2"])
-def test_fsdp_loss_and_gradients_equal_full_sequence_reference(dims, layers, seeds):
-    cases, refs, names = _hand_cases(layers, dims.dp)
-    more = _cases(dims.pp, layers, seeds, dims.dp)
-    cases, refs, names = cases + more[0], refs + more[1], names + more[2]
-    results = launch_local(run_fsdp, dims.world_size, (dims, layers, cases), timeout_s=300)
+def test_fsdp_loss_and_gradients_equal_full_sequence_reference(dims, layers, seeds, request):
+    cases, refs, names = _exact_cases(dims, layers, seeds)
+    if dims == SHARD2_PP2:
+        results = [r["exact"] for r in request.getfixturevalue("shard2_pp2")]
+    else:
+        results = launch_local(run_fsdp, dims.world_size, (dims, layers, cases), timeout_s=300)
     _check(results, refs, names)
 
 
-def count_collectives(dims: ParallelDims, layers: tuple[int, ...], cases):
-    """Worker: all-gathers and reduce-scatters per step."""
+def _count_collectives() -> dict[str, int]:
+    """All-gathers and reduce-scatters from now on in this process (FSDP's calls, counted)."""
     import torch.distributed as dist
 
     calls = {"all_gather_single": 0, "reduce_scatter_single": 0}
@@ -86,6 +98,11 @@ def count_collectives(dims: ParallelDims, layers: tuple[int, ...], cases):
             return _original(*args, **kwargs)
 
         setattr(dist, name, counted)
+    return calls
+
+
+def count_collectives(dims: ParallelDims, layers: tuple[int, ...], cases, calls: dict[str, int]):
+    """All-gathers and reduce-scatters per step."""
     mesh = dims.build_mesh()
     worker = PipelineWorker(CFG, layers, mesh, RuntimeSettings(seed=0, loss_block_tokens=7, nccl_semantics=True))
     per_step = []
@@ -96,14 +113,29 @@ def count_collectives(dims: ParallelDims, layers: tuple[int, ...], cases):
     return per_step
 
 
-def test_weights_are_gathered_once_per_step_and_gradients_reduce_scattered_once():
-    dims, layers = ParallelDims(pp=2, dp_shard=2), (2, 2)
-    cases, _, names = _hand_cases(layers, dims.dp)
-    chosen = [cases[names.index(n)] for n in ("split, recompute 1", "hybrid, recompute 2")]
-    assert all(len(plans[0].chunks) == 4 for plans, _ in chosen)
+def run_shard2_pp2(exact, counted, bf16):
+    """Worker: the exactness cases, the collective counts and the bf16 steps of dp_shard=2 x pp=2,
+    one launch for the three tests that check them."""
+    calls = _count_collectives()
+    return {"exact": run_fsdp(SHARD2_PP2, SHARD2_PP2_LAYERS, exact),
+            "counts": count_collectives(SHARD2_PP2, SHARD2_PP2_LAYERS, counted, calls),
+            "bf16": run_bf16(SHARD2_PP2, SHARD2_PP2_LAYERS, bf16)}
+
+
+@pytest.fixture(scope="module")
+def shard2_pp2() -> list[dict]:
+    cases, _, names = _exact_cases(SHARD2_PP2, SHARD2_PP2_LAYERS, (4,))
+    hand, _, hand_names = _hand_cases(SHARD2_PP2_LAYERS, SHARD2_PP2.dp)
+    pick = [[hand[hand_names.index(n)] for n in chosen] for chosen in (COUNTED, BF16)]
+    return launch_local(run_shard2_pp2, SHARD2_PP2.world_size, (cases, *pick), timeout_s=300)
+
+
+def test_weights_are_gathered_once_per_step_and_gradients_reduce_scattered_once(shard2_pp2):
+    cases, _, names = _hand_cases(SHARD2_PP2_LAYERS, SHARD2_PP2.dp)
+    assert all(len(cases[names.index(n)][0][0].chunks) == 4 for n in COUNTED)
     units = 3  # per stage: two layers and the root (the embedding, or the final norm and head)
-    for per_step in launch_local(count_collectives, dims.world_size, (dims, layers, chosen), timeout_s=120):
-        assert per_step == [{"all_gather_single": units, "reduce_scatter_single": units}] * len(chosen)
+    for rank in shard2_pp2:
+        assert rank["counts"] == [{"all_gather_single": units, "reduce_scatter_single": units}] * len(COUNTED)
 
 
 def run_bf16(dims: ParallelDims, layers: tuple[int, ...], cases):
@@ -120,11 +152,10 @@ def run_bf16(dims: ParallelDims, layers: tuple[int, ...], cases):
     return out
 
 
-def test_bf16_compute_keeps_fp32_shards_and_reduces_gradients_in_fp32():
-    dims, layers = ParallelDims(pp=2, dp_shard=2), (2, 2)
-    cases, refs, names = _hand_cases(layers, dims.dp)
-    chosen = [names.index(n) for n in ("packed, recompute 0", "split, recompute 1", "hybrid, recompute 2")]
-    results = launch_local(run_bf16, dims.world_size, (dims, layers, [cases[i] for i in chosen]), timeout_s=120)
+def test_bf16_compute_keeps_fp32_shards_and_reduces_gradients_in_fp32(shard2_pp2):
+    _, refs, names = _hand_cases(SHARD2_PP2_LAYERS, SHARD2_PP2.dp)
+    chosen = [names.index(n) for n in BF16]
+    results = [rank["bf16"] for rank in shard2_pp2]
     for k, i in enumerate(chosen):
         ref_loss, ref_grads = refs[i]
         grads = {}
