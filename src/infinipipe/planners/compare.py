@@ -55,7 +55,8 @@ def describe_sp_rows(rows: dict[str, dict], gpus: int) -> str:
     groups = {name: "+".join(str(g["sp"]) for g in rows[name]["groups"]) if rows.get(name, {}).get("planned")
               else "none" for name in SP_PLANNERS}
     return (f"  ulysses and flexsp: no pipeline, the same {gpus} GPUs (stages x sp) on the same batch, model "
-            f"states sharded over all of them; SP groups: ulysses {groups['ulysses']}, flexsp {groups['flexsp']}")
+            f"states sharded over all of them; SP groups: ulysses {groups['ulysses']}, flexsp {groups['flexsp']} "
+            "(the floor below bounds pipelines on these stages, not these)")
 
 
 def compute_floor_s(cost: CostModel, lengths: Sequence[int], stages: int) -> float:
