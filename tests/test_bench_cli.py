@@ -2,8 +2,16 @@
 from __future__ import annotations
 
 import json
+import re
 
 from infinipipe.cli import main
+from infinipipe.commands.plan import with_layout
+from infinipipe.contract.cost import CostModel, load_profile
+from infinipipe.contract.layout import StageLayout
+from infinipipe.contract.model_config import preset
+from infinipipe.contract.units import GIB
+from infinipipe.data.lengths import sample_lengths
+from infinipipe.planners.registry import SP_PLANNERS
 
 
 def test_bench_prints_every_planner_simulated_on_the_committed_profile(capsys):
@@ -26,3 +34,34 @@ def test_bench_costs_every_planner_on_the_layout_given(capsys):
     sharded = json.loads(capsys.readouterr().out)
     assert sharded["layout"]["sp"] == 4 and sharded["layout"]["inter_node"]["bandwidth_Bps"] == 50e9
     assert max(sharded["rows"]["gpipe"]["peak_memory_bytes"]) < max(alone["rows"]["gpipe"]["peak_memory_bytes"])
+
+
+def test_bench_with_sp_adds_ulysses_and_flexsp_on_the_same_gpus_batch_and_simulator(capsys):
+    args = ["bench", "--model", "llama-7b", "--stages", "2", "--batch", "8", "--max-len", "16384"]
+    assert main([*args, "--sp", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    cost = with_layout(CostModel(load_profile(out["profile"]), preset("llama-7b")), StageLayout(sp=2, fsdp=2))
+    lengths = sample_lengths("github", 8, 16384, 0)
+    for name in ("ulysses", "flexsp"):
+        row, plan = out["rows"][name], SP_PLANNERS[name](cost, lengths, 4, 80 * GIB)
+        assert row["planned"] and row["gpus"] == 4  # stages x sp
+        assert row["iteration_time_s"] == plan.iteration_time_s and row["feasible"] == plan.feasible
+    assert out["rows"]["ulysses"]["groups"] == [{"sp": 4, "sequences": 8,
+                                                 "iteration_time_s": out["rows"]["ulysses"]["iteration_time_s"]}]
+    assert main([*args, "--sp", "2"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"^  ulysses +\d+\.\d\ds", text, re.M) and re.search(r"^  flexsp +\d+\.\d\ds", text, re.M)
+    assert "ulysses and flexsp: no pipeline, the same 4 GPUs (stages x sp) on the same batch" in text
+
+
+def test_bench_runs_the_sp_baselines_without_sp_only_when_asked_and_names_why_ulysses_cannot_plan(capsys):
+    args = ["bench", "--model", "llama-7b", "--stages", "2", "--batch", "8", "--max-len", "16384", "--json"]
+    assert main(args) == 0
+    assert not {"ulysses", "flexsp"} & set(json.loads(capsys.readouterr().out)["rows"])
+    assert main([*args, "--sp-baselines"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows["ulysses"]["gpus"] == rows["flexsp"]["gpus"] == 2
+    assert main([*args, "--sp", "32"]) == 0  # 64 GPUs, more than llama-7b's 32 heads
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert not rows["ulysses"]["planned"] and "exceeds the model's 32 attention heads" in rows["ulysses"]["error"]
+    assert rows["flexsp"]["planned"] and max(g["sp"] for g in rows["flexsp"]["groups"]) <= 32

@@ -155,12 +155,30 @@ def _cases(pp, layers, seeds, dp=1):
     return cases, refs, names
 
 
-@pytest.mark.parametrize("dp, pp, layers, seeds", [
-    (1, 2, (1, 3), (1, 2)),
-    (1, 4, (1, 1, 1, 1), (3,)),
-    (2, 2, (2, 2), (4,)),
-], ids=["pp2", "pp4", "dp2xpp2"])
-def test_multiprocess_loss_and_gradients_equal_full_sequence_reference(dp, pp, layers, seeds):
-    cases, refs, names = _cases(pp, layers, seeds, dp)
-    results = launch_local(run_cases, dp * pp, (dp, pp, layers, cases), timeout_s=240)
+MESHES = {"pp2": (1, 2, (1, 3), (1, 2)), "pp4": (1, 4, (1, 1, 1, 1), (3,)), "dp2xpp2": (2, 2, (2, 2), (4,))}
+
+
+def run_meshes(runs):
+    """Worker: each (dp, pp, layers, cases) on its own mesh over the same processes."""
+    return [run_cases(*run) for run in runs]
+
+
+@pytest.fixture(scope="module")
+def mesh_runs() -> dict[str, tuple]:
+    """Every mesh's cases, one launch per world size: mesh -> (cases, refs, names, per-rank results)."""
+    out = {}
+    by_world: dict[int, list[str]] = {}
+    for name, (dp, pp, _, _) in MESHES.items():
+        by_world.setdefault(dp * pp, []).append(name)
+    for world, names in by_world.items():
+        made = {n: _cases(MESHES[n][1], MESHES[n][2], MESHES[n][3], MESHES[n][0]) for n in names}
+        runs = [(*MESHES[n][:3], made[n][0]) for n in names]
+        results = launch_local(run_meshes, world, (runs,), timeout_s=240)
+        out |= {n: (*made[n], [rank[k] for rank in results]) for k, n in enumerate(names)}
+    return out
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_multiprocess_loss_and_gradients_equal_full_sequence_reference(mesh, mesh_runs):
+    _, refs, names, results = mesh_runs[mesh]
     check_all(results, refs, names)

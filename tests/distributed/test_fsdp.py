@@ -3,6 +3,8 @@ gives the loss and gradients of the full-sequence run: packed, split and hybrid 
 several pipelines per step; gathered once per step and reduce-scattered once."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from test_exact_pipeline import CFG, TOL, _batch, _cases, _reference
@@ -44,6 +46,7 @@ def _check(results, refs, names):
                 assert_matches_reference(loss, grads, ref_loss, ref_grads, TOL, f"replica {dp_rank}, {names[i]}")
 
 
+@functools.cache  # the fixture launches these cases and the tests check them against the same references
 def _hand_cases(layers, dp: int):
     """Packed (whole sequences), split (slices of one sequence) and hybrid (tail slice + whole) chunks
     on every replica, with no, partial and full recompute; each replica trains its own sequences."""
@@ -60,21 +63,23 @@ def _hand_cases(layers, dp: int):
     return cases, refs, names
 
 
-@pytest.mark.parametrize("dims, layers, seeds", [
-    (ParallelDims(pp=2, dp_shard=2), (2, 2), (4,)),
-    (ParallelDims(pp=1, dp_replicate=2, dp_shard=2), (4,), (6,)),
-    (ParallelDims(pp=1, dp_shard=2, sp=2), (4,), (7,)),
-], ids=["dp_shard2xpp2", "hsdp-replicate2xshard2", "dp_shard2xsp2"])
-def test_fsdp_loss_and_gradients_equal_full_sequence_reference(dims, layers, seeds):
+@functools.cache
+def _exact_cases(dims: ParallelDims, layers: tuple[int, ...], seeds):
     cases, refs, names = _hand_cases(layers, dims.dp)
     more = _cases(dims.pp, layers, seeds, dims.dp)
-    cases, refs, names = cases + more[0], refs + more[1], names + more[2]
-    results = launch_local(run_fsdp, dims.world_size, (dims, layers, cases), timeout_s=300)
-    _check(results, refs, names)
+    return cases + more[0], refs + more[1], names + more[2]
 
 
-def count_collectives(dims: ParallelDims, layers: tuple[int, ...], cases):
-    """Worker: all-gathers and reduce-scatters per step."""
+SHARD2_PP2, SHARD2_PP2_LAYERS = ParallelDims(pp=2, dp_shard=2), (2, 2)
+MESHES = {"dp_shard2xpp2": (SHARD2_PP2, SHARD2_PP2_LAYERS, (4,)),
+          "hsdp-replicate2xshard2": (ParallelDims(pp=1, dp_replicate=2, dp_shard=2), (4,), (6,)),
+          "dp_shard2xsp2": (ParallelDims(pp=1, dp_shard=2, sp=2), (4,), (7,))}
+COUNTED = ("split, recompute 1", "hybrid, recompute 2")
+BF16 = ("packed, recompute 0", "split, recompute 1", "hybrid, recompute 2")
+
+
+def _count_collectives() -> dict[str, int]:
+    """All-gathers and reduce-scatters from now on in this process (FSDP's calls, counted)."""
     import torch.distributed as dist
 
     calls = {"all_gather_single": 0, "reduce_scatter_single": 0}
@@ -86,6 +91,11 @@ def count_collectives(dims: ParallelDims, layers: tuple[int, ...], cases):
             return _original(*args, **kwargs)
 
         setattr(dist, name, counted)
+    return calls
+
+
+def count_collectives(dims: ParallelDims, layers: tuple[int, ...], cases, calls: dict[str, int]):
+    """All-gathers and reduce-scatters per step."""
     mesh = dims.build_mesh()
     worker = PipelineWorker(CFG, layers, mesh, RuntimeSettings(seed=0, loss_block_tokens=7, nccl_semantics=True))
     per_step = []
@@ -96,14 +106,36 @@ def count_collectives(dims: ParallelDims, layers: tuple[int, ...], cases):
     return per_step
 
 
-def test_weights_are_gathered_once_per_step_and_gradients_reduce_scattered_once():
-    dims, layers = ParallelDims(pp=2, dp_shard=2), (2, 2)
-    cases, _, names = _hand_cases(layers, dims.dp)
-    chosen = [cases[names.index(n)] for n in ("split, recompute 1", "hybrid, recompute 2")]
-    assert all(len(plans[0].chunks) == 4 for plans, _ in chosen)
+def run_four_ranks(exact: dict[str, list], counted, bf16):
+    """Worker: every mesh's exactness cases, then the collective counts and the bf16 steps of
+    dp_shard=2 x pp=2; one launch of four processes for the tests that check them."""
+    calls = _count_collectives()
+    return {"exact": {name: run_fsdp(MESHES[name][0], MESHES[name][1], cases) for name, cases in exact.items()},
+            "counts": count_collectives(SHARD2_PP2, SHARD2_PP2_LAYERS, counted, calls),
+            "bf16": run_bf16(SHARD2_PP2, SHARD2_PP2_LAYERS, bf16)}
+
+
+@pytest.fixture(scope="module")
+def four_ranks() -> list[dict]:
+    (world,) = {dims.world_size for dims, _, _ in MESHES.values()}
+    exact = {name: _exact_cases(*MESHES[name])[0] for name in MESHES}
+    hand, _, names = _hand_cases(SHARD2_PP2_LAYERS, SHARD2_PP2.dp)
+    pick = [[hand[names.index(n)] for n in chosen] for chosen in (COUNTED, BF16)]
+    return launch_local(run_four_ranks, world, (exact, *pick), timeout_s=300)
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_fsdp_loss_and_gradients_equal_full_sequence_reference(mesh, four_ranks):
+    _, refs, names = _exact_cases(*MESHES[mesh])
+    _check([rank["exact"][mesh] for rank in four_ranks], refs, names)
+
+
+def test_weights_are_gathered_once_per_step_and_gradients_reduce_scattered_once(four_ranks):
+    cases, _, names = _hand_cases(SHARD2_PP2_LAYERS, SHARD2_PP2.dp)
+    assert all(len(cases[names.index(n)][0][0].chunks) == 4 for n in COUNTED)
     units = 3  # per stage: two layers and the root (the embedding, or the final norm and head)
-    for per_step in launch_local(count_collectives, dims.world_size, (dims, layers, chosen), timeout_s=120):
-        assert per_step == [{"all_gather_single": units, "reduce_scatter_single": units}] * len(chosen)
+    for rank in four_ranks:
+        assert rank["counts"] == [{"all_gather_single": units, "reduce_scatter_single": units}] * len(COUNTED)
 
 
 def run_bf16(dims: ParallelDims, layers: tuple[int, ...], cases):
@@ -120,11 +152,10 @@ def run_bf16(dims: ParallelDims, layers: tuple[int, ...], cases):
     return out
 
 
-def test_bf16_compute_keeps_fp32_shards_and_reduces_gradients_in_fp32():
-    dims, layers = ParallelDims(pp=2, dp_shard=2), (2, 2)
-    cases, refs, names = _hand_cases(layers, dims.dp)
-    chosen = [names.index(n) for n in ("packed, recompute 0", "split, recompute 1", "hybrid, recompute 2")]
-    results = launch_local(run_bf16, dims.world_size, (dims, layers, [cases[i] for i in chosen]), timeout_s=120)
+def test_bf16_compute_keeps_fp32_shards_and_reduces_gradients_in_fp32(four_ranks):
+    _, refs, names = _hand_cases(SHARD2_PP2_LAYERS, SHARD2_PP2.dp)
+    chosen = [names.index(n) for n in BF16]
+    results = [rank["bf16"] for rank in four_ranks]
     for k, i in enumerate(chosen):
         ref_loss, ref_grads = refs[i]
         grads = {}

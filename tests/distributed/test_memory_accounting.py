@@ -73,16 +73,31 @@ def test_chunkings_cut_as_named():
     assert any(c.partial_segment(LENGTHS) is not None and len(c.segments) > 1 for c in hybrid.chunks)
 
 
-@pytest.mark.parametrize("chunking", ["packed", "split", "hybrid"])
-def test_peak_step_bytes_within_10_percent_with_no_half_and_full_recompute(chunking):
-    base = _chunking(chunking)
-    plans = [_with_recompute(base, share) for share in (0.0, 0.5, 1.0)]
-    measured = launch_local(measure_peaks, STAGES, (plans, base.layers_per_stage), timeout_s=300)
+CHUNKINGS = ("packed", "split", "hybrid")
+SHARES = (0.0, 0.5, 1.0)
+
+
+@pytest.fixture(scope="module")
+def measured() -> dict[str, tuple[list[Plan], list[list[int]]]]:
+    """Every chunking with each recompute share, measured in one launch: chunking -> (plans,
+    peaks per stage and plan)."""
+    bases = {name: _chunking(name) for name in CHUNKINGS}
+    (layers,) = {b.layers_per_stage for b in bases.values()}
+    plans = [_with_recompute(bases[name], share) for name in CHUNKINGS for share in SHARES]
+    peaks = launch_local(measure_peaks, STAGES, (plans, layers), timeout_s=300)
+    k = len(SHARES)
+    return {name: (plans[i * k:(i + 1) * k], [stage[i * k:(i + 1) * k] for stage in peaks])
+            for i, name in enumerate(CHUNKINGS)}
+
+
+@pytest.mark.parametrize("chunking", CHUNKINGS)
+def test_peak_step_bytes_within_10_percent_with_no_half_and_full_recompute(chunking, measured):
+    plans, peaks = measured[chunking]
     cost = _cost()
-    for plan, share in zip(plans, (0.0, 0.5, 1.0)):
+    for i, (plan, share) in enumerate(zip(plans, SHARES)):
         predicted = simulate(plan, cost).peak_step_bytes
         for s in range(STAGES):
-            got = measured[s][plans.index(plan)]
+            got = peaks[s][i]
             assert got == pytest.approx(predicted[s], rel=0.10), (
                 f"{chunking}, recompute {share:.0%}, stage {s}: measured {got / 2**20:.2f} MiB, "
                 f"simulated {predicted[s] / 2**20:.2f} MiB")

@@ -61,13 +61,26 @@ def test_device_sync_after_each_action_with_recv_lookahead_hangs_under_nccl_sema
         launch_local(_run_step, 2, (1, True), collective_timeout_s=HANG_TIMEOUT_S, timeout_s=60)
 
 
-def test_device_sync_after_each_action_without_lookahead_completes_under_nccl_semantics():
-    losses = launch_local(_run_step, 2, (0, True), collective_timeout_s=HANG_TIMEOUT_S, timeout_s=60)
+def _completing_runs() -> dict[str, object]:
+    """Worker: every run that must complete under the emulation, one process group for all (the
+    device-synchronize patch last: it stays for the process's life)."""
+    return {"batched group, op by op": _group_then_reply(False),
+            "executor with recv lookahead": _run_step(1, False),
+            "device sync without lookahead": _run_step(0, True)}
+
+
+@pytest.fixture(scope="module")
+def completed() -> list[dict[str, object]]:
+    return launch_local(_completing_runs, 2, collective_timeout_s=HANG_TIMEOUT_S, timeout_s=90)
+
+
+def test_device_sync_after_each_action_without_lookahead_completes_under_nccl_semantics(completed):
+    losses = [r["device sync without lookahead"] for r in completed]
     assert losses[0] == losses[1] > 0
 
 
-def test_executor_with_recv_lookahead_completes_under_nccl_semantics():
-    losses = launch_local(_run_step, 2, (1, False), collective_timeout_s=HANG_TIMEOUT_S, timeout_s=60)
+def test_executor_with_recv_lookahead_completes_under_nccl_semantics(completed):
+    losses = [r["executor with recv lookahead"] for r in completed]
     assert losses[0] == losses[1] > 0
 
 
@@ -90,7 +103,7 @@ def _group_then_reply(emulate: bool) -> bool:
     return True
 
 
-def test_a_batched_group_completes_only_as_a_whole_under_nccl_semantics():
-    assert launch_local(_group_then_reply, 2, (False,), collective_timeout_s=HANG_TIMEOUT_S, timeout_s=60)
+def test_a_batched_group_completes_only_as_a_whole_under_nccl_semantics(completed):
+    assert all(r["batched group, op by op"] for r in completed)
     with pytest.raises(RankFailed, match="NcclHang"):
         launch_local(_group_then_reply, 2, (True,), collective_timeout_s=HANG_TIMEOUT_S, timeout_s=60)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,11 +90,22 @@ def test_fsdp_dp_shard2_pp2_training_matches_single_device_losses_and_resumes_fr
     assert resumed.losses == pytest.approx(straight[2:], rel=1e-6)
 
 
-def test_run_killed_between_steps_resumes_with_the_uninterrupted_losses(tmp_path, cache_dir):
-    common = SMALL_RUN + [f"--data.cache_dir={cache_dir}", "--training.steps=6",
-                          "--parallelism.pipeline_parallel_degree=2", "--checkpoint.enable=true",
-                          "--checkpoint.interval=3"]
-    straight = run_training(load_config(None, common), tmp_path / "straight", progress=False).losses
+def _six_steps(cache_dir: str) -> list[str]:
+    return SMALL_RUN + [f"--data.cache_dir={cache_dir}", "--training.steps=6", "--parallelism.pipeline_parallel_degree=2",
+                        "--checkpoint.enable=true", "--checkpoint.interval=3"]
+
+
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory, cache_dir) -> tuple[list[float], Path]:
+    """An uninterrupted 6-step pp=2 run with checkpoints after steps 3 and 6: its losses and run
+    directory (copy it before changing anything there)."""
+    run_dir = tmp_path_factory.mktemp("six-steps")
+    return run_training(load_config(None, _six_steps(cache_dir)), run_dir, progress=False).losses, run_dir
+
+
+def test_run_killed_between_steps_resumes_with_the_uninterrupted_losses(tmp_path, cache_dir, six_steps):
+    common = _six_steps(cache_dir)
+    straight, _ = six_steps
 
     run_dir = tmp_path / "killed"
     cmd = [sys.executable, "-m", "infinipipe.cli", "train", "--no-progress", "--run-dir", str(run_dir), *common]
@@ -113,11 +125,11 @@ def test_run_killed_between_steps_resumes_with_the_uninterrupted_losses(tmp_path
 
 
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous_with_the_uninterrupted_losses(tmp_path, cache_dir,
-                                                                                              capfd):
-    cfg = load_config(None, SMALL_RUN + [f"--data.cache_dir={cache_dir}", "--training.steps=6",
-                                         "--parallelism.pipeline_parallel_degree=2", "--checkpoint.enable=true",
-                                         "--checkpoint.interval=3"])
-    straight = run_training(cfg, tmp_path, progress=False).losses
+                                                                                              capfd, six_steps):
+    cfg = load_config(None, _six_steps(cache_dir))
+    straight, done = six_steps
+    tmp_path = tmp_path / "run"
+    shutil.copytree(done, tmp_path)
     shard = tmp_path / "checkpoint" / "step-6" / "__1_0.distcp"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01  # one flipped bit in the middle of a weight: loads without complaint
@@ -136,6 +148,8 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_with_the_uninter
 
 
 def test_bf16_run_with_fp32_master_weights_tracks_the_fp32_losses_for_10_steps(tmp_path, cache_dir):
+    """Against the single-device fp32 losses, which the fp32 pipeline matches to 2e-4 (the exactness
+    tests above): a 100 times closer stand-in for an fp32 pipeline run."""
     from dataclasses import replace
 
     from infinipipe.contract.cost import default_profile
@@ -144,7 +158,8 @@ def test_bf16_run_with_fp32_master_weights_tracks_the_fp32_losses_for_10_steps(t
     replace(default_profile("tiny"), dtype="bfloat16").save(bf16_profile)
     common = SMALL_RUN + [f"--data.cache_dir={cache_dir}", "--training.steps=10",
                           "--parallelism.pipeline_parallel_degree=2"]
-    fp32 = run_training(load_config(None, common), tmp_path / "fp32", progress=False).losses
+    fp32_cfg = load_config(None, common)
+    fp32 = reference_losses(fp32_cfg, build_dataset(fp32_cfg)[0])
     bf16 = run_training(load_config(None, common + ["--training.mixed_precision=bf16",
                                                      f"--epp.profile={bf16_profile}"]),
                         tmp_path / "bf16", progress=False).losses

@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--at-cap", type=int, default=0, metavar="N",
                    help="at least N sequences at the context length, as in a corpus truncated there (default 0)")
     p.add_argument("--ablations", action="store_true", help="also run epp-no-ckpt and epp-full-ckpt")
+    p.add_argument("--sp-baselines", action="store_true",
+                   help="also run ulysses and flexsp on the pipelines' stages x sp GPUs (on whenever --sp > 1)")
     p.add_argument("--json", action="store_true", help="print every figure as JSON")
     p.set_defaults(func=run)
 
@@ -41,7 +43,15 @@ def run(args: argparse.Namespace) -> int:
     from ..contract.units import parse_bytes
     from ..data.lengths import sample_lengths
     from ..planners.bound import memory_lower_bound
-    from ..planners.compare import ABLATIONS, BASELINES, compare_planners, compute_floor_s, format_rows
+    from ..planners.compare import (
+        ABLATIONS,
+        BASELINES,
+        compare_planners,
+        compare_sp_baselines,
+        compute_floor_s,
+        describe_sp_rows,
+        format_rows,
+    )
     from ..planners.stage_layers import balance_layers
     from .plan import describe_layout, layout_from_args, model_from_args, profile_for_model, with_layout
 
@@ -51,7 +61,11 @@ def run(args: argparse.Namespace) -> int:
     cost = with_layout(CostModel(profile, model), layout_from_args(args))
     lengths = sample_lengths(args.dist, args.batch, args.max_len, args.seed, args.at_cap)
     planners = ["epp", *BASELINES, *(ABLATIONS if args.ablations else ())]
-    rows = compare_planners(cost, lengths, args.stages, parse_bytes(args.memory_budget, "--memory-budget"), planners)
+    budget = parse_bytes(args.memory_budget, "--memory-budget")
+    rows = compare_planners(cost, lengths, args.stages, budget, planners)
+    sp_gpus = args.stages * cost.layout.sp if args.sp_baselines or cost.layout.sp > 1 else 0
+    if sp_gpus:
+        rows |= compare_sp_baselines(cost, lengths, sp_gpus, budget)
     floor = compute_floor_s(cost, lengths, args.stages)
     bound = memory_lower_bound(cost, balance_layers(cost, args.stages), lengths)
     if args.json:
@@ -65,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"profile {name}: {profile.device}, {profile.dtype}, {origin}")
     print(describe_layout(cost.layout))
     print("\n".join(format_rows(rows)))
+    if sp_gpus:
+        print(describe_sp_rows(rows, sp_gpus))
     epp = rows["epp"]
     versus = f"; epp runs at {epp['iteration_time_s'] / floor:.2f}x it" if epp["planned"] and epp["feasible"] else ""
     print(f"  no plan of this batch beats {floor:.2f}s: the busiest stage's forward and backward of every "

@@ -9,7 +9,7 @@ from ..contract.shapes import ChunkShape
 from ..contract.units import GIB
 from ..sim.simulator import simulate
 from .options import PlannerOptions
-from .registry import make_plan
+from .registry import SP_PLANNERS, make_plan
 from .request import PlanRequest
 from .stage_layers import balance_layers
 
@@ -32,6 +32,31 @@ def compare_planners(cost: CostModel, lengths: Sequence[int], stages: int, memor
         planning_s = time.perf_counter() - started
         rows[name] = {**simulate(plan, cost, memory_budget).to_json(), "planned": True, "planning_s": planning_s}
     return rows
+
+
+def compare_sp_baselines(cost: CostModel, lengths: Sequence[int], gpus: int, memory_budget: float,
+                         options: PlannerOptions | None = None) -> dict[str, dict]:
+    """The SP baselines (no pipeline) on ``gpus`` GPUs, the same batch and simulator, as rows
+    like `compare_planners`' (``bubble_ratio`` is the GPU time idle groups leave)."""
+    rows = {}
+    for name, planner in SP_PLANNERS.items():
+        started = time.perf_counter()
+        try:
+            plan = planner(cost, lengths, gpus, memory_budget, options or PlannerOptions())
+        except ValueError as exc:
+            rows[name] = {"planned": False, "error": str(exc), "feasible": False}
+            continue
+        rows[name] = {**plan.to_json(), "planned": True, "planning_s": time.perf_counter() - started}
+    return rows
+
+
+def describe_sp_rows(rows: dict[str, dict], gpus: int) -> str:
+    """What the SP rows ran: no pipeline, their groups, on the pipelines' GPUs."""
+    groups = {name: "+".join(str(g["sp"]) for g in rows[name]["groups"]) if rows.get(name, {}).get("planned")
+              else "none" for name in SP_PLANNERS}
+    return (f"  ulysses and flexsp: no pipeline, the same {gpus} GPUs (stages x sp) on the same batch, model "
+            f"states sharded over all of them; SP groups: ulysses {groups['ulysses']}, flexsp {groups['flexsp']} "
+            "(the floor below bounds pipelines on these stages, not these)")
 
 
 def compute_floor_s(cost: CostModel, lengths: Sequence[int], stages: int) -> float:

@@ -9,10 +9,10 @@ group ends.
 - ``ulysses``: one group of ``sp = gpus``; whole sequences packed into micro-batches (first fit
   decreasing) of the context length or a small multiple of it, the fastest that fits.
 - ``flexsp``: the GPUs split into groups of power-of-two sizes (inside a node up to 8, then
-  whole nodes); sequences assigned longest first to the group that would finish earliest among
-  those whose memory holds them, balancing predicted time as FlexSP's solver does (greedily here,
-  where FlexSP solves a MILP); the splits with the best predicted balance are planned and
-  simulated, and the fastest is kept.
+  whole nodes; none larger than the model's attention heads); sequences assigned longest first
+  to the group that would finish earliest among those whose memory holds them, balancing
+  predicted time as FlexSP's solver does (greedily here, where FlexSP solves a MILP); the splits
+  with the best predicted balance are planned and simulated, and the fastest is kept.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ class SPPlan:
         return max(max(g.result.peak_memory_bytes) for g in self.groups)
 
     def to_json(self) -> dict:
-        return {"planner": self.planner, "iteration_time_s": self.iteration_time_s, "feasible": self.feasible,
+        return {"planner": self.planner, "gpus": self.gpus, "iteration_time_s": self.iteration_time_s, "feasible": self.feasible,
                 "peak_memory_bytes": [self.peak_memory_bytes], "bubble_ratio": self.idle_ratio,
                 "groups": [{"sp": g.sp, "sequences": len(g.seq_ids), "iteration_time_s": g.result.iteration_time_s}
                            for g in self.groups]}
@@ -101,6 +101,9 @@ def plan_ulysses(cost: CostModel, lengths: Sequence[int], gpus: int, memory_budg
                  options: PlannerOptions | None = None) -> SPPlan:
     """DeepSpeed-Ulysses: every GPU in one SP group, packed sequences, no pipeline."""
     options = options or PlannerOptions()
+    if gpus > cost.model.heads:
+        raise ValueError(f"ulysses: an SP group of {gpus} GPUs exceeds the model's {cost.model.heads} attention "
+                         "heads (Ulysses spreads heads over the SP ranks)")
     group_cost = replace(cost, layout=sp_layout(cost.layout, gpus, gpus))
     ids = tuple(range(len(lengths)))
     plan, result = _group_plan(group_cost, lengths, ids, memory_budget, options, "ulysses")
@@ -153,7 +156,7 @@ def plan_flexsp(cost: CostModel, lengths: Sequence[int], gpus: int, memory_budge
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     balanced = []
     for split in group_splits(gpus, node):
-        if len(split) > len(lengths):
+        if len(split) > len(lengths) or split[0] > cost.model.heads:
             continue
         load = [0.0] * len(split)
         members: list[list[int]] = [[] for _ in split]
