@@ -124,8 +124,9 @@ def test_per_action_overhead_is_measured_and_added_to_every_action_of_a_stage():
     prof = default_profile("tiny")
     fwd, bwd = measure_action_overhead(preset("tiny"), "cpu", "float32", prof.layer_fwd, prof.layer_bwd, warmup=1, reps=2)
     assert 0 <= fwd < 50 and 0 <= bwd < 50
+    without = dataclasses.replace(prof, action_fwd=LinearTerm({}), action_bwd=LinearTerm({}))
     with_overhead = dataclasses.replace(prof, action_fwd=LinearTerm({"chunk": 1.5}), action_bwd=LinearTerm({"chunk": 2.5}))
-    plain, extra = CostModel(prof, preset("tiny")), CostModel(with_overhead, preset("tiny"))
+    plain, extra = CostModel(without, preset("tiny")), CostModel(with_overhead, preset("tiny"))
     shape = ChunkShape((256, 64))
     for first, last in ((True, False), (False, False), (False, True)):
         assert extra.forward_ms(shape, 2, first, last) - plain.forward_ms(shape, 2, first, last) == pytest.approx(1.5)

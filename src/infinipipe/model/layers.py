@@ -84,6 +84,12 @@ class ChunkMeta:
             self._tables[key] = rope_cos_sin(self.positions[lo:hi], head_dim, theta, dtype)
         return self._tables[key]
 
+    def forget_rope(self) -> None:
+        """Drop the tables once a pass over the layers is done: stored layers keep them for their
+        backward, and recomputed layers build them again there, so a chunk whose layers are all
+        recomputed holds no table between its forward and its backward."""
+        self._tables.clear()
+
 
 class HeadExchange(Protocol):
     """Sequence parallelism seen from a layer: this rank's token range of the chunk, and the

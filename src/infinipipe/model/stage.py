@@ -55,6 +55,7 @@ class StageModel(nn.Module):
                 h = checkpoint(layer, h, meta, store, shard, use_reentrant=False)
             else:
                 h = layer(h, meta, store, shard)
+        meta.forget_rope()
         if not self.last:
             return h
         # Every token block enters the loss, also one whose tokens predict nothing, so the loss is
