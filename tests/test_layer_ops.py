@@ -98,3 +98,15 @@ def test_rope_and_swiglu_keep_only_the_rope_tables_and_the_gate_up_projection():
     assert meter.current == t * 2 * CFG.ffn * 4  # gate and up: silu and the product are recomputed
     del out
     assert meter.current == 0
+
+
+def test_a_share_of_no_tokens_runs_forward_and_backward():
+    """Under sequence parallelism a rank's share of a short chunk can be empty; its backward still
+    runs (its all-to-alls are collectives)."""
+    layer = DecoderLayer(CFG, backend="naive")
+    x = torch.zeros(0, CFG.hidden, requires_grad=True)
+    cos = sin = torch.zeros(0, 1, CFG.head_dim)
+    q, k, v = _QKVRope.apply(layer.wqkv(layer.attn_norm(x)), cos, sin, CFG.heads, CFG.kv_heads)
+    out = _SwiGLU.apply(layer.w_gate_up(x)).sum() + q.sum() + k.sum() + v.sum()
+    out.backward()
+    assert x.grad.shape == (0, CFG.hidden) and layer.wqkv.weight.grad.abs().sum() == 0

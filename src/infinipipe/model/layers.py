@@ -180,7 +180,7 @@ class _QKVRope(torch.autograd.Function):
     def backward(ctx, dq, dk, dv):
         cos, sin = ctx.saved_tensors
         parts = (_rotate_back(dq, cos, sin), _rotate_back(dk, cos, sin), dv)
-        return torch.cat([p.reshape(dq.shape[0], -1) for p in parts], dim=-1), None, None, None, None
+        return torch.cat([p.flatten(1) for p in parts], dim=-1), None, None, None, None
 
 
 class _SwiGLU(torch.autograd.Function):

@@ -58,10 +58,12 @@ class StageModel(nn.Module):
         meta.forget_rope()
         if not self.last:
             return h
-        # Every token block enters the loss, also one whose tokens predict nothing, so the loss is
-        # tied to ``h``: a rank of an SP group whose tokens predict nothing still runs its backward,
-        # whose all-to-alls are collectives.
-        return blocked_cross_entropy(h, self.norm, self.head, labels, normaliser, loss_block_tokens)
+        out = blocked_cross_entropy(h, self.norm, self.head, labels, normaliser, loss_block_tokens)
+        if shard is not None and not out.requires_grad:
+            # This rank's share of the chunk holds no token, but its backward must still take part
+            # in the SP group's all-to-alls.
+            out = out + 0 * h.sum()
+        return out
 
     def ordered_layers(self) -> list[DecoderLayer]:
         return [self.layers[str(i)] for i in self.layer_ids]
