@@ -100,7 +100,7 @@ def test_qwen2_checkpoint_with_qkv_biases_gives_transformers_logits(tmp_path):
                 p.normal_(0.0, 0.1)
     hf_model.save_pretrained(tmp_path)
     cfg, state = load_hf_checkpoint(tmp_path)
-    assert cfg.qkv_bias and "layers.2.wk.bias" in state
+    assert cfg.qkv_bias and "layers.2.wqkv.bias" in state
     seqs = _sequences(cfg.vocab_size)
     torch.testing.assert_close(_our_logits(cfg, state, seqs), _hf_logits(hf_model, seqs), atol=2e-5, rtol=1e-4)
     save_hf_checkpoint(cfg, state, tmp_path / "export")
@@ -109,12 +109,26 @@ def test_qwen2_checkpoint_with_qkv_biases_gives_transformers_logits(tmp_path):
 
 
 def test_parameter_names_map_both_ways():
-    for ours in ["embed.weight", "norm.weight", "head.weight", "layers.12.wq.weight", "layers.0.w_down.weight",
-                 "layers.3.attn_norm.weight", "layers.3.mlp_norm.weight"]:
-        assert hf_to_ours(ours_to_hf(ours)) == ours
-    assert ours_to_hf("layers.7.w_gate.weight") == "model.layers.7.mlp.gate_proj.weight"
+    for ours in ["embed.weight", "norm.weight", "head.weight", "layers.12.wqkv.weight", "layers.0.w_down.weight",
+                 "layers.3.attn_norm.weight", "layers.3.mlp_norm.weight", "layers.5.w_gate_up.weight"]:
+        assert all(hf_to_ours(hf) == ours for hf in ours_to_hf(ours))
+    assert ours_to_hf("layers.7.w_gate_up.weight") == ("model.layers.7.mlp.gate_proj.weight",
+                                                       "model.layers.7.mlp.up_proj.weight")
+    assert ours_to_hf("layers.2.wqkv.bias") == tuple(f"model.layers.2.self_attn.{x}_proj.bias" for x in "qkv")
     with pytest.raises(ValueError, match="no counterpart"):
         hf_to_ours("model.layers.0.self_attn.q_norm.weight")
+    with pytest.raises(ValueError, match="no Hugging Face counterpart"):
+        ours_to_hf("layers.0.wq.weight")  # a name from before the projections were fused
+
+
+def test_fused_projections_hold_the_checkpoints_tensors_stacked(tmp_path):
+    _hf_llama(tmp_path)
+    _, state = load_hf_checkpoint(tmp_path)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path).state_dict()
+    for ours, parts in (("layers.1.wqkv.weight", ("q", "k", "v")), ("layers.1.w_gate_up.weight", ("gate", "up"))):
+        block = "self_attn" if "qkv" in ours else "mlp"
+        torch.testing.assert_close(state[ours], torch.cat([hf[f"model.layers.1.{block}.{x}_proj.weight"]
+                                                           for x in parts]), rtol=0, atol=0)
 
 
 def test_config_round_trips_through_hf_json():
@@ -139,8 +153,8 @@ def test_configs_we_cannot_run_exactly_are_refused(change, key):
 def test_missing_tensor_is_named(tmp_path):
     cfg = ModelConfig(vocab_size=50, hidden=32, layers=2, heads=4, kv_heads=4, ffn=64)
     model = StageModel(cfg, range(2), first=True, last=True)
-    state = {k: v for k, v in model.state_dict().items() if k != "layers.1.wk.weight"}
-    with pytest.raises(ValueError, match="layers.1.wk.weight"):
+    state = {k: v for k, v in model.state_dict().items() if k != "layers.1.wqkv.weight"}
+    with pytest.raises(ValueError, match="layers.1.wqkv.weight"):
         save_hf_checkpoint(cfg, state, tmp_path)
 
 
@@ -171,3 +185,16 @@ def test_a_stage_reads_only_the_shards_holding_its_own_layers(tmp_path):
     torch.testing.assert_close(last.head.weight, state["head.weight"])
     with pytest.raises(ValueError, match=f"{embed_file}: not a readable safetensors file"):
         load_hf_stage(tmp_path / "sharded", (1, 2), 0)
+
+
+def test_a_missing_part_of_a_fused_projection_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _hf_llama(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight"):
+        load_hf_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight"):
+        load_hf_stage(tmp_path, (1, 2), 1)

@@ -41,11 +41,12 @@ def test_memory_model_matches_saved_tensor_accounting_on_every_held_out_shape():
     assert Profile.from_json(json.loads(json.dumps(prof.to_json()))) == prof
 
 
-def test_stack_of_layers_keeps_per_layer_bytes_times_layers():
+def test_stack_of_layers_keeps_per_layer_bytes_times_layers_and_the_rope_tables_once():
     shape = ChunkShape((100, 28), prefix=50)
     one = LayerBench(TINY, layers=1, warmup=0, reps=1).saved_bytes(shape)
     three = LayerBench(TINY, layers=3, warmup=0, reps=1).saved_bytes(shape)
-    assert three == 3 * one
+    tables = 2 * shape.tokens * TINY.head_dim * 4  # fp32 cos and sin, built once per chunk, shared by its layers
+    assert three - tables == 3 * (one - tables)
 
 
 def test_split_slice_measures_more_memory_than_packed_chunk_of_same_tokens():
@@ -123,8 +124,9 @@ def test_per_action_overhead_is_measured_and_added_to_every_action_of_a_stage():
     prof = default_profile("tiny")
     fwd, bwd = measure_action_overhead(preset("tiny"), "cpu", "float32", prof.layer_fwd, prof.layer_bwd, warmup=1, reps=2)
     assert 0 <= fwd < 50 and 0 <= bwd < 50
+    without = dataclasses.replace(prof, action_fwd=LinearTerm({}), action_bwd=LinearTerm({}))
     with_overhead = dataclasses.replace(prof, action_fwd=LinearTerm({"chunk": 1.5}), action_bwd=LinearTerm({"chunk": 2.5}))
-    plain, extra = CostModel(prof, preset("tiny")), CostModel(with_overhead, preset("tiny"))
+    plain, extra = CostModel(without, preset("tiny")), CostModel(with_overhead, preset("tiny"))
     shape = ChunkShape((256, 64))
     for first, last in ((True, False), (False, False), (False, True)):
         assert extra.forward_ms(shape, 2, first, last) - plain.forward_ms(shape, 2, first, last) == pytest.approx(1.5)

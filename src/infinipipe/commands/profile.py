@@ -19,6 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="fit from a JSON file of measured layer costs instead of measuring")
     src.add_argument("--scale-from", metavar="PROFILE",
                      help="derive the profile by scaling a measured profile (name or file) to --model")
+    src.add_argument("--from-profile", metavar="PROFILE",
+                     help="start from a profile (name or file) as it is, to refit or move its memory terms")
+    p.add_argument("--act-bytes-change", metavar="FILE",
+                   help="move the kept bytes per token by the difference of two versions of the layer measured "
+                        "on another device (benchmarks/layer_bytes.py, before/after); see docs/COST_MODEL.md")
     p.add_argument("--memory-from", metavar="FILE",
                    help="refit the memory terms to measurements of this runtime's layer (--measurements-out of a "
                         "profile of the same model and dtype on any GPU); time terms stay")
@@ -85,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise ValueError(f"{path}: not a JSON measurements file ({exc})") from None
         prof = profile_from_measurements(measurements, args.model, cfg, path.name)
+    elif args.from_profile:
+        prof = load_profile(args.from_profile)
     elif args.scale_from:
         prof = scale_profile(load_profile(args.scale_from), cfg, Path(args.scale_from).stem)
     else:
@@ -107,6 +114,11 @@ def run(args: argparse.Namespace) -> int:
 
         path = Path(args.memory_from)
         prof = memory_from_measurements(prof, json.loads(path.read_text()), path.name)
+    if args.act_bytes_change:
+        from ..profiling.fit import act_bytes_change
+
+        path = Path(args.act_bytes_change)
+        prof = act_bytes_change(prof, json.loads(path.read_text()), path.name)
     if args.out:
         prof.save(args.out)
     if args.measurements_out:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -101,17 +102,21 @@ def _naive(q, k, v, seg_lens, starts, seq_kv):
     return torch.cat(outs)
 
 
-def _varlen(q, k, v, seg_lens, starts, seq_kv):
-    """A split chunk passes its key range as is; a chunk of several segments packs their keys."""
-    keys, values, cu_k, max_k = [], [], [0], 0
+def _varlen(q, k, v, seg_lens, starts, seq_kv, cu_seqlens=None):
+    """A split chunk passes its key range as is; a chunk of several segments packs their keys.
+    ``cu_seqlens`` (queries, keys: int32 on the device) come with the chunk's metadata; without
+    them they are built here, with a copy the host waits for."""
+    keys, values = [], []
     for _, _, ks, vs, _ in _segments(seg_lens, starts, seq_kv, k, v):
         keys.append(ks)
         values.append(vs)
-        cu_k.append(cu_k[-1] + ks.shape[0])
-        max_k = max(max_k, ks.shape[0])
     kk, vv = (keys[0], values[0]) if len(keys) == 1 else (torch.cat(keys), torch.cat(values))
-    cu_q = torch.tensor([0, *torch.tensor(seg_lens).cumsum(0).tolist()], dtype=torch.int32, device=q.device)
-    cu_kt = torch.tensor(cu_k, dtype=torch.int32, device=q.device)
+    key_lens = [c + s for s, c in zip(seg_lens, starts)]
+    if cu_seqlens is None:
+        cu_seqlens = tuple(torch.tensor([0, *accumulate(n)], dtype=torch.int32, device=q.device)
+                           for n in (seg_lens, key_lens))
+    cu_q, cu_kt = cu_seqlens
+    max_k = max(key_lens)
     gqa = q.shape[1] != k.shape[1]
     kwargs = {}
     if gqa and _VARLEN_HAS_GQA:
@@ -125,12 +130,16 @@ def _varlen(q, k, v, seg_lens, starts, seq_kv):
 _IMPL: dict[str, Callable] = {"sdpa": _sdpa, "naive": _naive, "varlen": _varlen}
 
 
-def chunk_attention(q, k, v, seg_lens, starts, seq_kv=None, backend: str = "sdpa") -> torch.Tensor:
+def chunk_attention(q, k, v, seg_lens, starts, seq_kv=None, backend: str = "sdpa",
+                    cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """q: [T, H, d]; k, v: [T, H_kv, d] -> [T, H, d].
 
     ``seq_kv`` is ``(i, keys, values)`` for the chunk's segment of a split sequence: segment ``i``
     attends ``keys``/``values`` ``[C + s_i, H_kv, d]`` (its prefix and itself) instead of its rows
-    of ``k``/``v``; None when no segment belongs to a split sequence.
+    of ``k``/``v``; None when no segment belongs to a split sequence. ``cu_seqlens``: the varlen
+    back-end's cumulative query and key lengths (`ChunkMeta.cu_seqlens`).
     """
     _check_seq_kv(seg_lens, starts, seq_kv, k)
+    if backend == "varlen":
+        return _varlen(q, k, v, seg_lens, starts, seq_kv, cu_seqlens)
     return _IMPL[backend](q, k, v, seg_lens, starts, seq_kv)

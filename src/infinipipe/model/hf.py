@@ -1,11 +1,12 @@
 """Hugging Face interop: read and write Llama-style checkpoint folders (config.json + safetensors).
 
 Our decoder is the Llama architecture with HF's rotate-half RoPE layout, so weights move across
-by renaming alone, with no permutation. Only ``transformers``' file format is used here, not the
-library: loading needs ``safetensors`` and the standard library, so a training node needs no
-``transformers`` install. Anything our model cannot represent exactly (RoPE scaling, biases,
-sliding windows, another activation) is refused with the config key that asks for it, rather than
-loaded into a model that would compute something else.
+by renaming, with no permutation; our Q/K/V projection stacks HF's q/k/v_proj rows and our gate/up
+projection its gate_proj and up_proj rows, so import joins them and export splits them. Only
+``transformers``' file format is used here, not the library: loading needs ``safetensors`` and the
+standard library, so a training node needs no ``transformers`` install. Anything our model cannot
+represent exactly (RoPE scaling, biases, sliding windows, another activation) is refused with the
+config key that asks for it, rather than loaded into a model that would compute something else.
 """
 from __future__ import annotations
 
@@ -23,44 +24,44 @@ from .stage import StageModel
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 
-_LAYER_NAMES = {
-    "self_attn.q_proj.weight": "wq.weight",
-    "self_attn.k_proj.weight": "wk.weight",
-    "self_attn.v_proj.weight": "wv.weight",
-    "self_attn.o_proj.weight": "wo.weight",
-    "self_attn.q_proj.bias": "wq.bias",
-    "self_attn.k_proj.bias": "wk.bias",
-    "self_attn.v_proj.bias": "wv.bias",
-    "mlp.gate_proj.weight": "w_gate.weight",
-    "mlp.up_proj.weight": "w_up.weight",
-    "mlp.down_proj.weight": "w_down.weight",
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "mlp_norm.weight",
+# Each of our layer parameters and the HF tensors stacked (by rows, in this order) in it: Q/K/V are
+# one projection here and gate/up another, so import joins them and export splits them.
+_LAYER_PARTS = {
+    "wqkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "wqkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    "wo.weight": ("self_attn.o_proj.weight",),
+    "w_gate_up.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "w_down.weight": ("mlp.down_proj.weight",),
+    "attn_norm.weight": ("input_layernorm.weight",),
+    "mlp_norm.weight": ("post_attention_layernorm.weight",),
 }
+_HF_TO_OURS_LAYER = {hf: ours for ours, parts in _LAYER_PARTS.items() for hf in parts}
 _TOP_NAMES = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
               "lm_head.weight": "head.weight"}
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _OUR_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
-_OUR_TO_HF_LAYER = {ours: hf for hf, ours in _LAYER_NAMES.items()}
 _OUR_TO_HF_TOP = {ours: hf for hf, ours in _TOP_NAMES.items()}
 
 
 def hf_to_ours(name: str) -> str:
-    """``model.layers.3.self_attn.q_proj.weight`` -> ``layers.3.wq.weight``."""
+    """The parameter of ours that holds an HF tensor:
+    ``model.layers.3.self_attn.k_proj.weight`` -> ``layers.3.wqkv.weight``."""
     m = _HF_LAYER.match(name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    if m and m.group(2) in _HF_TO_OURS_LAYER:
+        return f"layers.{m.group(1)}.{_HF_TO_OURS_LAYER[m.group(2)]}"
     if name in _TOP_NAMES:
         return _TOP_NAMES[name]
     raise ValueError(f"checkpoint tensor {name!r} has no counterpart in our model")
 
 
-def ours_to_hf(name: str) -> str:
+def ours_to_hf(name: str) -> tuple[str, ...]:
+    """The HF tensors stacked in one of our parameters, in row order:
+    ``layers.3.w_gate_up.weight`` -> (``...mlp.gate_proj.weight``, ``...mlp.up_proj.weight``)."""
     m = _OUR_LAYER.match(name)
-    if m and m.group(2) in _OUR_TO_HF_LAYER:
-        return f"model.layers.{m.group(1)}.{_OUR_TO_HF_LAYER[m.group(2)]}"
+    if m and m.group(2) in _LAYER_PARTS:
+        return tuple(f"model.layers.{m.group(1)}.{hf}" for hf in _LAYER_PARTS[m.group(2)])
     if name in _OUR_TO_HF_TOP:
-        return _OUR_TO_HF_TOP[name]
+        return (_OUR_TO_HF_TOP[name],)
     raise ValueError(f"parameter {name!r} has no Hugging Face counterpart")
 
 
@@ -127,21 +128,47 @@ def read_hf_config(path: str | Path) -> ModelConfig:
     return config_from_hf(obj)
 
 
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    d, kv = cfg.hidden, cfg.kv_dim
-    shapes = {"embed.weight": (cfg.vocab_size, d), "norm.weight": (d,), "head.weight": (cfg.vocab_size, d)}
+def _hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the HF checkpoint of ``cfg`` and its shape."""
+    d, kv, q = cfg.hidden, cfg.kv_dim, cfg.heads * cfg.head_dim
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,),
+              "lm_head.weight": (cfg.vocab_size, d)}
     for i in range(cfg.layers):
-        shapes.update({
-            f"layers.{i}.attn_norm.weight": (d,), f"layers.{i}.mlp_norm.weight": (d,),
-            f"layers.{i}.wq.weight": (cfg.heads * cfg.head_dim, d), f"layers.{i}.wk.weight": (kv, d),
-            f"layers.{i}.wv.weight": (kv, d), f"layers.{i}.wo.weight": (d, cfg.heads * cfg.head_dim),
-            f"layers.{i}.w_gate.weight": (cfg.ffn, d), f"layers.{i}.w_up.weight": (cfg.ffn, d),
-            f"layers.{i}.w_down.weight": (d, cfg.ffn),
-        })
+        layer = {"self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d),
+                 "self_attn.v_proj.weight": (kv, d), "self_attn.o_proj.weight": (d, q),
+                 "mlp.gate_proj.weight": (cfg.ffn, d), "mlp.up_proj.weight": (cfg.ffn, d),
+                 "mlp.down_proj.weight": (d, cfg.ffn), "input_layernorm.weight": (d,),
+                 "post_attention_layernorm.weight": (d,)}
         if cfg.qkv_bias:
-            shapes.update({f"layers.{i}.wq.bias": (cfg.heads * cfg.head_dim,), f"layers.{i}.wk.bias": (kv,),
-                           f"layers.{i}.wv.bias": (kv,)})
+            layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+        shapes.update({f"model.layers.{i}.{n}": shape for n, shape in layer.items()})
     return shapes
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Our parameters and their shapes: a fused one stacks its parts' rows."""
+    hf = _hf_shapes(cfg)
+    ours = {hf_to_ours(n) for n in hf}
+    return {n: (sum(hf[p][0] for p in ours_to_hf(n)), *hf[ours_to_hf(n)[0]][1:]) for n in sorted(ours)}
+
+
+def _join(cfg: ModelConfig, tensors: dict[str, torch.Tensor], names: Iterable[str], where: str,
+          dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Our parameters ``names`` from HF ``tensors``, stacking the parts of a fused one; a missing or
+    misshapen HF tensor is named."""
+    shapes = _hf_shapes(cfg)
+    state = {}
+    for name in names:
+        parts = ours_to_hf(name)
+        missing = [p for p in parts if p not in tensors]
+        if missing:
+            raise ValueError(f"{where}: missing tensor(s) {missing[:5]}")
+        for p in parts:
+            if tuple(tensors[p].shape) != shapes[p]:
+                raise ValueError(f"{where}: {p} has shape {tuple(tensors[p].shape)}, expected {shapes[p]}")
+        joined = tensors[parts[0]] if len(parts) == 1 else torch.cat([tensors[p] for p in parts])
+        state[name] = joined if dtype is None else joined.to(dtype)
+    return state
 
 
 def _check_state(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str) -> None:
@@ -182,20 +209,23 @@ def load_hf_checkpoint(path: str | Path,
     """
     path = Path(path)
     cfg = read_hf_config(path)
-    state: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
     for f in _shard_files(path):
         try:
-            tensors = load_file(str(f))
+            found = load_file(str(f))
         except Exception as exc:  # safetensors raises its own error type for a bad header or size
             raise ValueError(f"{f}: not a readable safetensors file ({exc})") from None
-        for name, tensor in tensors.items():
-            if name.endswith("rotary_emb.inv_freq"):
-                continue
-            state[hf_to_ours(name)] = tensor if dtype is None else tensor.to(dtype)
-    if cfg.tie_embeddings and "embed.weight" in state:
-        head = state.get("head.weight")
-        if head is not None and not torch.equal(head, state["embed.weight"]):
+        for name, tensor in found.items():
+            if not name.endswith("rotary_emb.inv_freq"):
+                hf_to_ours(name)  # refuses a tensor our model has no place for
+                tensors[name] = tensor
+    if cfg.tie_embeddings and "model.embed_tokens.weight" in tensors:
+        head = tensors.get("lm_head.weight")
+        if head is not None and not torch.equal(head, tensors["model.embed_tokens.weight"]):
             raise ValueError(f"{path}: tie_word_embeddings is set but lm_head.weight differs from embed_tokens")
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    state = _join(cfg, tensors, _expected_shapes(cfg), str(path), dtype)
+    if cfg.tie_embeddings:
         state["head.weight"] = state["embed.weight"]
     _check_state(cfg, state, str(path))
     return cfg, state
@@ -211,31 +241,22 @@ def read_hf_tensors(path: str | Path, names: Iterable[str],
     """
     path = Path(path)
     cfg = read_hf_config(path)
-    shapes = _expected_shapes(cfg)
     wanted = set(names)
-    unknown = sorted(wanted - set(shapes))
+    unknown = sorted(wanted - set(_expected_shapes(cfg)))
     if unknown:
         raise ValueError(f"{path}: the model of config.json has no parameter(s) {unknown[:5]}")
     source = {n: "embed.weight" if cfg.tie_embeddings and n == "head.weight" else n for n in wanted}
-    needed = {ours_to_hf(n): n for n in source.values()}
+    needed = {hf for n in source.values() for hf in ours_to_hf(n)}
     found: dict[str, torch.Tensor] = {}
-    for f in _shard_files(path, set(needed)):
+    for f in _shard_files(path, needed):
         try:
             with safe_open(str(f), framework="pt") as shard:
-                for name in set(shard.keys()) & set(needed):
-                    found[needed[name]] = shard.get_tensor(name)
+                for name in set(shard.keys()) & needed:
+                    found[name] = shard.get_tensor(name)
         except (OSError, SafetensorError) as exc:
             raise ValueError(f"{f}: not a readable safetensors file ({exc})") from None
-    missing = sorted(set(needed.values()) - set(found))
-    if missing:
-        raise ValueError(f"{path}: missing tensor(s) {missing[:5]}")
-    state = {}
-    for name, src in source.items():
-        tensor = found[src]
-        if tuple(tensor.shape) != shapes[name]:
-            raise ValueError(f"{path}: {src} has shape {tuple(tensor.shape)}, expected {shapes[name]}")
-        state[name] = tensor if dtype is None else tensor.to(dtype)
-    return state
+    joined = _join(cfg, found, set(source.values()), str(path), dtype)
+    return {name: joined[src] for name, src in source.items()}
 
 
 def load_hf_stage(path: str | Path, layers_per_stage: Sequence[int], stage: int,
@@ -270,8 +291,14 @@ def save_hf_checkpoint(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], pa
     _check_state(cfg, state_dict, "state_dict")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {ours_to_hf(k): v.detach().to("cpu").contiguous() for k, v in state_dict.items()
-               if not (cfg.tie_embeddings and k == "head.weight")}
+    shapes = _hf_shapes(cfg)
+    tensors = {}
+    for k, v in state_dict.items():
+        if cfg.tie_embeddings and k == "head.weight":
+            continue
+        parts = ours_to_hf(k)
+        pieces = v.detach().to("cpu").split([shapes[p][0] for p in parts]) if len(parts) > 1 else (v.detach().to("cpu"),)
+        tensors.update({p: piece.contiguous() for p, piece in zip(parts, pieces)})
     dtype = state_dict["embed.weight"].dtype
     (path / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype, max_position_embeddings), indent=2) + "\n",
                                       encoding="utf-8")

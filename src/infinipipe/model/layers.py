@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Protocol
 
 import torch
@@ -15,21 +16,42 @@ from .attention import chunk_attention, resolve_backend
 from .kv_store import LayerKV
 
 
+def to_device(parts: Sequence[torch.Tensor], device) -> list[torch.Tensor]:
+    """Host int64 tensors on ``device`` through one copy: pinned and non-blocking on CUDA, so a
+    chunk's metadata reaches the device without the host waiting for it."""
+    sizes = [int(t.numel()) for t in parts]
+    flat = torch.cat([t.reshape(-1).to(torch.long) for t in parts])
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = flat.to(device)
+    return list(flat.split(sizes))
+
+
 @dataclass(frozen=True)
 class ChunkMeta:
     """Segment lengths, their absolute starts (= cached prefix) and every token's position.
 
     ``split`` is the index of the segment that belongs to a split sequence (it reads and writes the
     sequence's K/V store), None if there is none; a segment with a prefix is always that one.
+    Everything the device needs of a chunk (positions, cumulative query and key lengths for the
+    varlen kernel, and ``carried``: tensors a caller sends along, such as token ids and labels)
+    arrives in one copy when the chunk's metadata is built; RoPE tables are computed on the device
+    once per chunk and stage (`rope`) and shared by its layers.
     """
 
     seg_lens: tuple[int, ...]
     starts: tuple[int, ...]
     positions: torch.Tensor
     split: int | None = None
+    cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None = None
+    carried: tuple[torch.Tensor, ...] = ()
+    _tables: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def build(cls, seg_lens: Sequence[int], starts: Sequence[int], device=None, split: int | None = None) -> "ChunkMeta":
+    def build(cls, seg_lens: Sequence[int], starts: Sequence[int], device=None, split: int | None = None,
+              carry: Sequence[torch.Tensor] = ()) -> "ChunkMeta":
         seg_lens, starts = tuple(int(s) for s in seg_lens), tuple(int(s) for s in starts)
         if len(seg_lens) != len(starts) or not seg_lens or min(seg_lens) < 1 or min(starts) < 0:
             raise ValueError(f"invalid chunk layout: seg_lens={seg_lens} starts={starts}")
@@ -40,16 +62,33 @@ class ChunkMeta:
             split = prefixed
         if split is not None and (not 0 <= split < len(seg_lens) or prefixed not in (None, split)):
             raise ValueError(f"segment {split} cannot be the split sequence's, starts={starts}")
-        positions = torch.cat([torch.arange(c, c + s, device=device) for s, c in zip(seg_lens, starts)])
-        return cls(seg_lens, starts, positions, split)
+        positions = torch.cat([torch.arange(c, c + s) for s, c in zip(seg_lens, starts)])
+        cu_q = torch.tensor([0, *accumulate(seg_lens)])
+        cu_k = torch.tensor([0, *accumulate(c + s for s, c in zip(seg_lens, starts))])
+        positions, cu_q, cu_k, *carried = to_device([positions, cu_q, cu_k, *carry], device)
+        return cls(seg_lens, starts, positions, split, (cu_q.to(torch.int32), cu_k.to(torch.int32)), tuple(carried))
 
     @classmethod
-    def of(cls, chunk: Chunk, device=None, split: int | None = None) -> "ChunkMeta":
-        return cls.build([s.length for s in chunk.segments], [s.start for s in chunk.segments], device, split)
+    def of(cls, chunk: Chunk, device=None, split: int | None = None,
+           carry: Sequence[torch.Tensor] = ()) -> "ChunkMeta":
+        return cls.build([s.length for s in chunk.segments], [s.start for s in chunk.segments], device, split, carry)
 
     @property
     def tokens(self) -> int:
         return sum(self.seg_lens)
+
+    def rope(self, lo: int, hi: int, head_dim: int, theta: float, dtype: torch.dtype):
+        """cos/sin of tokens ``[lo, hi)``, computed once per chunk and shared by every layer."""
+        key = (lo, hi, head_dim, theta, dtype)
+        if key not in self._tables:
+            self._tables[key] = rope_cos_sin(self.positions[lo:hi], head_dim, theta, dtype)
+        return self._tables[key]
+
+    def forget_rope(self) -> None:
+        """Drop the tables once a pass over the layers is done: stored layers keep them for their
+        backward, and recomputed layers build them again there, so a chunk whose layers are all
+        recomputed holds no table between its forward and its backward."""
+        self._tables.clear()
 
 
 class HeadExchange(Protocol):
@@ -64,6 +103,33 @@ class HeadExchange(Protocol):
     def tokens_of_all_heads(self, o: torch.Tensor) -> torch.Tensor: ...
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """``weight * (x / rms(x))``, normalised in >= fp32 as Hugging Face does. Backward keeps only the
+    input and the per-token reciprocal RMS; the normalised values are recomputed from them."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        xf = _upcast(x)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = _upcast(x) * rstd
+        dweight = None
+        if ctx.needs_input_grad[1]:
+            dweight = (grad * xhat.to(x.dtype)).sum(dim=tuple(range(grad.dim() - 1)))
+        dxhat = _upcast(grad * weight)
+        dx = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+        return dx.to(x.dtype), dweight, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -71,9 +137,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * y.to(x.dtype)
+        return _RMSNormFn.apply(x, self.weight, self.eps)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -85,14 +149,75 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
     return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def _rotate_back(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The transpose of `_rotate` applied to an output gradient."""
+    half = g.shape[-1] // 2
+    gs = g * sin
+    return g * cos + torch.cat([gs[..., half:], -gs[..., :half]], dim=-1)
+
+
+class _QKVRope(torch.autograd.Function):
+    """Split the fused projection into Q, K and V and rotate Q and K. Backward needs only the shared
+    cos/sin. K and V are written into one new buffer, so what attention keeps of them does not
+    hold the projection's output (Q's rows included) alive."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, heads: int, kv_heads: int):
+        t, head_dim = qkv.shape[0], cos.shape[-1]
+        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        kv = qkv.new_empty(2, t, kv_heads, head_dim)
+        kv[0] = _rotate(k.view(t, kv_heads, head_dim), cos, sin)
+        kv[1] = v.view(t, kv_heads, head_dim)
+        ctx.save_for_backward(cos, sin)
+        return _rotate(q.view(t, heads, head_dim), cos, sin), kv[0], kv[1]
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        parts = (_rotate_back(dq, cos, sin), _rotate_back(dk, cos, sin), dv)
+        return torch.cat([p.flatten(1) for p in parts], dim=-1), None, None, None, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up`` of the fused gate/up projection, keeping only that projection's output:
+    silu and the product are recomputed in backward (elementwise, no matmul)."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        ctx.save_for_backward(gate_up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        dgate = torch.ops.aten.silu_backward(grad * up, gate)
+        return torch.cat([dgate, grad * F.silu(gate)], dim=-1)
+
+
+class FusedLinear(nn.Linear):
+    """Several projections of one input as one GEMM. ``parts`` names each projection and its output
+    rows, in order: the weight is their weights stacked, which is how Hugging Face checkpoints are
+    split and joined and how each part's initial weights are drawn (`stage.init_weights`)."""
+
+    def __init__(self, in_features: int, parts: dict[str, int], bias: bool):
+        super().__init__(in_features, sum(parts.values()), bias=bias)
+        self.parts = dict(parts)
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention + SwiGLU MLP; the split sequence's segment goes through its K/V store."""
+    """Pre-norm attention + SwiGLU MLP; the split sequence's segment goes through its K/V store.
+
+    Q/K/V are one projection and gate/up another. Per token, backward keeps the layer's input, the
+    two norms' inputs and reciprocal RMS, each projection group's normalised input, rotated Q and
+    K, V, the attention output (and its log-sum-exp), gate and up, and the down projection's input.
+    """
 
     def __init__(self, cfg: ModelConfig, backend: str = "auto"):
         super().__init__()
@@ -100,13 +225,10 @@ class DecoderLayer(nn.Module):
         self.backend = backend
         d, hd = cfg.hidden, cfg.head_dim
         self.attn_norm = RMSNorm(d, cfg.norm_eps)
-        self.wq = nn.Linear(d, cfg.heads * hd, bias=cfg.qkv_bias)
-        self.wk = nn.Linear(d, cfg.kv_heads * hd, bias=cfg.qkv_bias)
-        self.wv = nn.Linear(d, cfg.kv_heads * hd, bias=cfg.qkv_bias)
+        self.wqkv = FusedLinear(d, {"wq": cfg.heads * hd, "wk": cfg.kv_dim, "wv": cfg.kv_dim}, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.heads * hd, d, bias=False)
         self.mlp_norm = RMSNorm(d, cfg.norm_eps)
-        self.w_gate = nn.Linear(d, cfg.ffn, bias=False)
-        self.w_up = nn.Linear(d, cfg.ffn, bias=False)
+        self.w_gate_up = FusedLinear(d, {"w_gate": cfg.ffn, "w_up": cfg.ffn}, bias=False)
         self.w_down = nn.Linear(cfg.ffn, d, bias=False)
 
     def forward(self, h: torch.Tensor, meta: ChunkMeta, store: LayerKV | None = None,
@@ -117,25 +239,20 @@ class DecoderLayer(nn.Module):
         lo, hi = (0, meta.tokens) if sp is None else (sp.lo, sp.hi)
         if t != hi - lo:
             raise ValueError(f"hidden states have {t} tokens, this rank holds {hi - lo} of the chunk")
-        x = self.attn_norm(h)
-        q = self.wq(x).view(t, cfg.heads, cfg.head_dim)
-        k = self.wk(x).view(t, cfg.kv_heads, cfg.head_dim)
-        v = self.wv(x).view(t, cfg.kv_heads, cfg.head_dim)
-        cos, sin = rope_cos_sin(meta.positions[lo:hi], cfg.head_dim, cfg.rope_theta, q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if (store is None) != (meta.split is None):
+            raise ValueError("a K/V store goes with exactly the chunks that hold a split sequence's segment")
+        cos, sin = meta.rope(lo, hi, cfg.head_dim, cfg.rope_theta, h.dtype)
+        q, k, v = _QKVRope.apply(self.wqkv(self.attn_norm(h)), cos, sin, cfg.heads, cfg.kv_heads)
         if sp is not None:
             q, k, v = sp.heads_of_all_tokens(q, k, v)
         backend = resolve_backend(self.backend, h.device, q.dtype)
         seq_kv = None
-        if (store is None) != (meta.split is None):
-            raise ValueError("a K/V store goes with exactly the chunks that hold a split sequence's segment")
         if store is not None:
             i = meta.split
             off, s = sum(meta.seg_lens[:i]), meta.seg_lens[i]
             seq_kv = (i, *store.attend(k[off:off + s], v[off:off + s], meta.starts[i]))
-        o = chunk_attention(q, k, v, meta.seg_lens, meta.starts, seq_kv, backend)
+        o = chunk_attention(q, k, v, meta.seg_lens, meta.starts, seq_kv, backend, meta.cu_seqlens)
         if sp is not None:
             o = sp.tokens_of_all_heads(o)
         h = h + self.wo(o.reshape(t, cfg.heads * cfg.head_dim))
-        x = self.mlp_norm(h)
-        return h + self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return h + self.w_down(_SwiGLU.apply(self.w_gate_up(self.mlp_norm(h))))

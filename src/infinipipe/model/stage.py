@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from ..contract.cost import LOSS_BLOCK_TOKENS
 from ..contract.model_config import ModelConfig
 from .kv_store import LayerKV
-from .layers import ChunkMeta, DecoderLayer, HeadExchange, RMSNorm
+from .layers import ChunkMeta, DecoderLayer, FusedLinear, HeadExchange, RMSNorm
 from .loss import blocked_cross_entropy
 
 
@@ -19,7 +19,7 @@ class StageModel(nn.Module):
     """Layers ``layer_ids`` of the model; the first stage embeds, the last normalises and predicts.
 
     Layers live in a ``ModuleDict`` keyed by their global index, so every stage's state dict uses
-    the full model's parameter names (``layers.7.wq.weight``) and stages merge without renaming.
+    the full model's parameter names (``layers.7.wqkv.weight``) and stages merge without renaming.
     """
 
     def __init__(self, cfg: ModelConfig, layer_ids: range, first: bool, last: bool, backend: str = "auto"):
@@ -55,12 +55,13 @@ class StageModel(nn.Module):
                 h = checkpoint(layer, h, meta, store, shard, use_reentrant=False)
             else:
                 h = layer(h, meta, store, shard)
+        meta.forget_rope()
         if not self.last:
             return h
         out = blocked_cross_entropy(h, self.norm, self.head, labels, normaliser, loss_block_tokens)
         if shard is not None and not out.requires_grad:
-            # This rank's tokens predict nothing, but its backward must still take part in the
-            # SP group's all-to-alls.
+            # This rank's share of the chunk holds no token, but its backward must still take part
+            # in the SP group's all-to-alls.
             out = out + 0 * h.sum()
         return out
 
@@ -68,19 +69,31 @@ class StageModel(nn.Module):
         return [self.layers[str(i)] for i in self.layer_ids]
 
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
-        if (token_ids < 0).any() or (token_ids >= self.cfg.vocab_size).any():
-            bad = token_ids[(token_ids < 0) | (token_ids >= self.cfg.vocab_size)][0].item()
-            raise ValueError(f"token id {bad} outside the vocabulary 0..{self.cfg.vocab_size - 1}")
+        """Token ids are checked against the vocabulary where the batch reaches the stage
+        (`Batch.check_token_ids`), not here: a check on the device would wait for it every chunk."""
         return self.embed(token_ids)
 
 
+def _draw(name: str, shape: tuple[int, ...], seed: int, std: float) -> torch.Tensor:
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    return torch.randn(shape, generator=gen, dtype=torch.float64).mul_(std)
+
+
 def init_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
-    """Deterministic init keyed by parameter name, so a stage gets the same weights as the whole model."""
+    """Deterministic init keyed by parameter name, so a stage gets the same weights as the whole model.
+
+    A fused projection's weight is its parts' weights stacked, each drawn under the part's own name
+    (``layers.3.wk.weight``): the same weights as the separate projections had."""
+    fused = {f"{path}.{leaf}": module.parts for path, module in model.named_modules()
+             if isinstance(module, FusedLinear) for leaf, _ in module.named_parameters(recurse=False)}
     for name, p in model.named_parameters():
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
         with torch.no_grad():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif name in fused:
+                parent, _, leaf = name.rpartition(".")
+                parent = parent.rpartition(".")[0]
+                p.copy_(torch.cat([_draw(f"{parent}.{part}.{leaf}".lstrip("."), (rows, *p.shape[1:]), seed, std)
+                                   for part, rows in fused[name].items()]).to(p.dtype))
             else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).mul_(std).to(p.dtype))
-
+                p.copy_(_draw(name, tuple(p.shape), seed, std).to(p.dtype))

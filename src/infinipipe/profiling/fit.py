@@ -308,3 +308,40 @@ def memory_from_measurements(base: Profile, data: Mapping[str, Any], source_name
         source=(f"{base.source}; memory terms (kept activations, layer work memory) fitted instead to "
                 f"{len(fit_rows)} shapes of this runtime's layer measured on {data.get('device')} in {source_name}, "
                 f"errors on {len(held)} held-out shapes"))
+
+
+def act_bytes_change(base: Profile, data: Mapping[str, Any], source_name: str) -> Profile:
+    """``base`` with the bytes per token its layer keeps moved by what a new version of the layer
+    changed, measured on another device (`benchmarks/layer_bytes.py` run on both versions, in the
+    profile's dtype): the difference of the two versions' kept bytes per token for the profile's
+    layer shape is added to its ``tokens`` coefficient; the other terms stay.
+
+    A difference rather than a ratio: the bytes a change removes (upcast copies, outputs kept twice)
+    are elementwise tensors whose size does not depend on the attention kernel, while each device's
+    kernel keeps its own amount beside them (on CPU, SDPA per segment keeps its output in a second
+    copy that flash attention on a GPU does not). Until the layer is measured on the GPU itself, the
+    profile says so in its source and ``fit_error.act_bytes_change``.
+    """
+    if "act_bytes_change" in base.fit_error:
+        raise ValueError(f"the profile's kept bytes were already moved ({base.fit_error['act_bytes_change']})")
+    if data.get("dtype") != base.dtype:
+        raise ValueError(f"{source_name}: measured in {data.get('dtype')}, the profile is {base.dtype}")
+
+    def per_token(version: str) -> float:
+        for row in data[version]["shapes"]:
+            if preset(row["model"]).cost_shape() == base.model.cost_shape():
+                return float(row["terms"]["act_bytes"]["tokens"])
+        raise ValueError(f"{source_name}: no {version} measurement of the profile's layer shape")
+
+    delta = per_token("after") - per_token("before")
+    coef = dict(base.layer_act_bytes.coef)
+    coef["tokens"] = coef.get("tokens", 0.0) + delta
+    if coef["tokens"] <= 0:
+        raise ValueError(f"{source_name}: moving {base.layer_act_bytes.coef.get('tokens', 0.0):,.0f} bytes per token "
+                         f"by {delta:+,.0f} leaves none")
+    return dataclasses.replace(
+        base, layer_act_bytes=LinearTerm(coef),
+        fit_error={**base.fit_error, "act_bytes_change": {"from": source_name, "per_token": delta}},
+        source=(f"{base.source}; kept bytes per token moved by {delta:+,.0f} to the layer with "
+                f"{data['after'].get('layer', 'a new version')} (both versions measured on {data.get('device')} "
+                f"in {source_name}), awaiting a measurement on the device"))

@@ -28,6 +28,15 @@ class Batch:
     def of(cls, sequences: Sequence[Sequence[int]] | Sequence[torch.Tensor]) -> "Batch":
         return cls(tuple(torch.as_tensor(s, dtype=torch.long) for s in sequences))
 
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Every id in ``[0, vocab_size)``: checked on the host once per step, where the batch reaches
+        the embedding stage, rather than on the device per chunk."""
+        for i, s in enumerate(self.sequences):
+            lo, hi = torch.aminmax(s)
+            if lo < 0 or hi >= vocab_size:
+                bad = int(lo) if lo < 0 else int(hi)
+                raise ValueError(f"sequence {i}: token id {bad} outside the vocabulary 0..{vocab_size - 1}")
+
     @property
     def lengths(self) -> tuple[int, ...]:
         return tuple(int(s.numel()) for s in self.sequences)

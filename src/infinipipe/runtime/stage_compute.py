@@ -61,6 +61,8 @@ class StageCompute:
         self.dtype = param.dtype if dtype is None else dtype
         self.sp = sp
         self.kv_heads = model.cfg.kv_heads if sp is None else sp.kv_heads(model.cfg)
+        if model.first:
+            batch.check_token_ids(model.cfg.vocab_size)
         self._live: dict[int, _Live] = {}
         self._kv: dict[int, _SequenceKV] = {}
 
@@ -95,9 +97,15 @@ class StageCompute:
         shard = None if self.sp is None else self.sp.shard(chunk.tokens, model.cfg)
         lo, hi = (0, chunk.tokens) if shard is None else (shard.lo, shard.hi)
         tokens = hi - lo
+        # Token ids and labels travel to the device with the chunk's metadata, in one copy.
+        carry = [self.batch.chunk_tokens(chunk)[lo:hi]] if model.first else []
+        if model.last:
+            carry.append(self.batch.chunk_labels(chunk)[lo:hi])
+        index, seg = self._split(chunk)
+        meta = ChunkMeta.of(chunk, self.device, index, carry)
         if model.first:
             inp = None
-            x = self.batch.chunk_tokens(chunk)[lo:hi].to(self.device)
+            x = meta.carried[0]
         else:
             if x is None or tuple(x.shape) != (tokens, model.cfg.hidden):
                 got = None if x is None else tuple(x.shape)
@@ -105,14 +113,12 @@ class StageCompute:
                     f"chunk {chunk.id}: stage input has shape {got}, expected {(tokens, model.cfg.hidden)}"
                 )
             inp = x = x.detach().requires_grad_(True)
-        index, seg = self._split(chunk)
         stores = None
         if seg is not None:
             seq = self._store(chunk, seg)
             seq.pending.add(seg.start)
             stores = seq.layers
-        meta = ChunkMeta.of(chunk, self.device, index)
-        labels = self.batch.chunk_labels(chunk)[lo:hi].to(self.device) if model.last else None
+        labels = meta.carried[-1] if model.last else None
         out = model(x, meta, stores, shard, recompute_layers, labels, self.normaliser, self.loss_block_tokens)
         self._live[chunk.id] = _Live(inp, out)
         return out.detach()
