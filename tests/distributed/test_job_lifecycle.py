@@ -1,6 +1,7 @@
 """A job as a cluster sees it: exit codes, signals, one job per run directory."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -10,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from infinipipe.train.run_lock import RunDirBusy, run_dir_lock
 
 pytestmark = pytest.mark.slow
 
@@ -65,9 +68,19 @@ class Job:
     def __init__(self, run_dir: Path, cache_dir: str, *extra: str):
         self.run_dir = run_dir
         self.out, self.err = run_dir.parent / f"{run_dir.name}.out", run_dir.parent / f"{run_dir.name}.err"
+        self.tmp = run_dir.parent / f"{run_dir.name}.tmp"  # the job's TMPDIR
+        self.tmp.mkdir()
         with self.out.open("w") as out, self.err.open("w") as err:
             self.proc = subprocess.Popen([sys.executable, *_train_args(run_dir, cache_dir, *extra)],
-                                         stdout=out, stderr=err, start_new_session=True)
+                                         stdout=out, stderr=err, start_new_session=True,
+                                         env={**os.environ, "TMPDIR": str(self.tmp)})
+
+    def wait_for_output(self, text: str, limit_s: float = 120) -> None:
+        deadline = time.monotonic() + limit_s
+        while text not in self.out.read_text():
+            assert self.proc.poll() is None, f"the job ended early: {self.err.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {text!r} on stdout within {limit_s} s"
+            time.sleep(0.05)
 
     def wait_for_rows(self, n: int, limit_s: float = 240) -> None:
         metrics = self.run_dir / "metrics.jsonl"
@@ -117,8 +130,13 @@ def test_stop_signal_checkpoints_and_leaves_no_process_of_the_job_within_30s(tmp
         os.killpg(job.proc.pid, sig)
     else:
         os.kill(job.ranks()[1], sig)
+    if sig == signal.SIGKILL:  # the ranks, still running, hold the run directory until they end
+        with pytest.raises(RunDirBusy):
+            with run_dir_lock(job.run_dir):
+                pass
     assert job.gone_within(30) < 30
     assert job.proc.wait() == code
+    assert not list(job.tmp.iterdir()), "the job left its temporary files"
     stop = [line for line in job.err.read_text().splitlines() if line.startswith("stopped by")]
     assert len(stop) == 1, job.err.read_text()[-3000:]
     reason = signal.SIGTERM if sig == signal.SIGKILL else sig
@@ -143,12 +161,45 @@ def test_second_job_on_a_running_jobs_run_dir_is_refused_naming_the_holder(tmp_p
 
 
 def test_failed_rank_is_one_error_line_with_its_traceback_kept_in_the_run_dir(tmp_path, cache_dir):
-    cmd = [sys.executable, *_train_args(tmp_path, cache_dir, "--training.steps=2", "--checkpoint.enable=true",
-                                        "--checkpoint.load_step=5")]
+    (tmp_path / "checkpoint").write_text("a file where the checkpoints' folder should be")
+    (tmp_path / "failure.txt").write_text("the report of an earlier job\n")
+    cmd = [sys.executable, *_train_args(tmp_path, cache_dir, "--training.steps=1", "--checkpoint.enable=true")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("infinipipe train: error:")]
-    assert re.match(r"infinipipe train: error: rank \d failed: .*CheckpointError: checkpoint.load_step = 5: "
-                    r"no .*step-5 \(checkpoints there: none\) \(tracebacks: .*failure.txt\)", line)
+    assert re.match(r"infinipipe train: error: rank 0 failed: .*CheckpointWriteError: cannot write checkpoint "
+                    rf"{re.escape(str(tmp_path / 'checkpoint' / 'step-1'))}: File exists .* "
+                    r"\(tracebacks: .*failure.txt\)", line), line
     assert "Traceback" not in proc.stderr
     assert "Traceback" in (tmp_path / "failure.txt").read_text()
+    (earlier,) = tmp_path.glob("failure-*.txt")
+    assert earlier.read_text() == "the report of an earlier job\n"
+
+
+def test_ctrl_c_while_the_ranks_start_stops_the_job_before_its_first_step(tmp_path, cache_dir):
+    job = Job(tmp_path / "run", cache_dir, *STOP_RUN)
+    job.wait_for_output("run directory:")  # the banner's last line: the ranks are being started
+    os.kill(job.proc.pid, signal.SIGINT)
+    assert job.gone_within(30) < 30
+    assert job.proc.wait() == 128 + signal.SIGINT
+    err = job.err.read_text()
+    assert "error" not in err and "Traceback" not in err, err[-3000:]
+    # the ranks take the stop once they listen: at the boundary before step 1 or the one after it
+    stop = re.search(r"stopped by SIGINT after step (\d+) of 40; (.*)", err)
+    assert stop and int(stop.group(1)) <= 1, err[-3000:]
+    if stop.group(1) == "0":
+        assert stop.group(2) == "nothing trained yet, so a rerun starts from step 0"
+
+
+def test_resume_with_a_larger_pipeline_degree_reshards_the_checkpoint_and_says_so(tmp_path, cache_dir):
+    args = _train_args(tmp_path, cache_dir, "--checkpoint.enable=true")
+    first = subprocess.run([sys.executable, *args, "--training.steps=1"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run([sys.executable, *args, "--training.steps=2", "--parallelism.pipeline_parallel_degree=4"],
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert ("checkpoint step-1 was written by 2 rank(s) (pp=2, dp_replicate=1, dp_shard=1, sp=1); this job has 4 "
+            "rank(s) (pp=4, dp_replicate=1, dp_shard=1, sp=1): weights and optimizer state are resharded by "
+            "parameter name; ranks 2-3 had no saved random state") in second.stderr
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["run"] == rows[1]["run"]

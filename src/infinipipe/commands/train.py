@@ -1,8 +1,9 @@
 """``infinipipe train``: the training job (the embedded default needs no arguments).
 
 Exit status: 0 when every step ran, 128 + the signal number when a stop signal ended the job
-early (after its checkpoint), 1 when a rank failed, 2 for bad input. A failed job prints one line;
-the ranks' tracebacks go to ``RUN_DIR/failure.txt``.
+early (after its checkpoint), 1 when a rank failed, 2 for bad input (a checkpoint the ranks find
+damaged too: every rank sees the same, so none is blamed). A failed job prints one line; the
+ranks' tracebacks go to ``RUN_DIR/failure.txt``.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..config import collect_overrides, load_config
     from ..runtime.launch import JobStopped, RankFailed
-    from ..train.loop import run_training
+    from ..train.checkpoint import CheckpointError
+    from ..train.loop import FAILURE, run_training
     from ..train.summary import print_summary
 
     overrides = collect_overrides(args.overrides)
@@ -43,8 +45,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = run_training(cfg, run_dir, progress=not args.no_progress and sys.stdout.isatty())
     except RankFailed as exc:
-        report = run_dir / "failure.txt"
+        report = run_dir / FAILURE
         report.write_text(f"{exc}\n")
+        bad_checkpoint = f"{CheckpointError.__module__}.{CheckpointError.__name__}: "
+        if exc.last_line.startswith(bad_checkpoint):
+            return _fail(f"{exc.last_line.removeprefix(bad_checkpoint)} (tracebacks: {report})", 2)
         return _fail(f"{exc.headline} (tracebacks: {report})", 1)
     except JobStopped as exc:
         return _fail(str(exc), 128 + exc.signum)

@@ -2,8 +2,10 @@
 
 The kernel drops a ``flock`` when its holder exits, however it exits, so a crashed job never
 leaves the directory locked; the file itself stays and only records who holds it (pid, host,
-start time) for the message a second job gets. Run directories on network filesystems need
-working ``flock`` there (NFSv4 and Lustre with ``flock`` mount option do).
+start time) for the message a second job gets. The lock belongs to the open file, so a process
+that inherits the descriptor (a local job's ranks) holds it too: a killed launcher does not free
+the directory while its ranks still run. Run directories on network filesystems need working
+``flock`` there (NFSv4 and Lustre with ``flock`` mount option do).
 """
 from __future__ import annotations
 
@@ -23,8 +25,11 @@ class RunDirBusy(ValueError):
 
 
 @contextlib.contextmanager
-def run_dir_lock(run_dir: str | Path) -> Iterator[None]:
-    """Hold ``run_dir`` for this job; raise `RunDirBusy` naming the holder if another job has it."""
+def run_dir_lock(run_dir: str | Path) -> Iterator[int]:
+    """Hold ``run_dir`` for this job; raise `RunDirBusy` naming the holder if another job has it.
+
+    Yields the lock's file descriptor, for processes that are to hold the lock with this one.
+    """
     path = Path(run_dir) / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -38,7 +43,7 @@ def run_dir_lock(run_dir: str | Path) -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} (started {started})\n".encode())
         try:
-            yield
+            yield fd
         finally:
             os.ftruncate(fd, 0)
     finally:
