@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import signal
 
 import pytest
 
@@ -11,7 +13,7 @@ from infinipipe.contract.model_config import PRESETS
 from infinipipe.planners.ilp import InfeasibleMemoryError
 from infinipipe.planners.registry import make_plan
 from infinipipe.planners.request import PlanRequest
-from infinipipe.train.prefetch import PlanPrefetcher
+from infinipipe.train.prefetch import PlanningProcessDied, PlanPrefetcher
 
 MODEL = PRESETS["tiny"].with_layers(4)
 COST = CostModel(Profile(
@@ -61,3 +63,13 @@ def test_infeasible_memory_error_crosses_the_planning_process_with_the_smallest_
     assert str(crossed.value) == str(direct.value)
     assert "smallest budget that fits" in str(crossed.value)
     assert crossed.value.min_memory_bytes == direct.value.min_memory_bytes
+
+
+def _die(_request) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_killed_planning_process_is_reported_as_the_planner_dying():
+    with PlanPrefetcher(_die, range(3)) as plans:
+        with pytest.raises(PlanningProcessDied, match="the planning process ended abruptly while planning iteration 0"):
+            next(plans)
