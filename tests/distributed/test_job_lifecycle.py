@@ -42,6 +42,24 @@ def test_torchrun_job_of_two_ranks_exits_0_and_prints_one_summary(tmp_path, cach
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_torchrun_job_stopped_in_order_exits_0_without_torchruns_failure_report(tmp_path, cache_dir):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *_train_args(tmp_path / "run", cache_dir, *STOP_RUN)]
+    with (tmp_path / "out").open("w") as out, (tmp_path / "err").open("w") as err:
+        agent = subprocess.Popen(cmd, stdout=out, stderr=err, start_new_session=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert agent.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()[-3000:]
+        time.sleep(0.2)
+    for rank in _children(agent.pid):  # a scheduler's stop reaches the ranks
+        os.kill(rank, signal.SIGTERM)
+    assert agent.wait(timeout=60) == 0, (tmp_path / "err").read_text()[-3000:]
+    stderr = (tmp_path / "err").read_text()
+    assert re.search(r"stopped by SIGTERM after step \d+ of 40; checkpoint \S+; to resume", stderr)
+    assert "ChildFailedError" not in stderr and "Traceback" not in stderr
+
+
 def _session_processes(sid: int) -> list[int]:
     """Live (non-zombie) processes of session ``sid``: the job started with a session of its own."""
     pids = []
@@ -136,7 +154,7 @@ def test_stop_signal_checkpoints_and_leaves_no_process_of_the_job_within_30s(tmp
                 pass
     assert job.gone_within(30) < 30
     assert job.proc.wait() == code
-    assert not list(job.tmp.iterdir()), "the job left its temporary files"
+    assert not list(job.tmp.glob("infinipipe-launch-*")), "the launcher's results folder was left behind"
     stop = [line for line in job.err.read_text().splitlines() if line.startswith("stopped by")]
     assert len(stop) == 1, job.err.read_text()[-3000:]
     reason = signal.SIGTERM if sig == signal.SIGKILL else sig

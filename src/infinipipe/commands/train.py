@@ -1,9 +1,10 @@
 """``infinipipe train``: the training job (the embedded default needs no arguments).
 
 Exit status: 0 when every step ran, 128 + the signal number when a stop signal ended the job
-early (after its checkpoint), 1 when a rank failed, 2 for bad input (a checkpoint the ranks find
-damaged too: every rank sees the same, so none is blamed). A failed job prints one line; the
-ranks' tracebacks go to ``RUN_DIR/failure.txt``.
+early (after its checkpoint; 0 under torchrun, which reads any other status as a failure), 1 when
+a rank failed, 2 for bad input (a checkpoint the ranks find damaged too: every rank sees the same,
+so none is blamed). A failed job prints one line; the ranks' tracebacks go to
+``RUN_DIR/failure.txt``.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import collect_overrides, load_config
-    from ..runtime.launch import JobStopped, RankFailed
+    from ..runtime.launch import JobStopped, RankFailed, under_torchrun
     from ..train.checkpoint import CheckpointError
     from ..train.loop import FAILURE, run_training
     from ..train.summary import print_summary
@@ -58,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
     if result is None:  # a rank other than 0 under torchrun: rank 0 speaks for the job
         return 0
     print_summary(cfg, result)
-    return 128 + result.stop_signal if result.stop_signal else 0
+    # torchrun reports any other status of a rank as the job's failure, with its own traceback;
+    # its rank 0 has said where the job stopped and how to resume
+    return 128 + result.stop_signal if result.stop_signal and not under_torchrun() else 0
 
 
 def _fail(message: str, code: int) -> int:
