@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..config import collect_overrides, load_config
     from ..runtime.launch import JobStopped, RankFailed, under_torchrun
-    from ..train.checkpoint import CheckpointError
+    from ..train.checkpoint import CheckpointError, CheckpointWriteError
     from ..train.loop import FAILURE, run_training
     from ..train.summary import print_summary
 
@@ -48,9 +48,11 @@ def run(args: argparse.Namespace) -> int:
     except RankFailed as exc:
         report = run_dir / FAILURE
         report.write_text(f"{exc}\n")
-        bad_checkpoint = f"{CheckpointError.__module__}.{CheckpointError.__name__}: "
-        if exc.last_line.startswith(bad_checkpoint):
-            return _fail(f"{exc.last_line.removeprefix(bad_checkpoint)} (tracebacks: {report})", 2)
+        # errors about the job's checkpoint name their own ranks; the rank that reported first is no cause
+        for error, code in ((CheckpointError, 2), (CheckpointWriteError, 1)):
+            prefix = f"{error.__module__}.{error.__name__}: "
+            if exc.last_line.startswith(prefix):
+                return _fail(f"{exc.last_line.removeprefix(prefix)} (tracebacks: {report})", code)
         return _fail(f"{exc.headline} (tracebacks: {report})", 1)
     except JobStopped as exc:
         return _fail(str(exc), 128 + exc.signum)
