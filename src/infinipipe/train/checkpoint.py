@@ -327,10 +327,9 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> int:
     The RNG is restored where the writer had this rank; a rank it did not have (a job resumed
     with more ranks) keeps its own.
     """
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    own_rng = f"rng.rank{_rank()}" in saved
-    state = _state(model, optimizer, scheduler, 0, with_rng=own_rng)
     try:
+        own_rng = f"rng.rank{_rank()}" in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        state = _state(model, optimizer, scheduler, 0, with_rng=own_rng)
         dcp.load(state, checkpoint_id=str(path))
     except Exception as exc:
         raise CheckpointError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc

@@ -136,7 +136,10 @@ def _claim_run_dir(cfg: Config, run_dir: Path) -> None:
     failure = run_dir / FAILURE
     if failure.exists():
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(failure.stat().st_mtime))
-        os.replace(failure, run_dir / f"failure-{stamp}.txt")
+        aside, n = run_dir / f"failure-{stamp}.txt", 1
+        while aside.exists():
+            aside, n = run_dir / f"failure-{stamp}-{n}.txt", n + 1
+        os.replace(failure, aside)
 
 
 def _clip(worker: PipelineWorker, mesh: ParallelMesh, max_norm: float) -> float:
