@@ -6,9 +6,9 @@ others killed at once, and `RankFailed` names it with its own traceback (ranks t
 their peer vanish are not blamed; when peers time out waiting, the rank that neither finished
 nor failed is named). Nothing waits forever: a job that outlives ``timeout_s`` is killed too.
 SIGTERM/SIGINT to the launcher are passed on to the ranks, which stop at a step boundary
-(`signals.StopRequest`); a second signal kills them at once. Ranks start with SIGINT ignored, so
-a Ctrl-C cannot break their start-up; the launcher keeps passing a stop on until they end, so
-ranks that were not yet listening get it too. Ranks die with the launcher; ranks that outlive a
+(`signals.StopRequest`); a second signal kills them at once. Ranks start with SIGINT blocked, so
+a Ctrl-C cannot break their start-up and waits until they listen; the launcher keeps passing a
+stop on until they end, so ranks that were not yet listening get it too. Ranks die with the launcher; ranks that outlive a
 killed launcher remove its results folder as they leave.
 """
 from __future__ import annotations
@@ -170,27 +170,32 @@ def launch_local(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, backe
 
 @contextlib.contextmanager
 def children_deaf_to_sigint() -> Iterator[None]:
-    """Processes spawned inside start with SIGINT ignored (until they install their own handler),
-    so a Ctrl-C cannot break their imports into tracebacks, while this process keeps its handler.
+    """Processes spawned inside start with SIGINT blocked (until they listen for stop signals,
+    which unblocks it), so a Ctrl-C cannot break their imports into tracebacks and is taken, not
+    lost, once they listen; this process's own handling of SIGINT is untouched.
 
-    Exec keeps only an ignored disposition, and a disposition is process-wide, so SIGINT is
-    ignored here just for each fork and exec (milliseconds), not while a child reads its
-    arguments (seconds: it imports torch first). Main thread only; elsewhere a no-op.
+    multiprocessing's spawn clears the signal mask of the processes it starts, so they are
+    started through ``posix_spawn``, which sets it; the descriptors a child is to keep are made
+    inheritable for the call. Main thread only; elsewhere a no-op.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    resource_tracker.ensure_running()  # its own start would take the same path
+    resource_tracker.ensure_running()  # started the usual way: it must not block SIGINT
     fork_exec = util.spawnv_passfds
 
-    def deaf(*args: Any) -> int:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    def spawn_blocked(path: str, args: Sequence[str], passfds: Sequence[int]) -> int:
+        fds = sorted({int(fd) for fd in passfds})
+        inheritable = [os.get_inheritable(fd) for fd in fds]
+        for fd in fds:
+            os.set_inheritable(fd, True)
         try:
-            return fork_exec(*args)
+            return os.posix_spawn(path, list(args), os.environ, setsigmask={signal.SIGINT})
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for fd, was in zip(fds, inheritable):
+                os.set_inheritable(fd, was)
 
-    util.spawnv_passfds = deaf
+    util.spawnv_passfds = spawn_blocked
     try:
         yield
     finally:
