@@ -11,7 +11,14 @@ import torch
 from infinipipe.contract.model_config import ModelConfig
 from infinipipe.model.layers import ChunkMeta
 from infinipipe.runtime.local import build_stages
-from infinipipe.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
+from infinipipe.train.checkpoint import (
+    CheckpointError,
+    CheckpointWriteError,
+    latest_checkpoint,
+    load_checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
+)
 
 CFG = ModelConfig(vocab_size=50, hidden=16, layers=2, heads=2, kv_heads=1, ffn=32)
 
@@ -210,3 +217,97 @@ def test_export_copies_the_runs_tokenizer_and_writes_ordinary_file_modes(tmp_pat
     assert (out / "tokenizer_config.json").read_text() == '{"eos_token": "</s>"}'
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()}
     assert modes and set(modes.values()) == {0o644}, modes
+
+
+def test_a_rank_the_checkpoint_has_no_random_state_for_resumes_from_its_weights(tmp_path, monkeypatch):
+    """A job with more ranks than the one that wrote the checkpoint (a larger pipeline degree)
+    reshards by parameter name; the new ranks keep their own random state."""
+    _saved(tmp_path, (1,))
+    monkeypatch.setattr("infinipipe.train.checkpoint._rank", lambda: 3)
+    model, opt, sched = _setup()
+    rng = torch.get_rng_state()
+    start, _ = resume_checkpoint(tmp_path, model, opt, sched)
+    assert start == 1 and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_failed_checkpoint_write_names_the_checkpoint_its_path_and_the_os_error(tmp_path):
+    import resource
+
+    model, opt, sched = _setup()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(CheckpointWriteError) as info:
+            save_checkpoint(tmp_path, 1, model, opt, sched)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    message = str(info.value)
+    assert f"cannot write checkpoint {tmp_path / 'step-1'}" in message
+    assert "File too large" in message and "4096" in message
+    assert latest_checkpoint(tmp_path) is None
+
+
+def test_resume_says_so_when_it_rewrites_a_garbage_latest_pointer(tmp_path, capsys):
+    _saved(tmp_path, (1,))
+    (tmp_path / "latest").write_text("rubbish\n")
+    resume_checkpoint(tmp_path, *_setup())
+    assert (tmp_path / "latest").read_text() == "step-1\n"
+    assert f"checkpoint pointer {tmp_path / 'latest'} held 'rubbish'" in capsys.readouterr().err
+
+
+class _RunsCode:
+    """An object that touches ``flag`` when unpickled: what a hostile checkpoint could hold."""
+
+    def __init__(self, flag: Path):
+        self.flag = flag
+
+    def __reduce__(self):
+        return Path.touch, (self.flag,)
+
+
+def test_export_reads_the_models_tensors_and_unpickles_nothing(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from infinipipe.model.hf import load_hf_checkpoint
+    from infinipipe.train.checkpoint import export_hf
+
+    model, _, _ = _setup()
+    flag = tmp_path / "code-ran"
+    dcp.save({"model": model.state_dict(), "extra": _RunsCode(flag)}, checkpoint_id=str(tmp_path / "ckpt"))
+    _, state = load_hf_checkpoint(export_hf(tmp_path / "ckpt", CFG, tmp_path / "hf"))
+    assert not flag.exists()
+    assert all(torch.equal(state[name], p) for name, p in model.state_dict().items())
+
+
+TINY_AS_CFG = ["--model.vocab_size=50", "--model.hidden=16", "--model.layers=2", "--model.heads=2",
+               "--model.kv_heads=1", "--model.ffn=32", "--data.vocab_size=0"]
+
+
+def test_export_cli_passes_over_a_damaged_newest_checkpoint_and_reads_the_checkpoints_own_config(tmp_path, capsys):
+    from infinipipe.cli import main
+    from infinipipe.config import load_config
+    from infinipipe.model.hf import load_hf_checkpoint
+    from infinipipe.train.checkpoint import CheckpointJob
+
+    run = tmp_path / "run"
+    job = CheckpointJob("run-a", load_config(None, TINY_AS_CFG).to_toml())
+    model, opt, sched = _setup()
+    save_checkpoint(run / "checkpoint", 1, model, opt, sched, job=job)
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    _step(model, opt, sched, 2)
+    save_checkpoint(run / "checkpoint", 2, model, opt, sched, job=job)
+    shard = _shard(run / "checkpoint" / "step-2")
+    shard.write_bytes(shard.read_bytes()[:-1])
+    # a later job in the same directory trained another model and rewrote the run's config
+    (run / "config.toml").write_text(load_config(None, ["--model.layers=3"]).to_toml())
+
+    assert main(["export-hf", str(run), "--out", str(tmp_path / "hf")]) == 0
+    err = capsys.readouterr().err
+    assert f"checkpoint {run / 'checkpoint' / 'step-2'} is damaged" in err and "trying an older one" in err
+    _, state = load_hf_checkpoint(tmp_path / "hf")
+    assert all(torch.equal(state[name], p) for name, p in first.items())
+
+    chosen = run / "checkpoint" / "step-2"
+    assert main(["export-hf", str(run), "--checkpoint", str(chosen), "--out", str(tmp_path / "hf2")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"infinipipe export-hf: error: checkpoint {chosen} is damaged: ")

@@ -135,6 +135,11 @@ def test_model_config_reads_a_local_hf_checkpoint(tmp_path):
         load_config(None, [f"--model.hf_path={tmp_path}"])
 
 
+def test_missing_hf_checkpoint_is_named_before_any_setting_that_depends_on_it(tmp_path):
+    with pytest.raises(ValueError, match=rf"model.hf_path: no config.json in '{tmp_path / 'gone'}'"):
+        load_config(None, [f"--model.hf_path={tmp_path / 'gone'}"])
+
+
 def test_parallel_degrees_resolve_against_world_size():
     def dims(world, **degrees):
         return ParallelDims.from_config(ParallelismConfig(**degrees), world)

@@ -54,7 +54,8 @@ def test_jsonl_corpus_reads_the_text_field_in_file_order(tmp_path):
 
 @pytest.mark.parametrize("line, message", [('{"body": "x"}', "a.jsonl:2: no string field 'text'"),
                                            ('{"text": 3}', "a.jsonl:2: no string field 'text'"),
-                                           ("{oops", "a.jsonl:2: invalid JSON")])
+                                           ("{oops", "a.jsonl:2: invalid JSON at column 2: Expecting property "
+                                                     "name enclosed in double quotes")])
 def test_bad_jsonl_line_is_named(tmp_path, line, message):
     (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n' + line + "\n")
     with pytest.raises(ValueError, match=message):

@@ -12,8 +12,8 @@ def _rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _run(tmp_path, steps, resume_step=0):
-    w = MetricsWriter(tmp_path, resume_step=resume_step)
+def _run(tmp_path, steps, resume_step=0, run="run-a"):
+    w = MetricsWriter(tmp_path, resume_step=resume_step, run=run)
     for step in steps:
         w.write({"step": step, "loss": 10.0 - step})
     w.close()
@@ -61,3 +61,16 @@ def test_bad_line_before_the_last_is_an_error_naming_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=rf"{path}: line 2 is not a metrics row"):
         MetricsWriter(tmp_path, resume_step=3)
     assert path.read_text() == '{"step": 1}\nnot json\n{"step": 3}\n'
+
+
+def test_resume_keeps_no_rows_of_another_run_and_says_where_they_went(tmp_path, capsys):
+    _run(tmp_path, range(1, 17), run="checkpointed")
+    _run(tmp_path, range(1, 4), run="without-checkpoints")  # a rerun with checkpoint.enable = false
+    capsys.readouterr()
+    _run(tmp_path, range(17, 21), resume_step=16, run="checkpointed")
+    rows = read_metrics(tmp_path)
+    assert [(r["step"], r["run"]) for r in rows] == [(s, "checkpointed") for s in range(17, 21)]
+    err = capsys.readouterr().err
+    assert "holds 3 rows of another run" in err
+    moved = [p for p in tmp_path.glob("metrics-*.jsonl") if [r["step"] for r in _rows(p)] == [1, 2, 3]]
+    assert len(moved) == 1 and str(moved[0]) in err

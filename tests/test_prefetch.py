@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import signal
 
 import pytest
 
@@ -11,7 +13,7 @@ from infinipipe.contract.model_config import PRESETS
 from infinipipe.planners.epp import NoPlanError
 from infinipipe.planners.registry import make_plan
 from infinipipe.planners.request import PlanRequest
-from infinipipe.train.prefetch import PlanPrefetcher
+from infinipipe.train.prefetch import PlanningProcessDied, PlanPrefetcher
 
 MODEL = PRESETS["tiny"].with_layers(4)
 COST = CostModel(Profile(
@@ -62,3 +64,13 @@ def test_no_plan_error_crosses_the_planning_process_with_the_bound_and_the_small
     assert "any plan needs at least" in str(crossed.value) and "epp plans it from" in str(crossed.value)
     assert crossed.value.bound == direct.value.bound
     assert crossed.value.closest_bytes == direct.value.closest_bytes >= direct.value.bound.bytes
+
+
+def _die(_request) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_killed_planning_process_is_reported_as_the_planner_dying():
+    with PlanPrefetcher(_die, range(3)) as plans:
+        with pytest.raises(PlanningProcessDied, match="the planning process ended abruptly while planning iteration 0"):
+            next(plans)

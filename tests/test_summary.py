@@ -17,3 +17,15 @@ def test_rejected_documents_are_counted_under_the_reject_policy():
                      {"kept": 1188, "truncated": 0, "rejected": 12, "too_short": 0})
     assert "1,188 documents; 12 longer than training.seq_len = 8,192 dropped (data.over_long = 'reject'" in line
     assert "shorter" not in line
+
+
+def test_a_stop_before_the_first_step_ends_is_no_error_and_not_called_a_finished_run(tmp_path, capsys):
+    import signal
+
+    from infinipipe.train.loop import TrainResult
+    from infinipipe.train.summary import print_summary
+
+    cfg = load_config(None, ["--training.steps=8"])
+    for start in (0, 4):  # a fresh run directory (no metrics.jsonl yet), a resumed one
+        print_summary(cfg, TrainResult(start, (), 0, 1.0, str(tmp_path), stop_signal=signal.SIGINT))
+        assert "already at step" not in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """`infinipipe train` refuses input it cannot train on before starting any rank."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -27,10 +28,14 @@ def _refusal(tmp_path, capsys, cache_dir, *overrides: str) -> str:
     run_dir = tmp_path / "run"
     args = ["train", "--no-progress", "--run-dir", str(run_dir), f"--data.cache_dir={cache_dir}",
             "--data.max_docs=200", *overrides]
+    kept = run_dir / "config.toml"
+    if kept.exists():
+        before = kept.read_text()
     assert main(args) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
     assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "failure.txt").exists()
+    assert not kept.exists() or kept.read_text() == before, "a refused job rewrote the run's config.toml"
     return lines[0]
 
 
@@ -45,6 +50,8 @@ def test_more_stages_than_layers_is_refused_before_any_rank_starts(tmp_path, cap
 
 
 def test_memory_budget_below_the_model_is_refused_naming_the_bound_and_the_budget_that_plans(tmp_path, capsys, cache_dir):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.toml").write_text("# the config of the job that wrote this directory\n")
     line = _refusal(tmp_path, capsys, cache_dir, "--epp.memory_budget=1MiB")
     assert line.startswith("infinipipe train: error: epp.memory_budget = 1MiB is too small for this batch")
     assert "any plan needs at least" in line and "epp plans it from" in line
@@ -54,3 +61,21 @@ def test_memory_budget_below_the_model_is_refused_naming_the_bound_and_the_budge
 def test_bad_override_is_not_hidden_by_a_later_steps_flag(tmp_path, capsys, cache_dir):
     line = _refusal(tmp_path, capsys, cache_dir, "--training.steps=abc", "--steps", "2")
     assert line == "infinipipe train: error: training.steps must be int, got str 'abc'"
+
+
+def test_load_step_missing_from_the_run_dir_is_refused_before_any_rank_starts(tmp_path, capsys, cache_dir):
+    line = _refusal(tmp_path, capsys, cache_dir, "--checkpoint.load_step=7")
+    assert line.startswith("infinipipe train: error: checkpoint.load_step = 7: no ")
+    assert line.endswith("step-7 (checkpoints there: none)")
+
+
+def test_run_dir_whose_every_checkpoint_is_damaged_is_refused_before_any_rank_starts(tmp_path, capsys, cache_dir):
+    for step in (2, 4):
+        ckpt = tmp_path / "run" / "checkpoint" / f"step-{step}"
+        ckpt.mkdir(parents=True)
+        files = {"__0_0.distcp": {"bytes": 9, "sha256": ""}}
+        (ckpt / "manifest.json").write_text(json.dumps({"step": step, "files": files}))
+        (ckpt / "__0_0.distcp").write_bytes(b"torn")
+    line = _refusal(tmp_path, capsys, cache_dir)
+    assert line.startswith(f"infinipipe train: error: no intact checkpoint in {tmp_path / 'run' / 'checkpoint'}")
+    assert "step-4: " in line and "__0_0.distcp: 4 bytes, the manifest says 9" in line

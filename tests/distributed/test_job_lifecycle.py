@@ -1,6 +1,7 @@
 """A job as a cluster sees it: exit codes, signals, one job per run directory."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -10,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from infinipipe.train.run_lock import run_dir_lock
 
 pytestmark = pytest.mark.slow
 
@@ -28,15 +31,28 @@ def _train_args(run_dir, cache_dir, *extra: str) -> list[str]:
             f"--data.cache_dir={cache_dir}", *SMALL_RUN, *extra]
 
 
-def test_torchrun_job_of_two_ranks_exits_0_and_prints_one_summary(tmp_path, cache_dir):
+def test_torchrun_job_exits_0_with_one_summary_also_when_stopped_in_order(tmp_path, cache_dir):
+    """torchrun reads any other status as a failure and prints its own traceback; a stop that
+    reaches the ranks (as a scheduler sends it) ends in order, with one summary from rank 0."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           *_train_args(tmp_path, cache_dir, "--training.steps=2")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("trained 2 step(s)") == 1
+           *_train_args(tmp_path / "run", cache_dir, *STOP_RUN)]
+    with (tmp_path / "out").open("w") as out, (tmp_path / "err").open("w") as err:
+        agent = subprocess.Popen(cmd, stdout=out, stderr=err, start_new_session=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert agent.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()[-3000:]
+        time.sleep(0.2)
+    for rank in _children(agent.pid):  # a scheduler's stop reaches the ranks
+        os.kill(rank, signal.SIGTERM)
+    assert agent.wait(timeout=60) == 0, (tmp_path / "err").read_text()[-3000:]
+    stderr, stdout = (tmp_path / "err").read_text(), (tmp_path / "out").read_text()
+    done = int(re.search(r"stopped by SIGTERM after step (\d+) of 40; checkpoint \S+; to resume", stderr).group(1))
+    assert "ChildFailedError" not in stderr and "Traceback" not in stderr
+    assert stdout.count(f"trained {done} step(s)") == 1
     assert re.search(r"^data: [\d,]+ documents; \d+ longer than training.seq_len = 2,048 truncated to it "
-                     r"\(data.over_long = 'truncate'", proc.stdout, re.M)
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+                     r"\(data.over_long = 'truncate'", stdout, re.M)
+    assert len(metrics.read_text().splitlines()) == done
 
 
 def _session_processes(sid: int) -> list[int]:
@@ -65,9 +81,19 @@ class Job:
     def __init__(self, run_dir: Path, cache_dir: str, *extra: str):
         self.run_dir = run_dir
         self.out, self.err = run_dir.parent / f"{run_dir.name}.out", run_dir.parent / f"{run_dir.name}.err"
+        self.tmp = run_dir.parent / f"{run_dir.name}.tmp"  # the job's TMPDIR
+        self.tmp.mkdir()
         with self.out.open("w") as out, self.err.open("w") as err:
             self.proc = subprocess.Popen([sys.executable, *_train_args(run_dir, cache_dir, *extra)],
-                                         stdout=out, stderr=err, start_new_session=True)
+                                         stdout=out, stderr=err, start_new_session=True,
+                                         env={**os.environ, "TMPDIR": str(self.tmp)})
+
+    def wait_for_output(self, text: str, limit_s: float = 120) -> None:
+        deadline = time.monotonic() + limit_s
+        while text not in self.out.read_text():
+            assert self.proc.poll() is None, f"the job ended early: {self.err.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {text!r} on stdout within {limit_s} s"
+            time.sleep(0.05)
 
     def wait_for_rows(self, n: int, limit_s: float = 240) -> None:
         metrics = self.run_dir / "metrics.jsonl"
@@ -111,12 +137,17 @@ STOP_RUN = ["--training.steps=40", "--checkpoint.enable=true", "--checkpoint.int
 def test_stop_signal_checkpoints_and_leaves_no_process_of_the_job_within_30s(tmp_path, cache_dir, target, sig, code):
     job = Job(tmp_path / "run", cache_dir, *STOP_RUN)
     job.wait_for_rows(2)
+    ranks = job.ranks()
     if target == "main":
         os.kill(job.proc.pid, sig)
     elif target == "group":
         os.killpg(job.proc.pid, sig)
     else:
         os.kill(job.ranks()[1], sig)
+    if sig == signal.SIGKILL:  # the ranks, still running, hold the run directory until they end
+        job.proc.wait()
+        with run_dir_lock(job.run_dir):
+            assert not set(ranks) & set(_session_processes(job.proc.pid)), "a rerun would overlap the ranks"
     _stopped_with_a_checkpoint(job, sig, code)
 
 
@@ -124,6 +155,7 @@ def _stopped_with_a_checkpoint(job: Job, sig: signal.Signals, code: int) -> None
     """No process of the job within 30 s, exit ``code``, one stop line, a checkpoint at the step it names."""
     assert job.gone_within(30) < 30
     assert job.proc.wait() == code
+    assert not list(job.tmp.glob("infinipipe-launch-*")), "the launcher's results folder was left behind"
     stop = [line for line in job.err.read_text().splitlines() if line.startswith("stopped by")]
     assert len(stop) == 1, job.err.read_text()[-3000:]
     reason = signal.SIGTERM if sig == signal.SIGKILL else sig
@@ -147,13 +179,53 @@ def test_second_job_on_a_running_jobs_run_dir_is_refused_naming_the_holder(tmp_p
     _stopped_with_a_checkpoint(first, signal.SIGTERM, 128 + signal.SIGTERM)
 
 
-def test_failed_rank_is_one_error_line_with_its_traceback_kept_in_the_run_dir(tmp_path, cache_dir):
-    cmd = [sys.executable, *_train_args(tmp_path, cache_dir, "--training.steps=2", "--checkpoint.enable=true",
-                                        "--checkpoint.load_step=5")]
+def test_failed_checkpoint_write_is_one_error_line_naming_it_with_the_tracebacks_in_the_run_dir(tmp_path, cache_dir):
+    (tmp_path / "checkpoint").write_text("a file where the checkpoints' folder should be")
+    (tmp_path / "failure.txt").write_text("the report of an earlier job\n")
+    cmd = [sys.executable, *_train_args(tmp_path, cache_dir, "--training.steps=1", "--checkpoint.enable=true")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("infinipipe train: error:")]
-    assert re.match(r"infinipipe train: error: rank \d failed: .*CheckpointError: checkpoint.load_step = 5: "
-                    r"no .*step-5 \(checkpoints there: none\) \(tracebacks: .*failure.txt\)", line)
+    assert re.match(r"infinipipe train: error: cannot write checkpoint "
+                    rf"{re.escape(str(tmp_path / 'checkpoint' / 'step-1'))}: File exists .* "
+                    r"\(tracebacks: .*failure.txt\)", line), line
     assert "Traceback" not in proc.stderr
     assert "Traceback" in (tmp_path / "failure.txt").read_text()
+    (earlier,) = tmp_path.glob("failure-*.txt")
+    assert earlier.read_text() == "the report of an earlier job\n"
+
+
+def test_ctrl_c_while_the_ranks_start_stops_the_job_before_its_first_step(tmp_path, cache_dir):
+    job = Job(tmp_path / "run", cache_dir, *STOP_RUN)
+    job.wait_for_output("run directory:")  # the banner's last line: the ranks are being started
+    os.kill(job.proc.pid, signal.SIGINT)
+    assert job.gone_within(30) < 30
+    assert job.proc.wait() == 128 + signal.SIGINT
+    err = job.err.read_text()
+    assert "error" not in err and "Traceback" not in err, err[-3000:]
+    # the ranks take the waiting stop as they start listening, before step 1
+    assert "stopped by SIGINT after step 0 of 40; nothing trained yet, so a rerun starts from step 0" in err
+
+
+def test_resume_with_a_larger_pipeline_degree_reshards_and_damage_only_hashes_find_is_bad_input(tmp_path, cache_dir):
+    args = _train_args(tmp_path, cache_dir, "--checkpoint.enable=true")
+    first = subprocess.run([sys.executable, *args, "--training.steps=1"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run([sys.executable, *args, "--training.steps=2", "--parallelism.pipeline_parallel_degree=4"],
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert ("checkpoint step-1 was written by 2 rank(s) (pp=2, dp_replicate=1, dp_shard=1, sp=1); this job has 4 "
+            "rank(s) (pp=4, dp_replicate=1, dp_shard=1, sp=1): weights and optimizer state are resharded by "
+            "parameter name; ranks 2-3 had no saved random state") in second.stderr
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["run"] == rows[1]["run"]
+
+    # damage the contents (not the sizes) of every checkpoint: only the ranks' hashes can tell
+    for shard in (tmp_path / "checkpoint").glob("step-*/__0_0.distcp"):
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    third = subprocess.run([sys.executable, *args, "--training.steps=3"], capture_output=True, text=True, timeout=300)
+    assert third.returncode == 2, third.stderr[-3000:]
+    (line,) = [x for x in third.stderr.splitlines() if x.startswith("infinipipe train: error:")]
+    assert line.startswith(f"infinipipe train: error: no intact checkpoint in {tmp_path / 'checkpoint'}"), line

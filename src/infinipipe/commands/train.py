@@ -1,8 +1,10 @@
 """``infinipipe train``: the training job (the embedded default needs no arguments).
 
 Exit status: 0 when every step ran, 128 + the signal number when a stop signal ended the job
-early (after its checkpoint), 1 when a rank failed, 2 for bad input. A failed job prints one line;
-the ranks' tracebacks go to ``RUN_DIR/failure.txt``.
+early (after its checkpoint; 0 under torchrun, which reads any other status as a failure), 1 when
+a rank failed, 2 for bad input (a checkpoint the ranks find damaged too: every rank sees the same,
+so none is blamed). A failed job prints one line; the ranks' tracebacks go to
+``RUN_DIR/failure.txt``.
 """
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import collect_overrides, load_config
-    from ..runtime.launch import JobStopped, RankFailed
-    from ..train.loop import run_training
+    from ..runtime.launch import JobStopped, RankFailed, under_torchrun
+    from ..train.checkpoint import CheckpointError, CheckpointWriteError
+    from ..train.loop import FAILURE, run_training
     from ..train.summary import print_summary
 
     overrides = collect_overrides(args.overrides)
@@ -43,8 +46,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = run_training(cfg, run_dir, progress=not args.no_progress and sys.stdout.isatty())
     except RankFailed as exc:
-        report = run_dir / "failure.txt"
+        report = run_dir / FAILURE
         report.write_text(f"{exc}\n")
+        # errors about the job's checkpoint name their own ranks; the rank that reported first is no cause
+        for error, code in ((CheckpointError, 2), (CheckpointWriteError, 1)):
+            prefix = f"{error.__module__}.{error.__name__}: "
+            if exc.last_line.startswith(prefix):
+                return _fail(f"{exc.last_line.removeprefix(prefix)} (tracebacks: {report})", code)
         return _fail(f"{exc.headline} (tracebacks: {report})", 1)
     except JobStopped as exc:
         return _fail(str(exc), 128 + exc.signum)
@@ -53,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
     if result is None:  # a rank other than 0 under torchrun: rank 0 speaks for the job
         return 0
     print_summary(cfg, result)
-    return 128 + result.stop_signal if result.stop_signal else 0
+    # torchrun reports any other status of a rank as the job's failure, with its own traceback;
+    # its rank 0 has said where the job stopped and how to resume
+    return 128 + result.stop_signal if result.stop_signal and not under_torchrun() else 0
 
 
 def _fail(message: str, code: int) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, ClassVar
 
 from ..contract.layout import LinkModel, StageLayout, read_links
@@ -379,6 +380,8 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.model.hf_path and self.data.vocab_size:
+            if not (Path(self.model.hf_path) / "config.json").is_file():  # the cause, not its consequence
+                raise ValueError(f"model.hf_path: no config.json in {self.model.hf_path!r}")
             raise ValueError("data.vocab_size must be 0 with model.hf_path: a pretrained model keeps its "
                              "tokenizer's vocabulary")
         if self.model.vocab_size is not None and self.data.vocab_size > self.model.vocab_size:

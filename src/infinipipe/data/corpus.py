@@ -171,7 +171,7 @@ class JsonlCorpus(Corpus):
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError as exc:
-                        raise ValueError(f"{f}:{lineno}: invalid JSON ({exc.msg})") from None
+                        raise ValueError(f"{f}:{lineno}: invalid JSON at column {exc.colno}: {exc.msg}") from None
                     text = row.get(self.text_field) if isinstance(row, dict) else None
                     if not isinstance(text, str):
                         raise ValueError(f"{f}:{lineno}: no string field {self.text_field!r} (data.text_field)")

@@ -6,7 +6,10 @@ others killed at once, and `RankFailed` names it with its own traceback (ranks t
 their peer vanish are not blamed; when peers time out waiting, the rank that neither finished
 nor failed is named). Nothing waits forever: a job that outlives ``timeout_s`` is killed too.
 SIGTERM/SIGINT to the launcher are passed on to the ranks, which stop at a step boundary
-(`signals.StopRequest`); a second signal kills them at once. Ranks die with the launcher.
+(`signals.StopRequest`); a second signal kills them at once. Ranks start with SIGINT blocked, so
+a Ctrl-C cannot break their start-up and waits until they listen; the launcher keeps passing a
+stop on until they end, so ranks that were not yet listening get it too. Ranks die with the launcher; ranks that outlive a
+killed launcher remove its results folder as they leave.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import datetime
 import multiprocessing as mp
 import os
 import pickle
+import shutil
 import signal
 import socket
 import sys
@@ -24,6 +28,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from multiprocessing import reduction, resource_tracker, util
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
@@ -45,9 +50,14 @@ class RankFailed(RuntimeError):
         super().__init__(f"rank {rank} failed:\n{detail}{extra}")
 
     @property
+    def last_line(self) -> str:
+        """The last line of the rank's traceback: the exception's qualified type and message."""
+        return self.detail.rstrip().splitlines()[-1]
+
+    @property
     def headline(self) -> str:
         """One line: the rank and the last line of its traceback."""
-        return f"rank {self.rank} failed: {self.detail.rstrip().splitlines()[-1]}"
+        return f"rank {self.rank} failed: {self.last_line}"
 
 
 class JobStopped(RuntimeError):
@@ -64,6 +74,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Inherited:
+    """A file descriptor a rank holds open, the same open file as the launcher's (a spawned
+    process keeps only descriptors registered while it is pickled)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self) -> tuple:
+        return _rebuild_inherited, (reduction.DupFd(self.fd),)
+
+
+def _rebuild_inherited(dup: Any) -> _Inherited:
+    return _Inherited(dup.detach())
+
+
 @dataclass(frozen=True)
 class _Job:
     fn: Callable[..., Any]
@@ -75,6 +100,7 @@ class _Job:
     timeout_s: float
     outdir: str
     parent_pid: int
+    inherited: tuple[_Inherited, ...] = ()
 
 
 def _child(rank: int, job: _Job) -> None:
@@ -91,25 +117,34 @@ def _child(rank: int, job: _Job) -> None:
         (out / f"{rank}.result").write_bytes(pickle.dumps(result))
     except BaseException:
         # Renamed into place: the parent may read it while this rank is still writing.
-        part = out / f"{rank}.error.part"
-        part.write_text(f"{time.time()!r}\n{traceback.format_exc()}")
-        os.replace(part, out / f"{rank}.error")
-        os._exit(1)
-    # The result is saved: leave without running interpreter teardown, where destroying the
-    # communication library's threads has aborted a finished rank ("terminate called without an
-    # active exception") and turned a good job into a failed one.
+        with contextlib.suppress(OSError):  # a launcher that died took its reader with it
+            part = out / f"{rank}.error.part"
+            part.write_text(f"{time.time()!r}\n{traceback.format_exc()}")
+            os.replace(part, out / f"{rank}.error")
+        _leave(job, 1)
+    _leave(job, 0)
+
+
+def _leave(job: _Job, code: int) -> None:
+    """End the rank without running interpreter teardown, where destroying the communication
+    library's threads has aborted a finished rank ("terminate called without an active
+    exception") and turned a good job into a failed one. A rank whose launcher is gone removes
+    the results folder nobody will read."""
+    if os.getppid() != job.parent_pid:
+        shutil.rmtree(job.outdir, ignore_errors=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def launch_local(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, backend: str = "gloo",
                  threads: int = 1, collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
-                 timeout_s: float = 600.0) -> list[Any]:
+                 timeout_s: float = 600.0, inherit_fds: Sequence[int] = ()) -> list[Any]:
     """Run ``fn(*args)`` in ``nprocs`` fresh processes joined in one process group.
 
     ``fn`` must be importable (a module-level function); each rank's return value is pickled back
-    and returned in rank order. Raises `RankFailed` for the first rank that raised or was killed,
+    and returned in rank order. Every rank holds ``inherit_fds`` open until it exits (a lock the
+    ranks are to share). Raises `RankFailed` for the first rank that raised or was killed,
     `TimeoutError` if the job runs past ``timeout_s``, `JobStopped` if a stop signal could not
     end the ranks in order (ranks that stop in order return normally).
     """
@@ -119,11 +154,12 @@ def launch_local(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, backe
         raise ValueError(f"threads must be >= 1, got {threads}")
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="infinipipe-launch-") as outdir:
-        job = _Job(fn, tuple(args), nprocs, free_port(), backend, threads, collective_timeout_s, outdir, os.getpid())
+        job = _Job(fn, tuple(args), nprocs, free_port(), backend, threads, collective_timeout_s, outdir, os.getpid(),
+                   tuple(_Inherited(fd) for fd in inherit_fds))
         procs = [ctx.Process(target=_child, args=(r, job), daemon=False) for r in range(nprocs)]
         try:
             with _PassStop(procs) as stop:
-                with _deaf_to_ctrl_c():
+                with children_deaf_to_sigint():
                     for p in procs:
                         p.start()
                 _watch(procs, stop, timeout_s, Path(outdir))
@@ -133,18 +169,37 @@ def launch_local(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, backe
 
 
 @contextlib.contextmanager
-def _deaf_to_ctrl_c() -> Iterator[None]:
-    """Processes started inside ignore SIGINT until they install their own handler, so a
-    terminal's Ctrl-C during their start-up reaches the launcher alone (which passes it on)
-    instead of printing each rank's import traceback."""
+def children_deaf_to_sigint() -> Iterator[None]:
+    """Processes spawned inside start with SIGINT blocked (until they listen for stop signals,
+    which unblocks it), so a Ctrl-C cannot break their imports into tracebacks and is taken, not
+    lost, once they listen; this process's own handling of SIGINT is untouched.
+
+    multiprocessing's spawn clears the signal mask of the processes it starts, so they are
+    started through ``posix_spawn``, which sets it; the descriptors a child is to keep are made
+    inheritable for the call. Main thread only; elsewhere a no-op.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    resource_tracker.ensure_running()  # started the usual way: it must not block SIGINT
+    fork_exec = util.spawnv_passfds
+
+    def spawn_blocked(path: str, args: Sequence[str], passfds: Sequence[int]) -> int:
+        fds = sorted({int(fd) for fd in passfds})
+        inheritable = [os.get_inheritable(fd) for fd in fds]
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        try:
+            return os.posix_spawn(path, list(args), os.environ, setsigmask={signal.SIGINT})
+        finally:
+            for fd, was in zip(fds, inheritable):
+                os.set_inheritable(fd, was)
+
+    util.spawnv_passfds = spawn_blocked
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        util.spawnv_passfds = fork_exec
 
 
 class _PassStop(StopSignals):
@@ -162,9 +217,17 @@ class _PassStop(StopSignals):
             raise JobStopped(signum, "a second signal killed the ranks without a checkpoint")
         self.signum = signum
         self.deadline = time.monotonic() + STOP_GRACE_S + 3.0
+        self.pass_on()
+
+    def pass_on(self) -> None:
+        """Send the stop to every live rank; a rank already stopping ignores it, one still starting
+        (SIGINT ignored until it listens) takes a later one."""
+        if not self.signum:
+            return
         for p in self.procs:
             if p.pid is not None and p.is_alive():
-                os.kill(p.pid, signum)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, self.signum)
 
     def __enter__(self) -> "_PassStop":
         # signal handlers belong to the main thread; a launch from another thread passes none on
@@ -182,7 +245,8 @@ def _watch(procs: Sequence[mp.Process], stop: _PassStop, timeout_s: float, outdi
             if stop.signum:
                 raise JobStopped(stop.signum, f"the ranks did not stop within {STOP_GRACE_S:.0f} s; killed them")
             raise TimeoutError(f"local job of {len(procs)} ranks ran past {timeout_s:.0f} s; killed it")
-        for sentinel in wait(list(live), timeout=min(left, 1.0)):
+        stop.pass_on()
+        for sentinel in wait(list(live), timeout=min(left, 0.1 if stop.signum else 1.0)):
             r = live.pop(sentinel)
             procs[r].join()
             if procs[r].exitcode != 0:

@@ -33,6 +33,8 @@ class StopSignals:
     def __enter__(self) -> Self:
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._on_signal)
+        # a process started with them blocked (a local job's rank) takes any that waited now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,15 +35,18 @@ from ..runtime.launch import init_from_env, launch_local, under_torchrun
 from ..runtime.parallel_dims import ParallelDims, ParallelMesh
 from ..runtime.signals import StopRequest, serve_parent, signal_name
 from ..sim.simulator import simulate
-from .checkpoint import resume_checkpoint, save_checkpoint
+from .checkpoint import CheckpointJob, checkpoint_run, resume_checkpoint, save_checkpoint
 from .console import banner, measured_bubble, resume_line, say, step_line
+from .layout_change import layout_notice
 from .metrics import MetricsWriter
+from .notices import warn
 from .optim import build_optimizer
 from .planning import StepPlanner, StepPlans, job_cost
 from .prefetch import PlanPrefetcher
 from .run_lock import RunDirBusy, run_dir_lock
-from .validate import JobShape, check_config, check_first_step
+from .validate import JobShape, check_checkpoints, check_config, check_first_step
 
+FAILURE = "failure.txt"
 PRECISIONS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, torch.float32)}
 
 
@@ -78,53 +82,64 @@ def run_training(cfg: Config, run_dir: str | Path, *, progress: bool = True,
         device = init_from_env(collective_timeout_s=cfg.comm.train_timeout_seconds)
         try:
             with contextlib.ExitStack() as held:
-                refusal = [_own_run_dir(cfg, run_dir, held) if dist.get_rank() == 0 else None]
+                refusal = [_lock_run_dir(run_dir, held) if dist.get_rank() == 0 else None]
                 dist.broadcast_object_list(refusal, src=0)
                 if refusal[0] is not None:
                     raise RunDirBusy(refusal[0])
-                dataset = _dataset(cfg, shape)
+                dataset = _prepare(cfg, shape, run_dir)
                 if dist.get_rank() == 0:
+                    _claim_run_dir(cfg, run_dir)
                     for line in banner(cfg, run_dir, dataset, device, dist.get_world_size(), shape.layers_per_stage):
                         say(line)
                 return _rank_main(cfg, str(run_dir), dataset, device, progress)
         finally:
             dist.destroy_process_group()
     with contextlib.ExitStack() as held:
-        if (refusal := _own_run_dir(cfg, run_dir, held)) is not None:
-            raise RunDirBusy(refusal)
-        dataset = _dataset(cfg, shape)
+        lock = held.enter_context(run_dir_lock(run_dir))
+        dataset = _prepare(cfg, shape, run_dir)
+        _claim_run_dir(cfg, run_dir)
         world = ParallelDims.from_config(cfg.parallelism).world_size
         for line in banner(cfg, run_dir, dataset, "cpu (local gloo processes)", world, shape.layers_per_stage):
             say(line)
         threads = max(1, (os.cpu_count() or 1) // world)
         results = launch_local(_rank_main, world, args=(cfg, str(run_dir), dataset, "cpu", progress),
                                threads=threads, collective_timeout_s=cfg.comm.train_timeout_seconds,
-                               timeout_s=timeout_s)
+                               timeout_s=timeout_s, inherit_fds=(lock,))
     return results[0]
 
 
-def _own_run_dir(cfg: Config, run_dir: Path, held: contextlib.ExitStack) -> str | None:
-    """Lock ``run_dir`` for the rest of ``held`` and record the config; else why another job has it."""
+def _lock_run_dir(run_dir: Path, held: contextlib.ExitStack) -> str | None:
+    """Lock ``run_dir`` for the rest of ``held``; else why another job has it."""
     try:
         held.enter_context(run_dir_lock(run_dir))
     except RunDirBusy as exc:
         return str(exc)
-    _write_config(cfg, run_dir)
     return None
 
 
-def _dataset(cfg: Config, shape: JobShape) -> TokenDataset:
-    """The corpus, checked here to hold at least one global batch and to let the first step be
-    planned (before any rank starts)."""
+def _prepare(cfg: Config, shape: JobShape, run_dir: Path) -> TokenDataset:
+    """The checks that need the run directory or the corpus: the checkpoint to resume (its
+    manifest, file sizes and model), then the corpus holds at least one global batch and the first
+    step can be planned. All before any rank starts, and before the directory is written to."""
+    check_checkpoints(cfg, run_dir)
     dataset, _ = build_dataset(cfg)
     check_first_step(cfg, dataset, shape)
     return dataset
 
 
-def _write_config(cfg: Config, run_dir: Path) -> None:
+def _claim_run_dir(cfg: Config, run_dir: Path) -> None:
+    """Record the job's config, and set a previous job's failure report aside (failure.txt is
+    always the newest job's)."""
     tmp = run_dir / "config.toml.tmp"
     tmp.write_text(cfg.to_toml())
     os.replace(tmp, run_dir / "config.toml")
+    failure = run_dir / FAILURE
+    if failure.exists():
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(failure.stat().st_mtime))
+        aside, n = run_dir / f"failure-{stamp}.txt", 1
+        while aside.exists():
+            aside, n = run_dir / f"failure-{stamp}-{n}.txt", n + 1
+        os.replace(failure, aside)
 
 
 def _clip(worker: PipelineWorker, mesh: ParallelMesh, max_norm: float) -> float:
@@ -235,6 +250,11 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
         worker.refresh()
         if rank == 0 and checkpoint is not None:
             say(resume_line(start, steps, checkpoint))
+            if (notice := layout_notice(checkpoint, cfg, world)) is not None:
+                warn(notice)
+    # A resumed job continues its checkpoint's run: its metrics rows and checkpoints carry that id.
+    run = (checkpoint_run(checkpoint) if checkpoint is not None else None) or uuid.uuid4().hex[:12]
+    job = CheckpointJob(run, cfg.to_toml()) if rank == 0 else None
     sampler = build_sampler(cfg, dataset)
     memory = cfg.epp.memory_budget_bytes
     planner = StepPlanner(cost, sampler, cfg.epp.planner, pp, mesh.dp, memory, layers, cfg.epp.planner_options())
@@ -253,7 +273,7 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
         bar = None
         if root:
             tb = Path(run_dir) / cfg.metrics.save_tb_folder if cfg.metrics.enable_tensorboard else None
-            metrics = MetricsWriter(run_dir, tb, resume_step=start)
+            metrics = MetricsWriter(run_dir, tb, resume_step=start, run=run)
             stack.callback(metrics.close)
             if progress:
                 from tqdm import tqdm
@@ -305,14 +325,14 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
                     bar.update(1)
             if cfg.checkpoint.enable and (done % cfg.checkpoint.interval == 0 or done == steps):
                 checkpoint = save_checkpoint(ckpt_dir, done, weights, optimizer, scheduler,
-                                             cfg.checkpoint.keep_latest_k)
+                                             cfg.checkpoint.keep_latest_k, job)
                 saved = done
         wall = time.perf_counter() - t_start
         if done == steps:
             stopping = 0  # a signal during the last step changes nothing: the job is complete
         if stopping and cfg.checkpoint.enable and done > saved:
             checkpoint = save_checkpoint(ckpt_dir, done, weights, optimizer, scheduler,
-                                         cfg.checkpoint.keep_latest_k)
+                                         cfg.checkpoint.keep_latest_k, job)
     if not root:
         return None
     if stopping:

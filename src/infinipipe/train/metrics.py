@@ -1,8 +1,10 @@
 """Per-step metrics: one JSON object per line, optionally mirrored to TensorBoard.
 
-Rows are never lost without a word. A resumed run keeps the rows up to its resume step; when any
-row would go (a fresh run in a used directory, or a resume from an older checkpoint), the whole
-old file is first moved aside to ``metrics-<time>.jsonl`` and a warning names it. A torn last
+Rows are never lost without a word. Each row names its run (a fresh job starts one; a resumed job
+continues its checkpoint's), and a resumed run keeps its own rows up to its resume step; when any
+row would go (a fresh run in a used directory, a resume from an older checkpoint, rows another
+run wrote since), the whole old file is first moved aside to ``metrics-<time>.jsonl`` and a
+warning names it. Rows written before runs were named count as the resumed run's. A torn last
 line (a crash mid-write) is dropped with a warning naming the file and line; a bad line anywhere
 else is an error, since that is not what a crash leaves.
 """
@@ -61,16 +63,23 @@ def _move_aside(path: Path) -> Path:
 class MetricsWriter:
     """Appends to ``RUN_DIR/metrics.jsonl`` after the rows up to ``resume_step`` (see the module)."""
 
-    def __init__(self, run_dir: str | Path, tensorboard_dir: str | Path | None = None, resume_step: int = 0):
+    def __init__(self, run_dir: str | Path, tensorboard_dir: str | Path | None = None, resume_step: int = 0,
+                 run: str = ""):
         self.path = Path(run_dir) / METRICS
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.run = run
         if self.path.exists():
             rows, torn = _rows(self.path)
-            kept = [r for r in rows if r["step"] <= resume_step]
+            others = [r for r in rows if r.get("run", run) != run]
+            kept = [r for r in rows if r["step"] <= resume_step and r.get("run", run) == run]
             if len(kept) < len(rows):
                 aside = _move_aside(self.path)
-                why = f"resuming from step {resume_step}" if resume_step else "a fresh run"
-                warn(f"{why} redoes steps logged in {self.path}; its {len(rows)} rows are kept in {aside}")
+                if resume_step and others:
+                    warn(f"resuming from step {resume_step}: {self.path} holds {len(others)} rows of another run; "
+                         f"its {len(rows)} rows are kept in {aside}")
+                else:
+                    why = f"resuming from step {resume_step}" if resume_step else "a fresh run"
+                    warn(f"{why} redoes steps logged in {self.path}; its {len(rows)} rows are kept in {aside}")
             if torn or len(kept) < len(rows):
                 _write_rows(self.path, kept)
         self._tb = None
@@ -82,6 +91,7 @@ class MetricsWriter:
             self._tb = SummaryWriter(str(tensorboard_dir))
 
     def write(self, record: dict[str, Any]) -> None:
+        record = {**record, "run": self.run} if self.run else record
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:

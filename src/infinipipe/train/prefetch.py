@@ -10,6 +10,7 @@ import multiprocessing
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from ..contract.ir import Plan
@@ -17,12 +18,17 @@ from ..contract.ir import Plan
 R = TypeVar("R")
 
 
+class PlanningProcessDied(RuntimeError):
+    """The background planning process was killed (a signal, the kernel's out-of-memory killer)."""
+
+
 class PlanPrefetcher(Iterator[Plan]):
     """Yields ``plan_fn(request)`` for each request in order, planning up to ``depth`` ahead.
 
     ``plan_fn`` must be a picklable module-level function (the worker is started with ``spawn``,
     safe next to CUDA and threads). A planning error is re-raised in the consumer with its own
-    type and message, plus a note naming the iteration.
+    type and message, plus a note naming the iteration; a planning process that died is
+    `PlanningProcessDied`, which says so.
     """
 
     def __init__(self, plan_fn: Callable[[R], Plan], requests: Iterable[R], depth: int = 1,
@@ -54,6 +60,11 @@ class PlanPrefetcher(Iterator[Plan]):
         index, future = self._pending.popleft()
         try:
             plan = future.result()
+        except BrokenProcessPool as exc:
+            self.close()
+            raise PlanningProcessDied(f"the planning process ended abruptly while planning iteration {index} "
+                                      "(killed, or out of memory); epp.prefetch = false plans in the training "
+                                      "process instead") from exc
         except BaseException as exc:
             self.close()
             exc.add_note(f"while planning iteration {index} in the background")

@@ -2,8 +2,12 @@
 
 The kernel drops a ``flock`` when its holder exits, however it exits, so a crashed job never
 leaves the directory locked; the file itself stays and only records who holds it (pid, host,
-start time) for the message a second job gets. Run directories on network filesystems need
-working ``flock`` there (NFSv4 and Lustre with ``flock`` mount option do).
+start time) for the message a second job gets. The lock belongs to the open file, so a process
+that inherits the descriptor (a local job's ranks) holds it too: a killed launcher does not free
+the directory while its ranks still run, and a new job waits for them (they end within
+``STOP_GRACE_S``) rather than overlap them or be refused for a job already gone. Run directories
+on network filesystems need working ``flock`` there (NFSv4 and Lustre with ``flock`` mount option
+do).
 """
 from __future__ import annotations
 
@@ -11,11 +15,18 @@ import contextlib
 import datetime
 import fcntl
 import os
+import re
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..runtime.signals import STOP_GRACE_S
+from .notices import warn
+
 LOCK_FILE = "job.lock"
+ORPHAN_WAIT_S = STOP_GRACE_S + 5.0  # ranks end this soon after their launcher died
+_HOLDER = re.compile(r"pid (\d+) on host (\S+) ")
 
 
 class RunDirBusy(ValueError):
@@ -23,8 +34,11 @@ class RunDirBusy(ValueError):
 
 
 @contextlib.contextmanager
-def run_dir_lock(run_dir: str | Path) -> Iterator[None]:
-    """Hold ``run_dir`` for this job; raise `RunDirBusy` naming the holder if another job has it."""
+def run_dir_lock(run_dir: str | Path) -> Iterator[int]:
+    """Hold ``run_dir`` for this job; raise `RunDirBusy` naming the holder if another job has it.
+
+    Yields the lock's file descriptor, for processes that are to hold the lock with this one.
+    """
     path = Path(run_dir) / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -32,14 +46,45 @@ def run_dir_lock(run_dir: str | Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = path.read_text().strip() or "a job that has not yet written its name"
-            raise RunDirBusy(f"run directory {run_dir} is in use by {holder} (lock {path}); "
-                             f"wait for that job to end or choose another --run-dir") from None
+            if not (_launcher_gone(holder) and _wait_for(fd, run_dir, holder)):
+                raise RunDirBusy(f"run directory {run_dir} is in use by {holder} (lock {path}); "
+                                 f"wait for that job to end or choose another --run-dir") from None
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} (started {started})\n".encode())
         try:
-            yield
+            yield fd
         finally:
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)
+
+
+def _launcher_gone(holder: str) -> bool:
+    """Whether the recorded holder, a process on this host, has ended: the lock is then held by
+    the ranks it started, which follow it within ``STOP_GRACE_S``."""
+    match = _HOLDER.match(holder)
+    if match is None or match.group(2) != socket.gethostname():
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _wait_for(fd: int, run_dir: str | Path, holder: str) -> bool:
+    """Wait (up to ``ORPHAN_WAIT_S``) for the ranks of a job whose launcher is gone to release the
+    lock, so a rerun never overlaps them; True once this process holds it."""
+    warn(f"run directory {run_dir} is still held by the processes of {holder}, which has ended; "
+         f"waiting up to {ORPHAN_WAIT_S:.0f} s for them to end")
+    deadline = time.monotonic() + ORPHAN_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            time.sleep(0.1)
+    return False

@@ -10,13 +10,14 @@ from .metrics import read_metrics
 
 
 def print_summary(cfg: Config, result: TrainResult) -> None:
-    records = read_metrics(result.run_dir)
     ran = len(result.losses)
     p = cfg.parallelism
     world = ParallelDims.from_config(p).world_size
     if not ran:
-        print(f"\nnothing trained: the run was already at step {result.start_step} of {cfg.training.steps}")
+        if not result.stop_signal:  # a stop before the first step has said where it stopped
+            print(f"\nnothing trained: the run was already at step {result.start_step} of {cfg.training.steps}")
         return
+    records = read_metrics(result.run_dir)
     print(f"\ntrained {ran} step(s) (steps {result.start_step + 1}..{result.start_step + ran} of {cfg.training.steps}) "
           f"of {cfg.model_config().layers}-layer '{cfg.model.flavor}' on {world} process(es): "
           f"pp={p.pipeline_parallel_degree}, planner {cfg.epp.planner}")

@@ -5,13 +5,15 @@ found here, in the launching process, it is one ``ValueError`` naming the key, w
 line prints as ``infinipipe train: error: ...``. The checks run cheapest first: the planner's
 name, the degrees against the model's layers, the cost profile against the model, and then, with
 the corpus loaded, the first step planned for real, so a memory budget too small for the model
-is refused with the smallest budget that fits.
+is refused with the smallest budget that fits. The checkpoint a job would resume is checked by
+its manifest, file sizes and model (hashing its files is left to the ranks, a share each).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 
-from ..config import Config
+from ..config import Config, load_config
 from ..contract.cost import CostModel
 from ..data.dataset import TokenDataset, build_sampler
 from ..planners.epp import NoPlanError
@@ -19,6 +21,7 @@ from ..planners.ilp import InfeasibleMemoryError
 from ..planners.registry import PLANNERS
 from ..planners.stage_layers import balance_layers
 from ..runtime.parallel_dims import ParallelDims
+from .checkpoint import CONFIG, CheckpointError, checkpoint_problems, checkpoint_steps, missing_load_step
 from .planning import StepPlanner, job_cost
 
 
@@ -57,6 +60,45 @@ def check_first_step(cfg: Config, dataset: TokenDataset, shape: JobShape) -> Non
         need = exc.bound.bytes if exc.closest_bytes is None else exc.closest_bytes
         raise ValueError(f"epp.memory_budget = {cfg.epp.memory_budget} is too small for this batch: {exc}; "
                          f"set at least --epp.memory_budget={_round_up(need)}") from None
+
+
+def check_checkpoints(cfg: Config, run_dir: Path) -> None:
+    """What resuming would refuse: a ``load_step`` that is not there, no checkpoint left whose
+    files match its manifest in name and size, or one written for another model."""
+    if not cfg.checkpoint.enable:
+        return
+    folder = run_dir / cfg.checkpoint.folder
+    steps = checkpoint_steps(folder)
+    load = cfg.checkpoint.load_step
+    if load > 0 and load not in steps:
+        raise missing_load_step(folder, load, steps)
+    problems = {}
+    for step in [load] if load > 0 else sorted(steps, reverse=True):
+        problems[step] = checkpoint_problems(steps[step], hash_files=False)
+        if not problems[step]:
+            _check_model(steps[step], cfg)
+            return
+    if load > 0:
+        raise CheckpointError(f"checkpoint {steps[load]} is damaged: {'; '.join(problems[load])}")
+    if problems:
+        found = "; ".join(f"{steps[s].name}: {p[0]}" for s, p in problems.items())
+        raise CheckpointError(f"no intact checkpoint in {folder} ({found}); move them elsewhere, or use another "
+                              "--run-dir or --checkpoint.enable=false to start over")
+
+
+def _check_model(checkpoint: Path, cfg: Config) -> None:
+    """Refuse to resume weights of another shape (a rerun with another model in a used directory)."""
+    try:
+        saved = load_config(checkpoint / CONFIG).model_config()
+    except (OSError, ValueError):
+        return  # an older checkpoint without its config, or one whose model is no longer readable
+    model = cfg.model_config()
+    changed = [f"{f.name} {getattr(saved, f.name)} -> {getattr(model, f.name)}" for f in fields(model)
+               if getattr(saved, f.name) != getattr(model, f.name)]
+    if changed:
+        raise CheckpointError(f"checkpoint {checkpoint} holds another model than this job's ({', '.join(changed)}); "
+                              f"resume it with its own config ({checkpoint / CONFIG}), or use another --run-dir "
+                              "or --checkpoint.enable=false to start over")
 
 
 def _round_up(nbytes: float) -> str:
