@@ -270,30 +270,27 @@ FRUGAL_SLICE_TOKENS = 256  # the frugal plan's slices: small enough that their t
 def frugal_plan(request: PlanRequest) -> Plan:
     """The plan of the batch that needs the least memory among those EPP's search tries, with
     every layer recomputed: each sequence of at least half the longest's length alone in a
-    pipeline, cut into equal slices (no chunk then holds more tokens, so no action's transient is
-    larger), the rest cut and packed at that slice size in one more pipeline; the slice count
-    (powers of two up to ``max_slices``, no slice under FRUGAL_SLICE_TOKENS tokens) is the one
-    with the lowest peak (more slices hold fewer tokens at a time, but where attention needs an
-    explicit mask each one's mask over its prefix grows).
-    Its peak depends on the batch, not the budget: from that budget on, EPP plans."""
-    longest = max(request.lengths)
-    top = min(request.options.max_slices, max(1, longest // FRUGAL_SLICE_TOKENS))
-    plans = [_frugal_at(request, k) for k in sorted({*(2**i for i in range(top.bit_length()) if 2**i <= top), top})]
-    peaks = [max(simulate(p, request.cost).peak_memory_bytes) for p in plans]
-    return plans[peaks.index(min(peaks))]
-
-
-def _frugal_at(request: PlanRequest, slices: int) -> Plan:
+    pipeline, the rest in one more, each part cut into equal slices (no chunk then holds more
+    tokens, so no action's transient is larger) and packed at that size; each part's slice count
+    (powers of two up to ``max_slices``, no slice under FRUGAL_SLICE_TOKENS tokens, or none at
+    all) is the one with its lowest peak (more slices hold fewer tokens at a time, but where
+    attention needs an explicit mask each one's mask over its prefix grows, and a whole sequence
+    needs no K/V store). Its peak depends on the batch, not the budget: from it on, EPP plans."""
     lengths, layers = request.lengths, request.layers
-    size = -(-max(lengths) // slices)
-    planned = []
+    best: dict[tuple[int, ...], Plan] = {}
     for part in alone_and_rest(lengths, lambda n: 2 * n >= max(lengths)):
-        sub = [lengths[i] for i in part]
-        chunks = fixed_size_chunks(sub, size)
-        planned.append((epp_schedule(chunks, sub, len(layers), layers, recompute=lambda s, _c: layers[s],
-                                     validate=False), part))
-    return join_plans(planned, lengths, {"chunking": "frugal", "num_slices": slices, "parts": len(planned),
-                                         "screened": False})
+        sub = tuple(lengths[i] for i in part)
+        if sub in best:
+            continue
+        top = min(request.options.max_slices, max(1, max(sub) // FRUGAL_SLICE_TOKENS))
+        plans = [epp_schedule(chunks, sub, len(layers), layers, recompute=lambda s, _c: layers[s], validate=False)
+                 for chunks in (fixed_size_chunks(sub, -(-max(sub) // k))
+                                for k in sorted({*(2**i for i in range(top.bit_length())), top}))]
+        peaks = [max(simulate(p, request.cost).peak_memory_bytes) for p in plans]
+        best[sub] = plans[peaks.index(min(peaks))]
+    parts = alone_and_rest(lengths, lambda n: 2 * n >= max(lengths))
+    return join_plans([(best[tuple(lengths[i] for i in p)], p) for p in parts], lengths,
+                      {"chunking": "frugal", "parts": len(parts), "screened": False})
 
 
 def alone_and_rest(lengths: Sequence[int], alone: Callable[[int], bool]) -> list[list[int]]:
