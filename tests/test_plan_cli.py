@@ -163,3 +163,24 @@ def test_bad_layout_options_exit_2_naming_the_flag(tmp_path, profile_file, capsy
                     ["bench", "--model", "llama-7b", "--stages", "2", "--batch", "4"]):
         assert main([*command, *flags]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_explain_lists_the_candidates_also_when_none_fits(tmp_path, capsys):
+    """Between the memory lower bound and the frugal plan's peak, the search runs, finds nothing,
+    prints what it tried, and the error names the bound and the budget from which EPP plans."""
+    from infinipipe.contract.cost import CostModel, default_profile
+    from infinipipe.contract.model_config import preset
+    from infinipipe.planners.bound import memory_lower_bound
+    from infinipipe.planners.request import PlanRequest
+
+    sizes = [8192, 8192, 3000, 2000, 1000, 500]
+    lengths = tmp_path / "lengths.txt"
+    lengths.write_text("\n".join(map(str, sizes)) + "\n")
+    cost = CostModel(default_profile("tiny"), preset("tiny"))
+    bound = memory_lower_bound(cost, PlanRequest(sizes, cost, 4, 1e12).layers, sizes)
+    code = main(["plan", "--lengths", str(lengths), "--model", "tiny", "--stages", "4",
+                 "--memory-budget", str(int(bound.bytes * 1.05)), "--out", str(tmp_path / "p.json"), "--explain"])
+    captured = capsys.readouterr()
+    assert code == 2 and not (tmp_path / "p.json").exists()
+    assert "candidate plans tried (0 fit)" in captured.out and "no candidate fits" in captured.out
+    assert "any plan needs at least" in captured.err and "epp plans it from" in captured.err
