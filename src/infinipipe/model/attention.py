@@ -11,6 +11,7 @@ concatenation. Back-ends:
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from itertools import accumulate
@@ -20,17 +21,19 @@ import torch.nn.functional as F
 
 BACKENDS = ("auto", "sdpa", "varlen", "naive")
 
-try:
-    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
-
-    _VARLEN_HAS_GQA = "enable_gqa" in inspect.signature(_varlen_attn).parameters
-except ImportError:  # torch without the varlen API
-    _varlen_attn = None
-    _VARLEN_HAS_GQA = False
+@functools.cache
+def _varlen_api() -> tuple[Callable | None, bool]:
+    """``varlen_attn`` and whether it takes ``enable_gqa``, imported on first use on CUDA: the
+    module pulls in ``torch._dynamo`` (over a second of start-up), which a CPU process never needs."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch without the varlen API
+        return None, False
+    return varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
 def varlen_available(device: torch.device) -> bool:
-    return _varlen_attn is not None and device.type == "cuda"
+    return device.type == "cuda" and _varlen_api()[0] is not None
 
 
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -118,13 +121,14 @@ def _varlen(q, k, v, seg_lens, starts, seq_kv, cu_seqlens=None):
     cu_q, cu_kt = cu_seqlens
     max_k = max(key_lens)
     gqa = q.shape[1] != k.shape[1]
+    varlen_attn, has_gqa = _varlen_api()
     kwargs = {}
-    if gqa and _VARLEN_HAS_GQA:
+    if gqa and has_gqa:
         kwargs["enable_gqa"] = True
     elif gqa:
         rep = q.shape[1] // k.shape[1]
         kk, vv = kk.repeat_interleave(rep, dim=1), vv.repeat_interleave(rep, dim=1)
-    return _varlen_attn(q, kk, vv, cu_q, cu_kt, max(seg_lens), max_k, window_size=(-1, 0), **kwargs)
+    return varlen_attn(q, kk, vv, cu_q, cu_kt, max(seg_lens), max_k, window_size=(-1, 0), **kwargs)
 
 
 _IMPL: dict[str, Callable] = {"sdpa": _sdpa, "naive": _naive, "varlen": _varlen}
