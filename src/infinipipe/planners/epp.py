@@ -278,7 +278,8 @@ def frugal_plan(request: PlanRequest) -> Plan:
     needs no K/V store). Its peak depends on the batch, not the budget: from it on, EPP plans."""
     lengths, layers = request.lengths, request.layers
     best: dict[tuple[int, ...], Plan] = {}
-    for part in alone_and_rest(lengths, lambda n: 2 * n >= max(lengths)):
+    parts = alone_and_rest(lengths, lambda n: 2 * n >= max(lengths))
+    for part in parts:
         sub = tuple(lengths[i] for i in part)
         if sub in best:
             continue
@@ -288,7 +289,6 @@ def frugal_plan(request: PlanRequest) -> Plan:
                                 for k in sorted({*(2**i for i in range(top.bit_length())), top}))]
         peaks = [max(simulate(p, request.cost).peak_memory_bytes) for p in plans]
         best[sub] = plans[peaks.index(min(peaks))]
-    parts = alone_and_rest(lengths, lambda n: 2 * n >= max(lengths))
     return join_plans([(best[tuple(lengths[i] for i in p)], p) for p in parts], lengths,
                       {"chunking": "frugal", "parts": len(parts), "screened": False})
 

@@ -19,7 +19,7 @@ from ..contract.cost import CostModel
 from ..contract.ir import Chunk, Segment
 from ..contract.shapes import ChunkShape
 from .ilp import InfeasibleMemoryError, SolverCache, build_problem, check_full_recompute, min_recompute_ms
-from .schedule import epp_schedule, split_gap
+from .schedule import epp_schedule, fill_gaps, split_gap
 
 Checkpointing = Literal["ilp", "none", "full"]
 CHECKPOINTING = ("ilp", "none", "full")
@@ -148,15 +148,7 @@ def ordered_units(chunks: Sequence[Chunk], num_stages: int, interleave: bool = F
     whole = [u for u in units if len(u) == 1]
     if not interleave or len(split) < 2:
         return units
-    gap = split_gap(num_stages, len(split[0]))
-    out: list[list[int]] = []
-    taken = 0
-    for i, u in enumerate(split):
-        out.append(u)
-        if i < len(split) - 1:
-            out += whole[taken:taken + gap]
-            taken = min(taken + gap, len(whole))
-    return out + whole[taken:]
+    return fill_gaps(split, whole, split_gap(num_stages, len(split[0])))
 
 
 def group_pipelines(coster: PipelineCoster, max_pipelines: int = 4, max_cuts: int = 12) -> Grouping:

@@ -3,9 +3,10 @@
 Inside a pipeline, sequences with more chunks go first (a short one first would stall the
 steady phase while a long one is half in flight), whole chunks follow them or (interleaved) fill
 the gaps between split sequences so their K/V stores are not in flight together, a sequence's
-slices run forward in order and backward in reverse, and stage ``p`` (0-indexed) warms up with ``d - 1 - p + N_split`` forwards so
-the last slice of the longest sequence can turn round on the last stage. Every stage runs the same
-forward order and the same backward order, so sends and receives pair up.
+slices run forward in order and backward in reverse, and stage ``p`` (0-indexed) warms up with
+``d - 1 - p + N_split`` forwards so the last slice of the longest sequence can turn round on the
+last stage. Every stage runs the same forward order and the same backward order, so sends and
+receives pair up.
 """
 from __future__ import annotations
 
@@ -28,6 +29,19 @@ def split_gap(num_stages: int, n_split: int) -> int:
     """Whole chunks between two split sequences that keep the second one's slices out of flight
     on every stage until the first one's backward is done: the first stage's warm-up less one."""
     return max(num_stages - 2 + n_split, 0)
+
+
+def fill_gaps(split: Sequence[list[int]], whole: Sequence[list[int]], gap: int) -> list[list[int]]:
+    """``split`` in order with up to ``gap`` of ``whole`` after each but the last, from the first
+    gap on; the rest of ``whole`` after the last."""
+    out: list[list[int]] = []
+    taken = 0
+    for i, item in enumerate(split):
+        out.append(item)
+        if i < len(split) - 1:
+            out += whole[taken:taken + gap]
+            taken = min(taken + gap, len(whole))
+    return out + list(whole[taken:])
 
 
 def pipeline_orders(chunks: Sequence[Chunk], seq_lengths: Sequence[int], ids: Sequence[int],
@@ -54,14 +68,7 @@ def pipeline_orders(chunks: Sequence[Chunk], seq_lengths: Sequence[int], ids: Se
     groups.sort(key=lambda g: (-len(g), g[0]))
     n_split = max((len(g) for g in groups), default=1)
     gap = split_gap(num_stages, n_split) if interleave else 0
-    blocks: list[list[int]] = []
-    taken = 0
-    for i, g in enumerate(groups):
-        blocks.append(g)
-        if i < len(groups) - 1:
-            blocks += [[cid] for cid in whole[taken:taken + gap]]
-            taken = min(taken + gap, len(whole))
-    blocks += [[cid] for cid in whole[taken:]]
+    blocks = fill_gaps(groups, [[cid] for cid in whole], gap)
     forward = [cid for b in blocks for cid in b]
     backward = [cid for b in blocks for cid in reversed(b)]
     return forward, backward, n_split
