@@ -48,6 +48,11 @@ class NoPlanError(ValueError):
         super().__init__(message)
         self.bound, self.closest_bytes, self.metadata = bound, closest_bytes, dict(metadata or {})
 
+    @property
+    def need_bytes(self) -> float:
+        """The budget to ask for: ``closest_bytes`` where known, else the bound."""
+        return self.bound.bytes if self.closest_bytes is None else self.closest_bytes
+
     def __reduce__(self):
         """Rebuilt from its fields, so it survives the planning process's pickling."""
         return type(self), (str(self), self.bound, self.closest_bytes, self.metadata)
@@ -314,7 +319,7 @@ def plan_in_parts(request: PlanRequest, parts: list[list[int]], checkpointing: s
         try:
             planned[lengths] = _plan_epp(dataclasses.replace(request, lengths=lengths), checkpointing, compose=False)
         except NoPlanError as exc:
-            failed.append((exc.bound.bytes if exc.closest_bytes is None else exc.closest_bytes, len(part), exc))
+            failed.append((exc.need_bytes, len(part), exc))
     if failed:
         need, count, exc = max(failed, key=lambda f: f[0])
         raise NoPlanError(f"the part of {count} sequence(s) has no plan: {exc}", exc.bound, need, exc.metadata)
@@ -492,9 +497,8 @@ class _Search:
             try:
                 plan = plan_in_parts(self.request, parts, self.checkpointing)
             except NoPlanError as exc:
-                need = exc.bound.bytes if exc.closest_bytes is None else exc.closest_bytes
                 trial = _Trial(cand, False, None, None, str(exc),
-                               memory_error=InfeasibleMemoryError(exc.bound.stage, (), need, self.memory))
+                               memory_error=InfeasibleMemoryError(exc.bound.stage, (), exc.need_bytes, self.memory))
             else:
                 trial = _Trial(cand, False, plan, simulate(plan, self.cost, self.memory, self.request.link))
             trial.seconds = time.perf_counter() - t0

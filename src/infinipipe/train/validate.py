@@ -57,9 +57,8 @@ def check_first_step(cfg: Config, dataset: TokenDataset, shape: JobShape) -> Non
         raise ValueError(f"epp.memory_budget = {cfg.epp.memory_budget} is too small for this model: {exc}; "
                          f"set at least --epp.memory_budget={_round_up(exc.min_memory_bytes)}") from None
     except NoPlanError as exc:
-        need = exc.bound.bytes if exc.closest_bytes is None else exc.closest_bytes
         raise ValueError(f"epp.memory_budget = {cfg.epp.memory_budget} is too small for this batch: {exc}; "
-                         f"set at least --epp.memory_budget={_round_up(need)}") from None
+                         f"set at least --epp.memory_budget={_round_up(exc.need_bytes)}") from None
 
 
 def check_checkpoints(cfg: Config, run_dir: Path) -> None:
