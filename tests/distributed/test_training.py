@@ -55,6 +55,23 @@ def test_exact_epp_pp4_training_matches_single_device_losses_for_20_steps(tmp_pa
     assert long and all(p["split_sequences"] >= 1 for p in long), "a step did not split its longest sequence"
 
 
+def test_planning_cut_by_its_deadline_hides_behind_the_step_and_trains_exactly(tmp_path, cache_dir):
+    """A deadline of 1% of the step cuts every search short (its unbounded search takes longer):
+    from step 2 on the plan waits for no one, training never waits longer than the deadline, and
+    the losses are the single device's."""
+    cfg = load_config(None, SMALL_RUN + [f"--data.cache_dir={cache_dir}", "--training.steps=3",
+                                         "--parallelism.pipeline_parallel_degree=2", "--epp.deadline_share=0.01"])
+    result = run_training(cfg, tmp_path, progress=False)
+    dataset, _ = build_dataset(cfg)
+    for step, (got, want) in enumerate(zip(result.losses, reference_losses(cfg, dataset)), start=1):
+        assert got == pytest.approx(want, rel=2e-4), f"step {step}"
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and all(r["planning_skipped"] > 0 for r in records)
+    for r in records[1:]:
+        assert r["planning_hidden"] and r["plan_wait_s"] <= r["planning_deadline_s"]
+        assert r["planning_deadline_s"] < r["step_time_s"]
+
+
 def test_sp2_pp2_training_matches_single_device_losses(tmp_path, cache_dir):
     cfg = load_config(None, SMALL_RUN + [f"--data.cache_dir={cache_dir}", "--training.steps=4",
                                          "--parallelism.pipeline_parallel_degree=2",

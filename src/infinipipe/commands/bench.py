@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .plan import add_layout_options, add_model_options
+from .plan import OPTION_HELP, add_layout_options, add_model_options
 
 BENCH_MODEL = "llama-13b"
 
@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ablations", action="store_true", help="also run epp-no-ckpt and epp-full-ckpt")
     p.add_argument("--sp-baselines", action="store_true",
                    help="also run ulysses and flexsp on the pipelines' stages x sp GPUs (on whenever --sp > 1)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help=OPTION_HELP)
     p.add_argument("--json", action="store_true", help="print every figure as JSON")
     p.set_defaults(func=run)
 
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         format_rows,
     )
     from ..planners.stage_layers import balance_layers
-    from .plan import describe_layout, layout_from_args, model_from_args, profile_for_model, with_layout
+    from .plan import describe_layout, layout_from_args, model_from_args, parse_options, profile_for_model, with_layout
 
     model = model_from_args(args) or preset(BENCH_MODEL)
     name = args.profile or profile_for_model(model)
@@ -62,10 +63,11 @@ def run(args: argparse.Namespace) -> int:
     lengths = sample_lengths(args.dist, args.batch, args.max_len, args.seed, args.at_cap)
     planners = ["epp", *BASELINES, *(ABLATIONS if args.ablations else ())]
     budget = parse_bytes(args.memory_budget, "--memory-budget")
-    rows = compare_planners(cost, lengths, args.stages, budget, planners)
+    options = parse_options(args.option)
+    rows = compare_planners(cost, lengths, args.stages, budget, planners, options)
     sp_gpus = args.stages * cost.layout.sp if args.sp_baselines or cost.layout.sp > 1 else 0
     if sp_gpus:
-        rows |= compare_sp_baselines(cost, lengths, sp_gpus, budget)
+        rows |= compare_sp_baselines(cost, lengths, sp_gpus, budget, options)
     floor = compute_floor_s(cost, lengths, args.stages)
     bound = memory_lower_bound(cost, balance_layers(cost, args.stages), lengths)
     if args.json:
@@ -86,4 +88,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"  no plan of this batch beats {floor:.2f}s: the busiest stage's forward and backward of every "
           f"token, as one chunk, with no bubble or recompute{versus}")
     print(f"  memory: {bound}")
+    if epp["planned"]:
+        print(f"  {planning_line(epp)}")
     return 0
+
+
+def planning_line(row: dict) -> str:
+    """How long epp searched (MEASURED on this machine) and what its deadline cut."""
+    deadline = row.get("deadline_s")
+    bounded = (f"deadline {deadline:.2f}s, {len(row['skipped_for_time'])} candidate(s) skipped for time"
+               if deadline is not None else "no deadline")
+    return f"epp planning: {row['planning_s']:.2f}s MEASURED here ({bounded}, {row['pool_size'] or 'no'} pool processes)"

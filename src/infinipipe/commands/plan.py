@@ -12,8 +12,9 @@ from ..planners.options import PlannerOptions
 
 
 def parse_options(words: list[str]) -> PlannerOptions:
-    """``key=value`` words into `PlannerOptions`; a value is read as JSON when it parses
-    (numbers, true/false), else as a string, then checked against the option's type."""
+    """``key=value`` words into `PlannerOptions` over the commands' defaults (`BEHIND_A_STEP`:
+    a deadline and a pool); a value is read as JSON when it parses (numbers, true/false, null),
+    else as a string, then checked against the option's type."""
     values: dict[str, object] = {}
     for text in words:
         key, sep, value = text.partition("=")
@@ -23,10 +24,12 @@ def parse_options(words: list[str]) -> PlannerOptions:
             values[key] = json.loads(value)
         except json.JSONDecodeError:
             values[key] = value
-    return PlannerOptions.from_mapping(values)
+    return PlannerOptions.behind_a_step(values)
 
 
 PLAN_MODEL = "llama-7b"
+OPTION_HELP = ("planner option, repeatable (e.g. chunk_tokens=8192, recompute=2; deadline_share=0 searches without "
+               "a deadline, pool_size=0 in this process alone)")
 
 
 def add_model_options(p: argparse.ArgumentParser, model_default: str) -> None:
@@ -164,7 +167,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", help="layers per stage, comma separated (default: balanced by cost)")
     p.add_argument("--planner", default="epp", choices=sorted(PLANNERS))
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="planner option, repeatable (e.g. chunk_tokens=8192, recompute=2)")
+                   help=OPTION_HELP)
     p.add_argument("--out", type=Path, required=True, help="where to write the plan JSON")
     p.add_argument("--explain", action="store_true",
                    help="print the candidates the search tried (simulated) and why the winner won")

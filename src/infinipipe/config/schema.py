@@ -23,7 +23,7 @@ from ..contract.layout import LinkModel, StageLayout, read_links
 from ..contract.model_config import ModelConfig, preset
 from ..contract.units import parse_bytes
 from ..model.attention import BACKENDS
-from ..planners.options import PlannerOptions
+from ..planners.options import BEHIND_A_STEP, PlannerOptions
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -343,8 +343,12 @@ class EPPConfig(PlannerOptions):
 
     ``profile = ""`` means the profile measured for (or shipped for) the device being used; a
     name or a JSON file path picks another. ``prefetch`` plans step i+1 while step i trains.
+    A run plans behind a step, so the search has a deadline and a pool by default
+    (`options.BEHIND_A_STEP`).
     """
 
+    deadline_share: float = BEHIND_A_STEP["deadline_share"]
+    pool_size: int = BEHIND_A_STEP["pool_size"]
     planner: str = "epp"
     memory_budget: str = "4GiB"
     profile: str = ""

@@ -30,7 +30,9 @@ def compare_planners(cost: CostModel, lengths: Sequence[int], stages: int, memor
             rows[name] = {"planned": False, "error": str(exc), "feasible": False}
             continue
         planning_s = time.perf_counter() - started
-        rows[name] = {**simulate(plan, cost, memory_budget).to_json(), "planned": True, "planning_s": planning_s}
+        search = {k: plan.metadata[k] for k in ("deadline_s", "skipped_for_time", "pool_size") if k in plan.metadata}
+        rows[name] = {**simulate(plan, cost, memory_budget).to_json(), "planned": True, "planning_s": planning_s,
+                      **search}
     return rows
 
 

@@ -14,28 +14,34 @@ import dataclasses
 import gc
 import math
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from typing import Any, Literal
 
 from ..contract.cost import CostModel
 from ..contract.ir import Plan, validate_plan
 from ..contract.shapes import ChunkShape
 from ..contract.units import format_bytes
-from ..sim.simulator import SimResult, iteration_time, simulate
+from ..sim.simulator import iteration_time, simulate
 from .baselines import SEQ1F1B_SLICE_COUNTS, UNIFORM_SLICE_COUNTS, gpipe_schedule, uniform_faster_than
 from .bound import MemoryBound, memory_lower_bound
+from .candidates import Candidate, Trial, WarmStart
 from .compose import join_plans
+from .deadline import Deadline
 from .grouping import CHECKPOINTING, PipelineCoster, group_pipelines
 from .ilp import InfeasibleMemoryError, SolverCache, solve_checkpointing
 from .packing import balanced_chunks, fixed_size_chunks, pack_whole
 from .processor import process_sequences
 from .request import PlanRequest
 from .schedule import epp_schedule
+from .search_pool import SearchPool, resolve_pool_size, shared_pool
 
 PLANNER_NAMES = {"ilp": "epp", "none": "epp-no-ckpt", "full": "epp-full-ckpt"}
 MIN_SLICE_TOKENS = 1024  # below this, slices waste the GPU; the search stops there
 UNIFORM_MARGIN = 0.02  # a baseline chunking this close to the best also runs as the baseline would
 SCREEN_CUTS = 3  # cut points a screened K may group at; enough to split off the longest sequences
+FULL_TRIAL_SCREENS = 3  # a full trial's grouping search costs about this many screens of its chunks
 
 
 class NoPlanError(ValueError):
@@ -122,82 +128,6 @@ def slice_count_ladder(lo: int, hi: int) -> list[int]:
     return out
 
 
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-    """One way of cutting the batch into chunks that the search plans, checkpoints and simulates.
-
-    ``epp``: Algorithm 1 with ``size`` = K equal-time slices of the longest sequence and chunks
-    of at most ``token_capacity`` tokens; ``fixed``: every sequence cut at ``size`` tokens, short
-    ones packed (the ``seq1f1b`` and ``epp-uniform`` family); ``balanced``: Seq1F1B's own
-    equal-compute partition into ``size`` slices; ``whole``: whole sequences packed into chunks
-    of at most ``size`` tokens (the ``batch-1f1b`` family).
-    """
-
-    family: Literal["epp", "fixed", "balanced", "whole", "composite", "frugal"]
-    size: int
-    token_capacity: int = 0
-    interleave: bool = False
-
-    @property
-    def label(self) -> str:
-        return self._label + (" interleaved" if self.interleave else "")
-
-    @property
-    def _label(self) -> str:
-        if self.family == "epp":
-            return f"epp K={self.size} cap={self.token_capacity}"
-        if self.family == "balanced":
-            return f"balanced {self.size} slices"
-        if self.family == "composite":
-            return f"{self.size} longest alone + rest"
-        if self.family == "frugal":
-            return "frugal (least memory)"
-        return f"{self.family} {self.size} tokens"
-
-
-@dataclasses.dataclass
-class _Trial:
-    candidate: Candidate
-    screened: bool
-    plan: Plan | None
-    sim: SimResult | None
-    error: str = ""
-    seconds: float = 0.0
-    memory_error: InfeasibleMemoryError | None = None
-    largest_chunk: int = 0
-
-    @property
-    def feasible(self) -> bool:
-        return self.sim is not None and self.sim.feasible
-
-    def score(self) -> tuple[int, float]:
-        """Fitting plans first, by time; then the least over budget."""
-        if self.sim is None:
-            return (2, math.inf)
-        if self.sim.feasible:
-            return (0, self.sim.iteration_time_s)
-        return (1, max(o.over_bytes for o in self.sim.oom))
-
-    def summary(self) -> dict[str, Any]:
-        c = self.candidate
-        out: dict[str, Any] = {"candidate": c.label, "family": c.family, "size": c.size,
-                               "token_capacity": c.token_capacity, "screened": self.screened,
-                               "feasible": self.feasible, "planning_s": round(self.seconds, 4)}
-        if self.sim is not None:
-            out["iteration_time_s"] = self.sim.iteration_time_s
-            out["bubble_ratio"] = self.sim.bubble_ratio
-            out["recompute_s"] = self.sim.recompute_time_s
-            out["num_chunks"] = self.sim.num_chunks
-            out["num_pipelines"] = self.sim.num_pipelines
-            if not self.sim.feasible:
-                out["error"] = "; ".join(str(o) for o in self.sim.oom)
-        if self.plan is not None and "checkpointing_kind" in self.plan.metadata:
-            out["checkpointing_kind"] = self.plan.metadata["checkpointing_kind"]
-        if self.error:
-            out["error"] = self.error
-        return out
-
-
 def plan_epp(request: PlanRequest, checkpointing: Literal["ilp", "none", "full"] = "ilp") -> Plan:
     """Plan one global batch with EPP; ``checkpointing`` selects the ILP or an ablation.
 
@@ -219,30 +149,42 @@ def plan_epp(request: PlanRequest, checkpointing: Literal["ilp", "none", "full"]
         return _plan_epp(request, checkpointing)
 
 
-def _plan_epp(request: PlanRequest, checkpointing: str, compose: bool = True) -> Plan:
+def _plan_epp(request: PlanRequest, checkpointing: str, compose: bool = True, deadline: Deadline | None = None,
+              pool: SearchPool | None = None) -> Plan:
     """``compose``: the search may also plan the batch in parts (`_Search.composite`); the parts'
-    own searches may not, so parts never nest."""
+    own searches may not, so parts never nest. A part's search gets its parent's ``deadline``
+    and ``pool``; the whole batch's search makes them from the request's options."""
     started = time.perf_counter()
     memory = float(request.memory_budget)
     name = PLANNER_NAMES[checkpointing]
+    opts = request.options
     bound = memory_lower_bound(request.cost, request.layers, request.lengths)
     if checkpointing != "none" and memory < bound.bytes:
         frugal = max(simulate(frugal_plan(request), request.cost).peak_memory_bytes)
         raise NoPlanError(f"{name}: no plan of this batch fits {format_bytes(memory)} per device: {bound}; "
                           f"{name} plans it from {format_bytes(frugal)} ({frugal / bound.bytes:.2f}x the bound)",
                           bound, frugal, metadata={"planner": name, "memory_lower_bound": bound.bytes, "search": []})
-    search = _Search(request, checkpointing, compose)
-    fixed = request.options.num_slices
-    if fixed is not None:
-        best = search.trial(Candidate("epp", fixed, search.token_capacity), screen=False)
-    else:
-        best = search.run()
+    if deadline is None:
+        deadline = Deadline.starting_now(opts.deadline_s, opts.deadline_share, request.step_s)
+        pool = shared_pool(resolve_pool_size(opts.pool_size))
+    search = _Search(request, checkpointing, compose, deadline, pool)
+    fixed = opts.num_slices
+    try:
+        if fixed is not None:
+            best = search.trial(Candidate("epp", fixed, search.token_capacity), screen=False)
+        else:
+            best = search.run()
+    finally:
+        search.cancel_prefetched()
     meta = {
         "planner": name,
         "memory_budget": memory,
         "memory_lower_bound": bound.bytes,
         "search": [t.summary() for t in search.trials.values()],
         "search_skipped": search.skipped,
+        "skipped_for_time": search.skipped_for_time,
+        "deadline_s": deadline.seconds_for(best.sim.iteration_time_s if best.feasible else None),
+        "pool_size": pool.size if pool is not None else 0,
     }
     if best.plan is None or (checkpointing != "none" and not best.feasible):
         tried = sorted({t.candidate.size for t in search.trials.values() if t.candidate.family == "epp"})
@@ -264,6 +206,7 @@ def _plan_epp(request: PlanRequest, checkpointing: str, compose: bool = True) ->
         "feasible": best.feasible,
         "iteration_time_s": best.sim.iteration_time_s,
         "chosen": best.candidate.label,
+        "winner": best.candidate.to_json(),
         "planning_time_s": time.perf_counter() - started,
     }
     return dataclasses.replace(best.plan, metadata=meta)
@@ -304,28 +247,37 @@ def alone_and_rest(lengths: Sequence[int], alone: Callable[[int], bool]) -> list
     return [[i] for i, n in enumerate(lengths) if alone(n)] + ([rest] if rest else [])
 
 
-def plan_in_parts(request: PlanRequest, parts: list[list[int]], checkpointing: str = "ilp") -> Plan:
+def plan_in_parts(request: PlanRequest, parts: list[list[int]], checkpointing: str = "ilp",
+                  deadline: Deadline | None = None, pool: SearchPool | None = None) -> Plan:
     """The batch's sequences ``parts`` (lists of indices covering it) each planned by an EPP
     search of its own, at the request's budget, and joined as back-to-back pipelines (parts of
-    equal lengths are planned once). Raises `NoPlanError` for the neediest part that has no plan,
-    with its ``closest_bytes`` (the budget from which the whole would fit, as far as the parts'
-    searches say)."""
+    equal lengths are planned once). Each part's search starts from the request's warm start for
+    its kind of part (`WarmStart.for_part`), and the joined plan records what won each kind, for
+    the next step's. Raises `NoPlanError` for the neediest part that has no plan, with its
+    ``closest_bytes`` (the budget from which the whole would fit, as far as the parts' searches
+    say)."""
     planned: dict[tuple[int, ...], Plan] = {}
     failed: list[tuple[float, int, NoPlanError]] = []
+    warm = request.warm or WarmStart()
     for part in parts:
         lengths = tuple(request.lengths[i] for i in part)
         if lengths in planned:
             continue
+        sub = dataclasses.replace(request, lengths=lengths, warm=warm.for_part(len(part) == 1))
         try:
-            planned[lengths] = _plan_epp(dataclasses.replace(request, lengths=lengths), checkpointing, compose=False)
+            planned[lengths] = _plan_epp(sub, checkpointing, compose=False, deadline=deadline, pool=pool)
         except NoPlanError as exc:
             failed.append((exc.need_bytes, len(part), exc))
     if failed:
         need, count, exc = max(failed, key=lambda f: f[0])
         raise NoPlanError(f"the part of {count} sequence(s) has no plan: {exc}", exc.bound, need, exc.metadata)
+    singles = [p for p in planned if len(p) == 1]
+    rest = [p for p in planned if len(p) > 1]
+    winners = {"alone": planned[max(singles)].metadata.get("winner") if singles else None,
+               "rest": planned[rest[0]].metadata.get("winner") if rest else None}
     return join_plans([(planned[tuple(request.lengths[i] for i in p)], p) for p in parts], request.lengths,
                       {"planner": PLANNER_NAMES[checkpointing], "memory_budget": float(request.memory_budget),
-                       "chunking": "composite", "parts": len(parts), "screened": False})
+                       "chunking": "composite", "parts": len(parts), "screened": False, "part_winners": winners})
 
 
 @contextlib.contextmanager
@@ -342,8 +294,43 @@ def _cyclic_gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+@dataclasses.dataclass
+class _Outcome:
+    """A candidate planned where the search's leader is not known (a pool's worker): the trial,
+    the time its one pipeline needs without recompute (screens), and the baseline's own run of
+    its chunks (`_Search._uniform_of`), for the search to weigh as the one-process search would."""
+
+    trial: Trial
+    bare_s: float | None = None
+    uniform: Trial | None = None
+
+
+_WORKER_SEARCHES: dict[str, "_Search"] = {}
+WORKER_SEARCHES_KEPT = 4  # a worker keeps this many searches' chunkings and ILP answers
+
+
+def _outcome_in_worker(key: str, request: PlanRequest, checkpointing: str, cand: Candidate, screen: bool,
+                       regroup: bool, prune_s: float, uniform_s: float) -> _Outcome:
+    """A pool worker's job: plan one candidate of the search ``key`` (made on its first job)."""
+    search = _WORKER_SEARCHES.pop(key, None) or _Search(request, checkpointing, compose=False)
+    _WORKER_SEARCHES[key] = search
+    while len(_WORKER_SEARCHES) > WORKER_SEARCHES_KEPT:
+        del _WORKER_SEARCHES[next(iter(_WORKER_SEARCHES))]
+    with _cyclic_gc_paused():
+        return search.outcome(cand, screen, regroup, prune_s, uniform_s)
+
+
+def _lean(trial: Trial | None) -> Trial | None:
+    """The trial without its simulation's timeline, which the search never reads: what a
+    worker sends back."""
+    if trial is None or trial.sim is None:
+        return trial
+    return dataclasses.replace(trial, sim=dataclasses.replace(trial.sim, intervals=(), memory_timeline=()))
+
+
 class _Search:
-    def __init__(self, request: PlanRequest, checkpointing: str, compose: bool = True):
+    def __init__(self, request: PlanRequest, checkpointing: str, compose: bool = True,
+                 deadline: Deadline | None = None, pool: SearchPool | None = None):
         self.request, self.checkpointing, self.compose = request, checkpointing, compose
         self.options = opts = request.options
         self.cost, self.layers = request.cost, tuple(request.layers)
@@ -357,17 +344,116 @@ class _Search:
         # fixed K's one plan is the answer.
         self.plan_gap = self.screen_gap if opts.num_slices is None else opts.mip_gap
         self.cache = SolverCache()
-        self.trials: dict[tuple[Candidate, bool], _Trial] = {}
+        self.trials: dict[tuple[Candidate, bool], Trial] = {}
         self.chunkings: dict[Candidate, list] = {}  # a full trial re-plans a screened candidate's chunks
         self.uniform_tried: set[Candidate] = set()
         self.skipped: list[dict[str, Any]] = []  # slice counts the K ladder's convex floor left out
+        self.deadline = deadline or Deadline(time.monotonic())
+        self.skipped_for_time: list[str] = []
+        self.work: dict[bool, list[float]] = {True: [0.0, 0], False: [0.0, 0]}  # screens', full trials': seconds, chunks
+        self.pool = pool
+        self.key = uuid.uuid4().hex
+        self.prefetched: dict[tuple[Candidate, bool], Future] = {}
 
-    def trial(self, cand: Candidate, screen: bool, regroup: bool = True) -> _Trial:
+    def trial(self, cand: Candidate, screen: bool, regroup: bool = True) -> Trial:
+        """``cand`` planned (screened or in full), once; once a plan fits, a candidate not
+        planned yet whose planning would end past the deadline is skipped (an error trial, not
+        recorded)."""
         if (cand, screen) not in self.trials:
+            future = self.prefetched.pop((cand, screen), None)
+            if (future is None or not future.done()) and self.out_of_time(screen, cand):
+                if future is not None:
+                    future.cancel()
+                self.skipped_for_time.append(cand.label + ("" if screen else " (full)"))
+                return Trial(cand, screen, None, None, "skipped: past the planning deadline")
             t0 = time.perf_counter()
-            self.trials[(cand, screen)] = self._plan_for(cand, screen, regroup)
-            self.trials[(cand, screen)].seconds = time.perf_counter() - t0
+            if self.pool is not None:
+                trial = self._weigh(cand, screen, (future or self._submit(cand, screen, regroup)).result())
+            else:
+                trial = self._plan_for(cand, screen, regroup)
+                trial.seconds = time.perf_counter() - t0
+            self.trials[(cand, screen)] = trial
+            if self.deadline.active:
+                self.work[screen][0] += trial.seconds
+                self.work[screen][1] += self._chunk_count(cand)
         return self.trials[(cand, screen)]
+
+    def _chunk_count(self, cand: Candidate | None) -> int:
+        if cand is None or cand.family in ("composite", "frugal"):
+            return 0
+        try:
+            return len(self._chunks(cand))
+        except ValueError:
+            return 0
+
+    def out_of_time(self, screen: bool, cand: Candidate | None = None) -> bool:
+        """Whether planning ``cand`` would end past the deadline, at the seconds per chunk that
+        trials of its kind took so far (a full trial's grouping search: FULL_TRIAL_SCREENS
+        screens' worth until one was timed); never before some plan fits."""
+        leader = self.leader()
+        if leader is None or not self.deadline.active:
+            return False
+        seconds, done = self.work[screen]
+        if not done and not screen:
+            seconds, done = self.work[True][0] * FULL_TRIAL_SCREENS, self.work[True][1]
+        estimate = seconds / done * self._chunk_count(cand) if done else 0.0
+        return self.deadline.passes_before(leader.sim.iteration_time_s, estimate)
+
+    def prefetch(self, cands: Sequence[Candidate], screen: bool) -> None:
+        """Hand the candidates the search will look at next to the pool (no-op without one)."""
+        if self.pool is None:
+            return
+        for cand in cands:
+            if (cand, screen) not in self.trials and (cand, screen) not in self.prefetched:
+                self.prefetched[(cand, screen)] = self._submit(cand, screen, True)
+
+    def cancel_prefetched(self) -> None:
+        for future in self.prefetched.values():
+            future.cancel()
+        self.prefetched.clear()
+
+    def _submit(self, cand: Candidate, screen: bool, regroup: bool) -> Future:
+        """A worker plans the candidate, told the times a result must beat to matter now: the
+        leaders only improve, so what they rule out now stays ruled out when the answer is read."""
+        screened, leader = self.leader(screened=True), self.leader()
+        return self.pool.submit(_outcome_in_worker, self.key, self.request, self.checkpointing, cand, screen, regroup,
+                                screened.sim.iteration_time_s if screened else math.inf,
+                                leader.sim.iteration_time_s if leader else math.inf)
+
+    def _weigh(self, cand: Candidate, screen: bool, outcome: _Outcome) -> Trial:
+        """A worker's outcome, judged against this search's leaders now, as `_plan_for` judges."""
+        screened, leader = self.leader(screened=True), self.leader()
+        if screen and screened is not None and outcome.bare_s is not None:
+            pruned = self._pruned(cand, outcome.bare_s, screened)
+            if pruned is not None:
+                return pruned
+        if outcome.uniform is not None and self._wants_uniform(cand, outcome.trial, leader):
+            self.uniform_tried.add(cand)
+            return outcome.uniform
+        return outcome.trial
+
+    def outcome(self, cand: Candidate, screen: bool, regroup: bool, prune_s: float, uniform_s: float) -> _Outcome:
+        """`_plan_for` without this search's leaders: what a pool's worker computes. The ILP is
+        skipped where the bare time already loses to ``prune_s``, and the baseline's run where the
+        trial is more than UNIFORM_MARGIN behind ``uniform_s``."""
+        t0 = time.perf_counter()
+        try:
+            chunks = self._chunks(cand)
+        except ValueError as exc:
+            return _Outcome(Trial(cand, screen, None, None, str(exc)))
+        bare = self._bare_s(cand, chunks) if screen else None
+        if bare is not None and bare >= prune_s:
+            return _Outcome(Trial(cand, screen, None, None, "pruned"), bare)
+        trial, meta = self._checkpointed(cand, chunks, screen, regroup)
+        uniform = None
+        if (self._uniform_applies(cand)
+                and (not trial.feasible or trial.sim.iteration_time_s <= uniform_s * (1 + UNIFORM_MARGIN))):
+            uniform = self._uniform_of(trial, chunks, meta)
+        seconds = time.perf_counter() - t0
+        for t in (trial, uniform):
+            if t is not None:
+                t.seconds = seconds
+        return _Outcome(_lean(trial), bare, _lean(uniform))
 
     def _chunks(self, cand: Candidate) -> list:
         cand = dataclasses.replace(cand, interleave=False)  # the order does not change the chunks
@@ -384,25 +470,44 @@ class _Search:
             return balanced_chunks(self.lengths, self.cost, cand.size)
         return pack_whole(self.lengths, cand.size)
 
-    def _plan_for(self, cand: Candidate, screen: bool, regroup: bool) -> _Trial:
+    def _plan_for(self, cand: Candidate, screen: bool, regroup: bool) -> Trial:
         """Plan, checkpoint and simulate one candidate. Screening groups into one pipeline, or
         (with ``regroup``) two where one cannot fit; a full trial runs the whole grouping DP."""
-        cost, layers, memory = self.cost, self.layers, self.memory
         try:
             chunks = self._chunks(cand)
         except ValueError as exc:
-            return _Trial(cand, screen, None, None, str(exc))
-        leader = self.leader()
-        if screen and leader is not None:
+            return Trial(cand, screen, None, None, str(exc))
+        screened, leader = self.leader(screened=True), self.leader()
+        if screen and screened is not None:
             # Recompute only adds time: one pipeline with none at all bounds what this
-            # candidate's screen can reach, so one already slower than the leader skips the ILP.
-            bare = [epp_schedule(chunks, self.lengths, len(layers), layers, validate=False, interleave=cand.interleave)]
-            if cand.family == "whole":  # the baseline may also run these chunks in GPipe's order
-                bare.append(gpipe_schedule(chunks, self.lengths, layers, {}))
-            bound = min(iteration_time(p, cost, self.request.link) for p in bare)
-            if bound >= leader.sim.iteration_time_s:
-                return _Trial(cand, screen, None, None, f"pruned: {bound:.2f} s without any recompute is no faster "
-                                                        f"than {leader.candidate.label} ({leader.sim.iteration_time_s:.2f} s)")
+            # candidate's screen can reach, so one already slower than the best screen skips the ILP.
+            pruned = self._pruned(cand, self._bare_s(cand, chunks), screened)
+            if pruned is not None:
+                return pruned
+        trial, meta = self._checkpointed(cand, chunks, screen, regroup)
+        if self._wants_uniform(cand, trial, leader):
+            self.uniform_tried.add(cand)
+            trial = self._uniform_of(trial, chunks, meta)
+        return trial
+
+    def _bare_s(self, cand: Candidate, chunks: list) -> float:
+        """The candidate's chunks as one pipeline without any recompute: a floor on its screen."""
+        bare = [epp_schedule(chunks, self.lengths, len(self.layers), self.layers, validate=False,
+                             interleave=cand.interleave)]
+        if cand.family == "whole":  # the baseline may also run these chunks in GPipe's order
+            bare.append(gpipe_schedule(chunks, self.lengths, self.layers, {}))
+        return min(iteration_time(p, self.cost, self.request.link) for p in bare)
+
+    @staticmethod
+    def _pruned(cand: Candidate, bare_s: float, leader: Trial) -> Trial | None:
+        if bare_s < leader.sim.iteration_time_s:
+            return None
+        return Trial(cand, True, None, None, f"pruned: {bare_s:.2f} s without any recompute is no faster "
+                                             f"than {leader.candidate.label} ({leader.sim.iteration_time_s:.2f} s)")
+
+    def _checkpointed(self, cand: Candidate, chunks: list, screen: bool, regroup: bool) -> tuple[Trial, dict]:
+        """The candidate grouped, checkpointed and simulated; with the metadata its plans carry."""
+        cost, layers, memory = self.cost, self.layers, self.memory
         gap = self.screen_gap if screen else self.plan_gap
         # Groupings are compared on loose ILP answers; the chosen one's plan is solved at ``gap``.
         coster = PipelineCoster(chunks, self.lengths, cost, layers, memory, self.checkpointing,
@@ -421,29 +526,31 @@ class _Search:
         full = (lambda s, _c: layers[s]) if self.checkpointing == "full" else None
         plan = epp_schedule(chunks, self.lengths, len(layers), layers, pipelines=grouping.pipelines,
                             recompute=full, metadata=meta, validate=False, interleave=cand.interleave)
-        trial = _Trial(cand, screen, None, None)
         if self.checkpointing == "ilp":
             try:
                 plan = solve_checkpointing(plan, cost, memory, gap, self.options.time_limit_s, cache=self.cache)
             except InfeasibleMemoryError as exc:
-                trial = _Trial(cand, screen, None, None, str(exc), memory_error=exc,
-                               largest_chunk=max(c.tokens for c in chunks))
-        if trial.memory_error is None:
-            trial = _Trial(cand, screen, plan, simulate(plan, cost, memory, self.request.link))
-        # The uniform variant runs one pipeline, as the screen did: once per candidate suffices.
-        if (cand.family != "epp" and self.checkpointing == "ilp" and not cand.interleave and cand not in self.uniform_tried
-                and (leader is None or not trial.feasible
-                     or trial.sim.iteration_time_s <= leader.sim.iteration_time_s * (1 + UNIFORM_MARGIN))):
-            trial = self._as_baseline(trial, chunks, meta)
-        return trial
+                return Trial(cand, screen, None, None, str(exc), memory_error=exc,
+                             largest_chunk=max(c.tokens for c in chunks)), meta
+        return Trial(cand, screen, plan, simulate(plan, cost, memory, self.request.link)), meta
 
-    def _as_baseline(self, trial: _Trial, chunks: list, meta: dict) -> _Trial:
+    def _uniform_applies(self, cand: Candidate) -> bool:
+        """A baseline's chunking (one pipeline's order, as the screen ran it) under the ILP."""
+        return cand.family != "epp" and self.checkpointing == "ilp" and not cand.interleave
+
+    def _wants_uniform(self, cand: Candidate, trial: Trial, leader: Trial | None) -> bool:
+        """Once per candidate, where its ILP plan comes within UNIFORM_MARGIN of the leader or
+        does not fit."""
+        return (self._uniform_applies(cand) and cand not in self.uniform_tried
+                and (leader is None or not trial.feasible
+                     or trial.sim.iteration_time_s <= leader.sim.iteration_time_s * (1 + UNIFORM_MARGIN)))
+
+    def _uniform_of(self, trial: Trial, chunks: list, meta: dict) -> Trial:
         """A baseline's chunking also as the baseline itself runs it (uniform recompute; GPipe's
         order for whole sequences): on the simulator the ILP's answer usually wins, but keeping
         the better of the two makes EPP never slower than that baseline. Only chunkings whose
         ILP plan comes within UNIFORM_MARGIN of the leader (or does not fit) try it: the ILP's
         answer is rarely beaten at all, and never by that much."""
-        self.uniform_tried.add(trial.candidate)
         meta = {**meta, "checkpointing_kind": "uniform"}
         request = self.request
         bases = [epp_schedule(chunks, request.lengths, request.num_stages, request.layers, metadata=meta, validate=False)]
@@ -452,10 +559,10 @@ class _Search:
         for base in bases:
             found = uniform_faster_than(request, base, trial.sim.iteration_time_s if trial.feasible else math.inf)
             if found is not None:
-                trial = _Trial(trial.candidate, trial.screened, *found)
+                trial = Trial(trial.candidate, trial.screened, *found)
         return trial
 
-    def _epp_trial(self, k: int, retry: bool) -> _Trial:
+    def _epp_trial(self, k: int, retry: bool) -> Trial:
         """Algorithm 1 at K slices. With ``retry``, where a stage's window cannot hold the chunks
         even with full recompute, the token capacity halves below the largest chunk (twice at
         most, never below twice MIN_SLICE_TOKENS), so both packed chunks and slices shrink: the
@@ -470,37 +577,45 @@ class _Search:
             trial = self.trial(Candidate("epp", k, cap), True, regroup=False)
         return trial
 
-    def nearest(self) -> _Trial | None:
+    def nearest(self) -> Trial | None:
         """The candidate refused for memory that needs the smallest budget with every layer
         recomputed (None if none was refused for memory)."""
         refused = [t for t in self.trials.values() if t.memory_error is not None]
         return min(refused, key=lambda t: t.memory_error.min_memory_bytes) if refused else None
 
-    def composite(self) -> None:
+    def composite(self, rule: str | None = None) -> None:
         """The batch in parts, each planned by a search of its own and run back to back: the
         sequences at the longest's length (the context cap of a truncated corpus), and again
         every sequence of at least half that length, each alone, the rest together. A long
         sequence then holds the only K/V store of its pipeline and no short work waits in its
         window, and each part gets the chunking that suits it. Tried where two or more such
         sequences share the batch, or where nothing else fits; parts of equal lengths are planned
-        once."""
+        once. ``rule`` (a warm start's): that variant alone, whatever the batch."""
         if not self.compose or self.checkpointing != "ilp" or len(self.lengths) < 2:
             return
         capped = alone_and_rest(self.lengths, lambda n: n == self.longest)
         half = alone_and_rest(self.lengths, lambda n: 2 * n >= self.longest)
-        for parts in (capped, half) if half != capped else (half,):
+        variants = [("capped", capped), ("half", half)] if half != capped else [("half", half)]
+        for name, parts in variants:
             alone = sum(len(p) == 1 and 2 * self.lengths[p[0]] >= self.longest for p in parts)
-            if alone < 2 and self.leader() is not None:
+            cand = Candidate("composite", alone, rule=name)
+            if (cand, False) in self.trials or (rule is not None and name != rule):
+                continue
+            if rule is None and alone < 2 and self.leader() is not None:
+                continue
+            if self.out_of_time(False):
+                self.skipped_for_time.append(cand.label)
                 continue
             t0 = time.perf_counter()
-            cand = Candidate("composite", alone)
+            leader = self.leader()
+            deadline = self.deadline.for_part(leader.sim.iteration_time_s if leader else None)
             try:
-                plan = plan_in_parts(self.request, parts, self.checkpointing)
+                plan = plan_in_parts(self.request, parts, self.checkpointing, deadline, self.pool)
             except NoPlanError as exc:
-                trial = _Trial(cand, False, None, None, str(exc),
-                               memory_error=InfeasibleMemoryError(exc.bound.stage, (), exc.need_bytes, self.memory))
+                trial = Trial(cand, False, None, None, str(exc),
+                              memory_error=InfeasibleMemoryError(exc.bound.stage, (), exc.need_bytes, self.memory))
             else:
-                trial = _Trial(cand, False, plan, simulate(plan, self.cost, self.memory, self.request.link))
+                trial = Trial(cand, False, plan, simulate(plan, self.cost, self.memory, self.request.link))
             trial.seconds = time.perf_counter() - t0
             self.trials[(cand, False)] = trial
 
@@ -512,31 +627,33 @@ class _Search:
         plan = frugal_plan(self.request)
         plan = dataclasses.replace(plan, metadata={**plan.metadata, "planner": PLANNER_NAMES[self.checkpointing],
                                                    "memory_budget": self.memory})
-        trial = _Trial(cand, False, plan, simulate(plan, self.cost, self.memory, self.request.link))
+        trial = Trial(cand, False, plan, simulate(plan, self.cost, self.memory, self.request.link))
         need = max(trial.sim.peak_memory_bytes)
         if need > self.memory:
-            trial = _Trial(cand, False, None, None, f"needs {format_bytes(need)} with every layer recomputed",
+            trial = Trial(cand, False, None, None, f"needs {format_bytes(need)} with every layer recomputed",
                            memory_error=InfeasibleMemoryError(int(max(range(len(self.layers)),
                                                                       key=trial.sim.peak_memory_bytes.__getitem__)),
                                                               (), need, self.memory))
         elif self.checkpointing == "ilp":  # full recompute fits: the ILP has an answer, at most as slow
             plan = solve_checkpointing(plan, self.cost, self.memory, self.plan_gap, self.options.time_limit_s,
                                        cache=self.cache)
-            trial = _Trial(cand, False, plan, simulate(plan, self.cost, self.memory, self.request.link))
+            trial = Trial(cand, False, plan, simulate(plan, self.cost, self.memory, self.request.link))
         trial.seconds = time.perf_counter() - t0
         self.trials[(cand, False)] = trial
 
-    def leader(self) -> _Trial | None:
-        """The fastest fitting trial so far."""
-        fits = [t for t in self.trials.values() if t.feasible]
+    def leader(self, screened: bool = False) -> Trial | None:
+        """The fastest fitting trial so far (``screened``: of the screens). Screens are pruned,
+        and the K ladder cut, against the best screen: a full trial planned early (a warm start,
+        a deadline's early refinement) then changes only the order, not what is screened."""
+        fits = [t for t in self.trials.values() if t.feasible and (t.screened or not screened)]
         return min(fits, key=lambda t: t.score()) if fits else None
 
-    def _out_of_reach(self, ladder: dict[int, _Trial], k: int, what: str) -> bool:
+    def _out_of_reach(self, ladder: dict[int, Trial], k: int, what: str) -> bool:
         """Whether the slice count ``k`` (past the ladder's last rung: every count up to ``k``)
         cannot beat the leader, with the screened time taken as convex in log K (`convex_floor`):
         the ladder's times are close to unimodal, and its largest rungs cost the most. A count
         left out is recorded, as ``what``, for ``--explain``."""
-        leader = self.leader()
+        leader = self.leader(screened=True)
         points = sorted((math.log(size), t.sim.iteration_time_s) for size, t in ladder.items() if t.feasible)
         floor = convex_floor(points, math.log(k))
         if leader is None or floor < leader.sim.iteration_time_s:
@@ -565,6 +682,7 @@ class _Search:
     def _screen_ladders(self, ladders: list[list[Candidate]]) -> None:
         """A ladder stops at its first step that does not gain (its plans' times are close to
         unimodal in the size), or where `_plan_for`'s bound prunes."""
+        self.prefetch([c for ladder in ladders for c in ladder], True)
         for ladder in ladders:
             previous = math.inf
             for cand in ladder:
@@ -576,20 +694,90 @@ class _Search:
                 elif previous < math.inf:
                     break
 
-    def run(self) -> _Trial:
+    def refine(self, top: int) -> None:
+        """The ``top`` best screens planned in full, each also in the interleaved order where
+        its plan recomputes."""
+        screened = sorted((t for (_, screen), t in self.trials.items() if screen and t.plan is not None),
+                          key=lambda t: t.score())[:top]
+        # Where memory binds, the same chunks with short work between the split sequences
+        # (their stores apart, the short work in their window) may need less.
+        wanted = [[t.candidate] + ([dataclasses.replace(t.candidate, interleave=True)]
+                                   if self.checkpointing == "ilp" and t.sim.recompute_time_s > 0 else [])
+                  for t in screened]
+        self.prefetch([c for pair in wanted for c in pair], False)
+        for pair in wanted:
+            for cand in pair:
+                self.trial(cand, False)
+
+    def warm(self) -> None:
+        """The warm start's winner first, planned in full (a composite: its rule, each part
+        starting from its own part's winner), then its neighbours screened: the next rung
+        either way on its ladder."""
+        choice = self.request.warm.choice if self.request.warm is not None else None
+        if choice is None or choice.family == "frugal":
+            return
+        if choice.family == "composite":
+            self.composite(rule=choice.rule)
+            return
+        cand = self._adapted(choice)
+        if cand is None:
+            return
+        near = [c for c in map(self._adapted, self._neighbours(cand)) if c is not None and c != cand]
+        self.prefetch([cand], False)
+        self.prefetch(near, True)
+        self.trial(cand, False)
+        for c in near:
+            self.trial(c, True)
+
+    def _adapted(self, cand: Candidate) -> Candidate | None:
+        """``cand`` as this batch can plan it (None where its size has no meaning here): the
+        slice count within the search's range, a token capacity no larger than this batch's,
+        a chunk size below the longest sequence."""
+        if cand.family == "epp":
+            hi = min(self.options.max_slices, self.longest)
+            cap = min(cand.token_capacity or self.token_capacity, self.token_capacity)
+            return dataclasses.replace(cand, size=max(1, min(cand.size, hi)), token_capacity=cap)
+        if cand.family == "balanced":
+            ok = cand.size in SEQ1F1B_SLICE_COUNTS and (cand.size == 2 or self.longest // cand.size >= 1024)
+            return cand if ok else None
+        if cand.family == "fixed":
+            return cand if cand.size < self.longest else None
+        if cand.family == "whole":
+            return dataclasses.replace(cand, size=self.longest)
+        return None
+
+    @staticmethod
+    def _neighbours(cand: Candidate) -> list[Candidate]:
+        if cand.family == "epp":
+            sizes = (round(cand.size / 1.5), round(cand.size * 1.5))
+        elif cand.family in ("balanced", "fixed"):
+            sizes = (cand.size // 2, cand.size * 2)
+        else:
+            return []
+        return [dataclasses.replace(cand, size=n, interleave=False) for n in sizes if n >= 1]
+
+    def run(self) -> Trial:
         """Screen the K ladder (bisecting towards the best rung) and the baselines' chunkings,
         give the top few the full grouping search, then tighten the winner's checkpointing. The
         K ladder stops, and a bisection point is skipped, where `convex_floor` of its screened
-        times says no slice count there can beat the leader."""
+        times says no slice count there can beat the leader.
+
+        Likely winners come first: a warm start's choices before anything, and under a deadline
+        the best screen of the first ladder is planned in full at once, so that what the
+        deadline cuts is the unlikely rest."""
         # Slices under MIN_SLICE_TOKENS waste the device, but one cut is always worth a look:
         # the simulator, not the heuristic, says whether it pays.
         hi = max(1, min(self.options.max_slices, self.longest, max(2, self.longest // MIN_SLICE_TOKENS)))
         lo = min(hi, self.options.min_slices)
         tried = sorted(set(slice_count_ladder(lo, hi)))
         families = self._baseline_ladders() if self.checkpointing == "ilp" else []
+        self.warm()
         self._screen_ladders(families[:1])  # a strong leader early lets the bound skip more ILPs
+        if self.deadline.active:
+            self.refine(1)
         # Capacity is searched only while memory, not the slice count, ends the ladder early.
-        best: dict[int, _Trial] = {}
+        best: dict[int, Trial] = {}
+        self.prefetch([Candidate("epp", k, self.token_capacity) for k in tried], True)
         for i, k in enumerate(tried):  # a wall in the ladder is probed with smaller chunks once
             best[k] = self._epp_trial(k, retry=i > 0 and best[tried[i - 1]].feasible)
             if k < hi and best[k].feasible and self._out_of_reach(best, hi, f"epp K={tried[i + 1]}..{hi}"):
@@ -602,17 +790,11 @@ class _Search:
             new = {k for k in sorted(new) if not self._out_of_reach(best, k, f"epp K={k}")}
             if not new:
                 break
-            best.update({k: self._epp_trial(k, retry=False) for k in new})
+            self.prefetch([Candidate("epp", k, self.token_capacity) for k in sorted(new)], True)
+            best.update({k: self._epp_trial(k, retry=False) for k in sorted(new)})
             tried = sorted(set(tried) | new)
         self._screen_ladders(families[1:])
-        screened = sorted((t for (_, screen), t in self.trials.items() if screen and t.plan is not None),
-                          key=lambda t: t.score())
-        for t in screened[:self.options.refine_top]:
-            self.trial(t.candidate, False)
-            if self.checkpointing == "ilp" and t.sim.recompute_time_s > 0:
-                # Where memory binds, the same chunks with short work between the split
-                # sequences (their stores apart, the short work in their window) may need less.
-                self.trial(dataclasses.replace(t.candidate, interleave=True), False)
+        self.refine(self.options.refine_top)
         # A slice count whose one or two pipelines cannot fit even with full recompute may fit
         # as more pipelines: the closest such screen gets the grouping search too, as the
         # full-recompute ablation's best screen does.
@@ -625,7 +807,7 @@ class _Search:
             self.frugal()
         return self.tighten(min(self.trials.values(), key=lambda t: t.score()))
 
-    def tighten(self, trial: _Trial) -> _Trial:
+    def tighten(self, trial: Trial) -> Trial:
         """Re-solve the winner's checkpointing at ``mip_gap`` (trials solve it at the screening
         gap); keep the answer if it simulates faster.
 
@@ -639,9 +821,12 @@ class _Search:
                 or ckpt["mip_gap"] <= gap
                 or (ckpt["objective_ms"] - ckpt["lp_bound_ms"]) / 1e3 <= gap * trial.sim.iteration_time_s):
             return trial
+        if self.out_of_time(False):
+            self.skipped_for_time.append(f"{trial.candidate.label} (checkpointing at mip_gap {gap:g})")
+            return trial
         plan = solve_checkpointing(trial.plan, self.cost, self.memory, gap, self.options.time_limit_s, cache=self.cache)
         plan = dataclasses.replace(plan, metadata={**plan.metadata, "screened": False})
-        tight = _Trial(trial.candidate, False, plan, simulate(plan, self.cost, self.memory, self.request.link))
+        tight = Trial(trial.candidate, False, plan, simulate(plan, self.cost, self.memory, self.request.link))
         if tight.score() < trial.score():  # recorded in place of the full trial it improves on
             self.trials[(trial.candidate, False)] = tight
         else:

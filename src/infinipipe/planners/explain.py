@@ -46,6 +46,12 @@ def explain_metadata(meta: dict[str, Any]) -> list[str]:
         lines.append(f"  {s['candidate']:<28} {'-':<6} {'-':>10}  not planned: lines through the K ladder's rungs "
                      f"(time taken as convex in log K) put it at {s['floor_s']:.2f}s or more, no faster than "
                      f"{s['leader']} ({s['leader_s']:.2f}s)")
+    skipped = meta.get("skipped_for_time", [])
+    if skipped:
+        lines.append(f"  not planned for time ({len(skipped)}): the planning deadline of {meta['deadline_s']:.2f}s "
+                     f"(MEASURED wall time) had passed, or would have before they finished: {', '.join(skipped)}")
+    elif meta.get("deadline_s") is not None:
+        lines.append(f"  the search ended before its deadline of {meta['deadline_s']:.2f}s")
     lines.append(f"chosen: {chosen}: the fastest plan that fits the memory budget in simulation"
                  if chosen else "no candidate fits")
     return lines

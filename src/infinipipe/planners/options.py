@@ -12,6 +12,10 @@ from typing import Any, ClassVar
 
 from ..contract.typed_fields import build_typed
 
+BEHIND_A_STEP: dict[str, Any] = {"deadline_share": 0.1, "pool_size": -1}
+"""Where a plan hides behind a training step (a run, `infinipipe plan`, `bench`): a tenth of
+the step for the search, and a pool on the cores the training ranks leave."""
+
 
 @dataclass(frozen=True)
 class PlannerOptions:
@@ -25,6 +29,14 @@ class PlannerOptions:
     bounds each ILP solve; grouping tries up to ``max_pipelines`` pipelines over ``max_cuts`` cut
     points; ``refine_top`` candidates get the full grouping search; ``refine_rounds`` bisection
     rounds refine the K ladder.
+    Planning time: ``deadline_s`` seconds of wall time, else ``deadline_share`` of the step the
+    plan hides behind (`PlanRequest.step_s`, else the best plan's simulated time), after which
+    the search starts nothing new once a plan fits (0: no deadline; a plan then depends on its
+    inputs only); ``pool_size`` processes plan candidates side by side (0: the planning process
+    alone; -1: the cores the training ranks leave, `search_pool.auto_pool_size`). The library's
+    defaults give plans that depend on their inputs only; a run's ``[epp]`` section and the
+    ``plan`` and ``bench`` commands plan behind a step, with a deadline and a pool
+    (`BEHIND_A_STEP`).
     Baselines: ``recompute`` fixes their uniform recompute layer count (None: the smallest that
     fits); ``micro_batch_tokens`` is the packing budget of ``batch-1f1b``/``gpipe`` (None: the
     longest sequence); ``chunk_tokens`` fixes ``seq1f1b``'s chunk size (None: the fastest fitting
@@ -45,6 +57,9 @@ class PlannerOptions:
     recompute: int | None = None
     micro_batch_tokens: int | None = None
     chunk_tokens: int | None = None
+    deadline_s: float | None = None
+    deadline_share: float = 0.0
+    pool_size: int = 0
 
     FIELD_PREFIX: ClassVar[str] = ""  # how error messages name a field ("epp." in a run config)
 
@@ -64,6 +79,11 @@ class PlannerOptions:
         for name in ("mip_gap", "screen_gap"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{self.FIELD_PREFIX}{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.deadline_s is not None and not self.deadline_s > 0:
+            raise ValueError(f"{self.FIELD_PREFIX}deadline_s must be > 0 (or unset), got {self.deadline_s}")
+        if not self.deadline_share >= 0:
+            raise ValueError(f"{self.FIELD_PREFIX}deadline_share must be >= 0 (0: no deadline), got {self.deadline_share}")
+        self._at_least("pool_size", self.pool_size, -1)
         if not self.time_limit_s > 0:
             raise ValueError(f"{self.FIELD_PREFIX}time_limit_s must be > 0, got {self.time_limit_s}")
 
@@ -74,6 +94,11 @@ class PlannerOptions:
     def planner_options(self) -> "PlannerOptions":
         """Just the planner knobs (a run config's ``[epp]`` section carries more)."""
         return PlannerOptions(**{f.name: getattr(self, f.name) for f in fields(PlannerOptions)})
+
+    @classmethod
+    def behind_a_step(cls, values: Mapping[str, Any] | None = None) -> "PlannerOptions":
+        """Options from plain values over `BEHIND_A_STEP`: what the commands plan with."""
+        return cls.from_mapping({**BEHIND_A_STEP, **(values or {})})
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "PlannerOptions":

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ..contract.cost import CostModel
 from ..contract.layout import LinkModel
+from .candidates import WarmStart
 from .options import PlannerOptions
 from .stage_layers import balance_layers
 
@@ -13,7 +14,9 @@ from .stage_layers import balance_layers
 @dataclass(frozen=True)
 class PlanRequest:
     """One global batch to plan. ``memory_budget`` is bytes per device; ``layers_per_stage``
-    defaults to the cost-balanced split; ``link``, every stage hop's, to the cost model's layout's."""
+    defaults to the cost-balanced split; ``link``, every stage hop's, to the cost model's layout's.
+    ``step_s`` is the measured time of the training step the planning hides behind (the base of
+    a ``deadline_share``), ``warm`` the previous step's winning choices, where a trainer knows them."""
 
     lengths: Sequence[int]
     cost: CostModel
@@ -22,6 +25,8 @@ class PlanRequest:
     layers_per_stage: Sequence[int] | None = None
     options: PlannerOptions = field(default_factory=PlannerOptions)
     link: LinkModel | None = None
+    step_s: float | None = None
+    warm: WarmStart | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lengths", tuple(int(n) for n in self.lengths))

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from ..config import Config
 from ..contract.cost import CostModel
 from ..data.dataset import TokenDataset, build_dataset, build_sampler
+from ..planners.search_pool import resolve_pool_size
 from ..planners.stage_layers import balance_layers
 from ..runtime.batch import Batch
 from ..runtime.executor import PipelineWorker, RuntimeSettings, StepResult
@@ -41,7 +42,7 @@ from .layout_change import layout_notice
 from .metrics import MetricsWriter
 from .notices import warn
 from .optim import build_optimizer
-from .planning import StepPlanner, StepPlans, job_cost
+from .planning import PlanAsk, PlanAsks, StepPlanner, StepPlans, job_cost
 from .prefetch import PlanPrefetcher
 from .run_lock import RunDirBusy, run_dir_lock
 from .validate import JobShape, check_checkpoints, check_config, check_first_step
@@ -156,7 +157,7 @@ def _clip(worker: PipelineWorker, mesh: ParallelMesh, max_norm: float) -> float:
 
 
 def _record(step: int, sp: StepPlans, results: list[dict], tokens: int, step_s: float, lr: float,
-            grad_norm: float, loss: float, predicted: dict) -> dict:
+            grad_norm: float, loss: float, predicted: dict, wait_s: float, hidden: bool) -> dict:
     stages = sorted(results, key=lambda r: (r["dp"], r["stage"]))
     return {
         "step": step + 1,
@@ -172,6 +173,10 @@ def _record(step: int, sp: StepPlans, results: list[dict], tokens: int, step_s: 
         "peak_step_bytes": [r["peak_step_bytes"] for r in stages],
         "peak_step_bytes_predicted": predicted["peak_step_bytes"],
         "planning_s": sp.planning_s,
+        "plan_wait_s": wait_s,
+        "planning_hidden": hidden,
+        "planning_deadline_s": sp.deadline_s,
+        "planning_skipped": sp.skipped_for_time,
         "plan": [
             {"planner": p.metadata.get("planner"), "num_chunks": len(p.chunks), "num_pipelines": len(p.pipelines),
              "sequences": len(p.seq_lengths), "max_len": max(p.seq_lengths),
@@ -199,9 +204,9 @@ class _BackgroundPlanner:
     planner: StepPlanner
     rank0_pid: int
 
-    def __call__(self, step: int) -> StepPlans:
+    def __call__(self, ask: PlanAsk) -> StepPlans:
         serve_parent(self.rank0_pid)
-        return self.planner(step)
+        return self.planner(ask)
 
 
 def _stop_line(signum: int, done: int, steps: int, checkpoint: Path | None, cfg: Config) -> str:
@@ -257,7 +262,11 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
     job = CheckpointJob(run, cfg.to_toml()) if rank == 0 else None
     sampler = build_sampler(cfg, dataset)
     memory = cfg.epp.memory_budget_bytes
-    planner = StepPlanner(cost, sampler, cfg.epp.planner, pp, mesh.dp, memory, layers, cfg.epp.planner_options())
+    options = cfg.epp.planner_options()
+    # The planning process and its pool run on rank 0's node, beside that node's training ranks.
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    options = replace(options, pool_size=resolve_pool_size(options.pool_size, ranks_here))
+    planner = StepPlanner(cost, sampler, cfg.epp.planner, pp, mesh.dp, memory, layers, options)
     root = rank == 0
     losses: list[float] = []
     tokens = 0
@@ -265,10 +274,13 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
     done = saved = start
     with contextlib.ExitStack() as stack:
         plans = None
+        asks = PlanAsks(start, steps)
         if root:
-            todo = range(start, steps)
-            plans = (stack.enter_context(PlanPrefetcher(_BackgroundPlanner(planner, os.getpid()), todo))
-                     if cfg.epp.prefetch else map(planner, todo))
+            if cfg.epp.prefetch:
+                plans = stack.enter_context(PlanPrefetcher(_BackgroundPlanner(planner, os.getpid()), asks,
+                                                           on_result=asks.learned))
+            else:
+                plans = (sp for sp in map(planner, asks) if asks.learned(sp) is None)
         metrics = None
         bar = None
         if root:
@@ -284,7 +296,11 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
             t0 = time.perf_counter()
             if root:
                 stopping = stopping or stop.signum
-            box = [(stopping, None if stopping else next(plans)) if root else None]
+            sp, wait_s = None, 0.0
+            if root and not stopping:
+                sp = next(plans)
+                wait_s = time.perf_counter() - t0
+            box = [(stopping, sp) if root else None]
             dist.broadcast_object_list(box, src=0)
             stopping, sp = box[0]
             if stopping:
@@ -307,6 +323,7 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
             gathered = [None] * world if root else None
             dist.gather_object(mine, gathered, dst=0)
             step_s = time.perf_counter() - t0
+            asks.stepped(step_s - wait_s)
             done = step + 1
             if root:
                 stopping = next((r["signal"] for r in gathered if r["signal"]), 0)
@@ -314,7 +331,7 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
                 tokens += gb.num_tokens
                 if (step + 1) % cfg.metrics.log_freq == 0 or step + 1 == steps:
                     record = _record(step, sp, gathered, gb.num_tokens, step_s, lr, grad_norm, res.loss,
-                                     _predict(sp, cost, memory))
+                                     _predict(sp, cost, memory), wait_s, bool(getattr(plans, "ready", False)))
                     metrics.write(record)
                     if bar is None:
                         say(step_line(record))

@@ -15,6 +15,7 @@ from ..contract.cost import CostModel, Profile, default_profile_name, load_profi
 from ..contract.ir import Plan
 from ..contract.model_config import ModelConfig
 from ..data.dataset import BatchSampler
+from ..planners.candidates import WarmStart
 from ..planners.data_parallel import split_batch, whole_sequence_cost
 from ..planners.options import PlannerOptions
 from ..planners.registry import make_plan
@@ -24,13 +25,53 @@ from ..runtime.parallel_dims import ParallelDims
 
 
 @dataclass(frozen=True)
+class PlanAsk:
+    """What the trainer knows when it asks for step ``step``'s plans: the measured time of the
+    last step that ran (the base of the planning deadline; None before any has) and the last
+    plans' winning choices, one per replica (the warm starts of their searches)."""
+
+    step: int
+    step_s: float | None = None
+    warm: tuple[WarmStart, ...] = ()
+
+
+class PlanAsks:
+    """The asks of steps ``start..steps - 1``, each drawn when the planner is about to start on
+    it: with the time of the last step that ran (`stepped`) and the winners of the last plans
+    handed out (`learned`)."""
+
+    def __init__(self, start: int, steps: int):
+        self.start, self.steps = start, steps
+        self.step_s: float | None = None
+        self.warm: tuple[WarmStart, ...] = ()
+
+    def __iter__(self):
+        for step in range(self.start, self.steps):
+            yield PlanAsk(step, self.step_s, self.warm)
+
+    def learned(self, plans: "StepPlans") -> None:
+        self.warm = plans.next_warm()
+
+    def stepped(self, step_s: float) -> None:
+        self.step_s = step_s
+
+
+@dataclass(frozen=True)
 class StepPlans:
-    """Plans of one step: ``shares[r]`` are the global-batch positions replica ``r`` trains on."""
+    """Plans of one step: ``shares[r]`` are the global-batch positions replica ``r`` trains on;
+    ``deadline_s`` the planning deadline the searches had (None: none), ``skipped_for_time``
+    how many candidates they left out for it."""
 
     step: int
     shares: tuple[tuple[int, ...], ...]
     plans: tuple[Plan, ...]
     planning_s: float
+    deadline_s: float | None = None
+    skipped_for_time: int = 0
+
+    def next_warm(self) -> tuple[WarmStart, ...]:
+        """The warm starts of the next step's searches: what won here."""
+        return tuple(WarmStart.from_plan(p) for p in self.plans)
 
 
 def profile_for(cfg: Config, model: ModelConfig) -> Profile:
@@ -102,14 +143,31 @@ class StepPlanner:
     layers_per_stage: tuple[int, ...]
     options: PlannerOptions
 
-    def __call__(self, step: int) -> StepPlans:
+    def __call__(self, ask: PlanAsk | int) -> StepPlans:
+        """The step's plans. The replicas' searches share one deadline: ``deadline_share`` of the
+        last step's time, counted from the start of this call (each still returns a plan that
+        fits); ``deadline_s``, where set, is that budget instead."""
+        ask = ask if isinstance(ask, PlanAsk) else PlanAsk(ask)
         t0 = time.perf_counter()
+        step = ask.step
+        opts = self.options
+        budget = opts.deadline_s if opts.deadline_s is not None else (
+            opts.deadline_share * ask.step_s if ask.step_s is not None and opts.deadline_share > 0 else None)
         lengths = [int(n) for n in self.sampler.lengths[self.sampler.doc_ids(step)]]
         shares = split_batch(lengths, self.dp, whole_sequence_cost(self.cost))
         plans = []
-        for share in shares:
+        for r, share in enumerate(shares):
+            if budget is not None:
+                left = max(budget - (time.perf_counter() - t0), MIN_DEADLINE_S)
+                opts = replace(self.options, deadline_s=left)
             request = PlanRequest([lengths[i] for i in share], self.cost, self.num_stages, self.memory_budget,
-                                  self.layers_per_stage, self.options)
+                                  self.layers_per_stage, opts, step_s=ask.step_s,
+                                  warm=ask.warm[r] if r < len(ask.warm) else None)
             plans.append(make_plan(self.planner, request))
-        return StepPlans(step, tuple(tuple(s) for s in shares), tuple(plans), time.perf_counter() - t0)
+        deadlines = [p.metadata.get("deadline_s") for p in plans]
+        return StepPlans(step, tuple(tuple(s) for s in shares), tuple(plans), time.perf_counter() - t0,
+                         budget if budget is not None else max((d for d in deadlines if d is not None), default=None),
+                         sum(len(p.metadata.get("skipped_for_time", ())) for p in plans))
 
+
+MIN_DEADLINE_S = 1e-3  # a replica planned after the shared deadline still gets its first fitting plan

@@ -28,11 +28,13 @@ class PlanPrefetcher(Iterator[Plan]):
     ``plan_fn`` must be a picklable module-level function (the worker is started with ``spawn``,
     safe next to CUDA and threads). A planning error is re-raised in the consumer with its own
     type and message, plus a note naming the iteration; a planning process that died is
-    `PlanningProcessDied`, which says so.
+    `PlanningProcessDied`, which says so. ``on_result`` sees each result before the next
+    request is drawn, so a request may depend on the plans handed out so far (a warm start);
+    ``ready`` says whether the last result was done before it was asked for (planning hidden).
     """
 
     def __init__(self, plan_fn: Callable[[R], Plan], requests: Iterable[R], depth: int = 1,
-                 start_method: str = "spawn"):
+                 start_method: str = "spawn", on_result: Callable[[Plan], None] | None = None):
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self._fn = plan_fn
@@ -40,6 +42,8 @@ class PlanPrefetcher(Iterator[Plan]):
         self._depth = depth
         self._pending: deque[tuple[int, Future]] = deque()
         self._submitted = 0
+        self._on_result = on_result
+        self.ready = False
         self._pool: ProcessPoolExecutor | None = ProcessPoolExecutor(
             max_workers=1, mp_context=multiprocessing.get_context(start_method))
         self._fill()
@@ -58,6 +62,7 @@ class PlanPrefetcher(Iterator[Plan]):
             self.close()
             raise StopIteration
         index, future = self._pending.popleft()
+        self.ready = future.done()
         try:
             plan = future.result()
         except BrokenProcessPool as exc:
@@ -69,6 +74,8 @@ class PlanPrefetcher(Iterator[Plan]):
             self.close()
             exc.add_note(f"while planning iteration {index} in the background")
             raise
+        if self._on_result is not None:
+            self._on_result(plan)
         self._fill()
         return plan
 
