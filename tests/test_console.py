@@ -14,7 +14,9 @@ def test_logged_step_is_one_line_of_torchtitan_style_key_value_pairs():
     line = step_line(RECORD)
     assert "\n" not in line
     assert line.startswith("step: 5  loss: 7.1234  tps: 3,512  bubble: 12.3% (predicted 10.1%)  ")
-    assert "plan: 0.12s" in line and "grad_norm: 1.250" in line
+    assert "plan: 0.12s  lr" in line and "grad_norm: 1.250" in line
+    waited = step_line({**RECORD, "planning_hidden": False, "plan_wait_s": 0.0456})
+    assert "plan: 0.12s (waited 0.05s)  lr" in waited
 
 
 def test_bubble_is_idle_time_over_pipeline_time_summed_over_stages_not_stage_0s():

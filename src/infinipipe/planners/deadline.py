@@ -16,12 +16,14 @@ from dataclasses import dataclass
 class Deadline:
     """``seconds`` after ``start`` (``time.monotonic``, one clock for every process of a machine)
     where fixed; else ``share`` of ``step_s``, or of the best plan's simulated time while
-    ``step_s`` is None; no deadline where both are unset or ``share`` is 0."""
+    ``step_s`` is None; no deadline where both are unset or ``share`` is 0. A ``strict`` deadline
+    holds even before a plan fits."""
 
     start: float
     seconds: float | None = None
     share: float = 0.0
     step_s: float | None = None
+    strict: bool = False  # a part's search whose parent holds a plan already: it may end with none
 
     @classmethod
     def starting_now(cls, seconds: float | None, share: float, step_s: float | None) -> "Deadline":
@@ -51,9 +53,10 @@ class Deadline:
         return at is not None and time.monotonic() + estimate_s > at
 
     def for_part(self, best_s: float | None) -> "Deadline":
-        """A sub-search's deadline: this one's, fixed where it is known already; else the same
-        share of the part's own best plan, from now."""
+        """A sub-search's deadline: this one's, fixed where it is known already (strict where the
+        parent has a plan: the part may then end without one); else the same share of the
+        part's own best plan, from now."""
         at = self.limit(best_s)
         if at is not None:
-            return Deadline(self.start, at - self.start)
+            return Deadline(self.start, at - self.start, strict=best_s is not None)
         return Deadline(time.monotonic(), None, self.share, None)

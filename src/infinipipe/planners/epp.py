@@ -44,6 +44,10 @@ SCREEN_CUTS = 3  # cut points a screened K may group at; enough to split off the
 FULL_TRIAL_SCREENS = 3  # a full trial's grouping search costs about this many screens of its chunks
 
 
+class OutOfTime(Exception):
+    """A part's search reached its strict deadline without a plan (its parent has one)."""
+
+
 class NoPlanError(ValueError):
     """No plan fits the budget: ``bound`` is what any plan needs (`memory_lower_bound`),
     ``closest_bytes`` the budget from which EPP plans the batch (`frugal_plan`'s peak; else the
@@ -176,6 +180,8 @@ def _plan_epp(request: PlanRequest, checkpointing: str, compose: bool = True, de
             best = search.run()
     finally:
         search.cancel_prefetched()
+    if best.plan is None and deadline.strict and search.skipped_for_time:
+        raise OutOfTime(f"{name}: no plan before the deadline")
     meta = {
         "planner": name,
         "memory_budget": memory,
@@ -391,13 +397,13 @@ class _Search:
         trials of its kind took so far (a full trial's grouping search: FULL_TRIAL_SCREENS
         screens' worth until one was timed); never before some plan fits."""
         leader = self.leader()
-        if leader is None or not self.deadline.active:
+        if not self.deadline.active or (leader is None and not self.deadline.strict):
             return False
         seconds, done = self.work[screen]
         if not done and not screen:
             seconds, done = self.work[True][0] * FULL_TRIAL_SCREENS, self.work[True][1]
         estimate = seconds / done * self._chunk_count(cand) if done else 0.0
-        return self.deadline.passes_before(leader.sim.iteration_time_s, estimate)
+        return self.deadline.passes_before(leader.sim.iteration_time_s if leader else None, estimate)
 
     def prefetch(self, cands: Sequence[Candidate], screen: bool) -> None:
         """Hand the candidates the search will look at next to the pool (no-op without one)."""
@@ -611,6 +617,9 @@ class _Search:
             deadline = self.deadline.for_part(leader.sim.iteration_time_s if leader else None)
             try:
                 plan = plan_in_parts(self.request, parts, self.checkpointing, deadline, self.pool)
+            except OutOfTime:
+                self.skipped_for_time.append(cand.label)
+                continue
             except NoPlanError as exc:
                 trial = Trial(cand, False, None, None, str(exc),
                               memory_error=InfeasibleMemoryError(exc.bound.stage, (), exc.need_bytes, self.memory))
@@ -803,8 +812,10 @@ class _Search:
         if blocked:
             self.trial(min(blocked, key=lambda t: t.memory_error.min_memory_bytes).candidate, False)
         self.composite()
-        if self.leader() is None and self.checkpointing != "none":
+        if self.leader() is None and self.checkpointing != "none" and not self.out_of_time(False):
             self.frugal()
+        if not self.trials:  # a strict deadline passed before any candidate started
+            raise OutOfTime("no candidate planned before the deadline")
         return self.tighten(min(self.trials.values(), key=lambda t: t.score()))
 
     def tighten(self, trial: Trial) -> Trial:

@@ -64,7 +64,8 @@ def step_line(record: dict) -> str:
     """``step: 5  loss: 7.1234  tps: 3,512  bubble: 12.3% (predicted 10.1%)  plan: 0.12s ...``."""
     return (f"step: {record['step']}  loss: {record['loss']:.4f}  tps: {record['tokens_per_s']:,.0f}  "
             f"bubble: {record['bubble_ratio_measured']:.1%} (predicted {record['bubble_ratio_predicted']:.1%})  "
-            f"time: {record['step_time_s']:.2f}s  plan: {record['planning_s']:.2f}s  "
+            f"time: {record['step_time_s']:.2f}s  plan: {record['planning_s']:.2f}s"
+            f"{'' if record.get('planning_hidden', True) else ' (waited ' + format(record['plan_wait_s'], '.2f') + 's)'}  "
             f"lr: {record['lr']:.2e}  grad_norm: {record['grad_norm']:.3f}")
 
 

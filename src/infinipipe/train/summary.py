@@ -31,7 +31,9 @@ def print_summary(cfg: Config, result: TrainResult) -> None:
             return sum(r[key] for r in mine) / len(mine)
         print(f"bubble ratio: measured {mean('bubble_ratio_measured'):.1%}, "
               f"predicted by the simulator {mean('bubble_ratio_predicted'):.1%}; "
-              f"planning {mean('planning_s'):.2f} s/step (overlapped: {cfg.epp.prefetch})")
+              f"planning {mean('planning_s'):.2f} s/step (overlapped: {cfg.epp.prefetch}; hidden behind the "
+              f"step before in {sum(bool(r.get('planning_hidden')) for r in mine)} of {len(mine)} steps, "
+              f"{sum(r.get('planning_skipped', 0) for r in mine)} candidates skipped for the deadline)")
     print(data_line(cfg, dict(result.documents)))
     print(f"metrics: {Path(result.run_dir) / 'metrics.jsonl'}  (draw them: infinipipe report {result.run_dir})")
 
