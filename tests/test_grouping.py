@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 
 import pytest
 
@@ -77,6 +78,18 @@ def test_dp_matches_brute_force_over_cut_points(frac):
     dp = group_pipelines(PipelineCoster(chunks, LENGTHS, COST, LAYERS, budget, mip_gap=0.0), 3, 6)
     brute = _brute_force(PipelineCoster(chunks, LENGTHS, COST, LAYERS, budget, mip_gap=0.0), 3, 6)
     assert dp.cost_ms == pytest.approx(brute, rel=1e-9)
+
+
+def test_past_its_deadline_the_dp_costs_no_new_group_and_answers_with_what_it_has():
+    chunks = chunks_for()
+    budget = peak_without_recompute(chunks) * 0.6
+    free = group_pipelines(PipelineCoster(chunks, LENGTHS, COST, LAYERS, budget), 3, 6)
+    assert free.evaluated > 1
+    coster = PipelineCoster(chunks, LENGTHS, COST, LAYERS, budget)
+    late = group_pipelines(coster, 3, 6, stop_at=time.monotonic() - 1.0)
+    assert late.evaluated == 1 and late.pipelines == (tuple(range(len(chunks))),)
+    assert late.cost_ms >= free.cost_ms
+    assert group_pipelines(coster, 3, 6, stop_at=time.monotonic() + 3600).cost_ms == free.cost_ms
 
 
 def test_splitting_rescues_a_batch_one_pipeline_cannot_hold():

@@ -316,14 +316,14 @@ WORKER_SEARCHES_KEPT = 4  # a worker keeps this many searches' chunkings and ILP
 
 
 def _outcome_in_worker(key: str, request: PlanRequest, checkpointing: str, cand: Candidate, screen: bool,
-                       regroup: bool, prune_s: float, uniform_s: float) -> _Outcome:
+                       regroup: bool, prune_s: float, uniform_s: float, stop_at: float | None) -> _Outcome:
     """A pool worker's job: plan one candidate of the search ``key`` (made on its first job)."""
     search = _WORKER_SEARCHES.pop(key, None) or _Search(request, checkpointing, compose=False)
     _WORKER_SEARCHES[key] = search
     while len(_WORKER_SEARCHES) > WORKER_SEARCHES_KEPT:
         del _WORKER_SEARCHES[next(iter(_WORKER_SEARCHES))]
     with _cyclic_gc_paused():
-        return search.outcome(cand, screen, regroup, prune_s, uniform_s)
+        return search.outcome(cand, screen, regroup, prune_s, uniform_s, stop_at)
 
 
 def _lean(trial: Trial | None) -> Trial | None:
@@ -360,6 +360,7 @@ class _Search:
         self.pool = pool
         self.key = uuid.uuid4().hex
         self.prefetched: dict[tuple[Candidate, bool], Future] = {}
+        self.queued: list[tuple[Candidate, bool]] = []  # prefetched, not yet submitted
 
     def trial(self, cand: Candidate, screen: bool, regroup: bool = True) -> Trial:
         """``cand`` planned (screened or in full), once; once a plan fits, a candidate not
@@ -367,6 +368,8 @@ class _Search:
         recorded)."""
         if (cand, screen) not in self.trials:
             future = self.prefetched.pop((cand, screen), None)
+            if (cand, screen) in self.queued:
+                self.queued.remove((cand, screen))
             if (future is None or not future.done()) and self.out_of_time(screen, cand):
                 if future is not None:
                     future.cancel()
@@ -374,7 +377,11 @@ class _Search:
                 return Trial(cand, screen, None, None, "skipped: past the planning deadline")
             t0 = time.perf_counter()
             if self.pool is not None:
-                trial = self._weigh(cand, screen, (future or self._submit(cand, screen, regroup)).result())
+                if future is None:
+                    future = self._submit(cand, screen, regroup)
+                    self._pump()
+                trial = self._weigh(cand, screen, future.result())
+                self._pump()
             else:
                 trial = self._plan_for(cand, screen, regroup)
                 trial.seconds = time.perf_counter() - t0
@@ -405,18 +412,36 @@ class _Search:
         estimate = seconds / done * self._chunk_count(cand) if done else 0.0
         return self.deadline.passes_before(leader.sim.iteration_time_s if leader else None, estimate)
 
+    def _stop_at(self) -> float | None:
+        """When a grouping search stops costing new groups: the deadline, once it binds."""
+        leader = self.leader()
+        if leader is None and not self.deadline.strict:
+            return None
+        return self.deadline.limit(leader.sim.iteration_time_s if leader else None)
+
     def prefetch(self, cands: Sequence[Candidate], screen: bool) -> None:
-        """Hand the candidates the search will look at next to the pool (no-op without one)."""
+        """Queue the candidates the search will look at next for the pool (no-op without one)."""
         if self.pool is None:
             return
         for cand in cands:
-            if (cand, screen) not in self.trials and (cand, screen) not in self.prefetched:
-                self.prefetched[(cand, screen)] = self._submit(cand, screen, True)
+            key = (cand, screen)
+            if key not in self.trials and key not in self.prefetched and key not in self.queued:
+                self.queued.append(key)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Submit queued candidates while fewer than the pool's size are in flight: answers the
+        search may never read must not stand in the way of the ones it reads next."""
+        while self.queued and sum(not f.done() for f in self.prefetched.values()) < self.pool.size:
+            cand, screen = key = self.queued.pop(0)
+            if key not in self.trials and key not in self.prefetched:
+                self.prefetched[key] = self._submit(cand, screen, True)
 
     def cancel_prefetched(self) -> None:
         for future in self.prefetched.values():
             future.cancel()
         self.prefetched.clear()
+        self.queued.clear()
 
     def _submit(self, cand: Candidate, screen: bool, regroup: bool) -> Future:
         """A worker plans the candidate, told the times a result must beat to matter now: the
@@ -424,7 +449,7 @@ class _Search:
         screened, leader = self.leader(screened=True), self.leader()
         return self.pool.submit(_outcome_in_worker, self.key, self.request, self.checkpointing, cand, screen, regroup,
                                 screened.sim.iteration_time_s if screened else math.inf,
-                                leader.sim.iteration_time_s if leader else math.inf)
+                                leader.sim.iteration_time_s if leader else math.inf, self._stop_at())
 
     def _weigh(self, cand: Candidate, screen: bool, outcome: _Outcome) -> Trial:
         """A worker's outcome, judged against this search's leaders now, as `_plan_for` judges."""
@@ -438,7 +463,8 @@ class _Search:
             return outcome.uniform
         return outcome.trial
 
-    def outcome(self, cand: Candidate, screen: bool, regroup: bool, prune_s: float, uniform_s: float) -> _Outcome:
+    def outcome(self, cand: Candidate, screen: bool, regroup: bool, prune_s: float, uniform_s: float,
+                stop_at: float | None) -> _Outcome:
         """`_plan_for` without this search's leaders: what a pool's worker computes. The ILP is
         skipped where the bare time already loses to ``prune_s``, and the baseline's run where the
         trial is more than UNIFORM_MARGIN behind ``uniform_s``."""
@@ -450,7 +476,7 @@ class _Search:
         bare = self._bare_s(cand, chunks) if screen else None
         if bare is not None and bare >= prune_s:
             return _Outcome(Trial(cand, screen, None, None, "pruned"), bare)
-        trial, meta = self._checkpointed(cand, chunks, screen, regroup)
+        trial, meta = self._checkpointed(cand, chunks, screen, regroup, stop_at)
         uniform = None
         if (self._uniform_applies(cand)
                 and (not trial.feasible or trial.sim.iteration_time_s <= uniform_s * (1 + UNIFORM_MARGIN))):
@@ -490,7 +516,7 @@ class _Search:
             pruned = self._pruned(cand, self._bare_s(cand, chunks), screened)
             if pruned is not None:
                 return pruned
-        trial, meta = self._checkpointed(cand, chunks, screen, regroup)
+        trial, meta = self._checkpointed(cand, chunks, screen, regroup, self._stop_at())
         if self._wants_uniform(cand, trial, leader):
             self.uniform_tried.add(cand)
             trial = self._uniform_of(trial, chunks, meta)
@@ -511,8 +537,10 @@ class _Search:
         return Trial(cand, True, None, None, f"pruned: {bare_s:.2f} s without any recompute is no faster "
                                              f"than {leader.candidate.label} ({leader.sim.iteration_time_s:.2f} s)")
 
-    def _checkpointed(self, cand: Candidate, chunks: list, screen: bool, regroup: bool) -> tuple[Trial, dict]:
-        """The candidate grouped, checkpointed and simulated; with the metadata its plans carry."""
+    def _checkpointed(self, cand: Candidate, chunks: list, screen: bool, regroup: bool,
+                      stop_at: float | None) -> tuple[Trial, dict]:
+        """The candidate grouped, checkpointed and simulated; with the metadata its plans carry.
+        Past ``stop_at`` (the deadline, once a plan fits) the grouping DP costs no new group."""
         cost, layers, memory = self.cost, self.layers, self.memory
         gap = self.screen_gap if screen else self.plan_gap
         # Groupings are compared on loose ILP answers; the chosen one's plan is solved at ``gap``.
@@ -520,10 +548,10 @@ class _Search:
                                 self.cache, self.screen_gap, self.options.time_limit_s, cand.interleave)
         grouping = group_pipelines(coster, max_pipelines=1)
         if not screen:
-            grouping = group_pipelines(coster, self.options.max_pipelines, self.options.max_cuts)
+            grouping = group_pipelines(coster, self.options.max_pipelines, self.options.max_cuts, stop_at)
         elif regroup and not grouping.feasible:
             grouping = group_pipelines(coster, min(2, self.options.max_pipelines),
-                                       min(SCREEN_CUTS, self.options.max_cuts))
+                                       min(SCREEN_CUTS, self.options.max_cuts), stop_at)
         meta = {"planner": PLANNER_NAMES[self.checkpointing], "memory_budget": memory,
                 "chunking": cand.family, "num_slices": cand.size if cand.family == "epp" else None,
                 "chunk_tokens": cand.size if cand.family != "epp" else None,

@@ -9,6 +9,7 @@ dynamic program over the sequences sorted by chunk count picks the cut points:
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -151,12 +152,15 @@ def ordered_units(chunks: Sequence[Chunk], num_stages: int, interleave: bool = F
     return fill_gaps(split, whole, split_gap(num_stages, len(split[0])))
 
 
-def group_pipelines(coster: PipelineCoster, max_pipelines: int = 4, max_cuts: int = 12) -> Grouping:
+def group_pipelines(coster: PipelineCoster, max_pipelines: int = 4, max_cuts: int = 12,
+                    stop_at: float | None = None) -> Grouping:
     """Run the grouping DP over sequence units in `ordered_units` order.
 
     Cut points are restricted to where the chunk count changes, thinned to at most ``max_cuts``
     (plus evenly spaced points inside long runs of equal count), which keeps the number of ILPs
-    small; candidates whose fill cost alone cannot beat the best found skip their ILP.
+    small; candidates whose fill cost alone cannot beat the best found skip their ILP. Past
+    ``stop_at`` (``time.monotonic``, a planning deadline) no new group is costed: the best
+    grouping of the whole found so far is the answer (one pipeline at least).
     """
     if max_pipelines < 1:
         raise ValueError(f"max_pipelines must be >= 1, got {max_pipelines}")
@@ -189,6 +193,7 @@ def group_pipelines(coster: PipelineCoster, max_pipelines: int = 4, max_cuts: in
     dp[0][0] = 0.0
     dp[1][m - 1], back[1][m - 1] = coster.fill_ms(ids(0, n)) + whole, 0
     bound = dp[1][m - 1]
+    stopped = False
     for j in range(1, m):
         rest = coster.fill_ms(ids(cuts[j], n)) if j < m - 1 else 0.0
         for g in range(1, max_pipelines + 1):
@@ -196,6 +201,9 @@ def group_pipelines(coster: PipelineCoster, max_pipelines: int = 4, max_cuts: in
                            for i in range(j) if dp[g - 1][i] < inf)
             for lower, i in cands:
                 if lower >= dp[g][j] or lower + rest >= bound:
+                    break
+                stopped = stopped or (stop_at is not None and (i, j) not in memo and time.monotonic() > stop_at)
+                if stopped:  # only groups costed already are read from here on
                     break
                 total = lower + group_cost(i, j)
                 if total < dp[g][j]:
