@@ -24,6 +24,8 @@ def test_bench_prints_every_planner_simulated_on_the_committed_profile(capsys):
     assert main(args) == 0
     text = capsys.readouterr().out
     assert text.startswith("SIMULATED") and "epp speedup" in text
+    assert re.search(r"^  epp planning: \d+\.\d\ds MEASURED here \((deadline \d+\.\d\ds, \d+ candidate\(s\) skipped "
+                     r"for time|no deadline), (no|\d+) pool processes\)$", text, re.M)
 
 
 def test_bench_costs_every_planner_on_the_layout_given(capsys):

@@ -280,7 +280,7 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
                 plans = stack.enter_context(PlanPrefetcher(_BackgroundPlanner(planner, os.getpid()), asks,
                                                            on_result=asks.learned))
             else:
-                plans = (sp for sp in map(planner, asks) if asks.learned(sp) is None)
+                plans = asks.planned_by(planner)
         metrics = None
         bar = None
         if root:

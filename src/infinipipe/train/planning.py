@@ -49,6 +49,13 @@ class PlanAsks:
         for step in range(self.start, self.steps):
             yield PlanAsk(step, self.step_s, self.warm)
 
+    def planned_by(self, planner: "StepPlanner"):
+        """Each step's plans, planned in this process when the step asks (no prefetch)."""
+        for ask in self:
+            plans = planner(ask)
+            self.learned(plans)
+            yield plans
+
     def learned(self, plans: "StepPlans") -> None:
         self.warm = plans.next_warm()
 
