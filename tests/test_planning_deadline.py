@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import numpy as np
 import pytest
 
 from infinipipe.config import load_config
 from infinipipe.contract.cost import MIXED_PRECISION_ADAM, CostModel, default_profile
 from infinipipe.contract.model_config import preset
+from infinipipe.data.dataset import BatchSampler
 from infinipipe.data.lengths import sample_lengths
 from infinipipe.planners import search_pool
 from infinipipe.planners.candidates import Candidate, WarmStart
@@ -20,6 +22,7 @@ from infinipipe.planners.options import PlannerOptions
 from infinipipe.planners.registry import make_plan
 from infinipipe.planners.request import PlanRequest
 from infinipipe.sim.simulator import simulate
+from infinipipe.train.planning import PlanAsks, StepPlanner
 
 GIB = 2**30
 
@@ -125,3 +128,21 @@ def test_runs_and_commands_plan_behind_a_step_and_the_library_plans_on_inputs_al
     assert load_config(None, []).epp.deadline_share == 0.1 and load_config(None, []).epp.pool_size == -1
     assert PlannerOptions().deadline_share == 0 and PlannerOptions().pool_size == 0
     assert PlannerOptions.behind_a_step({"pool_size": 0}).deadline_share == 0.1
+
+
+def test_each_step_is_asked_with_the_last_steps_time_and_starts_from_the_last_plans_winners(cost):
+    sampler = BatchSampler(np.array(sample_lengths("github", 400, 65536, seed=5)), seed=0, global_batch_size=24)
+    planner = StepPlanner(cost, sampler, "epp", 4, 2, 80 * GIB, (8, 8, 8, 8), PlannerOptions(deadline_share=0.5))
+    asks = PlanAsks(0, 3)
+    seen = []
+    for step, plans in enumerate(asks.planned_by(planner)):
+        seen.append(plans)
+        assert plans.step == step and len(plans.plans) == 2
+        asks.stepped(60.0)
+    first, second, third = seen
+    assert first.deadline_s is not None  # a share of each replica's best plan: none measured yet
+    assert second.deadline_s == pytest.approx(30.0) and third.deadline_s == pytest.approx(30.0)
+    hinted = [p.metadata["search"][0] for p in third.plans]
+    assert ([(h["family"], h["size"]) for h in hinted]  # the size as this batch can plan it (its own token capacity)
+            == [(p.metadata["winner"]["family"], p.metadata["winner"]["size"]) for p in second.plans])
+    assert not any(h["screened"] for h in hinted)
