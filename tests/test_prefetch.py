@@ -1,9 +1,11 @@
 """Background planning: plans arrive in order, the queue stays bounded, failures surface intact."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import signal
+import threading
 
 import pytest
 
@@ -11,6 +13,7 @@ from infinipipe.contract.cost import CostModel, LinearTerm, Profile
 from infinipipe.contract.ir import validate_plan
 from infinipipe.contract.model_config import PRESETS
 from infinipipe.planners.epp import NoPlanError
+from infinipipe.planners.options import PlannerOptions
 from infinipipe.planners.registry import make_plan
 from infinipipe.planners.request import PlanRequest
 from infinipipe.train.prefetch import PlanningProcessDied, PlanPrefetcher
@@ -25,6 +28,25 @@ COST = CostModel(Profile(
 
 def batches() -> list[PlanRequest]:
     return [PlanRequest([4000 + 100 * i, 900, 300, 50 * (i + 1)], COST, 2, 2**30) for i in range(4)]
+
+
+def test_a_planning_process_with_a_search_pool_of_its_own_plans_the_same_and_ends_when_closed():
+    """The planning process is a multiprocessing child: it must stop its pool's workers before
+    it joins its children, or it never ends."""
+    requests = [dataclasses.replace(r, options=PlannerOptions(pool_size=2)) for r in batches()[:2]]
+    got = []
+
+    def run() -> None:
+        with PlanPrefetcher(functools.partial(make_plan, "epp"), requests) as plans:
+            got.extend(plans)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "the planning process did not end"
+    assert [p.metadata["pool_size"] for p in got] == [2, 2]
+    direct = [make_plan("epp", dataclasses.replace(r, options=PlannerOptions())) for r in requests]
+    assert [p.stage_actions for p in got] == [p.stage_actions for p in direct]
 
 
 def test_prefetched_plans_match_direct_planning_in_order():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing
+import multiprocessing.util
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -67,6 +68,10 @@ def shared_pool(size: int) -> SearchPool | None:
     if size not in _POOLS:
         if not _POOLS:
             atexit.register(close_pools)
+            # A process started by multiprocessing (the trainer's planning process) joins its
+            # children before its atexit handlers run, and closes its queues first (priority
+            # 10): the pool must be shut down before either, or its idle workers hold it forever.
+            multiprocessing.util.Finalize(None, close_pools, exitpriority=100)
         _POOLS[size] = SearchPool(size)
     return _POOLS[size]
 
