@@ -134,6 +134,18 @@ def _rms_norm_backward(grad, x, weight, rstd, weight_grad: bool):
     return dx.to(x.dtype), dweight
 
 
+def rms_normalised(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """RMSNorm's output from its input and per-token reciprocal RMS: what an elementwise-recompute
+    layer's backward recomputes for each projection group (the profiler times it alone)."""
+    return weight * (_upcast(x) * rstd).to(x.dtype)
+
+
+def swiglu_product(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``, the down projection's input, from the fused gate/up output."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def _weight_grad(grad: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
     """``grad^T inp`` over every token: a projection's weight gradient."""
     return grad.reshape(-1, grad.shape[-1]).t() @ inp.reshape(-1, inp.shape[-1])
@@ -150,14 +162,14 @@ class _NormLinear(torch.autograd.Function):
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, norm_weight, weight, rstd)
         ctx.has_bias = bias is not None
-        return F.linear(norm_weight * (xf * rstd).to(x.dtype), weight, bias)
+        return F.linear(rms_normalised(x, norm_weight, rstd), weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, norm_weight, weight, rstd = ctx.saved_tensors
         dweight = dbias = None
         if ctx.needs_input_grad[2]:
-            dweight = _weight_grad(grad, norm_weight * (_upcast(x) * rstd).to(x.dtype))
+            dweight = _weight_grad(grad, rms_normalised(x, norm_weight, rstd))
         if ctx.has_bias and ctx.needs_input_grad[3]:
             dbias = grad.reshape(-1, grad.shape[-1]).sum(0)
         dx, dnorm = _rms_norm_backward(grad @ weight, x, norm_weight, rstd, ctx.needs_input_grad[1])
@@ -242,15 +254,14 @@ class _SwiGLUDown(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate_up, weight):
-        gate, up = gate_up.chunk(2, dim=-1)
         ctx.save_for_backward(gate_up, weight)
-        return F.linear(F.silu(gate) * up, weight)
+        return F.linear(swiglu_product(gate_up), weight)
 
     @staticmethod
     def backward(ctx, grad):
         gate_up, weight = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=-1)
-        dweight = _weight_grad(grad, F.silu(gate) * up) if ctx.needs_input_grad[1] else None
+        dweight = _weight_grad(grad, swiglu_product(gate_up)) if ctx.needs_input_grad[1] else None
         dprod = grad @ weight
         dgate = torch.ops.aten.silu_backward(dprod * up, gate)
         return torch.cat([dgate, dprod * F.silu(gate)], dim=-1), dweight
