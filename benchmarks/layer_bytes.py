@@ -59,7 +59,11 @@ def main() -> int:
     torch.set_num_threads(1)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     out = {"measured": "MEASURED (CPU, saved-tensor accounting and live bytes)", "commit": commit,
-           "torch": torch.__version__, "shapes": [measure(m, args.dtype, tokens) for m in args.models.split(",")]}
+           "device": "cpu", "dtype": args.dtype, "torch": torch.__version__,
+           "method": (f"benchmarks/layer_bytes.py: one layer, sdpa, whole sequences packed four to a chunk of "
+                      f"{tokens[0]} and {tokens[1]} tokens; kept bytes by saved-tensor accounting, stored and "
+                      "elementwise (LayerBench.saved_bytes), work bytes by live bytes (LayerBench.work_bytes)"),
+           "shapes": [measure(m, args.dtype, tokens) for m in args.models.split(",")]}
     for s in out["shapes"]:
         t = s["terms"]
         print(f"{s['model']:10s} {s['dtype']}: kept {t['act_bytes']['tokens']:,.0f} B/token "
