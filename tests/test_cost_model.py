@@ -240,12 +240,21 @@ def test_cost_cli_matches_the_cost_model(capsys):
     assert out["recompute_ms"] == pytest.approx(cm.recompute_ms(shape, 3))
     assert out["activation_bytes"] == pytest.approx(cm.activation_bytes(shape, 8, recompute=3))
     assert out["kv_bytes"] == 0
+    assert main(["cost", "--profile", "h100-bf16-llama-7b", "--layers", "8", "--segments", "4096,1024,512",
+                 "--prefix", "8192", "--recompute", "3", "--elementwise", "5", "--json"]) == 0
+    elem = json.loads(capsys.readouterr().out)
+    assert elem["recompute_ms"] == pytest.approx(cm.recompute_ms(shape, 3, 5)) and elem["recompute_ms"] > out["recompute_ms"]
+    assert elem["activation_bytes"] == pytest.approx(cm.activation_bytes(shape, 8, recompute=3, elementwise=5))
+    assert elem["activation_bytes"] < out["activation_bytes"]
 
 
 def test_cost_cli_rejects_bad_input(capsys):
     assert main(["cost", "--profile", "h100-bf16-llama-7b", "--layers", "2", "--segments", "64",
                  "--recompute", "3"]) == 2
     assert "--recompute" in capsys.readouterr().err
+    assert main(["cost", "--profile", "h100-bf16-llama-7b", "--layers", "2", "--segments", "64",
+                 "--recompute", "1", "--elementwise", "2"]) == 2
+    assert "--elementwise" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["cost", "--profile", "h100-bf16-llama-7b", "--layers", "2", "--segments", "64,x"])
 
@@ -253,6 +262,7 @@ def test_cost_cli_rejects_bad_input(capsys):
 def test_profile_cli_from_measurements_reports_held_out_error(tmp_path, capsys):
     out = tmp_path / "p.json"
     assert main(["profile", "--from-measurements", str(MEASUREMENTS), "--model", "llama3-8b",
+                 "--elementwise-from", str(MEASUREMENTS.parent / "layer-bytes-elementwise-cpu-bf16.json"),
                  "--out", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["fit_error"]["time"]["median"] < 0.05
