@@ -325,17 +325,17 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
         is_own = kept == own[row[entry]]
         var = var_last + (num_stages - 1 - s)
         own_extra = extra - e_extra
-        for offset, k_layer, k_extra in ((0, per_layer - e_slope, own_extra), (u_of, e_slope, e_extra)):
-            if offset == 0 or elementwise:
-                rows.append(new_row[row[entry]])
-                cols.append(var[kept] + offset)
-                slope.append(k_layer[kept] - np.where(is_own, k_extra[row[entry]], 0.0))
-                lcap.append(np.full(len(kept), float(n_l)))
-                mine = keep & (k_extra > 0) if n_l > 1 else np.zeros_like(keep)
-                rows.append(new_row[mine])
-                cols.append(var[own[mine]] + offset)
-                slope.append(k_extra[mine])
-                lcap.append(np.full(int(mine.sum()), float(n_l - 1)))
+        per_var = [(0, per_layer - e_slope, own_extra)] + ([(u_of, e_slope, e_extra)] if elementwise else [])
+        for offset, k_layer, k_extra in per_var:
+            rows.append(new_row[row[entry]])
+            cols.append(var[kept] + offset)
+            slope.append(k_layer[kept] - np.where(is_own, k_extra[row[entry]], 0.0))
+            lcap.append(np.full(len(kept), float(n_l)))
+            mine = keep & (k_extra > 0) if n_l > 1 else np.zeros_like(keep)
+            rows.append(new_row[mine])
+            cols.append(var[own[mine]] + offset)
+            slope.append(k_extra[mine])
+            lcap.append(np.full(int(mine.sum()), float(n_l - 1)))
 
     def cat(parts: list, dtype) -> np.ndarray:
         return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
