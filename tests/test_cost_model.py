@@ -389,3 +389,14 @@ def test_elementwise_terms_are_optional_and_derived_only_for_the_profiles_layer_
         elementwise_derived(bare, {**data, "dtype": "float32"}, "e.json")
     with pytest.raises(ValueError, match="no elementwise measurement"):
         elementwise_derived(bare, {**data, "shapes": [r for r in data["shapes"] if r["model"] != "llama-7b"]}, "e.json")
+
+
+def test_scaling_a_profile_carries_its_elementwise_terms_to_the_larger_shape():
+    """Scaled from 7B, the 13B and 30B elementwise terms are what their own derivation gives: the
+    values kept fewer and the bytes moved both follow the shape."""
+    for model in ("llama-13b", "llama-30b"):
+        scaled = scale_profile(load_profile("h100-bf16-llama-7b"), preset(model), "h100-bf16-llama-7b")
+        committed = load_profile(f"h100-bf16-{model}")
+        for term in ("layer_elementwise_bytes", "layer_elementwise_ms"):
+            got, want = getattr(scaled, term).coef, getattr(committed, term).coef
+            assert set(got) == set(want) and all(got[k] == pytest.approx(want[k], rel=1e-9) for k in want), (model, term)

@@ -209,6 +209,8 @@ def scale_profile(base: Profile, target: ModelConfig, base_name: str) -> Profile
     the projection/MLP FLOPs; the per-key term (reading and keeping K/V) follows the attention
     width, since the measured kernels use K/V at full head count; the fixed per-chunk overhead
     (kernel launches) does not change. Assumes the same kernel efficiency at the new size.
+    Elementwise-recompute terms, where the base has them, follow the values the mode keeps fewer
+    (``2 x hidden + ffn``) and the bytes its recompute moves.
     """
     src = base.model
     attn = (target.heads * target.head_dim) / (src.heads * src.head_dim)
@@ -226,6 +228,12 @@ def scale_profile(base: Profile, target: ModelConfig, base_name: str) -> Profile
         raise ValueError(f"profile {base_name!r} has no matmul_tflops to derive head terms from")
     head = flops_head_terms(target, base.dtype, tflops)
     fit_error = {k: v for k, v in base.fit_error.items() if k in ("matmul_tflops", "max_kv_len", "min_tokens_measured")}
+    elementwise = {}
+    if base.layer_elementwise_bytes is not None and base.layer_elementwise_ms is not None:
+        fewer = (2 * target.hidden + target.ffn) / (2 * src.hidden + src.ffn)
+        moved = elementwise_moved_bytes(target, base.dtype) / elementwise_moved_bytes(src, base.dtype)
+        elementwise = {"layer_elementwise_bytes": scaled(base.layer_elementwise_bytes, {"tokens": fewer, "chunk": 1.0}),
+                       "layer_elementwise_ms": scaled(base.layer_elementwise_ms, {"tokens": moved, "chunk": 1.0})}
     return Profile(
         model=target,
         device=base.device,
@@ -241,6 +249,7 @@ def scale_profile(base: Profile, target: ModelConfig, base_name: str) -> Profile
         derived_from=base_name,
         fit_error=fit_error,
         **head,
+        **elementwise,
     )
 
 
