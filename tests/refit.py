@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from infinipipe.contract.cost import TERM_NAMES, WORK_TERM_NAMES, LinearTerm, Profile
+from infinipipe.contract.cost import ELEMENTWISE_TERM_NAMES, TERM_NAMES, WORK_TERM_NAMES, LinearTerm, Profile
 from infinipipe.contract.shapes import ChunkShape
 
 # A term's prediction on a shape, and each fit-error figure, relative to the committed value.
@@ -38,7 +38,7 @@ def assert_terms_match(fresh: Profile, committed: Profile, names: Iterable[str],
 def assert_refit_matches(fresh: Profile, committed: Profile, shapes: Sequence[ChunkShape]) -> None:
     """Every field but the floats equal; terms as `assert_terms_match`; fit-error figures to
     `FIT_REL` or `NOISE_ABS`."""
-    names = TERM_NAMES + WORK_TERM_NAMES
+    names = TERM_NAMES + WORK_TERM_NAMES + ELEMENTWISE_TERM_NAMES
     assert_terms_match(fresh, committed, names, shapes)
     blank = {n: LinearTerm({}) for n in names}
     assert replace(fresh, fit_error={}, **blank) == replace(committed, fit_error={}, **blank)

@@ -25,6 +25,8 @@ from infinipipe.profiling.fit import (
     MEMORY_TERMS,
     Measurement,
     act_bytes_change,
+    elementwise_derived,
+    elementwise_moved_bytes,
     fit_layer,
     fit_term,
     memory_from_measurements,
@@ -238,12 +240,21 @@ def test_cost_cli_matches_the_cost_model(capsys):
     assert out["recompute_ms"] == pytest.approx(cm.recompute_ms(shape, 3))
     assert out["activation_bytes"] == pytest.approx(cm.activation_bytes(shape, 8, recompute=3))
     assert out["kv_bytes"] == 0
+    assert main(["cost", "--profile", "h100-bf16-llama-7b", "--layers", "8", "--segments", "4096,1024,512",
+                 "--prefix", "8192", "--recompute", "3", "--elementwise", "5", "--json"]) == 0
+    elem = json.loads(capsys.readouterr().out)
+    assert elem["recompute_ms"] == pytest.approx(cm.recompute_ms(shape, 3, 5)) and elem["recompute_ms"] > out["recompute_ms"]
+    assert elem["activation_bytes"] == pytest.approx(cm.activation_bytes(shape, 8, recompute=3, elementwise=5))
+    assert elem["activation_bytes"] < out["activation_bytes"]
 
 
 def test_cost_cli_rejects_bad_input(capsys):
     assert main(["cost", "--profile", "h100-bf16-llama-7b", "--layers", "2", "--segments", "64",
                  "--recompute", "3"]) == 2
     assert "--recompute" in capsys.readouterr().err
+    assert main(["cost", "--profile", "h100-bf16-llama-7b", "--layers", "2", "--segments", "64",
+                 "--recompute", "1", "--elementwise", "2"]) == 2
+    assert "--elementwise" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["cost", "--profile", "h100-bf16-llama-7b", "--layers", "2", "--segments", "64,x"])
 
@@ -251,6 +262,7 @@ def test_cost_cli_rejects_bad_input(capsys):
 def test_profile_cli_from_measurements_reports_held_out_error(tmp_path, capsys):
     out = tmp_path / "p.json"
     assert main(["profile", "--from-measurements", str(MEASUREMENTS), "--model", "llama3-8b",
+                 "--elementwise-from", str(MEASUREMENTS.parent / "layer-bytes-elementwise-cpu-bf16.json"),
                  "--out", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["fit_error"]["time"]["median"] < 0.05
@@ -338,3 +350,53 @@ def test_act_bytes_change_moves_only_the_per_token_bytes_once_and_refuses_other_
         act_bytes_change(moved, data, "c.json")
     with pytest.raises(ValueError, match="float32"):
         act_bytes_change(seven, {**data, "dtype": "float32"}, "c.json")
+
+
+ELEMENTWISE = MEASUREMENTS.parent / "layer-bytes-elementwise-cpu-bf16.json"
+
+
+@pytest.mark.parametrize("name", ["h100-bf16-llama-7b", "h100-bf16-llama-13b", "h100-bf16-llama-30b",
+                                  "h100-bf16-llama3-8b", "h200-bf16-llama-7b", "h200-bf16-llama-13b",
+                                  "h200-bf16-llama-30b"])
+def test_gpu_profiles_offer_elementwise_recompute_of_the_norm_outputs_and_swiglu_product(name):
+    """The bytes an elementwise layer keeps fewer are its two normalised inputs and the SwiGLU
+    product, measured on CPU (elementwise tensors, the same on every device); its recompute costs a
+    fraction of a layer's forward and saves more bytes per millisecond than recomputing the layer."""
+    prof = load_profile(name)
+    cfg = prof.model
+    assert prof.layer_elementwise_bytes.coef == {"tokens": (2 * cfg.hidden + cfg.ffn) * 2}
+    assert prof.fit_error["elementwise"]["from"] == ELEMENTWISE.name
+    cm = CostModel(prof, cfg)
+    shape = ChunkShape((4096,))
+    elem_ms, full_ms = cm.recompute_ms(shape, 0, 1), cm.recompute_ms(shape, 1)
+    assert 0 < elem_ms < 0.3 * full_ms
+    full_bytes = cm.layer_act_bytes(shape) - cm.ckpt_layer_bytes(shape)
+    assert cm.elementwise_saved_bytes(shape) / elem_ms > full_bytes / full_ms
+
+
+def test_elementwise_terms_are_optional_and_derived_only_for_the_profiles_layer_and_dtype():
+    data = json.loads(ELEMENTWISE.read_text())
+    with_terms = load_profile("h100-bf16-llama-7b")
+    bare = dataclasses.replace(with_terms, layer_elementwise_bytes=None, layer_elementwise_ms=None)
+    loaded = Profile.from_json(json.loads(json.dumps(bare.to_json())))
+    assert "layer_elementwise_bytes" not in bare.to_json()["terms"] and not CostModel(loaded, loaded.model).elementwise
+    assert CostModel(loaded, loaded.model).elementwise_saved_bytes(ChunkShape((64,))) == 0
+    derived = elementwise_derived(bare, data, ELEMENTWISE.name)
+    assert derived.layer_elementwise_bytes == with_terms.layer_elementwise_bytes
+    assert derived.layer_elementwise_ms.coef["tokens"] == pytest.approx(
+        elementwise_moved_bytes(bare.model, "bfloat16") / 3.35e12 * 1e3)
+    with pytest.raises(ValueError, match="float32"):
+        elementwise_derived(bare, {**data, "dtype": "float32"}, "e.json")
+    with pytest.raises(ValueError, match="no elementwise measurement"):
+        elementwise_derived(bare, {**data, "shapes": [r for r in data["shapes"] if r["model"] != "llama-7b"]}, "e.json")
+
+
+def test_scaling_a_profile_carries_its_elementwise_terms_to_the_larger_shape():
+    """Scaled from 7B, the 13B and 30B elementwise terms are what their own derivation gives: the
+    values kept fewer and the bytes moved both follow the shape."""
+    for model in ("llama-13b", "llama-30b"):
+        scaled = scale_profile(load_profile("h100-bf16-llama-7b"), preset(model), "h100-bf16-llama-7b")
+        committed = load_profile(f"h100-bf16-{model}")
+        for term in ("layer_elementwise_bytes", "layer_elementwise_ms"):
+            got, want = getattr(scaled, term).coef, getattr(committed, term).coef
+            assert set(got) == set(want) and all(got[k] == pytest.approx(want[k], rel=1e-9) for k in want), (model, term)

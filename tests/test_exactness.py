@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chunking import random_chunks, sequential_plan
+from chunking import HAND_CHUNKS, HAND_LENGTHS, random_chunks, sequential_plan
 from infinipipe.contract.ir import Action, Chunk, Plan, Segment
 from infinipipe.contract.model_config import ModelConfig
 from infinipipe.model.kv_store import LayerKV
@@ -190,3 +190,31 @@ def test_exact_parts_planned_apart_and_joined_with_whole_chunks_between_split_se
         stages = build_stages(CFG, split, dtype=torch.float64)
         loss = run_plan_local(plan, stages, batch)
         assert_matches_reference(loss, _grads(stages), *_reference(batch, torch.float64), TOL[torch.float64])
+
+
+@pytest.mark.parametrize("kind", sorted(HAND_CHUNKS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_exact_with_store_elementwise_and_whole_recompute_mixed_per_chunk_and_stage(kind, dtype):
+    """Each chunk on each stage stores some layers, recomputes some whole and some elementwise
+    (split, packed and hybrid chunks; 1F1B over two stages)."""
+    from infinipipe.planners.schedule import epp_schedule
+
+    chunks = HAND_CHUNKS[kind]
+    split = [2, 3]
+    modes = [(0, 0), (0, 2), (1, 1), (0, 1), (2, 0), (1, 2), (0, 3)]
+    pick = {}
+    for s in range(2):  # (whole, elementwise) layers, cycling through the modes a stage can take
+        fits = [m for m in modes if sum(m) <= split[s]]
+        pick |= {(s, c.id): fits[(s * len(chunks) + c.id) % len(fits)] for c in chunks}
+    base = epp_schedule(chunks, HAND_LENGTHS, 2, split)
+    plan = Plan(base.seq_lengths, base.chunks, tuple(
+        tuple(Action(a.kind, a.chunk_id, *pick[s, a.chunk_id]) for a in acts) for s, acts in enumerate(base.stage_actions)),
+        base.layers_per_stage, base.pipelines)
+    cfg = ModelConfig(**{**CFG.to_json(), "layers": sum(split)})
+    batch = _random_batch(HAND_LENGTHS, 5)
+    stages = build_stages(cfg, split, dtype=dtype)
+    loss = run_plan_local(plan, stages, batch)
+    (model,) = build_stages(cfg, [cfg.layers], dtype=dtype)
+    ref = reference_loss(model, batch)
+    ref.backward()
+    assert_matches_reference(loss, _grads(stages), ref.item(), {n: p.grad for n, p in model.named_parameters()}, TOL[dtype])

@@ -1,6 +1,7 @@
 """The checkpointing ILP: optimal on brute-forceable cases, always within budget, never worse than uniform."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -19,6 +20,7 @@ from infinipipe.planners.ilp import (
     LinearForm,
     SolverCache,
     build_problem,
+    descend,
     greedy,
     relaxation,
     solve_checkpointing,
@@ -35,6 +37,9 @@ PROFILE = Profile(
     head_work_bytes=LinearTerm({"tokens": 4096.0}),
 )
 COST = CostModel(PROFILE, MODEL)
+# The same layer with elementwise recompute: a third of its bytes for a tenth of its forward.
+COST_E = CostModel(dataclasses.replace(PROFILE, layer_elementwise_bytes=LinearTerm({"tokens": 700.0}),
+                                       layer_elementwise_ms=LinearTerm({"tokens": 1e-4, "chunk": 0.005})), MODEL)
 
 
 def one_f_one_b(seq_slices: list[list[int]], num_stages: int, layers: tuple[int, ...]) -> Plan:
@@ -82,39 +87,45 @@ def stage_peaks(plan: Plan, cost: CostModel) -> list[float]:
         held, grads, peak = 0.0, 0.0, states
         for a in actions:
             chunk = plan.chunks[a.chunk_id]
-            m, r = cost.chunk_memory(shapes[a.chunk_id], n_l, first, last), a.recompute_layers
+            m, r, e = cost.chunk_memory(shapes[a.chunk_id], n_l, first, last), a.recompute_layers, a.elementwise_layers
             if a.kind == "F":
-                peak = max(peak, states + held + grads + m.during_forward(r))
-                held += m.held(r)
+                peak = max(peak, states + held + grads + m.during_forward(r, e))
+                held += m.held(r, e)
             else:
                 grads += sum(cost.dkv_bytes(store_shape[seg.seq_id], n_l) for seg in chunk.segments
                              if seg.start > 0 and seg.end == lengths[seg.seq_id])
-                held -= m.held(r)
-                peak = max(peak, states + held + grads + m.during_backward(r))
+                held -= m.held(r, e)
+                peak = max(peak, states + held + grads + m.during_backward(r, e))
                 grads -= sum(cost.dkv_bytes(store_shape[seg.seq_id], n_l) for seg in chunk.segments
                              if seg.seq_id in store_shape and seg.start == 0)
         peaks.append(peak)
     return peaks
 
 
-def diagonal_weights(plan: Plan, cost: CostModel) -> dict[int, float]:
+def diagonal_weights(plan: Plan, cost: CostModel, elementwise: int = 0) -> dict[int, float]:
+    """Per diagonal, the largest chunk's time for one layer recomputed whole (or elementwise)."""
     shapes = [ChunkShape.of(c, plan.seq_lengths) for c in plan.chunks]
     b_order = [a.chunk_id for a in plan.stage_actions[0] if a.kind == "B"]
     weights: dict[int, float] = {}
     for pos, cid in enumerate(b_order):
         for s in range(plan.num_stages):
             d = pos + plan.num_stages - 1 - s
-            weights[d] = max(weights.get(d, 0.0), cost.recompute_ms(shapes[cid], 1))
+            one = cost.recompute_ms(shapes[cid], 0, 1) if elementwise else cost.recompute_ms(shapes[cid], 1)
+            weights[d] = max(weights.get(d, 0.0), one)
     return weights
 
 
-def with_diagonals(plan: Plan, c: dict[int, int]) -> Plan:
+def with_diagonals(plan: Plan, c: dict[int, int], u: dict[int, int] | None = None) -> Plan:
+    """Diagonal d recomputes ``c[d]`` layers whole and, with ``u``, ``u[d] - c[d]`` elementwise."""
     b_order = [a.chunk_id for a in plan.stage_actions[0] if a.kind == "B"]
     pos = {cid: i for i, cid in enumerate(b_order)}
-    acts = tuple(
-        tuple(Action(a.kind, a.chunk_id, min(c[pos[a.chunk_id] + plan.num_stages - 1 - s],
-                                              plan.layers_per_stage[s])) for a in actions)
-        for s, actions in enumerate(plan.stage_actions))
+
+    def action(s: int, a: Action) -> Action:
+        d, n = pos[a.chunk_id] + plan.num_stages - 1 - s, plan.layers_per_stage[s]
+        r = min(c[d], n)
+        return Action(a.kind, a.chunk_id, r, (min(u[d], n) - r) if u else 0)
+
+    acts = tuple(tuple(action(s, a) for a in actions) for s, actions in enumerate(plan.stage_actions))
     return Plan(plan.seq_lengths, plan.chunks, acts, plan.layers_per_stage, plan.pipelines)
 
 
@@ -128,6 +139,23 @@ def brute_force(plan: Plan, cost: CostModel, budget: float) -> float | None:
         if best is not None and obj >= best:
             continue
         if max(stage_peaks(with_diagonals(plan, c), cost)) <= budget:
+            best = obj
+    return best
+
+
+def brute_force_elementwise(plan: Plan, cost: CostModel, budget: float) -> float | None:
+    """The best (whole r, whole-or-elementwise u >= r) per diagonal, by enumeration."""
+    w_full, w_elem = diagonal_weights(plan, cost), diagonal_weights(plan, cost, elementwise=1)
+    diags = sorted(w_full)
+    top = max(plan.layers_per_stage)
+    pairs = [(r, u) for u in range(top + 1) for r in range(u + 1)]
+    best = None
+    for values in itertools.product(pairs, repeat=len(diags)):
+        obj = sum(w_full[d] * r + w_elem[d] * (u - r) for d, (r, u) in zip(diags, values))
+        if best is not None and obj >= best:
+            continue
+        p = with_diagonals(plan, {d: r for d, (r, _) in zip(diags, values)}, {d: u for d, (_, u) in zip(diags, values)})
+        if max(stage_peaks(p, cost)) <= budget:
             best = obj
     return best
 
@@ -154,6 +182,60 @@ def test_ilp_matches_brute_force_optimum(seq_slices, stages, layers, frac):
     assert max(stage_peaks(solved, COST)) <= budget + 1.0
     best = brute_force(plan, COST, budget)
     assert solved.metadata["checkpointing"]["objective_ms"] == pytest.approx(best, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("seq_slices,stages,layers,frac", [
+    ([[3000], [2000]], 2, (2, 2), 0.5),
+    ([[3000], [2000]], 2, (2, 2), 0.2),
+    ([[2000, 1500]], 2, (2, 1), 0.4),
+    ([[2500], [600]], 2, (3, 1), 0.05),
+])
+def test_ilp_with_elementwise_recompute_matches_brute_force_optimum(seq_slices, stages, layers, frac):
+    """Each diagonal picks how many layers to recompute whole and how many elementwise; the ILP's
+    answer fits the independent memory walk and costs what enumerating every choice finds."""
+    plan = one_f_one_b(seq_slices, stages, layers)
+    full = with_diagonals(plan, {d: 99 for d in range(100)})
+    lo, hi = max(stage_peaks(full, COST_E)), max(stage_peaks(plan, COST_E))
+    budget = lo + frac * (hi - lo)
+    solved = solve_checkpointing(plan, COST_E, budget, mip_gap=0.0)
+    validate_plan(solved)
+    assert max(stage_peaks(solved, COST_E)) <= budget + 1.0
+    best = brute_force_elementwise(plan, COST_E, budget)
+    assert solved.metadata["checkpointing"]["objective_ms"] == pytest.approx(best, rel=1e-6, abs=1e-9)
+
+
+def test_elementwise_recompute_is_chosen_where_it_saves_enough_and_absent_without_its_terms():
+    plan = one_f_one_b([[3000], [2000], [1000]], 2, (2, 2))
+    no_ckpt = max(stage_peaks(plan, COST_E))
+    cheap = with_diagonals(plan, {d: 0 for d in range(100)}, {d: 1 for d in range(100)})
+    budget = (max(stage_peaks(cheap, COST_E)) + no_ckpt) / 2  # one elementwise layer everywhere fits
+    solved = solve_checkpointing(plan, COST_E, budget, mip_gap=0.0)
+    acts = [a for acts in solved.stage_actions for a in acts]
+    assert any(a.elementwise_layers for a in acts) and not any(a.recompute_layers for a in acts)
+    assert Plan.loads(solved.dumps()).stage_actions == solved.stage_actions
+    plain = solve_checkpointing(plan, COST, budget, mip_gap=0.0)
+    assert not any(a.elementwise_layers for acts in plain.stage_actions for a in acts)
+    assert any(a.recompute_layers for acts in plain.stage_actions for a in acts)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.lists(st.lists(st.integers(200, 4000), min_size=1, max_size=3), min_size=1, max_size=5),
+       split=st.sampled_from([(8,), (4, 4), (3, 5), (2, 3, 3)]), frac=st.floats(0.0, 1.0))
+def test_elementwise_plans_stay_within_budget_on_the_walk_and_the_simulator(batch, split, frac):
+    plan = one_f_one_b(batch, len(split), split)
+    full = with_diagonals(plan, {d: 99 for d in range(10_000)})
+    lo, hi = max(stage_peaks(full, COST_E)), max(stage_peaks(plan, COST_E))
+    budget = lo + frac * (hi - lo) + 1.0
+    solved = solve_checkpointing(plan, COST_E, budget, mip_gap=0.0)
+    validate_plan(solved)
+    assert max(stage_peaks(solved, COST_E)) <= budget + 1.0
+    sim = simulate(solved, COST_E, budget)
+    assert sim.feasible, sim.oom
+    assert sim.peak_memory_bytes == pytest.approx(stage_peaks(solved, COST_E), rel=1e-12)
+    problem = build_problem(plan, COST_E, budget).problem
+    for c in (greedy(problem), descend(problem, problem.upper)):  # the fallbacks keep u >= r too
+        assert (problem.deficit(c) <= 1.0).all() and np.all(c <= problem.upper)
+        assert np.all(c[problem.ties[:, 0]] <= c[problem.ties[:, 1]])
 
 
 def test_no_recompute_when_everything_fits():
@@ -251,12 +333,13 @@ def test_solver_plans_stay_within_budget_and_beat_uniform(batch, split, frac):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(batch=batches, split=st.sampled_from([(8,), (4, 4), (3, 5), (2, 3, 3), (2, 2, 2, 2)]), frac=st.floats(0.0, 1.0))
-def test_row_generation_reaches_the_whole_lps_optimum(batch, split, frac):
+@given(batch=batches, split=st.sampled_from([(8,), (4, 4), (3, 5), (2, 3, 3), (2, 2, 2, 2)]), frac=st.floats(0.0, 1.0),
+       cost=st.sampled_from([COST, COST_E]))
+def test_row_generation_reaches_the_whole_lps_optimum(batch, split, frac, cost):
     """The relaxation takes in windows a round at a time; its answer must satisfy every window
-    and cost what the LP over all windows at once costs."""
+    and cost what the LP over all windows at once costs (with elementwise recompute too)."""
     plan = one_f_one_b(batch, len(split), split)
-    problem = build_problem(plan, COST, budget_between(plan, frac) + 1.0).problem
+    problem = build_problem(plan, cost, budget_between(plan, frac) + 1.0).problem
     if not len(problem.need):
         return
     form = LinearForm.of(problem)

@@ -67,6 +67,44 @@ def test_layer_output_and_every_gradient_equal_the_plain_layer(dtype, tol, qkv_b
 
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_elementwise_layer_output_and_every_gradient_equal_the_stored_layer(dtype, tol, qkv_bias):
+    cfg = ModelConfig(**{**CFG.to_json(), "qkv_bias": qkv_bias})
+    layer = DecoderLayer(cfg, backend="naive").to(dtype)
+    init_weights(layer, seed=2)
+    with torch.no_grad():
+        layer.attn_norm.weight.uniform_(0.5, 1.5)
+        layer.mlp_norm.weight.uniform_(0.5, 1.5)
+    meta = ChunkMeta.build([9, 4, 11], [0, 0, 0])
+    h = torch.randn(24, cfg.hidden, dtype=dtype, requires_grad=True)
+    grad = torch.randn(24, cfg.hidden, dtype=dtype)
+    runs = []
+    for elementwise in (False, True):
+        out = layer(h, meta, elementwise=elementwise)
+        runs.append((out, torch.autograd.grad(out, [h, *layer.parameters()], grad)))
+    (stored, want), (ours, got) = runs
+    torch.testing.assert_close(ours, stored, rtol=tol, atol=tol)
+    for (name, _), a, b in zip([("input", h), *layer.named_parameters()], got, want):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_elementwise_layer_keeps_neither_normalised_input_nor_the_swiglu_product():
+    layer = DecoderLayer(CFG, backend="naive").to(torch.bfloat16)
+    t = 32
+    meta = ChunkMeta.build([t], [0])
+    h = torch.randn(t, CFG.hidden, dtype=torch.bfloat16, requires_grad=True)
+    kept = []
+    for elementwise in (False, True):
+        meter = SavedTensorMeter(exclude=list(layer.parameters()))
+        with meter:
+            out = layer(h, meta, elementwise=elementwise)
+        kept.append(meter.current)
+        out.sum().backward()
+        assert meter.current == 0
+    assert kept[0] - kept[1] == t * (2 * CFG.hidden + CFG.ffn) * 2
+
+
 def test_rmsnorm_keeps_its_input_and_one_reciprocal_rms_per_token():
     norm = RMSNorm(64, 1e-6).to(torch.bfloat16)
     x = torch.randn(10, 64, dtype=torch.bfloat16, requires_grad=True)

@@ -3,12 +3,14 @@ chunks read no tensor value on the host (`aten::_local_scalar_dense`, which `.it
 `bool(tensor)` call and which blocks on a GPU until the device has caught up)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from chunking import HAND_CHUNKS, HAND_LENGTHS, sequential_plan
-from infinipipe.contract.ir import downstream_stage, upstream_stage, validate_plan
+from infinipipe.contract.ir import Action, downstream_stage, upstream_stage, validate_plan
 from infinipipe.contract.model_config import ModelConfig
 from infinipipe.runtime.batch import Batch
 from infinipipe.runtime.local import build_stages, run_plan_local
@@ -44,6 +46,10 @@ def test_the_counter_sees_host_reads_in_forward_and_backward():
 def test_no_host_reads_inside_any_action_of_a_step(chunking):
     chunks = HAND_CHUNKS[chunking]
     plan = sequential_plan(chunks, HAND_LENGTHS, [2, 2], {c.id: c.id % 3 for c in chunks})
+    # Beside the recomputed layers, one elementwise-recompute layer where there is room.
+    plan = dataclasses.replace(plan, stage_actions=tuple(
+        tuple(Action(a.kind, a.chunk_id, a.recompute_layers, min(1, 2 - a.recompute_layers)) for a in acts)
+        for acts in plan.stage_actions))
     g = torch.Generator().manual_seed(0)
     batch = Batch(tuple(torch.randint(0, CFG.vocab_size, (n,), generator=g) for n in HAND_LENGTHS))
     stages = build_stages(CFG, [2, 2])
@@ -55,7 +61,7 @@ def test_no_host_reads_inside_any_action_of_a_step(chunking):
         with reads:
             run = computes[s].forward if a.kind == "F" else computes[s].backward
             out = run(plan.chunks[a.chunk_id], x) if a.kind == "B" else run(plan.chunks[a.chunk_id], x,
-                                                                              a.recompute_layers)
+                                                                              a.recompute_layers, a.elementwise_layers)
         if downstream_stage(a.kind, s, 2) is not None:
             outputs[(a.kind, s, a.chunk_id)] = out
         elif a.kind == "F":

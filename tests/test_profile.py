@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from infinipipe.cli import main
-from infinipipe.contract.cost import CostModel, Profile
+from infinipipe.contract.cost import CostModel, Profile, load_profile
 from infinipipe.contract.model_config import preset
 from infinipipe.contract.shapes import ChunkShape
 from infinipipe.profiling.measure import LayerBench, fit_grid, held_out_grid, profile_device
@@ -39,6 +39,29 @@ def test_memory_model_matches_saved_tensor_accounting_on_every_held_out_shape():
     assert prof.layer_fwd(ChunkShape((256,))) > prof.layer_fwd(ChunkShape((64,)))
     assert prof.layer_bwd(ChunkShape((64,), prefix=192)) > prof.layer_bwd(ChunkShape((64,)))
     assert Profile.from_json(json.loads(json.dumps(prof.to_json()))) == prof
+    # An elementwise-recompute layer keeps both normalised inputs and the SwiGLU product fewer
+    # (fp32), measured on the whole sequences, and its recompute takes time.
+    per_token = (2 * TINY.hidden + TINY.ffn) * 4
+    assert prof.layer_elementwise_bytes(ChunkShape((96,))) == pytest.approx(96 * per_token, rel=0.05)
+    assert prof.layer_elementwise_ms(ChunkShape((256,))) > 0 and CostModel(prof, TINY).elementwise
+
+
+def test_elementwise_terms_are_measured_into_a_profile_that_lacks_them(tmp_path, capsys):
+    base = tmp_path / "base.json"
+    prof = load_profile("cpu-fp32-tiny")
+    bare = Profile.from_json({**prof.to_json(), "terms": {k: v for k, v in prof.to_json()["terms"].items()
+                                                          if not k.startswith("layer_elementwise")}})
+    assert not CostModel(bare, TINY).elementwise
+    bare.save(base)
+    out = tmp_path / "with.json"
+    assert main(["profile", "--from-profile", str(base), "--elementwise-measure", "--layers", "1", "--max-tokens", "128",
+                 "--warmup", "0", "--reps", "2", "--passes", "1", "--device", "cpu", "--out", str(out), "--json"]) == 0
+    added = Profile.load(out)
+    assert added.layer_act_bytes == bare.layer_act_bytes and added.layer_fwd == bare.layer_fwd
+    assert added.layer_elementwise_bytes(ChunkShape((96,))) == pytest.approx(96 * (2 * TINY.hidden + TINY.ffn) * 4, rel=0.05)
+    assert added.fit_error["elementwise"]["bytes"]["n"] > 0
+    assert main(["profile", "--elementwise-measure", "--no-progress"]) == 2
+    assert "--from-profile" in capsys.readouterr().err
 
 
 def test_stack_of_layers_keeps_per_layer_bytes_times_layers_and_the_rope_tables_once():

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from infinipipe.contract.cost import CostModel, LinearTerm, Profile
-from infinipipe.contract.ir import Action, Chunk, Plan, Segment
+from infinipipe.contract.ir import Action, Chunk, Plan, Segment, validate_plan
 from infinipipe.contract.layout import StageLayout
 from infinipipe.contract.model_config import PRESETS
 from infinipipe.contract.shapes import ChunkShape
@@ -114,6 +114,44 @@ def test_recompute_costs_forward_time_and_saves_memory():
     assert b.recompute_time_s == pytest.approx(16 * cost.recompute_ms(ChunkShape((8192,)), 3) / 1e3)
     assert b.iteration_time_s > a.iteration_time_s
     assert all(x < y for x, y in zip(b.peak_memory_bytes, a.peak_memory_bytes))
+
+
+def test_elementwise_recompute_costs_its_own_time_and_saves_its_bytes_between_store_and_recompute():
+    base = h100_like_cost()
+    profile = dataclasses.replace(base.profile, layer_elementwise_bytes=LinearTerm({"tokens": 38400.0}),
+                                  layer_elementwise_ms=LinearTerm({"tokens": 3e-5}))
+    cost = CostModel(profile, base.model)
+    chunks = [Chunk(i, (Segment(i, 0, 8192),)) for i in range(4)]
+    layers = [8, 8, 8, 8]
+    plain = epp_schedule(chunks, [8192] * 4, 4, layers)
+    elem = dataclasses.replace(plain, stage_actions=tuple(
+        tuple(Action(a.kind, a.chunk_id, 1, 5) for a in acts) for acts in plain.stage_actions))
+    whole = epp_schedule(chunks, [8192] * 4, 4, layers, recompute=lambda s, c: 6)
+    a, b, c = simulate(plain, cost), simulate(elem, cost), simulate(whole, cost)
+    shape = ChunkShape((8192,))
+    assert cost.recompute_ms(shape, 1, 5) == pytest.approx(cost.recompute_ms(shape, 1) + 5 * 3e-5 * 8192)
+    assert b.recompute_time_s == pytest.approx(16 * cost.recompute_ms(shape, 1, 5) / 1e3)
+    assert a.iteration_time_s < b.iteration_time_s < c.iteration_time_s
+    assert all(x < y < z for z, y, x in zip(a.peak_memory_bytes, b.peak_memory_bytes, c.peak_memory_bytes))
+    m = cost.chunk_memory(shape, 8)
+    assert m.held(1, 5) == pytest.approx(m.held(1) - 5 * 38400.0 * 8192)
+    assert Plan.loads(elem.dumps()).stage_actions == elem.stage_actions
+    with pytest.raises(ValueError, match="elementwise-recompute terms"):
+        base.recompute_ms(shape, 0, 1)
+
+
+def test_a_plan_recomputing_more_layers_than_a_stage_has_is_refused():
+    plan = epp_schedule([Chunk(0, (Segment(0, 0, 64),))], [64], 2, [2, 2])
+    too_many = dataclasses.replace(plan, stage_actions=(plan.stage_actions[0], tuple(
+        Action(a.kind, a.chunk_id, 1, 2) for a in plan.stage_actions[1])))
+    with pytest.raises(ValueError, match="recomputes 1 layers \\(and 2 elementwise\\), the stage has 2"):
+        validate_plan(too_many)
+    mixed = dataclasses.replace(plan, stage_actions=(plan.stage_actions[0], tuple(
+        Action(a.kind, a.chunk_id, 0, int(a.kind == "F")) for a in plan.stage_actions[1])))
+    with pytest.raises(ValueError, match="different recompute"):
+        validate_plan(mixed)
+    with pytest.raises(ValueError, match="expected \\[kind, chunk, recompute"):
+        Action.from_json(["F", 0, 1, 2, 3])
 
 
 def test_out_of_memory_is_reported_with_stage_time_and_excess_not_raised():

@@ -36,7 +36,9 @@ def synthetic_cost() -> CostModel:
                    layer_fwd=LinearTerm({"attn": 2e-5, "tokens": 2e-3, "chunk": 0.05}),
                    layer_bwd=LinearTerm({"attn": 4e-5, "tokens": 4e-3, "chunk": 0.1}),
                    layer_act_bytes=LinearTerm({"tokens": 40 * CFG.hidden, "mask_area": 16}),
-                   head_fwd=LinearTerm({"tokens": 1e-3}), head_bwd=LinearTerm({"tokens": 2e-3}))
+                   head_fwd=LinearTerm({"tokens": 1e-3}), head_bwd=LinearTerm({"tokens": 2e-3}),
+                   layer_elementwise_bytes=LinearTerm({"tokens": 4 * (2 * CFG.hidden + CFG.ffn)}),
+                   layer_elementwise_ms=LinearTerm({"tokens": 2e-4}))
     return CostModel(prof, CFG)
 
 

@@ -5,7 +5,8 @@ by `LiveBytesMeter` in real gloo processes: activations, K/V stores and their gr
 running action's transients, the rematerialised layer of a recomputed chunk, gradients,
 communication buffers) against `SimResult.peak_step_bytes` (the simulator's whole-stage peak less
 the weights that exist before the step). Plans come from the committed CPU profile of the
-``tiny`` model; each plan's chunking runs with no, half and full recompute on every chunk.
+``tiny`` model; each plan's chunking runs with no, half and full recompute on every chunk, and
+with elementwise recompute beside stored or recomputed layers.
 """
 from __future__ import annotations
 
@@ -50,9 +51,12 @@ def _chunking(name: str) -> Plan:
     return make_plan("epp", PlanRequest(LENGTHS, cost, STAGES, roomy, options=capped))
 
 
-def _with_recompute(plan: Plan, share: float) -> Plan:
-    """Every chunk recomputes ``share`` of each stage's layers."""
-    actions = tuple(tuple(Action(a.kind, a.chunk_id, round(share * plan.layers_per_stage[s])) for a in acts)
+def _with_recompute(plan: Plan, share: tuple[float, float]) -> Plan:
+    """Every chunk recomputes ``share[0]`` of each stage's layers whole and ``share[1]`` elementwise."""
+    def counts(n: int) -> tuple[int, int]:
+        return round(share[0] * n), round(share[1] * n)
+
+    actions = tuple(tuple(Action(a.kind, a.chunk_id, *counts(plan.layers_per_stage[s])) for a in acts)
                     for s, acts in enumerate(plan.stage_actions))
     return dataclasses.replace(plan, stage_actions=actions)
 
@@ -74,7 +78,7 @@ def test_chunkings_cut_as_named():
 
 
 CHUNKINGS = ("packed", "split", "hybrid")
-SHARES = (0.0, 0.5, 1.0)
+SHARES = ((0.0, 0.0), (0.5, 0.0), (1.0, 0.0), (0.0, 0.5), (0.5, 0.5))  # (whole, elementwise)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +95,7 @@ def measured() -> dict[str, tuple[list[Plan], list[list[int]]]]:
 
 
 @pytest.mark.parametrize("chunking", CHUNKINGS)
-def test_peak_step_bytes_within_10_percent_with_no_half_and_full_recompute(chunking, measured):
+def test_peak_step_bytes_within_10_percent_with_no_half_full_and_elementwise_recompute(chunking, measured):
     plans, peaks = measured[chunking]
     cost = _cost()
     for i, (plan, share) in enumerate(zip(plans, SHARES)):
@@ -99,5 +103,6 @@ def test_peak_step_bytes_within_10_percent_with_no_half_and_full_recompute(chunk
         for s in range(STAGES):
             got = peaks[s][i]
             assert got == pytest.approx(predicted[s], rel=0.10), (
-                f"{chunking}, recompute {share:.0%}, stage {s}: measured {got / 2**20:.2f} MiB, "
+                f"{chunking}, recompute {share[0]:.0%} whole and {share[1]:.0%} elementwise, stage {s}: "
+                f"measured {got / 2**20:.2f} MiB, "
                 f"simulated {predicted[s] / 2**20:.2f} MiB")

@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kept", type=int, default=0,
                    help="tokens of the first segment whose K/V stay for later slices (a split slice)")
     p.add_argument("--recompute", type=int, default=0, help="checkpointed layers among --layers")
+    p.add_argument("--elementwise", type=int, default=0,
+                   help="layers among the others that recompute only their norms' outputs and SwiGLU product")
     p.add_argument("--first", action="store_true", help="stage holds the embedding")
     p.add_argument("--last", action="store_true", help="stage holds final norm, LM head and loss")
     p.add_argument("--json", action="store_true")
@@ -38,22 +40,26 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--layers must be >= 1, got {args.layers}")
     if not 0 <= args.recompute <= args.layers:
         raise ValueError(f"--recompute must be in 0..{args.layers}, got {args.recompute}")
+    if not 0 <= args.elementwise <= args.layers - args.recompute:
+        raise ValueError(f"--elementwise must be in 0..{args.layers - args.recompute} (the layers not recomputed), "
+                         f"got {args.elementwise}")
     profile = load_profile(args.profile)
     model = CostModel(profile, profile.model.with_layers(max(args.layers, profile.model.layers)))
     shape = ChunkShape(args.segments, prefix=args.prefix, kept=args.kept)
     model.check_range(shape)
-    n, r = args.layers, args.recompute
+    n, r, e = args.layers, args.recompute, args.elementwise
     out = {
         "forward_ms": model.forward_ms(shape, n, first=args.first, last=args.last),
         "backward_ms": model.backward_ms(shape, n, first=args.first, last=args.last),
-        "recompute_ms": model.recompute_ms(shape, r),
-        "activation_bytes": model.activation_bytes(shape, n, recompute=r, first=args.first, last=args.last),
+        "recompute_ms": model.recompute_ms(shape, r, e),
+        "activation_bytes": model.activation_bytes(shape, n, recompute=r, first=args.first, last=args.last,
+                                                   elementwise=e),
         "kv_bytes": model.kv_bytes(shape, n),
     }
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"chunk {list(shape.seg_lens)} prefix {shape.prefix} on {n} layer(s) ({r} recomputed), "
+        print(f"chunk {list(shape.seg_lens)} prefix {shape.prefix} on {n} layer(s) ({r} recomputed, {e} elementwise), "
               f"{profile.device} {profile.dtype}:")
         for k, v in out.items():
             print(f"  {k:17s} {v / 2**20:12.1f} MiB" if k.endswith("bytes") else f"  {k:17s} {v:12.3f}")

@@ -24,6 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--act-bytes-change", metavar="FILE",
                    help="move the kept bytes per token by the difference of two versions of the layer measured "
                         "on another device (benchmarks/layer_bytes.py, before/after); see docs/COST_MODEL.md")
+    p.add_argument("--elementwise-from", metavar="FILE",
+                   help="add elementwise-recompute terms derived from the bytes benchmarks/layer_bytes.py measured on "
+                        "another device (time from the bytes it moves); see docs/COST_MODEL.md")
+    p.add_argument("--elementwise-measure", action="store_true",
+                   help="with --from-profile: measure the elementwise-recompute terms on this device and add them")
     p.add_argument("--memory-from", metavar="FILE",
                    help="refit the memory terms to measurements of this runtime's layer (--measurements-out of a "
                         "profile of the same model and dtype on any GPU); time terms stay")
@@ -81,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.links:
         return run_links(args)
+    if args.elementwise_measure and not args.from_profile:
+        raise ValueError("--elementwise-measure adds terms to a profile: give it --from-profile")
     cfg = preset(args.model)
     fit_rows, held_rows = [], []
     if args.from_measurements:
@@ -119,6 +126,19 @@ def run(args: argparse.Namespace) -> int:
 
         path = Path(args.act_bytes_change)
         prof = act_bytes_change(prof, json.loads(path.read_text()), path.name)
+    if args.elementwise_from:
+        from ..profiling.fit import elementwise_derived
+
+        path = Path(args.elementwise_from)
+        prof = elementwise_derived(prof, json.loads(path.read_text()), path.name)
+    if args.elementwise_measure:
+        from ..profiling.measure import add_measured_elementwise
+
+        device = args.device or "cpu"
+        prof = add_measured_elementwise(prof, layers=args.layers, device=device,
+                                        max_tokens=args.max_tokens or (32768 if device.startswith("cuda") else 512),
+                                        min_len=args.min_len, warmup=args.warmup, reps=args.reps, passes=args.passes,
+                                        threads=args.threads)
     if args.out:
         prof.save(args.out)
     if args.measurements_out:

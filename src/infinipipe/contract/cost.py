@@ -60,6 +60,10 @@ class LinearTerm:
 TERM_NAMES = ("layer_fwd", "layer_bwd", "layer_act_bytes", "head_fwd", "head_bwd", "embed_fwd", "embed_bwd",
               "head_work_bytes", "action_fwd", "action_bwd")
 WORK_TERM_NAMES = ("layer_fwd_work_bytes", "layer_bwd_work_bytes")
+# An elementwise-recompute layer (`DecoderLayer` run ``elementwise``): the bytes it keeps fewer
+# than a stored layer, and the milliseconds its backward spends recomputing them. Optional: a
+# profile without them offers no elementwise recompute.
+ELEMENTWISE_TERM_NAMES = ("layer_elementwise_bytes", "layer_elementwise_ms")
 # Work memory as a share of a layer's per-token activation bytes, for profiles that did not
 # measure it: this runtime's LLaMA-7B layer in bf16 with varlen flash attention holds 0.70 of its
 # kept bytes per token during a no-grad forward and 0.14 during backward (plus one weight matrix's
@@ -80,6 +84,9 @@ class Profile:
     (a checkpointed layer: intermediates alive between its ops), ``layer_bwd_work_bytes`` what
     one layer's backward holds beyond the activations it frees (gradients in flight); profiles
     measured before these were recorded estimate them from ``layer_act_bytes`` (`CostModel`).
+    ``layer_elementwise_bytes`` and ``layer_elementwise_ms`` (`ELEMENTWISE_TERM_NAMES`) are what a
+    layer run in elementwise-recompute mode keeps fewer and adds to its backward; without them the
+    checkpointing choice is between storing a layer and recomputing it whole.
     """
 
     model: ModelConfig
@@ -97,13 +104,15 @@ class Profile:
     action_bwd: LinearTerm = LinearTerm({})
     layer_fwd_work_bytes: LinearTerm | None = None
     layer_bwd_work_bytes: LinearTerm | None = None
+    layer_elementwise_bytes: LinearTerm | None = None
+    layer_elementwise_ms: LinearTerm | None = None
     torch_version: str = ""
     source: str = ""
     derived_from: str | None = None
     fit_error: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        names = TERM_NAMES + tuple(n for n in WORK_TERM_NAMES if getattr(self, n) is not None)
+        names = TERM_NAMES + tuple(n for n in WORK_TERM_NAMES + ELEMENTWISE_TERM_NAMES if getattr(self, n) is not None)
         return {
             "version": PROFILE_FORMAT_VERSION,
             "device": self.device,
@@ -169,14 +178,19 @@ def training_states(dtype: str) -> OptimizerStates:
 
 @dataclass(frozen=True)
 class ChunkMemory:
-    """A chunk's bytes on a stage of ``n`` layers as a function of ``r``, its recomputed layers.
+    """A chunk's bytes on a stage of ``n`` layers as a function of ``r``, its recomputed layers,
+    and ``e``, its elementwise-recompute layers (``r + e <= n``).
 
-    Checkpointed layers are the first ``r``, so backward frees the stored layers before it
-    rematerialises a checkpointed one: the rematerialised layer (``slope``) adds to the peak only
-    when every layer is recomputed, and so does a checkpointed forward's transient
-    (``fwd_extra``, at most ``slope``), which a stored layer's own activations otherwise cover.
-    Both peaks are concave in ``r``; `savings_caps` writes them as sums of ``slope x min(r, cap)``,
-    the form the checkpointing ILP takes.
+    Checkpointed layers are the first ``r`` and elementwise ones the next ``e``, so backward frees
+    the stored layers before it rematerialises anything: the rematerialised layer (``slope``)
+    adds to the peak only when every layer is recomputed, and so does a checkpointed forward's
+    transient (``fwd_extra``, at most ``slope``), which a stored layer's own activations otherwise
+    cover. Likewise an elementwise layer's recomputed tensors (``bwd_e_extra``, at most
+    ``e_slope``) and its forward's transient (``fwd_e_extra``) add only when no layer is stored.
+    Each extra is the same capped function of what the layer does not keep, so what recomputing
+    saves is ``(slope - e_slope - x + x_e) min(r, n) + (x - x_e) min(r, n - 1)
+    + (e_slope - x_e) min(r + e, n) + x_e min(r + e, n - 1)`` (``x``: the action's extra) with
+    every coefficient non-negative: concave, the form the checkpointing ILP takes.
     """
 
     n: int
@@ -186,28 +200,30 @@ class ChunkMemory:
     fwd_extra: float
     bwd_work: float
     bwd_extra: float
+    e_slope: float = 0.0
+    fwd_e_extra: float = 0.0
+    bwd_e_extra: float = 0.0
 
-    def held(self, r: int) -> float:
+    def held(self, r: int, e: int = 0) -> float:
         """Kept from the end of the forward to the end of the backward."""
-        return self.base - r * self.slope
+        return self.base - r * self.slope - e * self.e_slope
 
-    def during_forward(self, r: int) -> float:
-        return self.held(r) + self.fwd_work + (self.fwd_extra if r == self.n else 0.0)
+    def _extra(self, r: int, e: int, full: float, elementwise: float) -> float:
+        if r == self.n:
+            return full
+        return elementwise if e and r + e == self.n else 0.0
 
-    def during_backward(self, r: int) -> float:
-        return self.held(r) + self.bwd_work + (self.bwd_extra if r == self.n else 0.0)
+    def during_forward(self, r: int, e: int = 0) -> float:
+        return self.held(r, e) + self.fwd_work + self._extra(r, e, self.fwd_extra, self.fwd_e_extra)
 
-    def row(self) -> tuple[float, float, float, float, float, float]:
-        """held(0), slope, fwd_work, fwd_extra, bwd_work, bwd_extra: the terms as one array row."""
-        return (self.base, self.slope, self.fwd_work, self.fwd_extra, self.bwd_work, self.bwd_extra)
+    def during_backward(self, r: int, e: int = 0) -> float:
+        return self.held(r, e) + self.bwd_work + self._extra(r, e, self.bwd_extra, self.bwd_e_extra)
 
-    def savings_caps(self, kind: str) -> tuple[tuple[float, int], ...]:
-        """``(slope, cap)`` pairs whose ``sum(slope x min(r, cap))`` is what recomputing saves
-        at the chunk's own forward (``"F"``), backward (``"B"``) or while it waits (``"held"``)."""
-        if kind == "held":
-            return ((self.slope, self.n),)
-        extra = self.fwd_extra if kind == "F" else self.bwd_extra
-        return ((self.slope - extra, self.n), (extra, self.n - 1))
+    def row(self) -> tuple[float, ...]:
+        """held(0), slope, fwd_work, fwd_extra, bwd_work, bwd_extra, e_slope, fwd_e_extra,
+        bwd_e_extra: the terms as one array row."""
+        return (self.base, self.slope, self.fwd_work, self.fwd_extra, self.bwd_work, self.bwd_extra,
+                self.e_slope, self.fwd_e_extra, self.bwd_e_extra)
 
 
 @dataclass(frozen=True)
@@ -245,6 +261,9 @@ class CostModel:
         for name in ("layer_fwd", "layer_bwd", "layer_act_bytes", "head_fwd", "head_bwd", "embed_fwd", "embed_bwd"):
             term = getattr(self.profile, name)
             object.__setattr__(self, f"_{name}", LinearTerm({k: v * scale[k] for k, v in term.coef.items()}))
+        for name in ELEMENTWISE_TERM_NAMES:
+            term = getattr(self.profile, name)
+            object.__setattr__(self, f"_{name}", term and LinearTerm({k: v * scale[k] for k, v in term.coef.items()}))
         for name, share in zip(WORK_TERM_NAMES, (FWD_WORK_SHARE, BWD_WORK_SHARE)):
             term = getattr(self.profile, name)
             if term is None:
@@ -296,9 +315,27 @@ class CostModel:
                               self._head_bwd(shape), n_layers, first, last) + self.profile.action_bwd(shape)
         return max(compute, self._per_chunk_fsdp_ms(n_layers, first, last, backward=True))
 
-    def recompute_ms(self, shape: ChunkShape, layers: int) -> float:
-        """Recomputing ``layers`` checkpointed layers costs their forward once more."""
-        return layers * (self._layer_fwd(shape) + self.all_to_all_ms(shape))
+    @property
+    def elementwise(self) -> bool:
+        """Whether the profile offers elementwise recompute (`ELEMENTWISE_TERM_NAMES`)."""
+        return self._layer_elementwise_bytes is not None and self._layer_elementwise_ms is not None
+
+    def recompute_ms(self, shape: ChunkShape, layers: int, elementwise: int = 0) -> float:
+        """Recomputing ``layers`` checkpointed layers costs their forward once more; each of
+        ``elementwise`` layers its norms' outputs and SwiGLU product (no matmul, no collective)."""
+        ms = layers * (self._layer_fwd(shape) + self.all_to_all_ms(shape))
+        if elementwise:
+            if not self.elementwise:
+                raise ValueError("the profile has no elementwise-recompute terms (layer_elementwise_bytes/_ms)")
+            ms += elementwise * self._layer_elementwise_ms(shape)
+        return ms
+
+    def elementwise_saved_bytes(self, shape: ChunkShape) -> float:
+        """Bytes one elementwise-recompute layer keeps fewer than a stored one (0 without the terms),
+        never more than checkpointing the layer saves."""
+        if not self.elementwise:
+            return 0.0
+        return min(self._layer_elementwise_bytes(shape), self.layer_act_bytes(shape) - self.ckpt_layer_bytes(shape))
 
     def step_fsdp_s(self, n_layers: int, first: bool = False, last: bool = False) -> tuple[float, float]:
         """Once-per-step FSDP traffic of a stage (seconds): the all-gather before its first
@@ -340,13 +377,14 @@ class CostModel:
         return self.kv_bytes(shape, n_layers)
 
     def activation_bytes(self, shape: ChunkShape, n_layers: int, recompute: int = 0,
-                         first: bool = False, last: bool = False) -> float:
+                         first: bool = False, last: bool = False, elementwise: int = 0) -> float:
         """Everything a chunk keeps on a stage from its forward until its backward (a split
         sequence's dK/dV, held over its backwards only, is `dkv_bytes`)."""
-        if not 0 <= recompute <= n_layers:
-            raise ValueError(f"recompute {recompute} outside 0..{n_layers}")
+        if not 0 <= recompute <= n_layers or not 0 <= elementwise <= n_layers - recompute:
+            raise ValueError(f"recompute {recompute} and elementwise {elementwise} layers outside 0..{n_layers}")
         full = n_layers - recompute
         total = full * self.layer_act_bytes(shape) + recompute * self.ckpt_layer_bytes(shape)
+        total -= elementwise * self.elementwise_saved_bytes(shape)
         total += self.kv_bytes(shape, n_layers)
         if first:
             total += shape.tokens * 8 / self.layout.sp  # token ids kept by the embedding's backward
@@ -364,14 +402,18 @@ class CostModel:
         """
         base = self.activation_bytes(shape, n_layers, 0, first, last)
         slope = self.layer_act_bytes(shape) - self.ckpt_layer_bytes(shape)
+        e_slope = self.elementwise_saved_bytes(shape)
         boundary = self.boundary_bytes(shape)
         head = self.head_work_bytes(shape) if last else 0.0
         fwd = max(head, boundary)
         fwd_full = max(fwd, self._layer_fwd_work_bytes(shape))
         bwd_layers = self._layer_bwd_work_bytes(shape) + boundary
         bwd = max(head, bwd_layers)
+        # What a layer brings back (all it does not keep, or an elementwise layer's part) adds to
+        # the forward up to its no-grad work, and to the backward beyond the loss's working memory.
         return ChunkMemory(n_layers, base, slope, fwd_work=fwd, fwd_extra=min(fwd_full - fwd, slope),
-                           bwd_work=bwd, bwd_extra=max(head, bwd_layers + slope) - bwd)
+                           bwd_work=bwd, bwd_extra=max(head, bwd_layers + slope) - bwd, e_slope=e_slope,
+                           fwd_e_extra=min(fwd_full - fwd, e_slope), bwd_e_extra=max(head, bwd_layers + e_slope) - bwd)
 
     def head_work_bytes(self, shape: ChunkShape) -> float:
         """Transient working memory of the blocked loss on the last stage.

@@ -152,25 +152,33 @@ ActionKind = Literal["F", "B"]
 
 @dataclass(frozen=True)
 class Action:
-    """Forward or backward of one chunk on one stage, recomputing ``recompute_layers`` layers."""
+    """Forward or backward of one chunk on one stage, recomputing ``recompute_layers`` layers
+    whole and the elementwise parts of the next ``elementwise_layers`` (the stage's other layers
+    keep everything their backward needs)."""
 
     kind: ActionKind
     chunk_id: int
     recompute_layers: int = 0
+    elementwise_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ("F", "B"):
             raise ValueError(f"action kind must be 'F' or 'B', got {self.kind!r}")
-        if self.recompute_layers < 0:
-            raise ValueError(f"action {self}: recompute_layers must be >= 0")
+        if self.recompute_layers < 0 or self.elementwise_layers < 0:
+            raise ValueError(f"action {self}: recompute_layers and elementwise_layers must be >= 0")
 
     def to_json(self) -> list:
-        return [self.kind, self.chunk_id, self.recompute_layers]
+        """``[kind, chunk, recompute]``, with the elementwise count after it only where there is
+        one: plans that use none read and write as before it existed."""
+        head = [self.kind, self.chunk_id, self.recompute_layers]
+        return head + [self.elementwise_layers] if self.elementwise_layers else head
 
     @classmethod
     def from_json(cls, obj: Sequence) -> "Action":
-        kind, chunk_id, rec = obj
-        return cls(str(kind), int(chunk_id), int(rec))  # type: ignore[arg-type]
+        if len(obj) not in (3, 4):
+            raise ValueError(f"action {list(obj)!r}: expected [kind, chunk, recompute(, elementwise)]")
+        kind, chunk_id, rec, *elem = obj
+        return cls(str(kind), int(chunk_id), int(rec), int(elem[0]) if elem else 0)  # type: ignore[arg-type]
 
 
 PLAN_FORMAT_VERSION = 1
@@ -264,20 +272,21 @@ def validate_plan(plan: Plan) -> list[tuple[int, Action]]:
     for s, actions in enumerate(plan.stage_actions):
         f_pos: dict[int, int] = {}
         b_pos: dict[int, int] = {}
-        rec: dict[int, int] = {}
+        rec: dict[int, tuple[int, int]] = {}
         for i, a in enumerate(actions):
             if not 0 <= a.chunk_id < n:
                 raise ValueError(f"stage {s}: action {a} names an unknown chunk")
-            if a.recompute_layers > plan.layers_per_stage[s]:
+            if a.recompute_layers + a.elementwise_layers > plan.layers_per_stage[s]:
                 raise ValueError(
-                    f"stage {s}: chunk {a.chunk_id} recomputes {a.recompute_layers} layers, "
-                    f"the stage has {plan.layers_per_stage[s]}"
+                    f"stage {s}: chunk {a.chunk_id} recomputes {a.recompute_layers} layers "
+                    f"(and {a.elementwise_layers} elementwise), the stage has {plan.layers_per_stage[s]}"
                 )
             table = f_pos if a.kind == "F" else b_pos
             if a.chunk_id in table:
                 raise ValueError(f"stage {s}: {a.kind} of chunk {a.chunk_id} appears twice")
             table[a.chunk_id] = i
-            if rec.setdefault(a.chunk_id, a.recompute_layers) != a.recompute_layers:
+            mode = (a.recompute_layers, a.elementwise_layers)
+            if rec.setdefault(a.chunk_id, mode) != mode:
                 raise ValueError(f"stage {s}: chunk {a.chunk_id} has F and B with different recompute")
         for cid in range(n):
             if cid not in f_pos or cid not in b_pos:

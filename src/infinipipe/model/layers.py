@@ -121,13 +121,59 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
-        xhat = _upcast(x) * rstd
-        dweight = None
-        if ctx.needs_input_grad[1]:
-            dweight = (grad * xhat.to(x.dtype)).sum(dim=tuple(range(grad.dim() - 1)))
-        dxhat = _upcast(grad * weight)
-        dx = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
-        return dx.to(x.dtype), dweight, None
+        dx, dweight = _rms_norm_backward(grad, x, weight, rstd, ctx.needs_input_grad[1])
+        return dx, dweight, None
+
+
+def _rms_norm_backward(grad, x, weight, rstd, weight_grad: bool):
+    """Gradients of ``weight * (x / rms(x))`` from its input and per-token reciprocal RMS."""
+    xhat = _upcast(x) * rstd
+    dweight = (grad * xhat.to(x.dtype)).sum(dim=tuple(range(grad.dim() - 1))) if weight_grad else None
+    dxhat = _upcast(grad * weight)
+    dx = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+    return dx.to(x.dtype), dweight
+
+
+def rms_normalised(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """RMSNorm's output from its input and per-token reciprocal RMS: what an elementwise-recompute
+    layer's backward recomputes for each projection group (the profiler times it alone)."""
+    return weight * (_upcast(x) * rstd).to(x.dtype)
+
+
+def swiglu_product(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``, the down projection's input, from the fused gate/up output."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _weight_grad(grad: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+    """``grad^T inp`` over every token: a projection's weight gradient."""
+    return grad.reshape(-1, grad.shape[-1]).t() @ inp.reshape(-1, inp.shape[-1])
+
+
+class _NormLinear(torch.autograd.Function):
+    """RMSNorm then a projection (an elementwise-recompute layer's Q/K/V or gate/up): keeps the
+    norm's input and reciprocal RMS but not the normalised input, which backward recomputes
+    (elementwise) for the projection's weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, weight, bias, eps: float):
+        xf = _upcast(x)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, norm_weight, weight, rstd)
+        ctx.has_bias = bias is not None
+        return F.linear(rms_normalised(x, norm_weight, rstd), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, norm_weight, weight, rstd = ctx.saved_tensors
+        dweight = dbias = None
+        if ctx.needs_input_grad[2]:
+            dweight = _weight_grad(grad, rms_normalised(x, norm_weight, rstd))
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            dbias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        dx, dnorm = _rms_norm_backward(grad @ weight, x, norm_weight, rstd, ctx.needs_input_grad[1])
+        return dx, dnorm, dweight, dbias, None
 
 
 class RMSNorm(nn.Module):
@@ -201,6 +247,26 @@ class _SwiGLU(torch.autograd.Function):
         return torch.cat([dgate, grad * F.silu(gate)], dim=-1)
 
 
+class _SwiGLUDown(torch.autograd.Function):
+    """``w_down(silu(gate) * up)`` keeping only the gate/up projection's output (an
+    elementwise-recompute layer's MLP): the product the down projection reads is recomputed in
+    backward for its weight gradient, and silu again for the gate's."""
+
+    @staticmethod
+    def forward(ctx, gate_up, weight):
+        ctx.save_for_backward(gate_up, weight)
+        return F.linear(swiglu_product(gate_up), weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate_up, weight = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        dweight = _weight_grad(grad, swiglu_product(gate_up)) if ctx.needs_input_grad[1] else None
+        dprod = grad @ weight
+        dgate = torch.ops.aten.silu_backward(dprod * up, gate)
+        return torch.cat([dgate, dprod * F.silu(gate)], dim=-1), dweight
+
+
 class FusedLinear(nn.Linear):
     """Several projections of one input as one GEMM. ``parts`` names each projection and its output
     rows, in order: the weight is their weights stacked, which is how Hugging Face checkpoints are
@@ -217,6 +283,8 @@ class DecoderLayer(nn.Module):
     Q/K/V are one projection and gate/up another. Per token, backward keeps the layer's input, the
     two norms' inputs and reciprocal RMS, each projection group's normalised input, rotated Q and
     K, V, the attention output (and its log-sum-exp), gate and up, and the down projection's input.
+    Run ``elementwise``, it keeps neither normalised input nor the down projection's input and
+    recomputes them in backward (elementwise, no matmul): ``2 x hidden + ffn`` values per token fewer.
     """
 
     def __init__(self, cfg: ModelConfig, backend: str = "auto"):
@@ -232,7 +300,7 @@ class DecoderLayer(nn.Module):
         self.w_down = nn.Linear(cfg.ffn, d, bias=False)
 
     def forward(self, h: torch.Tensor, meta: ChunkMeta, store: LayerKV | None = None,
-                sp: HeadExchange | None = None) -> torch.Tensor:
+                sp: HeadExchange | None = None, elementwise: bool = False) -> torch.Tensor:
         """``h`` holds the chunk's tokens, or with ``sp`` this rank's range ``[sp.lo, sp.hi)`` of them."""
         cfg = self.cfg
         t = h.shape[0]
@@ -242,7 +310,11 @@ class DecoderLayer(nn.Module):
         if (store is None) != (meta.split is None):
             raise ValueError("a K/V store goes with exactly the chunks that hold a split sequence's segment")
         cos, sin = meta.rope(lo, hi, cfg.head_dim, cfg.rope_theta, h.dtype)
-        q, k, v = _QKVRope.apply(self.wqkv(self.attn_norm(h)), cos, sin, cfg.heads, cfg.kv_heads)
+        if elementwise:
+            qkv = _NormLinear.apply(h, self.attn_norm.weight, self.wqkv.weight, self.wqkv.bias, cfg.norm_eps)
+        else:
+            qkv = self.wqkv(self.attn_norm(h))
+        q, k, v = _QKVRope.apply(qkv, cos, sin, cfg.heads, cfg.kv_heads)
         if sp is not None:
             q, k, v = sp.heads_of_all_tokens(q, k, v)
         backend = resolve_backend(self.backend, h.device, q.dtype)
@@ -255,4 +327,7 @@ class DecoderLayer(nn.Module):
         if sp is not None:
             o = sp.tokens_of_all_heads(o)
         h = h + self.wo(o.reshape(t, cfg.heads * cfg.head_dim))
+        if elementwise:
+            gate_up = _NormLinear.apply(h, self.mlp_norm.weight, self.w_gate_up.weight, None, cfg.norm_eps)
+            return h + _SwiGLUDown.apply(gate_up, self.w_down.weight)
         return h + self.w_down(_SwiGLU.apply(self.w_gate_up(self.mlp_norm(h))))

@@ -41,12 +41,15 @@ class StageModel(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: ChunkMeta, stores: Sequence[LayerKV | None] | None = None,
                 shard: HeadExchange | None = None, recompute_layers: int = 0, labels: torch.Tensor | None = None,
-                normaliser: int = 1, loss_block_tokens: int = LOSS_BLOCK_TOKENS) -> torch.Tensor:
+                normaliser: int = 1, loss_block_tokens: int = LOSS_BLOCK_TOKENS,
+                elementwise_layers: int = 0) -> torch.Tensor:
         """One chunk through the stage: token ids in on the first stage, hidden states otherwise; the
         chunk's loss (its token losses over ``normaliser``) out of the last stage, hidden states otherwise.
 
-        The first ``recompute_layers`` layers are checkpointed. The whole chunk is one call of the
-        module, so wrappers that hook ``forward`` (FSDP) see one forward per chunk.
+        The first ``recompute_layers`` layers are checkpointed and the next ``elementwise_layers``
+        recompute only their elementwise parts (`DecoderLayer`): backward reaches them after the
+        stored layers have freed their activations. The whole chunk is one call of the module, so
+        wrappers that hook ``forward`` (FSDP) see one forward per chunk.
         """
         h = self.embed_tokens(x) if self.first else x
         stores = [None] * len(self.layer_ids) if stores is None else stores
@@ -54,7 +57,7 @@ class StageModel(nn.Module):
             if j < recompute_layers:
                 h = checkpoint(layer, h, meta, store, shard, use_reentrant=False)
             else:
-                h = layer(h, meta, store, shard)
+                h = layer(h, meta, store, shard, j < recompute_layers + elementwise_layers)
         meta.forget_rope()
         if not self.last:
             return h

@@ -32,7 +32,7 @@ def join_plans(parts: Sequence[tuple[Plan, Sequence[int]]], seq_lengths: Sequenc
         chunks += [Chunk(offset + c.id, tuple(Segment(seq_ids[s.seq_id], s.start, s.end) for s in c.segments))
                    for c in plan.chunks]
         for s, actions in enumerate(plan.stage_actions):
-            stage_actions[s] += [Action(a.kind, offset + a.chunk_id, a.recompute_layers) for a in actions]
+            stage_actions[s] += [Action(a.kind, offset + a.chunk_id, a.recompute_layers, a.elementwise_layers) for a in actions]
         pipelines += [tuple(offset + c for c in p) for p in (plan.pipelines or (tuple(range(len(plan.chunks))),))]
     return Plan(tuple(seq_lengths), tuple(chunks), tuple(tuple(a) for a in stage_actions), tuple(layers),
                 tuple(pipelines), dict(metadata or {}))

@@ -11,6 +11,12 @@ chunks whose backward is pending, found by walking the stage's actions) is one l
 constraint. The objective weights each variable by the one-layer forward time of the largest
 chunk on its diagonal: that is the delay one more recomputed layer adds there (the paper counts
 layers; chunks of very different sizes make time the better measure).
+
+Where the profile offers elementwise recompute (a layer that recomputes only its norms' outputs
+and SwiGLU product), each diagonal gets a second integer: ``u``, its layers recomputed whole or
+elementwise (``r <= u <= n``, so ``u - r`` layers run elementwise). Memory stays concave in
+``min(r, cap)`` and ``min(u, cap)`` (`ChunkMemory`) and the objective weighs ``r`` by the
+forward less the elementwise time and ``u`` by the elementwise time.
 """
 from __future__ import annotations
 
@@ -114,6 +120,7 @@ class CheckpointProblem:
     cols: np.ndarray                     #   diagonal variable,
     slope: np.ndarray                    #   bytes saved per recomputed layer,
     layer_cap: np.ndarray                #   layers of that entry's stage
+    ties: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))  # (r, u): x_r <= x_u
 
     def savings(self, c: np.ndarray) -> np.ndarray:
         per_entry = self.slope * np.minimum(c[self.cols], self.layer_cap)
@@ -127,7 +134,7 @@ class CheckpointProblem:
         """Digest of everything the solution depends on, for caching across identical problems
         (kept: a cached plan's problem is looked up again by every plan that repeats it)."""
         h = hashlib.blake2b(digest_size=16)
-        for arr in (self.upper, self.weight_ms, self.need, self.rows, self.cols, self.slope, self.layer_cap):
+        for arr in (self.upper, self.weight_ms, self.need, self.rows, self.cols, self.slope, self.layer_cap, self.ties):
             h.update(np.ascontiguousarray(arr).tobytes())
         return h.hexdigest()
 
@@ -140,7 +147,8 @@ class CheckpointProblem:
         n_rows, n_vars = len(self.need), len(self.upper)
         if not n_rows:
             return []
-        graph = coo_matrix((np.ones(len(self.rows)), (self.rows, n_rows + self.cols)),
+        graph = coo_matrix((np.ones(len(self.rows) + len(self.ties)),
+                            (np.r_[self.rows, n_rows + self.ties[:, 0]], n_rows + np.r_[self.cols, self.ties[:, 1]])),
                            shape=(n_rows + n_vars, n_rows + n_vars))
         count, label = connected_components(graph, directed=False)
         if count == 1:
@@ -150,10 +158,12 @@ class CheckpointProblem:
             row_ids = np.flatnonzero(label[:n_rows] == lab)
             var_ids = np.flatnonzero(label[n_rows:] == lab)
             entry = np.isin(self.rows, row_ids)
+            ties = self.ties[np.isin(self.ties[:, 0], var_ids)]
             out.append((var_ids, CheckpointProblem(
                 upper=self.upper[var_ids], weight_ms=self.weight_ms[var_ids], need=self.need[row_ids],
                 rows=np.searchsorted(row_ids, self.rows[entry]), cols=np.searchsorted(var_ids, self.cols[entry]),
-                slope=self.slope[entry], layer_cap=self.layer_cap[entry])))
+                slope=self.slope[entry], layer_cap=self.layer_cap[entry],
+                ties=np.searchsorted(var_ids, ties).reshape(-1, 2))))
         return out
 
 
@@ -162,11 +172,12 @@ class PlanProblem:
     """A plan's checkpointing problem with the bookkeeping to map answers back to actions."""
 
     plan: Plan
-    var_of: dict[tuple[int, int], int]   # (stage, chunk) -> diagonal variable
+    var_of: dict[tuple[int, int], int]   # (stage, chunk) -> diagonal variable (its ``u`` is ``elementwise_of``)
     windows: Windows                     # the window of each row
     full_memory: np.ndarray              # each window's memory with every layer recomputed
     budgets: np.ndarray                     # budget of each stage
     problem: CheckpointProblem
+    elementwise_of: int = 0              # offset from a diagonal's ``r`` to its ``u`` (0: no elementwise)
 
 
 def stage_budgets(memory_budget: float | Sequence[float], num_stages: int) -> np.ndarray:
@@ -249,12 +260,21 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
         return memo[key]
 
     one_layer = np.array([term(cost.recompute_ms, sh, 1) for sh in shapes])
+    elementwise = cost.elementwise
+    one_elem = np.array([term(cost.recompute_ms, sh, 0, 1) for sh in shapes]) if elementwise else np.zeros(len(shapes))
     upper = np.zeros(nvars)
     weight = np.zeros(nvars)
+    weight_e = np.zeros(nvars)
     for s in range(num_stages):
         v = var_last + (num_stages - 1 - s)
         np.maximum.at(upper, v, layers[s])
         np.maximum.at(weight, v, one_layer)
+        np.maximum.at(weight_e, v, one_elem)
+    # With elementwise recompute, variable ``nvars + d`` is diagonal d's ``u`` (whole + elementwise).
+    u_of = nvars if elementwise else 0
+    if elementwise:
+        upper = np.r_[upper, upper]
+        weight = np.r_[np.maximum(weight - weight_e, 0.0), weight_e]
 
     def memory_terms(sh: ChunkShape, n_l: int, first: bool, last: bool) -> tuple[float, ...]:
         key = ("chunk_memory", sh, n_l, first, last)
@@ -271,12 +291,14 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
         first, last, n_l = s == 0, s == num_stages - 1, layers[s]
         if (n_l, first, last) not in by_role:  # stages alike in role and layers share their terms
             by_role[(n_l, first, last)] = [np.array(col) for col in zip(*(memory_terms(sh, n_l, first, last) for sh in shapes))]
-        base, per_layer, fwd_work, fwd_extra, bwd_work, bwd_extra = by_role[(n_l, first, last)]
+        base, per_layer, fwd_work, fwd_extra, bwd_work, bwd_extra, e_slope, fwd_e_extra, bwd_e_extra = \
+            by_role[(n_l, first, last)]
         states = cost.model_state_bytes(n_l, first, last)
         lens, flat, own, forward = stage_windows(plan, s)
         row = np.repeat(np.arange(len(lens)), lens)
         work = np.where(forward, fwd_work[own], bwd_work[own])
         extra = np.where(forward, fwd_extra[own], bwd_extra[own])  # added at its own full recompute
+        e_extra = np.where(forward, fwd_e_extra[own], bwd_e_extra[own])  # at elementwise with none stored
         grads, _ = gradient_store_bytes(plan, s, cost, shapes)
         no_ckpt = states + work + grads + np.bincount(row, weights=base[flat], minlength=len(lens))
         keep = no_ckpt > budgets[s]
@@ -296,31 +318,36 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
         held_full = base - n_l * per_layer
         full_mem.append((states + work + grads + extra + np.bincount(row, weights=held_full[flat], minlength=len(lens)))[keep])
         # Every chunk of a window saves per_layer x min(r, n); its own chunk saves extra less at r = n,
-        # written as (per_layer - extra) x min(r, n) + extra x min(r, n - 1).
+        # written as (per_layer - extra) x min(r, n) + extra x min(r, n - 1). With elementwise
+        # recompute the same holds of (e_slope, e_extra) and u, less from r (`ChunkMemory`).
         entry = keep[row]
         kept = flat[entry]
         is_own = kept == own[row[entry]]
-        k = per_layer[kept] - np.where(is_own, extra[row[entry]], 0.0)
-        rows.append(new_row[row[entry]])
-        cols.append(var_last[kept] + (num_stages - 1 - s))
-        slope.append(k)
-        lcap.append(np.full(len(kept), float(n_l)))
-        mine = keep & (extra > 0) if n_l > 1 else np.zeros_like(keep)
-        rows.append(new_row[mine])
-        cols.append(var_last[own[mine]] + (num_stages - 1 - s))
-        slope.append(extra[mine])
-        lcap.append(np.full(int(mine.sum()), float(n_l - 1)))
+        var = var_last + (num_stages - 1 - s)
+        own_extra = extra - e_extra
+        per_var = [(0, per_layer - e_slope, own_extra)] + ([(u_of, e_slope, e_extra)] if elementwise else [])
+        for offset, k_layer, k_extra in per_var:
+            rows.append(new_row[row[entry]])
+            cols.append(var[kept] + offset)
+            slope.append(k_layer[kept] - np.where(is_own, k_extra[row[entry]], 0.0))
+            lcap.append(np.full(len(kept), float(n_l)))
+            mine = keep & (k_extra > 0) if n_l > 1 else np.zeros_like(keep)
+            rows.append(new_row[mine])
+            cols.append(var[own[mine]] + offset)
+            slope.append(k_extra[mine])
+            lcap.append(np.full(int(mine.sum()), float(n_l - 1)))
 
     def cat(parts: list, dtype) -> np.ndarray:
         return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
 
+    ties = np.stack([np.arange(nvars), nvars + np.arange(nvars)], axis=1) if elementwise else np.zeros((0, 2))
     problem = CheckpointProblem(
         upper=upper, weight_ms=weight, need=cat(need, float), rows=cat(rows, np.int64),
-        cols=cat(cols, np.int64), slope=cat(slope, float), layer_cap=cat(lcap, float))
+        cols=cat(cols, np.int64), slope=cat(slope, float), layer_cap=cat(lcap, float), ties=ties.astype(np.int64))
     windows = Windows(cat(win_stage, np.int64), cat(win_start, np.int64), cat(win_len, np.int64),
                       cat(win_flat, np.int64), cat(win_own, np.int64), cat(win_fwd, bool))
     cache.problems[key] = PlanProblem(plan=plan, var_of=var_of, windows=windows, full_memory=cat(full_mem, float),
-                                      budgets=budgets, problem=problem)
+                                      budgets=budgets, problem=problem, elementwise_of=u_of)
     return cache.problems[key]
 
 
@@ -343,9 +370,10 @@ def check_full_recompute(pp: PlanProblem) -> None:
 
 
 def greedy(problem: CheckpointProblem, start: np.ndarray | None = None) -> np.ndarray:
-    """Raise diagonals one layer at a time, best memory saved per millisecond first, until all fit."""
+    """Raise diagonals one layer at a time, best memory saved per millisecond first, until all fit.
+    A diagonal's ``r`` at its ``u`` rises together with it (one more layer recomputed whole)."""
     c = np.zeros(len(problem.upper)) if start is None else start.astype(float).copy()
-    weight = np.maximum(problem.weight_ms, 1e-12)
+    r_var, u_var = problem.ties.T
     while True:
         deficit = problem.deficit(c)
         violated = deficit > _FEAS_TOL
@@ -354,10 +382,18 @@ def greedy(problem: CheckpointProblem, start: np.ndarray | None = None) -> np.nd
         live = violated[problem.rows] & (c[problem.cols] < problem.layer_cap)
         gain = np.bincount(problem.cols[live], weights=np.minimum(problem.slope[live], deficit[problem.rows[live]]),
                            minlength=len(c))
-        best = int(np.argmax(gain / weight))
+        weight = problem.weight_ms.copy()
+        joint = c[r_var] >= c[u_var]
+        gain[r_var[joint]] = np.where(c[u_var[joint]] < problem.upper[u_var[joint]],
+                                      gain[r_var[joint]] + gain[u_var[joint]], 0.0)
+        weight[r_var[joint]] += weight[u_var[joint]]
+        best = int(np.argmax(gain / np.maximum(weight, 1e-12)))
         if gain[best] <= 0:
             raise RuntimeError("greedy checkpointing stalled although full recompute fits")
         c[best] += 1
+        tied = np.flatnonzero(r_var == best)
+        if len(tied) and c[best] > c[u_var[tied[0]]]:
+            c[u_var[tied[0]]] = c[best]
 
 
 def descend(problem: CheckpointProblem, c: np.ndarray) -> np.ndarray:
@@ -366,6 +402,8 @@ def descend(problem: CheckpointProblem, c: np.ndarray) -> np.ndarray:
     slack = problem.savings(c) - problem.need
     by_var = np.argsort(problem.cols, kind="stable")
     bounds = np.searchsorted(problem.cols[by_var], np.arange(len(c) + 1))
+    below = np.full(len(c), -1)  # a diagonal's u stays at or above its r
+    below[problem.ties[:, 1]] = problem.ties[:, 0]
     for v in np.argsort(-problem.weight_ms, kind="stable"):
         if c[v] == 0:
             continue
@@ -373,7 +411,8 @@ def descend(problem: CheckpointProblem, c: np.ndarray) -> np.ndarray:
         slope, cap = problem.slope[entries], problem.layer_cap[entries]
         # A window may hold two entries of one variable (a chunk's own forward or backward).
         rows, inv = np.unique(problem.rows[entries], return_inverse=True)
-        while c[v] > 0:
+        floor = c[below[v]] if below[v] >= 0 else 0.0
+        while c[v] > floor:
             loss = np.bincount(inv, weights=slope * (np.minimum(c[v], cap) - np.minimum(c[v] - 1, cap)),
                                minlength=len(rows))
             if np.any(slack[rows] - loss < -_FEAS_TOL):
@@ -388,10 +427,10 @@ class LinearForm:
     """A `CheckpointProblem` as HiGHS takes it: ``min objective x`` subject to
     ``memory x >= need``, ``link x <= 0`` and ``0 <= x <= upper``, in GiB.
 
-    Variables: one integer per diagonal, then one continuous ``min(c_d, cap)`` per distinct
-    (diagonal, cap) whose cap is below the diagonal's bound (a stage with fewer layers; a
-    chunk's own window, where full recompute saves one layer less), tied to its diagonal by a
-    ``link`` row."""
+    Variables: one integer per diagonal (two with elementwise recompute, ``r`` and ``u``, which a
+    ``link`` row keeps in order), then one continuous ``min(c_d, cap)`` per distinct (variable,
+    cap) whose cap is below the variable's bound (a stage with fewer layers; a chunk's own
+    window, where full recompute saves one layer less), tied to its variable by a ``link`` row."""
 
     memory: csr_matrix
     need: np.ndarray
@@ -413,8 +452,12 @@ class LinearForm:
         entry_var[clipped] = nvars + aux_of.reshape(-1)
         memory = csr_matrix((problem.slope / GIB, (problem.rows, entry_var)), shape=(len(problem.need), nvars + n_aux))
         aux = np.arange(n_aux)
-        tie = (np.r_[aux, aux], np.r_[nvars + aux, pairs[0].astype(np.int64)])
-        link = csr_matrix((np.r_[np.ones(n_aux), -np.ones(n_aux)], tie), shape=(n_aux, nvars + n_aux))
+        n_ties = len(problem.ties)
+        order = n_aux + np.arange(n_ties)
+        tie = (np.r_[aux, aux, order, order],
+               np.r_[nvars + aux, pairs[0].astype(np.int64), problem.ties[:, 0], problem.ties[:, 1]])
+        link = csr_matrix((np.r_[np.ones(n_aux), -np.ones(n_aux), np.ones(n_ties), -np.ones(n_ties)], tie),
+                          shape=(n_aux + n_ties, nvars + n_aux))
         return cls(memory, problem.need / GIB, link, np.concatenate([problem.weight_ms, np.zeros(n_aux)]),
                    np.concatenate([problem.upper, pairs[1]]), nvars)
 
@@ -623,13 +666,17 @@ def _worst_status(statuses: list[str]) -> str:
 def apply_solution(pp: PlanProblem, c: np.ndarray, info: dict[str, Any]) -> Plan:
     plan = pp.plan
     layers = plan.layers_per_stage
-    stage_actions = tuple(
-        tuple(Action(a.kind, a.chunk_id, int(min(c[pp.var_of[(s, a.chunk_id)]], layers[s])))
-              for a in actions)
-        for s, actions in enumerate(plan.stage_actions)
-    )
+
+    def action(s: int, a: Action) -> Action:
+        v = pp.var_of[(s, a.chunk_id)]
+        r = int(min(c[v], layers[s]))
+        u = int(min(c[v + pp.elementwise_of], layers[s])) if pp.elementwise_of else r
+        return Action(a.kind, a.chunk_id, r, u - r)
+
+    stage_actions = tuple(tuple(action(s, a) for a in actions) for s, actions in enumerate(plan.stage_actions))
     _, offsets = diagonal_variables(plan)
-    bounds = offsets[1:] + [len(c)]
+    diagonals = pp.elementwise_of or len(c)
+    bounds = offsets[1:] + [diagonals]
     meta = {
         **info,
         "objective_ms": float(c @ pp.problem.weight_ms),
@@ -637,6 +684,9 @@ def apply_solution(pp: PlanProblem, c: np.ndarray, info: dict[str, Any]) -> Plan
         "variables": len(c),
         "diagonal_layers": [[int(x) for x in c[lo:hi]] for lo, hi in zip(offsets, bounds)],
     }
+    if pp.elementwise_of:
+        meta["diagonal_elementwise_layers"] = [[int(x) for x in c[lo + diagonals:hi + diagonals] - c[lo:hi]]
+                                               for lo, hi in zip(offsets, bounds)]
     return dataclasses.replace(plan, stage_actions=stage_actions,
                                metadata={**plan.metadata, "checkpointing": meta})
 
@@ -644,5 +694,5 @@ def apply_solution(pp: PlanProblem, c: np.ndarray, info: dict[str, Any]) -> Plan
 def recompute_time_ms(plan: Plan, cost: CostModel) -> float:
     """Sum over stages and chunks of the recompute the plan asks for."""
     shapes = [ChunkShape.of(c, plan.seq_lengths) for c in plan.chunks]
-    return math.fsum(cost.recompute_ms(shapes[a.chunk_id], a.recompute_layers)
+    return math.fsum(cost.recompute_ms(shapes[a.chunk_id], a.recompute_layers, a.elementwise_layers)
                      for actions in plan.stage_actions for a in actions if a.kind == "B")

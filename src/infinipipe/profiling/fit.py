@@ -209,6 +209,8 @@ def scale_profile(base: Profile, target: ModelConfig, base_name: str) -> Profile
     the projection/MLP FLOPs; the per-key term (reading and keeping K/V) follows the attention
     width, since the measured kernels use K/V at full head count; the fixed per-chunk overhead
     (kernel launches) does not change. Assumes the same kernel efficiency at the new size.
+    Elementwise-recompute terms, where the base has them, follow the values the mode keeps fewer
+    (``2 x hidden + ffn``) and the bytes its recompute moves.
     """
     src = base.model
     attn = (target.heads * target.head_dim) / (src.heads * src.head_dim)
@@ -226,6 +228,12 @@ def scale_profile(base: Profile, target: ModelConfig, base_name: str) -> Profile
         raise ValueError(f"profile {base_name!r} has no matmul_tflops to derive head terms from")
     head = flops_head_terms(target, base.dtype, tflops)
     fit_error = {k: v for k, v in base.fit_error.items() if k in ("matmul_tflops", "max_kv_len", "min_tokens_measured")}
+    elementwise = {}
+    if base.layer_elementwise_bytes is not None and base.layer_elementwise_ms is not None:
+        fewer = (2 * target.hidden + target.ffn) / (2 * src.hidden + src.ffn)
+        moved = elementwise_moved_bytes(target, base.dtype) / elementwise_moved_bytes(src, base.dtype)
+        elementwise = {"layer_elementwise_bytes": scaled(base.layer_elementwise_bytes, {"tokens": fewer, "chunk": 1.0}),
+                       "layer_elementwise_ms": scaled(base.layer_elementwise_ms, {"tokens": moved, "chunk": 1.0})}
     return Profile(
         model=target,
         device=base.device,
@@ -241,6 +249,7 @@ def scale_profile(base: Profile, target: ModelConfig, base_name: str) -> Profile
         derived_from=base_name,
         fit_error=fit_error,
         **head,
+        **elementwise,
     )
 
 
@@ -345,3 +354,53 @@ def act_bytes_change(base: Profile, data: Mapping[str, Any], source_name: str) -
         source=(f"{base.source}; kept bytes per token moved by {delta:+,.0f} to the layer with "
                 f"{data['after'].get('layer', 'a new version')} (both versions measured on {data.get('device')} "
                 f"in {source_name}), awaiting a measurement on the device"))
+
+
+ELEMENTWISE_FEATURES = ("tokens", "chunk")
+
+
+def fit_elementwise(fit_rows: Mapping[ChunkShape, tuple[float, float]],
+                    held_rows: Mapping[ChunkShape, tuple[float, float]]) -> tuple[dict[str, LinearTerm], dict[str, Any]]:
+    """``layer_elementwise_bytes`` and ``layer_elementwise_ms`` fitted to (bytes kept fewer, recompute
+    ms) per shape, judged on ``held_rows``: the tensors it recomputes are per token, so a
+    per-token and a per-chunk coefficient describe both."""
+    terms, errors = {}, {}
+    for k, (term, quantity) in enumerate((("layer_elementwise_bytes", "bytes"), ("layer_elementwise_ms", "ms"))):
+        terms[term] = fit_term(list(fit_rows), [v[k] for v in fit_rows.values()], ELEMENTWISE_FEATURES)
+        errors[quantity] = summarize(relative_errors(terms[term], list(held_rows), [v[k] for v in held_rows.values()]))
+    return terms, errors
+
+
+def elementwise_moved_bytes(cfg: ModelConfig, dtype: str) -> float:
+    """Bytes per token the elementwise recompute reads and writes as this runtime runs it (eager
+    kernels, `rms_normalised` twice and `swiglu_product`): per normalised value an upcast to fp32
+    (unless the dtype is already that wide), the scale by the reciprocal RMS, the cast back and the
+    weight's product; per product value silu and the multiplication."""
+    b = DTYPE_BYTES[dtype]
+    wide = b >= 4
+    per_norm = (0 if wide else b + 4) + 2 * max(b, 4) + (0 if wide else 4 + b) + 2 * b
+    return 2 * cfg.hidden * per_norm + cfg.ffn * 5 * b
+
+
+def elementwise_derived(base: Profile, data: Mapping[str, Any], source_name: str) -> Profile:
+    """``base`` with elementwise-recompute terms for a device it was not measured on: the bytes an
+    elementwise layer keeps fewer per token as `benchmarks/layer_bytes.py` measured them for the
+    profile's layer shape and dtype (elementwise tensors, the same on every device), and the
+    recompute's time as the bytes it moves (`elementwise_moved_bytes`) at the copy bandwidth the
+    profile recorded on its device, or the H100 datasheet's where it recorded none."""
+    if data.get("dtype") != base.dtype:
+        raise ValueError(f"{source_name}: measured in {data.get('dtype')}, the profile is {base.dtype}")
+    row = next((r for r in data.get("shapes", []) if preset(r["model"]).cost_shape() == base.model.cost_shape()), None)
+    if row is None or "elementwise_saved_bytes" not in row.get("terms", {}):
+        raise ValueError(f"{source_name}: no elementwise measurement of the profile's layer shape")
+    saved = float(row["terms"]["elementwise_saved_bytes"]["tokens"])
+    bandwidth = float(base.fit_error.get("copy_bytes_per_s", H100_HBM_BYTES_PER_S))
+    moved = elementwise_moved_bytes(base.model, base.dtype)
+    return dataclasses.replace(
+        base, layer_elementwise_bytes=LinearTerm({"tokens": saved}),
+        layer_elementwise_ms=LinearTerm({"tokens": moved / bandwidth * 1e3}),
+        fit_error={**base.fit_error, "elementwise": {"from": source_name, "saved_bytes_per_token": saved,
+                                                     "moved_bytes_per_token": moved, "bytes_per_s": bandwidth}},
+        source=(f"{base.source}; elementwise recompute: {saved:,.0f} bytes per token kept fewer as measured on "
+                f"{data.get('device', 'another device')} in {source_name}, its time derived from {moved:,.0f} bytes "
+                f"moved per token at {bandwidth / 1e12:.2f} TB/s"))

@@ -10,10 +10,12 @@ backward) is counted by `LiveBytesMeter`: every allocation on CPU, the allocator
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +27,7 @@ from ..contract.model_config import ModelConfig
 from ..contract.shapes import ChunkShape
 from ..model.attention import resolve_backend
 from ..model.kv_store import LayerKV
-from ..model.layers import ChunkMeta, DecoderLayer, RMSNorm
+from ..model.layers import ChunkMeta, DecoderLayer, RMSNorm, rms_normalised, swiglu_product
 from ..model.loss import blocked_cross_entropy
 from ..model.stage import StageModel
 from ..runtime.batch import Batch
@@ -39,6 +41,7 @@ from .fit import (
     TIME_FEATURES_FLASH,
     TIME_FEATURES_SDPA,
     Measurement,
+    fit_elementwise,
     fit_layer,
     fit_term,
     loss_work_term,
@@ -129,9 +132,9 @@ class LayerBench:
         store.filled = c
         return store
 
-    def _forward(self, meta, h, kv) -> torch.Tensor:
+    def _forward(self, meta, h, kv, elementwise: bool = False) -> torch.Tensor:
         for layer, store in zip(self.stack, kv):
-            h = layer(h, meta, store)
+            h = layer(h, meta, store, elementwise=elementwise)
         return h
 
     def time_once(self, shape: ChunkShape) -> tuple[float, float]:
@@ -153,12 +156,13 @@ class LayerBench:
         h.grad = None
         return f, b
 
-    def saved_bytes(self, shape: ChunkShape) -> int:
-        """Bytes of unique storages the stack's forward keeps for backward (parameters excluded)."""
+    def saved_bytes(self, shape: ChunkShape, elementwise: bool = False) -> int:
+        """Bytes of unique storages the stack's forward keeps for backward (parameters excluded),
+        its layers run in elementwise-recompute mode or not."""
         meta, h, kv = self._inputs(shape)
         meter = SavedTensorMeter(exclude=list(self.stack.parameters()))
         with meter:
-            out = self._forward(meta, h, kv)
+            out = self._forward(meta, h, kv, elementwise)
         saved = meter.current
         del out
         return saved
@@ -200,6 +204,37 @@ class LayerBench:
         n = self.layers
         return [Measurement(s, best[s][0] / n, best[s][1] / n, self.saved_bytes(s) / n, *self.work_bytes(s))
                 for s in shapes]
+
+    def elementwise_once(self, shape: ChunkShape) -> float:
+        """Milliseconds of what an elementwise-recompute layer's backward computes beyond a stored
+        layer's: the two norms' outputs and the SwiGLU product (everything else it runs alike)."""
+        t, cfg = shape.tokens, self.cfg
+        if shape not in self._cache:
+            x = torch.randn(2, t, cfg.hidden, device=self._dev, dtype=self._dt)
+            rstd = torch.rand(2, t, 1, device=self._dev, dtype=torch.float32 if self._dt != torch.float64 else self._dt)
+            gate_up = torch.randn(t, 2 * cfg.ffn, device=self._dev, dtype=self._dt)
+            self._cache[shape] = (x, rstd, torch.ones(cfg.hidden, device=self._dev, dtype=self._dt), gate_up)
+        x, rstd, weight, gate_up = self._cache[shape]
+        clock = _stopwatch(self._dev)
+        if self.cuda:
+            torch.cuda.synchronize()
+        stop = clock()
+        for i in range(2):
+            rms_normalised(x[i], weight, rstd[i])
+        swiglu_product(gate_up)
+        return stop()
+
+    def measure_elementwise(self, shapes: Sequence[ChunkShape], passes: int = 2) -> list[tuple[float, float]]:
+        """Per shape and layer, the bytes an elementwise-recompute layer keeps fewer than a stored
+        one (saved-tensor accounting of both) and the milliseconds its recompute takes (lowest
+        median over ``passes``, as `measure`)."""
+        best: dict[ChunkShape, float] = {}
+        for _ in range(passes):
+            for shape in shapes:
+                med = statistics.median([self.elementwise_once(shape) for _ in range(self.warmup + self.reps)][self.warmup:])
+                best[shape] = min(best.get(shape, med), med)
+                self._cache.pop(shape)
+        return [((self.saved_bytes(s) - self.saved_bytes(s, elementwise=True)) / self.layers, best[s]) for s in shapes]
 
     def allocator_bytes(self, shape: ChunkShape) -> int:
         """CUDA allocator growth over a forward (per layer): kept tensors plus the output; reported
@@ -323,6 +358,36 @@ def measure_action_overhead(cfg: ModelConfig, device: str, dtype: str, layer_fwd
     return max(statistics.median(fwd), 0.0), max(statistics.median(bwd), 0.0)
 
 
+def elementwise_profile_terms(bench: LayerBench, fit_shapes: Sequence[ChunkShape], held_out: Sequence[ChunkShape],
+                              passes: int) -> tuple[dict[str, LinearTerm], dict[str, Any]]:
+    """The elementwise-recompute terms, fitted on the grid's whole sequences and judged on the
+    held-out grid's: what it recomputes is per token, whatever the chunk's packing or prefix."""
+    fit = [s for s in fit_shapes if len(s.seg_lens) == 1 and not s.prefix]
+    held = [s for s in held_out if len(s.seg_lens) == 1 and not s.prefix]
+    rows = bench.measure_elementwise(fit + held, passes)
+    return fit_elementwise(dict(zip(fit, rows[:len(fit)])), dict(zip(held, rows[len(fit):])))
+
+
+def add_measured_elementwise(base: Profile, *, layers: int = 1, device: str = "cpu", max_tokens: int = 1024,
+                             min_len: int = 64, warmup: int = 2, reps: int = 5, passes: int = 3,
+                             threads: int = 1) -> Profile:
+    """``base`` with elementwise-recompute terms measured on this device, its other terms as they are
+    (a profile measured before the terms existed, on this kind of device)."""
+    saved_threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        bench = LayerBench(base.model, layers=layers, device=device, dtype=base.dtype, warmup=warmup, reps=reps)
+        terms, errors = elementwise_profile_terms(bench, fit_grid(max_tokens, min_len), held_out_grid(max_tokens, min_len),
+                                                  passes)
+    finally:
+        torch.set_num_threads(saved_threads)
+    return dataclasses.replace(
+        base, **terms, fit_error={**base.fit_error, "elementwise": errors},
+        source=(f"{base.source}; elementwise recompute measured afterwards here on whole sequences up to "
+                f"{max_tokens} tokens (its bytes by saved-tensor accounting, its ops timed alone)"))
+
+
 def _median_seconds(fn: Callable[[], object], device: torch.device, runs: int = 5) -> float:
     fn()
     cuda = device.type == "cuda"
@@ -409,6 +474,7 @@ def _profile_device(cfg, layers, device, dtype, max_tokens, min_len, warmup, rep
         errs = np.concatenate([relative_errors(edge_terms[f"{side}_{d}"], [ChunkShape((n,)) for n in edge_held],
                                                [edges[n][f"{side}_{d}"] for n in edge_held]) for d in ("fwd", "bwd")])
         fit_error[f"{side}_time"] = summarize(errs)
+    elementwise_terms, fit_error["elementwise"] = elementwise_profile_terms(bench, fit_shapes, held_out, passes)
     action_fwd, action_bwd = measure_action_overhead(cfg, device, dtype, fit.terms["layer_fwd"], fit.terms["layer_bwd"])
     fit_error["action_overhead_ms"] = {"fwd": action_fwd, "bwd": action_bwd}
     tflops = matmul_tflops(device, dtype, 4096 if bench.cuda else 512)
@@ -424,12 +490,14 @@ def _profile_device(cfg, layers, device, dtype, max_tokens, min_len, warmup, rep
                 f"{reps} runs after {warmup} warm-up; activation bytes by saved-tensor accounting, work memory by counting "
                 f"live bytes; embedding and head "
                 f"(final norm, LM head, blocked loss) measured at {len(edge_fit)} token counts, errors on "
-                f"{len(edge_held)} others; per-action runtime overhead measured on a one-layer stage; loss working "
+                f"{len(edge_held)} others; elementwise recompute measured on whole sequences (its bytes by saved-tensor "
+                f"accounting, its ops timed alone); per-action runtime overhead measured on a one-layer stage; loss working "
                 f"memory estimated from the block size; matmul "
                 f"{tflops:.3g} TFLOP/s and copy {bw / 1e9:.3g} GB/s recorded for rescaling head terms"),
         fit_error={**fit_error, "matmul_tflops": tflops, "copy_bytes_per_s": bw},
         **fit.terms,
         **edge_terms,
+        **elementwise_terms,
         head_work_bytes=loss_work_term(cfg, dtype),
         action_fwd=LinearTerm({"chunk": action_fwd}),
         action_bwd=LinearTerm({"chunk": action_bwd}),

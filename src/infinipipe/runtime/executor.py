@@ -238,7 +238,7 @@ class PipelineWorker:
                 x = link.wait_recv(direction, a.chunk_id, tokens[a.chunk_id]) if direction else None
                 t0 = clock.mark()
                 if a.kind == "F":
-                    out = compute.forward(chunk, x, a.recompute_layers)
+                    out = compute.forward(chunk, x, a.recompute_layers, a.elementwise_layers)
                 else:
                     out = compute.backward(chunk, x)
                 spans.append((t0, clock.mark()))

@@ -57,7 +57,7 @@ def run_plan_local(plan: Plan, stages: Sequence[StageModel], batch: Batch,
         src = upstream_stage(a.kind, s, n)
         x = outputs.pop((a.kind, src, a.chunk_id)) if src is not None else None
         if a.kind == "F":
-            out = computes[s].forward(chunk, x, a.recompute_layers)
+            out = computes[s].forward(chunk, x, a.recompute_layers, a.elementwise_layers)
         else:
             out = computes[s].backward(chunk, x)
         if downstream_stage(a.kind, s, n) is not None:

@@ -89,8 +89,11 @@ class StageCompute:
             )
         return seq
 
-    def forward(self, chunk: Chunk, x: torch.Tensor | None, recompute_layers: int = 0) -> torch.Tensor:
-        """Returns the hidden states to send on (detached), or the loss on the last stage."""
+    def forward(self, chunk: Chunk, x: torch.Tensor | None, recompute_layers: int = 0,
+                elementwise_layers: int = 0) -> torch.Tensor:
+        """Returns the hidden states to send on (detached), or the loss on the last stage; the first
+        ``recompute_layers`` layers are recomputed whole in backward, the next ``elementwise_layers``
+        elementwise."""
         if chunk.id in self._live:
             raise ValueError(f"chunk {chunk.id}: forward ran twice on this stage")
         model = self.model
@@ -119,7 +122,8 @@ class StageCompute:
             seq.pending.add(seg.start)
             stores = seq.layers
         labels = meta.carried[-1] if model.last else None
-        out = model(x, meta, stores, shard, recompute_layers, labels, self.normaliser, self.loss_block_tokens)
+        out = model(x, meta, stores, shard, recompute_layers, labels, self.normaliser, self.loss_block_tokens,
+                    elementwise_layers)
         self._live[chunk.id] = _Live(inp, out)
         return out.detach()
 

@@ -134,22 +134,24 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
     timelines, peaks, step_peaks, act_peaks, ooms = [], [], [], [], []
     for s in range(stages):
         n, first, is_last = plan.layers_per_stage[s], s == 0, s == last
-        if (n, first, is_last) not in roles:  # per chunk: held(0), slope, fwd/bwd work and extra
+        if (n, first, is_last) not in roles:  # per chunk: the terms of `ChunkMemory.row`
             roles[(n, first, is_last)] = np.array([cost.chunk_memory(sh, n, first, is_last).row()
-                                                   for sh in shapes]).reshape(len(shapes), 6)
+                                                   for sh in shapes]).reshape(len(shapes), 9)
         terms = roles[(n, first, is_last)]
         ivs = by_stage[s]
-        rec = {a.chunk_id: a.recompute_layers for a in plan.stage_actions[s]}
+        rec = {a.chunk_id: (a.recompute_layers, a.elementwise_layers) for a in plan.stage_actions[s]}
         cid = np.array([iv.chunk_id for iv in ivs], dtype=np.int64)
         fwd = np.array([iv.kind == "F" for iv in ivs], dtype=bool)
-        r = np.array([rec[c] for c in cid.tolist()], dtype=float)
-        base, slope, fwd_work, fwd_extra, bwd_work, bwd_extra = terms[cid].T
-        held_r = base - r * slope
+        r, e = np.array([rec[c] for c in cid.tolist()], dtype=float).reshape(len(ivs), 2).T
+        base, slope, fwd_work, fwd_extra, bwd_work, bwd_extra, e_slope, fwd_e_extra, bwd_e_extra = terms[cid].T
+        held_r = base - r * slope - e * e_slope
         grads_during, grads_after = gradient_store_bytes(plan, s, cost, shapes)
         after = np.cumsum(np.where(fwd, held_r, -held_r)) + grads_after
         # While it runs, a forward's chunk holds its activations already and a backward's still.
+        extra = np.where(r == n, np.where(fwd, fwd_extra, bwd_extra),
+                         np.where((e > 0) & (r + e == n), np.where(fwd, fwd_e_extra, bwd_e_extra), 0.0))
         during = (np.where(fwd, after, after + held_r) - grads_after + grads_during
-                  + np.where(fwd, fwd_work, bwd_work) + np.where(r == n, np.where(fwd, fwd_extra, bwd_extra), 0.0))
+                  + np.where(fwd, fwd_work, bwd_work) + extra)
         states = cost.model_state_bytes(n, first, is_last)
         times = np.empty(2 * len(ivs) + 1)
         levels = np.empty(2 * len(ivs) + 1)
@@ -239,10 +241,11 @@ def _play(plan: Plan, cost: CostModel, link: LinkModel | None, record: bool) -> 
     wire = [by_link[h] for h in hops]  # wire[hop][cid]: the hop between stages hop and hop + 1
 
     @functools.cache  # stages with the same role and layer count cost a chunk alike
-    def duration(n_layers: int, first: bool, is_last: bool, kind: str, cid: int, rec: int) -> tuple[float, float]:
+    def duration(n_layers: int, first: bool, is_last: bool, kind: str, cid: int, rec: int,
+                 elem: int) -> tuple[float, float]:
         if kind == "F":
             return cost.forward_ms(shapes[cid], n_layers, first, is_last) / 1e3, 0.0
-        r = cost.recompute_ms(shapes[cid], rec) / 1e3
+        r = cost.recompute_ms(shapes[cid], rec, elem) / 1e3
         return r + cost.backward_ms(shapes[cid], n_layers, first, is_last) / 1e3, r
 
     # end[s][kind][cid]: when stage s finished that action (nan: not yet run).
@@ -270,7 +273,7 @@ def _play(plan: Plan, cost: CostModel, link: LinkModel | None, record: bool) -> 
                 else:
                     ready = 0.0
                 start = max(free[s], ready)
-                dur, rec = duration(n_layers, first, is_last, kind, cid, a.recompute_layers)
+                dur, rec = duration(n_layers, first, is_last, kind, cid, a.recompute_layers, a.elementwise_layers)
                 free[s] = mine[kind][cid] = stop = start + dur
                 busy[s] += stop - start
                 recompute[s] += rec
