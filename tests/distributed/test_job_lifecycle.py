@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,16 +167,25 @@ def _stopped_with_a_checkpoint(job: Job, sig: signal.Signals, code: int) -> None
     assert len((job.run_dir / "metrics.jsonl").read_text().splitlines()) == done
 
 
-def test_second_job_on_a_running_jobs_run_dir_is_refused_naming_the_holder(tmp_path, cache_dir):
-    """Then the first job's SIGTERM stop, checked as the other stop signals are (one launch for both)."""
-    first = Job(tmp_path / "run", cache_dir, *STOP_RUN)
+@pytest.fixture(scope="module")
+def refused_then_stopped(tmp_path_factory, cache_dir) -> tuple[Job, subprocess.CompletedProcess]:
+    """A job, a second job on its run directory while it trains, then the first job's SIGTERM
+    stop: (the first job, signalled; the second's result). Its checkpoint also serves the resume
+    below (one launch for the stop, the refusal and the resharding)."""
+    first = Job(tmp_path_factory.mktemp("refused") / "run", cache_dir, *STOP_RUN)
     first.wait_for_rows(2)
-    second = subprocess.run([sys.executable, *_train_args(tmp_path / "run", cache_dir, *STOP_RUN)],
+    second = subprocess.run([sys.executable, *_train_args(first.run_dir, cache_dir, *STOP_RUN)],
                             capture_output=True, text=True, timeout=120)
+    os.kill(first.proc.pid, signal.SIGTERM)
+    return first, second
+
+
+def test_second_job_on_a_running_jobs_run_dir_is_refused_naming_the_holder(refused_then_stopped):
+    """Then the first job's SIGTERM stop, checked as the other stop signals are (one launch for both)."""
+    first, second = refused_then_stopped
     assert second.returncode == 2
     assert f"is in use by pid {first.proc.pid} on host" in second.stderr
     assert "Traceback" not in second.stderr
-    os.kill(first.proc.pid, signal.SIGTERM)
     _stopped_with_a_checkpoint(first, signal.SIGTERM, 128 + signal.SIGTERM)
 
 
@@ -207,25 +217,30 @@ def test_ctrl_c_while_the_ranks_start_stops_the_job_before_its_first_step(tmp_pa
     assert "stopped by SIGINT after step 0 of 40; nothing trained yet, so a rerun starts from step 0" in err
 
 
-def test_resume_with_a_larger_pipeline_degree_reshards_and_damage_only_hashes_find_is_bad_input(tmp_path, cache_dir):
-    args = _train_args(tmp_path, cache_dir, "--checkpoint.enable=true")
-    first = subprocess.run([sys.executable, *args, "--training.steps=1"], capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = subprocess.run([sys.executable, *args, "--training.steps=2", "--parallelism.pipeline_parallel_degree=4"],
-                            capture_output=True, text=True, timeout=300)
+def test_resume_with_a_larger_pipeline_degree_reshards_and_damage_only_hashes_find_is_bad_input(tmp_path, cache_dir,
+                                                                                             refused_then_stopped):
+    """From the pp=2 checkpoint of the job stopped by SIGTERM above (a copy of its run directory)."""
+    stopped, _ = refused_then_stopped
+    stopped.gone_within(30)  # what the stop left is checked above; here only its end is awaited
+    done = int((stopped.run_dir / "checkpoint" / "latest").read_text().strip().removeprefix("step-"))
+    shutil.copytree(stopped.run_dir, tmp_path, dirs_exist_ok=True)
+    args = _train_args(tmp_path, cache_dir, *STOP_RUN[1:])  # only the steps and the pipeline degree change
+    second = subprocess.run([sys.executable, *args, f"--training.steps={done + 1}",
+                             "--parallelism.pipeline_parallel_degree=4"], capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert ("checkpoint step-1 was written by 2 rank(s) (pp=2, dp_replicate=1, dp_shard=1, sp=1); this job has 4 "
+    assert (f"checkpoint step-{done} was written by 2 rank(s) (pp=2, dp_replicate=1, dp_shard=1, sp=1); this job has 4 "
             "rank(s) (pp=4, dp_replicate=1, dp_shard=1, sp=1): weights and optimizer state are resharded by "
             "parameter name; ranks 2-3 had no saved random state") in second.stderr
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2] and rows[0]["run"] == rows[1]["run"]
+    assert [r["step"] for r in rows] == list(range(1, done + 2)) and len({r["run"] for r in rows}) == 1
 
     # damage the contents (not the sizes) of every checkpoint: only the ranks' hashes can tell
     for shard in (tmp_path / "checkpoint").glob("step-*/__0_0.distcp"):
         data = bytearray(shard.read_bytes())
         data[len(data) // 2] ^= 0xFF
         shard.write_bytes(bytes(data))
-    third = subprocess.run([sys.executable, *args, "--training.steps=3"], capture_output=True, text=True, timeout=300)
+    third = subprocess.run([sys.executable, *args, f"--training.steps={done + 2}"], capture_output=True, text=True,
+                           timeout=300)
     assert third.returncode == 2, third.stderr[-3000:]
     (line,) = [x for x in third.stderr.splitlines() if x.startswith("infinipipe train: error:")]
     assert line.startswith(f"infinipipe train: error: no intact checkpoint in {tmp_path / 'checkpoint'}"), line

@@ -31,6 +31,14 @@ def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("token-cache"))
 
 
+@pytest.fixture(scope="module")
+def four_step_reference(cache_dir) -> list[float]:
+    """The single-device losses of the 4-step runs below: a single-device run reads no
+    parallelism setting, so the runs that differ only in their mesh share it."""
+    cfg = load_config(None, SMALL_RUN + [f"--data.cache_dir={cache_dir}", "--training.steps=4"])
+    return reference_losses(cfg, build_dataset(cfg)[0])
+
+
 def _losses_in(path: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in path.read_text().splitlines()]
 
@@ -55,44 +63,42 @@ def test_exact_epp_pp4_training_matches_single_device_losses_for_20_steps(tmp_pa
     assert long and all(p["split_sequences"] >= 1 for p in long), "a step did not split its longest sequence"
 
 
-def test_planning_cut_by_its_deadline_hides_behind_the_step_and_trains_exactly(tmp_path, cache_dir):
+def test_planning_cut_by_its_deadline_hides_behind_the_step_and_trains_exactly(tmp_path, cache_dir,
+                                                                               four_step_reference):
     """A deadline of 1% of the step cuts every search short (its unbounded search takes longer):
     from step 2 on the plan waits for no one, training never waits longer than the deadline, and
     the losses are the single device's."""
-    cfg = load_config(None, SMALL_RUN + [f"--data.cache_dir={cache_dir}", "--training.steps=3",
+    cfg = load_config(None, SMALL_RUN + [f"--data.cache_dir={cache_dir}", "--training.steps=4",
                                          "--parallelism.pipeline_parallel_degree=2", "--epp.deadline_share=0.01"])
     result = run_training(cfg, tmp_path, progress=False)
-    dataset, _ = build_dataset(cfg)
-    for step, (got, want) in enumerate(zip(result.losses, reference_losses(cfg, dataset)), start=1):
+    for step, (got, want) in enumerate(zip(result.losses, four_step_reference), start=1):
         assert got == pytest.approx(want, rel=2e-4), f"step {step}"
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 3 and all(r["planning_skipped"] > 0 for r in records)
+    assert len(records) == 4 and all(r["planning_skipped"] > 0 for r in records)
     for r in records[1:]:
         assert r["planning_hidden"] and r["plan_wait_s"] <= r["planning_deadline_s"]
         assert r["planning_deadline_s"] < r["step_time_s"]
 
 
-def test_sp2_pp2_training_matches_single_device_losses(tmp_path, cache_dir):
+def test_sp2_pp2_training_matches_single_device_losses(tmp_path, cache_dir, four_step_reference):
     cfg = load_config(None, SMALL_RUN + [f"--data.cache_dir={cache_dir}", "--training.steps=4",
                                          "--parallelism.pipeline_parallel_degree=2",
                                          "--parallelism.sequence_parallel_degree=2", "--epp.min_slices=2"])
     result = run_training(cfg, tmp_path, progress=False)
-    dataset, _ = build_dataset(cfg)
-    expected = reference_losses(cfg, dataset)
+    expected = four_step_reference
     assert len(result.losses) == 4
     for step, (got, want) in enumerate(zip(result.losses, expected), start=1):
         assert got == pytest.approx(want, rel=2e-4), f"step {step}"
 
 
-def test_fsdp_dp_shard2_pp2_training_matches_single_device_losses_and_resumes_from_a_sharded_checkpoint(tmp_path,
-                                                                                                     cache_dir):
+def test_fsdp_dp_shard2_pp2_training_matches_single_device_losses_and_resumes_from_a_sharded_checkpoint(
+        tmp_path, cache_dir, four_step_reference):
     common = SMALL_RUN + [f"--data.cache_dir={cache_dir}", "--training.steps=4",
                           "--parallelism.pipeline_parallel_degree=2", "--parallelism.data_parallel_shard_degree=2",
                           "--epp.min_slices=2", "--checkpoint.enable=true", "--checkpoint.interval=2"]
     cfg = load_config(None, common)
     straight = run_training(cfg, tmp_path, progress=False).losses
-    dataset, _ = build_dataset(cfg)
-    expected = reference_losses(cfg, dataset)
+    expected = four_step_reference
     assert len(straight) == 4
     for step, (got, want) in enumerate(zip(straight, expected), start=1):
         assert got == pytest.approx(want, rel=2e-4), f"step {step}"
