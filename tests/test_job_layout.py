@@ -19,8 +19,10 @@ LENGTHS = np.array([4096, 2000, 1500, 900, 700, 300, 200, 120, 80])
 
 
 def _step_zero(overrides: list[str]):
-    """Step 0 of a job planned as the trainer plans it, and its simulated peak memory per stage."""
-    cfg = load_config(None, ["--training.global_batch_tokens=8192", "--epp.memory_budget=1GiB", *overrides])
+    """Step 0 of a job planned as the trainer plans it (without a planning deadline, so the plan
+    depends on its inputs alone), and its simulated peak memory per stage."""
+    cfg = load_config(None, ["--training.global_batch_tokens=8192", "--epp.memory_budget=1GiB",
+                             "--epp.deadline_share=0", *overrides])
     shape = check_config(cfg)
     dims = ParallelDims.from_config(cfg.parallelism)
     planner = StepPlanner(shape.cost, BatchSampler(LENGTHS, 0, global_batch_tokens=8192), cfg.epp.planner, dims.pp,
