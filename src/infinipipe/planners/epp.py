@@ -316,7 +316,8 @@ WORKER_SEARCHES_KEPT = 4  # a worker keeps this many searches' chunkings and ILP
 
 
 def _outcome_in_worker(key: str, request: PlanRequest, checkpointing: str, cand: Candidate, screen: bool,
-                       regroup: bool, prune_s: float, uniform_s: float, stop_at: float | None) -> _Outcome:
+                       regroup: bool, prune_s: float | None, uniform_s: float | None,
+                       stop_at: float | None) -> _Outcome:
     """A pool worker's job: plan one candidate of the search ``key`` (made on its first job)."""
     search = _WORKER_SEARCHES.pop(key, None) or _Search(request, checkpointing, compose=False)
     _WORKER_SEARCHES[key] = search
@@ -444,15 +445,23 @@ class _Search:
         self.queued.clear()
 
     def _submit(self, cand: Candidate, screen: bool, regroup: bool) -> Future:
-        """A worker plans the candidate, told the times a result must beat to matter now: the
-        leaders only improve, so what they rule out now stays ruled out when the answer is read."""
-        screened, leader = self.leader(screened=True), self.leader()
+        """A worker plans the candidate, told what a result must beat to matter now."""
         return self.pool.submit(_outcome_in_worker, self.key, self.request, self.checkpointing, cand, screen, regroup,
-                                screened.sim.iteration_time_s if screened else math.inf,
-                                leader.sim.iteration_time_s if leader else math.inf, self._stop_at())
+                                *self._thresholds(cand, pooled=True))
+
+    def _thresholds(self, cand: Candidate, pooled: bool) -> tuple[float | None, float | None, float | None]:
+        """What planning ``cand`` needs to know of the leaders now (`outcome`): the best screen's
+        time (None: nothing can prune it, planned here and now), the leader's for a baseline's own
+        run (None: run already), and when the grouping search stops. Leaders only improve, so what
+        these rule out stays ruled out when a pool's answer is read."""
+        screened, leader = self.leader(screened=True), self.leader()
+        prune_s = screened.sim.iteration_time_s if screened else (math.inf if pooled else None)
+        uniform_s = None if cand in self.uniform_tried else (leader.sim.iteration_time_s if leader else math.inf)
+        return prune_s, uniform_s, self._stop_at()
 
     def _weigh(self, cand: Candidate, screen: bool, outcome: _Outcome) -> Trial:
-        """A worker's outcome, judged against this search's leaders now, as `_plan_for` judges."""
+        """An outcome judged against this search's leaders now: pruned where its screen's bare time
+        is no faster than the best screen, the baseline's own run where that is wanted."""
         screened, leader = self.leader(screened=True), self.leader()
         if screen and screened is not None and outcome.bare_s is not None:
             pruned = self._pruned(cand, outcome.bare_s, screened)
@@ -463,22 +472,24 @@ class _Search:
             return outcome.uniform
         return outcome.trial
 
-    def outcome(self, cand: Candidate, screen: bool, regroup: bool, prune_s: float, uniform_s: float,
+    def outcome(self, cand: Candidate, screen: bool, regroup: bool, prune_s: float | None, uniform_s: float | None,
                 stop_at: float | None) -> _Outcome:
-        """`_plan_for` without this search's leaders: what a pool's worker computes. The ILP is
-        skipped where the bare time already loses to ``prune_s``, and the baseline's run where the
-        trial is more than UNIFORM_MARGIN behind ``uniform_s``."""
+        """Plan, checkpoint and simulate one candidate, given `_thresholds`. Screening groups into
+        one pipeline, or (with ``regroup``) two where one cannot fit; a full trial runs the whole
+        grouping DP. Recompute only adds time, so a screen whose one pipeline without any is
+        already no faster than ``prune_s`` skips the ILP; the baseline's own run is skipped where
+        the trial is more than UNIFORM_MARGIN behind ``uniform_s``."""
         t0 = time.perf_counter()
         try:
             chunks = self._chunks(cand)
         except ValueError as exc:
             return _Outcome(Trial(cand, screen, None, None, str(exc)))
-        bare = self._bare_s(cand, chunks) if screen else None
+        bare = self._bare_s(cand, chunks) if screen and prune_s is not None else None
         if bare is not None and bare >= prune_s:
             return _Outcome(Trial(cand, screen, None, None, "pruned"), bare)
         trial, meta = self._checkpointed(cand, chunks, screen, regroup, stop_at)
         uniform = None
-        if (self._uniform_applies(cand)
+        if (uniform_s is not None and self._uniform_applies(cand)
                 and (not trial.feasible or trial.sim.iteration_time_s <= uniform_s * (1 + UNIFORM_MARGIN))):
             uniform = self._uniform_of(trial, chunks, meta)
         seconds = time.perf_counter() - t0
@@ -503,24 +514,8 @@ class _Search:
         return pack_whole(self.lengths, cand.size)
 
     def _plan_for(self, cand: Candidate, screen: bool, regroup: bool) -> Trial:
-        """Plan, checkpoint and simulate one candidate. Screening groups into one pipeline, or
-        (with ``regroup``) two where one cannot fit; a full trial runs the whole grouping DP."""
-        try:
-            chunks = self._chunks(cand)
-        except ValueError as exc:
-            return Trial(cand, screen, None, None, str(exc))
-        screened, leader = self.leader(screened=True), self.leader()
-        if screen and screened is not None:
-            # Recompute only adds time: one pipeline with none at all bounds what this
-            # candidate's screen can reach, so one already slower than the best screen skips the ILP.
-            pruned = self._pruned(cand, self._bare_s(cand, chunks), screened)
-            if pruned is not None:
-                return pruned
-        trial, meta = self._checkpointed(cand, chunks, screen, regroup, self._stop_at())
-        if self._wants_uniform(cand, trial, leader):
-            self.uniform_tried.add(cand)
-            trial = self._uniform_of(trial, chunks, meta)
-        return trial
+        """One candidate planned in this process, judged as a pool's answer is."""
+        return self._weigh(cand, screen, self.outcome(cand, screen, regroup, *self._thresholds(cand, pooled=False)))
 
     def _bare_s(self, cand: Candidate, chunks: list) -> float:
         """The candidate's chunks as one pipeline without any recompute: a floor on its screen."""
