@@ -170,12 +170,18 @@ def plan_epp_uniform(request: PlanRequest) -> Plan:
 SEQ1F1B_SLICE_COUNTS = (2, 4, 8, 16, 32, 64)
 
 
+def seq1f1b_slice_counts(longest: int) -> list[int]:
+    """Seq1F1B's slice counts for a batch whose longest sequence has ``longest`` tokens: the
+    ladder down to slices of about 1K tokens (one cut always)."""
+    return [n for n in SEQ1F1B_SLICE_COUNTS if n == 2 or longest // n >= 1024]
+
+
 def plan_seq1f1b_balanced(request: PlanRequest) -> Plan:
     """Option ``num_slices``: slices of the longest sequence, or (unset) the fastest fitting count
     of a power-of-two ladder down to slices of about 1K tokens."""
     longest = max(request.lengths)
     choice = request.options.num_slices
-    counts = [n for n in SEQ1F1B_SLICE_COUNTS if n == 2 or longest // n >= 1024] if choice is None else [choice]
+    counts = seq1f1b_slice_counts(longest) if choice is None else [choice]
     return best_of([
         one_f_one_b_uniform(request, balanced_chunks(request.lengths, request.cost, n),
                      {"planner": "seq1f1b-balanced", "num_slices": n})

@@ -47,11 +47,6 @@ class Deadline:
         at = self.limit(best_s)
         return None if at is None else at - self.start
 
-    def passes_before(self, best_s: float | None, estimate_s: float) -> bool:
-        """Whether work expected to take ``estimate_s`` would end past the deadline."""
-        at = self.limit(best_s)
-        return at is not None and time.monotonic() + estimate_s > at
-
     def for_part(self, best_s: float | None) -> "Deadline":
         """A sub-search's deadline: this one's, fixed where it is known already (strict where the
         parent has a plan: the part may then end without one); else the same share of the

@@ -24,7 +24,7 @@ from ..contract.ir import Plan, validate_plan
 from ..contract.shapes import ChunkShape
 from ..contract.units import format_bytes
 from ..sim.simulator import iteration_time, simulate
-from .baselines import SEQ1F1B_SLICE_COUNTS, UNIFORM_SLICE_COUNTS, gpipe_schedule, uniform_faster_than
+from .baselines import UNIFORM_SLICE_COUNTS, gpipe_schedule, seq1f1b_slice_counts, uniform_faster_than
 from .bound import MemoryBound, memory_lower_bound
 from .candidates import Candidate, Trial, WarmStart
 from .compose import join_plans
@@ -404,17 +404,18 @@ class _Search:
         """Whether planning ``cand`` would end past the deadline, at the seconds per chunk that
         trials of its kind took so far (a full trial's grouping search: FULL_TRIAL_SCREENS
         screens' worth until one was timed); never before some plan fits."""
-        leader = self.leader()
-        if not self.deadline.active or (leader is None and not self.deadline.strict):
+        stop_at = self._stop_at()
+        if stop_at is None:
             return False
         seconds, done = self.work[screen]
         if not done and not screen:
             seconds, done = self.work[True][0] * FULL_TRIAL_SCREENS, self.work[True][1]
         estimate = seconds / done * self._chunk_count(cand) if done else 0.0
-        return self.deadline.passes_before(leader.sim.iteration_time_s if leader else None, estimate)
+        return time.monotonic() + estimate > stop_at
 
     def _stop_at(self) -> float | None:
-        """When a grouping search stops costing new groups: the deadline, once it binds."""
+        """When nothing new starts and a grouping search stops costing new groups: the
+        deadline, once it binds (None before)."""
         leader = self.leader()
         if leader is None and not self.deadline.strict:
             return None
@@ -706,7 +707,7 @@ class _Search:
         # Powers of two and longest / K are two ladders: interleaved, an odd size that packs
         # badly between two good powers would end the ladder before the second.
         return [
-            [Candidate("balanced", n) for n in SEQ1F1B_SLICE_COUNTS if n == 2 or self.longest // n >= 1024],
+            [Candidate("balanced", n) for n in seq1f1b_slice_counts(self.longest)],
             [Candidate("whole", self.longest)],
             [Candidate("fixed", n) for n in sorted(powers - {self.longest}, reverse=True)],
             [Candidate("fixed", n) for n in sorted(uniform - powers - {self.longest}, reverse=True)],
@@ -771,8 +772,7 @@ class _Search:
             cap = min(cand.token_capacity or self.token_capacity, self.token_capacity)
             return dataclasses.replace(cand, size=max(1, min(cand.size, hi)), token_capacity=cap)
         if cand.family == "balanced":
-            ok = cand.size in SEQ1F1B_SLICE_COUNTS and (cand.size == 2 or self.longest // cand.size >= 1024)
-            return cand if ok else None
+            return cand if cand.size in seq1f1b_slice_counts(self.longest) else None
         if cand.family == "fixed":
             return cand if cand.size < self.longest else None
         if cand.family == "whole":
