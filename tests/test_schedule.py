@@ -132,3 +132,27 @@ def test_bad_arguments_are_refused():
         epp_schedule(chunks, lengths, 2, [32])
     with pytest.raises(ValueError, match="chunk id 9"):
         epp_schedule(chunks, lengths, 2, [16, 16], pipelines=[[0, 1, 2, 3, 4, 5, 9]])
+
+
+def test_offloaded_actions_round_trip_and_plans_without_offload_write_as_before():
+    from infinipipe.contract.ir import Action, Plan
+    assert Action("F", 3, 1).to_json() == ["F", 3, 1]
+    assert Action("B", 3, 1, 2).to_json() == ["B", 3, 1, 2]
+    offloaded = Action("B", 3, 1, 0, 2, 3)
+    assert offloaded.to_json() == ["B", 3, 1, 0, 2, 3]
+    assert Action.from_json(offloaded.to_json()) == offloaded
+    with pytest.raises(ValueError, match="reload_lead"):
+        Action("B", 3, 0, 0, 2, 0)
+    with pytest.raises(ValueError, match="only a backward"):
+        Action("F", 3, 0, 0, 2, 1)
+    plan = epp_schedule([Chunk(i, (Segment(i, 0, 10),)) for i in range(4)], [10] * 4, 2, [16, 16])
+    ops = [list(a) for a in plan.stage_actions]
+    ops[0] = [Action(a.kind, a.chunk_id, 0, 0, 2, 2 if a.kind == "B" else 0) if a.chunk_id == 0 else a for a in ops[0]]
+    with pytest.raises(ValueError, match="at or before its forward"):  # F0 F1 B0: B0's reload two back is F0
+        validate_plan(Plan(plan.seq_lengths, plan.chunks, ops, plan.layers_per_stage, plan.pipelines))
+    ops[0] = [Action(a.kind, a.chunk_id, 0, 0, 2, 1 if a.kind == "B" else 0) if a.chunk_id == 0 else a for a in ops[0]]
+    validate_plan(Plan(plan.seq_lengths, plan.chunks, ops, plan.layers_per_stage, plan.pipelines))
+    ops[0] = [Action(a.kind, a.chunk_id, 0, 0, 1 if a.kind == "B" else 2, 1 if a.kind == "B" else 0)
+              if a.chunk_id == 0 else a for a in ops[0]]
+    with pytest.raises(ValueError, match="different recompute or offload"):
+        validate_plan(Plan(plan.seq_lengths, plan.chunks, ops, plan.layers_per_stage, plan.pipelines))

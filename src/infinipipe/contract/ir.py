@@ -154,31 +154,54 @@ ActionKind = Literal["F", "B"]
 class Action:
     """Forward or backward of one chunk on one stage, recomputing ``recompute_layers`` layers
     whole and the elementwise parts of the next ``elementwise_layers`` (the stage's other layers
-    keep everything their backward needs)."""
+    keep everything their backward needs).
+
+    ``offload_layers``: the saved tensors of the stage's last ``offload_layers`` layers (what each
+    keeps in its mode: a recomputed layer's checkpointed input, an elementwise layer's reduced
+    set, a stored layer's activations) wait for the backward in host memory: copied out once the
+    forward ends, copied back from the start of the action ``reload_lead`` places before the
+    backward (a backward's field; a forward's is 0). F and B of a chunk carry the same count.
+    The K/V store of a split sequence never moves (every later slice's forward reads it).
+    """
 
     kind: ActionKind
     chunk_id: int
     recompute_layers: int = 0
     elementwise_layers: int = 0
+    offload_layers: int = 0
+    reload_lead: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ("F", "B"):
             raise ValueError(f"action kind must be 'F' or 'B', got {self.kind!r}")
-        if self.recompute_layers < 0 or self.elementwise_layers < 0:
-            raise ValueError(f"action {self}: recompute_layers and elementwise_layers must be >= 0")
+        if self.recompute_layers < 0 or self.elementwise_layers < 0 or self.offload_layers < 0:
+            raise ValueError(f"action {self}: recompute_layers, elementwise_layers and offload_layers must be >= 0")
+        if self.kind == "F" and self.reload_lead:
+            raise ValueError(f"action {self}: only a backward has a reload_lead")
+        if self.kind == "B" and (self.reload_lead >= 1) != (self.offload_layers > 0):
+            raise ValueError(f"action {self}: a backward with offloaded layers needs reload_lead >= 1 (and only then)")
+
+    @property
+    def mode(self) -> tuple[int, int, int]:
+        """What F and B of a chunk on a stage must agree on: recomputed, elementwise, offloaded layers."""
+        return self.recompute_layers, self.elementwise_layers, self.offload_layers
 
     def to_json(self) -> list:
-        """``[kind, chunk, recompute]``, with the elementwise count after it only where there is
-        one: plans that use none read and write as before it existed."""
+        """``[kind, chunk, recompute]``, then the elementwise count where it or an offload is not
+        zero, then ``offload, reload_lead`` where layers are offloaded: plans that use neither read
+        and write as before they existed."""
         head = [self.kind, self.chunk_id, self.recompute_layers]
+        if self.offload_layers:
+            return head + [self.elementwise_layers, self.offload_layers, self.reload_lead]
         return head + [self.elementwise_layers] if self.elementwise_layers else head
 
     @classmethod
     def from_json(cls, obj: Sequence) -> "Action":
-        if len(obj) not in (3, 4):
-            raise ValueError(f"action {list(obj)!r}: expected [kind, chunk, recompute(, elementwise)]")
-        kind, chunk_id, rec, *elem = obj
-        return cls(str(kind), int(chunk_id), int(rec), int(elem[0]) if elem else 0)  # type: ignore[arg-type]
+        if len(obj) not in (3, 4, 6):
+            raise ValueError(f"action {list(obj)!r}: expected [kind, chunk, recompute(, elementwise(, offload, reload_lead))]")
+        kind, chunk_id, rec, *more = obj
+        ints = [int(x) for x in more] + [0] * (3 - len(more))
+        return cls(str(kind), int(chunk_id), int(rec), *ints)  # type: ignore[arg-type]
 
 
 PLAN_FORMAT_VERSION = 1
@@ -272,7 +295,7 @@ def validate_plan(plan: Plan) -> list[tuple[int, Action]]:
     for s, actions in enumerate(plan.stage_actions):
         f_pos: dict[int, int] = {}
         b_pos: dict[int, int] = {}
-        rec: dict[int, tuple[int, int]] = {}
+        rec: dict[int, tuple[int, int, int]] = {}
         for i, a in enumerate(actions):
             if not 0 <= a.chunk_id < n:
                 raise ValueError(f"stage {s}: action {a} names an unknown chunk")
@@ -281,18 +304,24 @@ def validate_plan(plan: Plan) -> list[tuple[int, Action]]:
                     f"stage {s}: chunk {a.chunk_id} recomputes {a.recompute_layers} layers "
                     f"(and {a.elementwise_layers} elementwise), the stage has {plan.layers_per_stage[s]}"
                 )
+            if a.offload_layers > plan.layers_per_stage[s]:
+                raise ValueError(f"stage {s}: chunk {a.chunk_id} offloads {a.offload_layers} layers, "
+                                 f"the stage has {plan.layers_per_stage[s]}")
             table = f_pos if a.kind == "F" else b_pos
             if a.chunk_id in table:
                 raise ValueError(f"stage {s}: {a.kind} of chunk {a.chunk_id} appears twice")
             table[a.chunk_id] = i
-            mode = (a.recompute_layers, a.elementwise_layers)
-            if rec.setdefault(a.chunk_id, mode) != mode:
-                raise ValueError(f"stage {s}: chunk {a.chunk_id} has F and B with different recompute")
+            if rec.setdefault(a.chunk_id, a.mode) != a.mode:
+                raise ValueError(f"stage {s}: chunk {a.chunk_id} has F and B with different recompute or offload")
         for cid in range(n):
             if cid not in f_pos or cid not in b_pos:
                 raise ValueError(f"stage {s}: chunk {cid} lacks a forward or a backward")
             if b_pos[cid] < f_pos[cid]:
                 raise ValueError(f"stage {s}: backward of chunk {cid} precedes its forward")
+            lead = actions[b_pos[cid]].reload_lead
+            if lead and b_pos[cid] - lead <= f_pos[cid]:
+                raise ValueError(f"stage {s}: chunk {cid}'s reload would start {lead} actions before its backward, "
+                                 "at or before its forward")
         f_orders.append(sorted(f_pos, key=f_pos.get))
         b_orders.append(sorted(b_pos, key=b_pos.get))
         _check_slice_order(plan, s, f_orders[-1], b_orders[-1])

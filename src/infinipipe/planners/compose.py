@@ -7,10 +7,11 @@ as any other plan of the batch.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from ..contract.ir import Action, Chunk, Plan, Segment
+from ..contract.ir import Chunk, Plan, Segment
 
 
 def join_plans(parts: Sequence[tuple[Plan, Sequence[int]]], seq_lengths: Sequence[int],
@@ -21,7 +22,7 @@ def join_plans(parts: Sequence[tuple[Plan, Sequence[int]]], seq_lengths: Sequenc
         raise ValueError("join_plans: no parts")
     layers = parts[0][0].layers_per_stage
     chunks: list[Chunk] = []
-    stage_actions: list[list[Action]] = [[] for _ in layers]
+    stage_actions: list[list] = [[] for _ in layers]
     pipelines: list[tuple[int, ...]] = []
     for plan, seq_ids in parts:
         if plan.layers_per_stage != layers:
@@ -32,7 +33,7 @@ def join_plans(parts: Sequence[tuple[Plan, Sequence[int]]], seq_lengths: Sequenc
         chunks += [Chunk(offset + c.id, tuple(Segment(seq_ids[s.seq_id], s.start, s.end) for s in c.segments))
                    for c in plan.chunks]
         for s, actions in enumerate(plan.stage_actions):
-            stage_actions[s] += [Action(a.kind, offset + a.chunk_id, a.recompute_layers, a.elementwise_layers) for a in actions]
+            stage_actions[s] += [dataclasses.replace(a, chunk_id=offset + a.chunk_id) for a in actions]
         pipelines += [tuple(offset + c for c in p) for p in (plan.pipelines or (tuple(range(len(plan.chunks))),))]
     return Plan(tuple(seq_lengths), tuple(chunks), tuple(tuple(a) for a in stage_actions), tuple(layers),
                 tuple(pipelines), dict(metadata or {}))
