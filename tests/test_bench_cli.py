@@ -19,11 +19,14 @@ def test_bench_prints_every_planner_simulated_on_the_committed_profile(capsys):
     assert main(args + ["--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["simulated"] is True and out["profile"] == "h100-bf16-llama-7b"
-    assert set(out["rows"]) == {"epp", "seq1f1b", "seq1f1b-balanced", "batch-1f1b", "gpipe", "epp-uniform"}
+    assert set(out["rows"]) == {"epp", "epp (no host tier)", "epp (unlimited memory)", "seq1f1b", "seq1f1b-balanced",
+                                "batch-1f1b", "gpipe", "epp-uniform"}
     assert out["rows"]["epp"]["planned"] and out["rows"]["epp"]["feasible"]
+    assert out["rows"]["epp (unlimited memory)"]["iteration_time_s"] <= out["rows"]["epp"]["iteration_time_s"] * (1 + 1e-9)
     assert main(args) == 0
     text = capsys.readouterr().out
-    assert text.startswith("SIMULATED") and "epp speedup" in text
+    assert text.startswith("SIMULATED") and "host tier 128GiB per device" in text and "epp speedup" in text
+    assert re.search(r"^  host tier: ([\d,]+ GiB offloaded|off)", text, re.M)
     assert re.search(r"^  epp planning: \d+\.\d\ds MEASURED here \((deadline \d+\.\d\ds, \d+ candidate\(s\) skipped "
                      r"for time|no deadline), (no|\d+) pool processes\)$", text, re.M)
 
@@ -67,3 +70,13 @@ def test_bench_runs_the_sp_baselines_without_sp_only_when_asked_and_names_why_ul
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert not rows["ulysses"]["planned"] and "exceeds the model's 32 attention heads" in rows["ulysses"]["error"]
     assert rows["flexsp"]["planned"] and max(g["sp"] for g in rows["flexsp"]["groups"]) <= 32
+
+
+def test_bench_without_the_host_tier_plans_as_before_and_a_host_budget_the_host_lacks_is_refused(capsys):
+    args = ["bench", "--model", "llama-7b", "--stages", "2", "--batch", "8", "--max-len", "16384", "--json"]
+    assert main([*args, "--host-memory-budget", "0"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert "epp (no host tier)" not in rows and not any(rows["epp"]["offloaded_bytes"])
+    assert main([*args, "--host-memory-budget", "300GiB"]) == 2
+    err = capsys.readouterr().err
+    assert "--host-memory-budget 300GiB (322122547200 bytes) is more than the 274877906944 bytes" in err

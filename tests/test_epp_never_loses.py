@@ -35,8 +35,17 @@ def test_epp_is_never_slower_than_a_feasible_baseline_on_cap_heavy_batches(cap, 
     check_never_slower([cap] * at_cap + [min(n, cap) for n in short], stages, memory_gib)
 
 
-def check_never_slower(lengths, stages, memory_gib):
-    request = PlanRequest(lengths, COST, stages, memory_gib * GiB, options=FAST)
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(long=st.lists(st.integers(8192, 96 * 1024), min_size=1, max_size=3),
+       short=st.lists(st.integers(64, 6000), min_size=4, max_size=40),
+       stages=st.sampled_from([4, 8]), memory_gib=st.sampled_from([40, 64, 80]), host_gib=st.sampled_from([16, 128]))
+def test_epp_with_the_host_tier_is_never_slower_than_a_feasible_baseline(long, short, stages, memory_gib, host_gib):
+    """Offloading to the host (the committed profile's published link figures) keeps the guarantee."""
+    check_never_slower(sorted(long + short, reverse=True), stages, memory_gib, host_gib)
+
+
+def check_never_slower(lengths, stages, memory_gib, host_gib=0):
+    request = PlanRequest(lengths, COST, stages, memory_gib * GiB, options=FAST, host_memory_budget=host_gib * GiB)
     baselines = {}
     for name in BASELINES:
         sim = simulate(make_plan(name, request), COST, request.memory_budget)

@@ -203,3 +203,25 @@ def test_actions_json_of_an_offloading_plan_round_trip():
     plan = offloading(equal_chunks_plan(8, 4, 4096, cost), 0, 0, 8, 1)
     again = Plan.loads(plan.dumps())
     assert again == plan and any(a == Action("B", 0, 0, 0, 8, 1) for a in again.stage_actions[0])
+
+
+def test_plan_explains_and_simulate_reports_what_waits_on_the_host(tmp_path, capsys):
+    from infinipipe.cli import main
+
+    out = tmp_path / "plan.json"
+    args = ["plan", "--dist", "github", "--batch", "64", "--max-len", "65536", "--stages", "4",
+            "--memory-budget", "40GiB", "--option", "deadline_share=0", "--out", str(out)]
+    assert main([*args, "--explain"]) == 0
+    text = capsys.readouterr().out
+    assert "host tier (128 GiB per device): the optimizer state waits on the host during the step" in text
+    assert "GiB of saved activations offloaded" in text
+    assert main(["simulate", str(out), "--json", "--chart", str(tmp_path / "chart.png")]) == 0
+    sim = __import__("json").loads(capsys.readouterr().out)
+    assert sum(sim["offloaded_bytes"]) > 0 and sim["host_memory_budget"] == 128 * GiB and sim["feasible"]
+    assert (tmp_path / "chart.png").stat().st_size > 10_000
+    assert main(["simulate", str(out), "--host-memory-budget", "1GiB", "--json"]) == 0
+    tight = __import__("json").loads(capsys.readouterr().out)
+    assert any(o["tier"] == "host" for o in tight["oom"])
+    assert main([*args, "--host-memory-budget", "0"]) == 0
+    plain = Plan.loads(out.read_text())
+    assert not any(a.offload_layers for acts in plain.stage_actions for a in acts)

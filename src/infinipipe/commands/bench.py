@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .plan import OPTION_HELP, add_layout_options, add_model_options
+from .plan import HOST_DEFAULT, OPTION_HELP, add_host_option, add_layout_options, add_model_options
 
 BENCH_MODEL = "llama-13b"
 
@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-len", type=int, default=98304,
                    help="context length: sampled lengths are truncated to it (default 98304)")
     p.add_argument("--memory-budget", default="80GiB", help="memory budget per device (default 80GiB)")
+    add_host_option(p, HOST_DEFAULT)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--at-cap", type=int, default=0, metavar="N",
                    help="at least N sequences at the context length, as in a corpus truncated there (default 0)")
@@ -47,24 +48,37 @@ def run(args: argparse.Namespace) -> int:
     from ..planners.compare import (
         ABLATIONS,
         BASELINES,
+        NO_HOST_TIER,
+        UNLIMITED_MEMORY,
         compare_planners,
         compare_sp_baselines,
         compute_floor_s,
         describe_sp_rows,
         format_rows,
+        host_tier_line,
     )
     from ..planners.stage_layers import balance_layers
-    from .plan import describe_layout, layout_from_args, model_from_args, parse_options, profile_for_model, with_layout
+    from .plan import (
+        describe_layout,
+        host_budget_from_args,
+        layout_from_args,
+        model_from_args,
+        parse_options,
+        profile_for_model,
+        with_layout,
+    )
 
     model = model_from_args(args) or preset(BENCH_MODEL)
     name = args.profile or profile_for_model(model)
     profile = load_profile(name)
     cost = with_layout(CostModel(profile, model), layout_from_args(args))
     lengths = sample_lengths(args.dist, args.batch, args.max_len, args.seed, args.at_cap)
-    planners = ["epp", *BASELINES, *(ABLATIONS if args.ablations else ())]
+    host = host_budget_from_args(args, cost)
+    planners = ["epp", *((NO_HOST_TIER,) if host and cost.host_link else ()), UNLIMITED_MEMORY, *BASELINES,
+                *(ABLATIONS if args.ablations else ())]
     budget = parse_bytes(args.memory_budget, "--memory-budget")
     options = parse_options(args.option)
-    rows = compare_planners(cost, lengths, args.stages, budget, planners, options)
+    rows = compare_planners(cost, lengths, args.stages, budget, planners, options, host)
     sp_gpus = args.stages * cost.layout.sp if args.sp_baselines or cost.layout.sp > 1 else 0
     if sp_gpus:
         rows |= compare_sp_baselines(cost, lengths, sp_gpus, budget, options)
@@ -76,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     origin = f"derived from {profile.derived_from}" if profile.derived_from else profile.source.split(";")[0]
     shown = args.hf_path or args.model or BENCH_MODEL
-    print(f"SIMULATED (no hardware was run): {shown} on {args.stages} stages, {args.memory_budget} per device, "
+    tier = f", host tier {args.host_memory_budget} per device" if host and cost.host_link else ", no host tier"
+    print(f"SIMULATED (no hardware was run): {shown} on {args.stages} stages, {args.memory_budget} per device{tier}, "
           f"{args.batch} {args.dist} sequences up to {args.max_len} tokens ({sum(lengths):,} tokens)")
     print(f"profile {name}: {profile.device}, {profile.dtype}, {origin}")
     print(describe_layout(cost.layout))
@@ -89,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
           f"token, as one chunk, with no bubble or recompute{versus}")
     print(f"  memory: {bound}")
     if epp["planned"]:
+        print(host_tier_line(epp))
         print(f"  {planning_line(epp)}")
     return 0
 

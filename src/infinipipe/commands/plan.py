@@ -42,6 +42,26 @@ def add_model_options(p: argparse.ArgumentParser, model_default: str) -> None:
                         "measured for the model's shape)")
 
 
+HOST_DEFAULT = "128GiB"
+
+
+def add_host_option(p: argparse.ArgumentParser, default: str | None) -> None:
+    """``--host-memory-budget``: the host memory per device the host tier may fill."""
+    p.add_argument("--host-memory-budget", default=default, metavar="SIZE",
+                   help="host memory per device for offloaded activations and the optimizer state, e.g. 128GiB; "
+                        "0 turns the host tier off (default: " + (default or "the plan's") + ")")
+
+
+def host_budget_from_args(args: argparse.Namespace, cost) -> float:
+    """The ``--host-memory-budget`` in bytes, refused where the profile's host cannot give it."""
+    budget = float(parse_bytes(args.host_memory_budget, "--host-memory-budget", allow_zero=True))
+    link = cost.host_link
+    if budget and link is not None and budget > link.host_memory_bytes:
+        raise ValueError(f"--host-memory-budget {args.host_memory_budget} ({budget:.0f} bytes) is more than the "
+                         f"{link.host_memory_bytes:.0f} bytes of host memory per device the profile's host has")
+    return budget
+
+
 def add_layout_options(p: argparse.ArgumentParser, default: str) -> None:
     """``--sp``, ``--dp-shard``, ``--dp-replicate``, ``--gpus-per-node``, the link options and
     ``--links``: the ranks of a stage, their links and the pipeline hops', as `plan`, `simulate`
@@ -164,6 +184,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stages", type=int, default=8, help="pipeline stages (default 8)")
     add_layout_options(p, "defaults in brackets")
     p.add_argument("--memory-budget", default="80GiB", help="memory budget per device (default 80GiB)")
+    add_host_option(p, HOST_DEFAULT)
     p.add_argument("--layers", help="layers per stage, comma separated (default: balanced by cost)")
     p.add_argument("--planner", default="epp", choices=sorted(PLANNERS))
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -203,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise ValueError(f"--layers expects comma-separated integers, got {args.layers!r}") from None
     request = PlanRequest(lengths, cost, args.stages, parse_bytes(args.memory_budget, "--memory-budget"), layers,
-                          parse_options(args.option))
+                          parse_options(args.option), host_memory_budget=host_budget_from_args(args, cost))
     try:
         plan = make_plan(args.planner, request)
     except NoPlanError as exc:
@@ -228,4 +249,10 @@ def run(args: argparse.Namespace) -> int:
           file=sys.stderr)
     if cost.layout != StageLayout():
         print(describe_layout(cost.layout), file=sys.stderr)
+    moved = plan.metadata.get("offloaded_bytes")
+    if moved:
+        from ..planners.compare import host_tier_line
+        from ..sim.simulator import simulate
+
+        print(host_tier_line(simulate(plan, cost).to_json()).strip(), file=sys.stderr)
     return 0

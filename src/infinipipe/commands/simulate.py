@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .plan import add_layout_options, add_model_options
+from .plan import add_host_option, add_layout_options, add_model_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,6 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_options(p, "default: the model the plan was made for")
     add_layout_options(p, "defaults: the layout the plan records; in brackets where it records none")
     p.add_argument("--memory-budget", help="memory budget per device, e.g. 80GiB (default: the plan's)")
+    add_host_option(p, None)
     p.add_argument("--latency-us", type=float,
                    help="P2P latency of every pipeline hop in microseconds (default: each hop's link, intra- or "
                         "inter-node, from where the layout places the stages)")
@@ -30,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from ..contract.layout import LinkModel, StageLayout
     from ..contract.units import GIB, parse_bytes
     from ..sim.simulator import simulate
-    from .plan import build_cost, describe_layout, layout_from_args, model_from_args, with_layout
+    from .plan import build_cost, describe_layout, host_budget_from_args, layout_from_args, model_from_args, with_layout
 
     plan = Plan.loads(args.plan.read_text())
     validate_plan(plan)
@@ -48,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         hop = cost.layout.inter_node
         link = LinkModel(hop.latency_s if args.latency_us is None else args.latency_us * 1e-6,
                          hop.bandwidth_Bps if args.bandwidth_gbps is None else args.bandwidth_gbps * 1e9 / 8)
-    result = simulate(plan, cost, memory, link)
+    host = host_budget_from_args(args, cost) if args.host_memory_budget is not None else None
+    result = simulate(plan, cost, memory, link, host_memory_budget=host)
     if args.chart:
         from ..sim.charts import draw_chart
 
@@ -63,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"  iteration time {result.iteration_time_s:.4f} s, bubble ratio {result.bubble_ratio:.1%}, "
               f"recompute {result.recompute_time_s:.4f} s (all stages)")
         for s, peak in enumerate(result.peak_memory_bytes):
-            print(f"  stage {s}: busy {result.busy_s[s]:.4f} s, peak memory {peak / GIB:.2f} GiB")
+            host = ""
+            if result.offloaded_bytes[s] or result.peak_host_bytes[s]:
+                host = (f"; host: {result.offloaded_bytes[s] / GIB:.1f} GiB offloaded, "
+                        f"peak {result.peak_host_bytes[s] / GIB:.2f} GiB, waited {result.exposed_copy_s[s]:.4f} s for copies")
+            print(f"  stage {s}: busy {result.busy_s[s]:.4f} s, peak memory {peak / GIB:.2f} GiB{host}")
         print("  fits in memory" if result.feasible else "  OUT OF MEMORY: " + "; ".join(map(str, result.oom)))
     return 0

@@ -17,9 +17,10 @@ GIB = float(2**30)
 MIB = float(2**20)
 
 
-def parse_bytes(value: str | int, name: str = "value") -> int:
+def parse_bytes(value: str | int, name: str = "value", allow_zero: bool = False) -> int:
     """``"80GiB"`` -> 85899345920. Binary (KiB .. TiB) and decimal (KB .. TB) units, any case; a
-    bare number is bytes. The size must be > 0; ``name`` says which input in the error."""
+    bare number is bytes. The size must be > 0 (or 0, where ``allow_zero`` says it turns a
+    feature off); ``name`` says which input in the error."""
     if isinstance(value, bool):
         raise ValueError(f"{name} must be a size like '80GiB', got {value!r}")
     if isinstance(value, int):
@@ -30,8 +31,8 @@ def parse_bytes(value: str | int, name: str = "value") -> int:
         if m is None or unit not in _BYTE_UNITS:
             raise ValueError(f"{name} must be a size like '80GiB' or '512MiB', got {value!r}")
         size = int(float(m.group(1)) * _BYTE_UNITS[unit])
-    if size <= 0:
-        raise ValueError(f"{name} must be > 0 bytes, got {value!r}")
+    if size < 0 or (size == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} bytes, got {value!r}")
     return size
 
 

@@ -54,4 +54,17 @@ def explain_metadata(meta: dict[str, Any]) -> list[str]:
         lines.append(f"  the search ended before its deadline of {meta['deadline_s']:.2f}s")
     lines.append(f"chosen: {chosen}: the fastest plan that fits the memory budget in simulation"
                  if chosen else "no candidate fits")
+    lines += host_tier_lines(meta)
+    return lines
+
+
+def host_tier_lines(meta: dict[str, Any]) -> list[str]:
+    """What the chosen plan keeps on the host, per stage (plans made with a host tier)."""
+    if not meta.get("host_memory_budget"):
+        return []
+    moved, exposed = meta.get("offloaded_bytes") or [], meta.get("exposed_copy_s") or []
+    where = "waits on the host during the step" if meta.get("offload_optimizer") else "stays on the device"
+    lines = [f"host tier ({meta['host_memory_budget'] / 2**30:.0f} GiB per device): the optimizer state {where}"]
+    lines += [f"  stage {s}: {b / 2**30:.1f} GiB of saved activations offloaded, {e:.3f}s waited for copies back"
+              for s, (b, e) in enumerate(zip(moved, exposed))]
     return lines

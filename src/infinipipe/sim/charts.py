@@ -2,7 +2,8 @@
 
 One row per stage; forward boxes blue and backward boxes orange (told apart at a glance however
 many chunks there are, each box outlined), the recompute part of a backward purple, idle time
-light grey so bubbles stand out, and a legend naming each. Below, each stage's memory over time
+light grey so bubbles stand out, and a legend naming each; with a host tier, two thin lanes under
+each stage's actions show its copies to the host and back. Below, each stage's memory over time
 with the device budget.
 """
 from __future__ import annotations
@@ -19,7 +20,8 @@ from ..contract.ir import Plan  # noqa: E402
 from ..contract.units import GIB  # noqa: E402
 from .simulator import SimResult  # noqa: E402
 
-COLOURS = {"F": "#4c72b0", "B": "#dd8452", "recompute": "#8172b3", "idle": "#e6e6e6"}
+COLOURS = {"F": "#4c72b0", "B": "#dd8452", "recompute": "#8172b3", "idle": "#e6e6e6", "d2h": "#55a868",
+           "h2d": "#c44e52"}
 
 
 def draw_chart(plan: Plan, result: SimResult, path: str | Path) -> Path:
@@ -29,14 +31,18 @@ def draw_chart(plan: Plan, result: SimResult, path: str | Path) -> Path:
         2, 1, figsize=(14, 2.0 + 0.55 * stages + 3.0), height_ratios=[0.55 * stages + 1, 3], sharex=True
     )
     end = result.iteration_time_s
+    height = 0.6 if result.copies else 0.8  # room for the copy lanes below the actions
     for s in range(stages):
-        gantt.broken_barh([(0, end)], (s - 0.4, 0.8), facecolors=COLOURS["idle"], edgecolor="none")
+        gantt.broken_barh([(0, end)], (s - 0.4, height), facecolors=COLOURS["idle"], edgecolor="none")
     for iv in result.intervals:
-        gantt.broken_barh([(iv.start_s, iv.end_s - iv.start_s)], (iv.stage - 0.4, 0.8),
+        gantt.broken_barh([(iv.start_s, iv.end_s - iv.start_s)], (iv.stage - 0.4, height),
                           facecolors=COLOURS[iv.kind], edgecolor="white", linewidth=0.4)
         if iv.recompute_s > 0:
-            gantt.broken_barh([(iv.start_s, iv.recompute_s)], (iv.stage - 0.4, 0.8),
+            gantt.broken_barh([(iv.start_s, iv.recompute_s)], (iv.stage - 0.4, height),
                               facecolors=COLOURS["recompute"], edgecolor="white", linewidth=0.4)
+    for stage, direction, start, stop in result.copies:
+        gantt.broken_barh([(start, stop - start)], (stage + (0.22 if direction == "d2h" else 0.31), 0.08),
+                          facecolors=COLOURS[direction], edgecolor="none")
     gantt.set_yticks(range(stages), [f"stage {s}" for s in range(stages)])
     gantt.invert_yaxis()
     gantt.set_title(
@@ -48,6 +54,8 @@ def draw_chart(plan: Plan, result: SimResult, path: str | Path) -> Path:
         Patch(facecolor=COLOURS["B"], label="backward"),
         Patch(facecolor=COLOURS["recompute"], label="recompute (start of a backward)"),
         Patch(facecolor=COLOURS["idle"], label="idle (bubble)"),
+        *([Patch(facecolor=COLOURS["d2h"], label="copy to host"), Patch(facecolor=COLOURS["h2d"], label="copy back")]
+          if result.copies else []),
     ], loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     for s, timeline in enumerate(result.memory_timeline):
         times = [t for t, _ in timeline] + [end]

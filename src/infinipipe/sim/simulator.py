@@ -133,13 +133,15 @@ class SimResult:
 
 
 def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
-             link: LinkModel | None = None) -> SimResult:
+             link: LinkModel | None = None, host_memory_budget: float | None = None) -> SimResult:
     """Run ``plan`` on ``cost``; ``memory_budget`` (per device) defaults to the plan's metadata;
     ``link`` (every hop's) to the cost model's layout's hop links. Offloaded layers and an
     optimizer state kept on the host (``metadata.offload_optimizer``) copy over the profile's
-    `HostLink`; host memory is checked against ``metadata.host_memory_budget``."""
+    `HostLink`; host memory is checked against ``host_memory_budget`` (default: the plan's
+    ``metadata.host_memory_budget``)."""
     budget = memory_budget if memory_budget is not None else plan.metadata.get("memory_budget")
-    host_budget = plan.metadata.get("host_memory_budget", cost.host_budget or None)
+    host_budget = (host_memory_budget if host_memory_budget is not None
+                   else plan.metadata.get("host_memory_budget", cost.host_budget or None))
     cost = plan_cost(plan, cost)
     run = _play(plan, cost, link, record=True)
     stages, shapes, intervals = plan.num_stages, run.shapes, run.intervals
