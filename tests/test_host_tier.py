@@ -225,3 +225,24 @@ def test_plan_explains_and_simulate_reports_what_waits_on_the_host(tmp_path, cap
     assert main([*args, "--host-memory-budget", "0"]) == 0
     plain = Plan.loads(out.read_text())
     assert not any(a.offload_layers for acts in plain.stage_actions for a in acts)
+
+
+def test_a_run_whose_host_budget_this_machine_cannot_give_is_refused_before_launch_naming_the_bytes(monkeypatch):
+    import os
+
+    from infinipipe.config import load_config
+    from infinipipe.train.validate import check_config
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    args = ["--model.flavor=llama-7b", "--training.mixed_precision=bf16", "--epp.profile=h100-bf16-llama-7b",
+            "--parallelism.pipeline_parallel_degree=4"]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    too_much = f"{ram // 4 // 2**20 + 1024}MiB"
+    with pytest.raises(ValueError, match=rf"epp.host_memory_budget = {too_much} per device x 4 rank\(s\) on this "
+                                         rf"machine is \d+ bytes, more than its {ram} bytes of memory"):
+        check_config(load_config(None, [*args, f"--epp.host_memory_budget={too_much}"]))
+    check_config(load_config(None, [*args, "--epp.host_memory_budget=1GiB"]))
+    check_config(load_config(None, [*args, "--epp.host_memory_budget=0"]))
+    check_config(load_config(None, [f"--epp.host_memory_budget={too_much}"]))  # the CPU profile has no host tier
+    with pytest.raises(ValueError, match="epp.host_memory_budget must be a size"):
+        load_config(None, ["--epp.host_memory_budget=lots"])

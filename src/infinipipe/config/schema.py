@@ -341,6 +341,10 @@ class DataConfig:
 class EPPConfig(PlannerOptions):
     """The planner, its memory budget per device and cost profile, plus every `PlannerOptions` knob.
 
+    ``host_memory_budget`` is the host memory per device that offloaded activations and the
+    optimizer state may fill ("0" turns the host tier off); it is used only where the profile
+    has a host link (`HostLink`), and refused before launch where this machine cannot give it.
+
     ``profile = ""`` means the profile measured for (or shipped for) the device being used; a
     name or a JSON file path picks another. ``prefetch`` plans step i+1 while step i trains.
     A run plans behind a step, so the search has a deadline and a pool by default
@@ -351,6 +355,7 @@ class EPPConfig(PlannerOptions):
     pool_size: int = BEHIND_A_STEP["pool_size"]
     planner: str = "epp"
     memory_budget: str = "4GiB"
+    host_memory_budget: str = "128GiB"
     profile: str = ""
     prefetch: bool = True
 
@@ -361,10 +366,15 @@ class EPPConfig(PlannerOptions):
         if not self.planner:
             raise ValueError("epp.planner must name a planner")
         parse_bytes(self.memory_budget, "epp.memory_budget")
+        parse_bytes(self.host_memory_budget, "epp.host_memory_budget", allow_zero=True)
 
     @property
     def memory_budget_bytes(self) -> int:
         return parse_bytes(self.memory_budget, "epp.memory_budget")
+
+    @property
+    def host_memory_budget_bytes(self) -> int:
+        return parse_bytes(self.host_memory_budget, "epp.host_memory_budget", allow_zero=True)
 
 
 @dataclass(frozen=True)

@@ -194,6 +194,9 @@ def _predict(sp: StepPlans, cost: CostModel, memory_budget: int) -> dict:
         "bubble_ratio": max(s.bubble_ratio for s in sims),
         "iteration_time_s": max(s.iteration_time_s for s in sims),
         "peak_step_bytes": [list(s.peak_step_bytes) for s in sims],
+        "offloaded_bytes": [list(s.offloaded_bytes) for s in sims],
+        "peak_host_bytes": [list(s.peak_host_bytes) for s in sims],
+        "exposed_copy_s": [list(s.exposed_copy_s) for s in sims],
     }
 
 
@@ -266,7 +269,8 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
     # The planning process and its pool run on rank 0's node, beside that node's training ranks.
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     options = replace(options, pool_size=resolve_pool_size(options.pool_size, ranks_here))
-    planner = StepPlanner(cost, sampler, cfg.epp.planner, pp, mesh.dp, memory, layers, options)
+    planner = StepPlanner(cost, sampler, cfg.epp.planner, pp, mesh.dp, memory, layers, options,
+                          cfg.epp.host_memory_budget_bytes)
     root = rank == 0
     losses: list[float] = []
     tokens = 0

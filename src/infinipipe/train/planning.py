@@ -149,6 +149,7 @@ class StepPlanner:
     memory_budget: int
     layers_per_stage: tuple[int, ...]
     options: PlannerOptions
+    host_memory_budget: int = 0
 
     def __call__(self, ask: PlanAsk | int) -> StepPlans:
         """The step's plans. The replicas' searches share one deadline: ``deadline_share`` of the
@@ -169,7 +170,8 @@ class StepPlanner:
                 opts = replace(self.options, deadline_s=left)
             request = PlanRequest([lengths[i] for i in share], self.cost, self.num_stages, self.memory_budget,
                                   self.layers_per_stage, opts, step_s=ask.step_s,
-                                  warm=ask.warm[r] if r < len(ask.warm) else None)
+                                  warm=ask.warm[r] if r < len(ask.warm) else None,
+                                  host_memory_budget=self.host_memory_budget)
             plans.append(make_plan(self.planner, request))
         deadlines = [p.metadata.get("deadline_s") for p in plans]
         return StepPlans(step, tuple(tuple(s) for s in shares), tuple(plans), time.perf_counter() - t0,

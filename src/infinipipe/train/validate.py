@@ -10,6 +10,7 @@ its manifest, file sizes and model (hashing its files is left to the ranks, a sh
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -43,7 +44,22 @@ def check_config(cfg: Config) -> JobShape:
         raise ValueError(f"parallelism.pipeline_parallel_degree = {pp} exceeds the model's {model.layers} layers "
                          "(every stage holds at least one layer)")
     cost = job_cost(cfg, model)
+    check_host_budget(cfg, cost)
     return JobShape(cost, balance_layers(cost, pp))
+
+
+def check_host_budget(cfg: Config, cost) -> None:
+    """A host tier this machine cannot give is refused before anything starts: its ranks' host
+    budgets together must fit the machine's memory (used only where the profile has a host link)."""
+    budget = cfg.epp.host_memory_budget_bytes
+    if not budget or cost.host_link is None:
+        return
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", ParallelDims.from_config(cfg.parallelism).world_size))
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if budget * ranks_here > ram:
+        raise ValueError(f"epp.host_memory_budget = {cfg.epp.host_memory_budget} per device x {ranks_here} rank(s) on "
+                         f"this machine is {budget * ranks_here} bytes, more than its {ram} bytes of memory; set at "
+                         f"most --epp.host_memory_budget={_round_down(ram // ranks_here)} (or 0 to turn the tier off)")
 
 
 def check_first_step(cfg: Config, dataset: TokenDataset, shape: JobShape) -> None:
@@ -98,6 +114,11 @@ def _check_model(checkpoint: Path, cfg: Config) -> None:
         raise CheckpointError(f"checkpoint {checkpoint} holds another model than this job's ({', '.join(changed)}); "
                               f"resume it with its own config ({checkpoint / CONFIG}), or use another --run-dir "
                               "or --checkpoint.enable=false to start over")
+
+
+def _round_down(nbytes: float) -> str:
+    """A budget a person would type that ``nbytes`` holds: whole GiB, else whole MiB."""
+    return f"{int(nbytes) // 2**30}GiB" if nbytes >= 2**30 else f"{int(nbytes) // 2**20}MiB"
 
 
 def _round_up(nbytes: float) -> str:
