@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from chunking import HAND_CHUNKS, HAND_LENGTHS, sequential_plan
+from chunking import HAND_CHUNKS, HAND_LENGTHS, sequential_plan, with_offload
 from infinipipe.contract.ir import Action, Chunk, Plan, Segment, validate_plan
 from infinipipe.contract.model_config import ModelConfig
 from infinipipe.planners.schedule import epp_schedule
@@ -22,27 +22,6 @@ CFG = ModelConfig(vocab_size=97, hidden=32, layers=5, heads=4, kv_heads=2, ffn=6
 TOL = {torch.float64: 1e-5, torch.float32: 1e-4}
 CPU = torch.device("cpu")
 SPLIT = (2, 3)
-
-
-def with_offload(plan: Plan, modes, lead=max) -> Plan:
-    """Each chunk on each stage takes ``modes(stage, chunk, layers)`` = (whole, elementwise,
-    offloaded) layers; an offloading backward reloads ``lead(1, most)`` actions ahead, ``most``
-    being the earliest start after the forward (a chunk whose backward follows its forward keeps
-    its layers)."""
-    stages = []
-    for s, actions in enumerate(plan.stage_actions):
-        pos = {(a.kind, a.chunk_id): i for i, a in enumerate(actions)}
-        out = []
-        for a in actions:
-            whole, elementwise, off = modes(s, a.chunk_id, plan.layers_per_stage[s])
-            most = pos["B", a.chunk_id] - pos["F", a.chunk_id] - 1
-            off = off if most >= 1 else 0
-            reload = lead(1, most) if a.kind == "B" and off else 0
-            out.append(Action(a.kind, a.chunk_id, whole, elementwise, off, reload))
-        stages.append(tuple(out))
-    plan = dataclasses.replace(plan, stage_actions=tuple(stages))
-    validate_plan(plan)
-    return plan
 
 
 def _batch(seed=5):
