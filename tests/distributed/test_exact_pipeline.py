@@ -139,7 +139,8 @@ def run_cases(dp: int, pp: int, layers: tuple[int, ...], cases):
     out = []
     for plans, batches in cases:
         res = worker.run_step(plans[mesh.dp_rank], batches[mesh.dp_rank])
-        out.append((res.loss, {n: p.grad.clone() for n, p in worker.model.named_parameters()}))
+        grads = {n: p.grad.clone() for n, p in worker.model.named_parameters()}
+        out.append((res.loss, grads, worker.host_tier.in_use_peak))
     return mesh.dp_rank, mesh.stage, out
 
 
@@ -149,7 +150,7 @@ def check_all(results, refs, names):
             grads = {}
             for d, _, out in results:
                 if d == dp_rank:
-                    loss, g = out[i]
+                    loss, g, _ = out[i]
                     grads.update(g)
             assert_matches_reference(loss, grads, ref_loss, ref_grads, TOL, names[i])
 
@@ -200,3 +201,5 @@ def mesh_runs() -> dict[str, tuple]:
 def test_multiprocess_loss_and_gradients_equal_full_sequence_reference(mesh, mesh_runs):
     _, refs, names, results = mesh_runs[mesh]
     check_all(results, refs, names)
+    offloading = [i for i, name in enumerate(names) if "offload" in name]
+    assert offloading and all(max(out[i][2] for *_, out in results) > 0 for i in offloading)
