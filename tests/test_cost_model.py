@@ -263,7 +263,7 @@ def test_profile_cli_from_measurements_reports_held_out_error(tmp_path, capsys):
     out = tmp_path / "p.json"
     assert main(["profile", "--from-measurements", str(MEASUREMENTS), "--model", "llama3-8b",
                  "--elementwise-from", str(MEASUREMENTS.parent / "layer-bytes-elementwise-cpu-bf16.json"),
-                 "--out", str(out), "--json"]) == 0
+                 "--host-link", "published", "--out", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["fit_error"]["time"]["median"] < 0.05
     assert_refit_matches(Profile.load(out), load_profile("h100-bf16-llama3-8b"),

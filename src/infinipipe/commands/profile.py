@@ -4,6 +4,7 @@ between local processes for the cost model's SP and FSDP collectives."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -40,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="processes for --links (default: the GPUs here when more than one, else 2)")
     p.add_argument("--link-bytes", default="64KiB,1MiB,8MiB",
                    help="message sizes for --links, bytes each rank holds, comma separated (default 64KiB,1MiB,8MiB)")
+    p.add_argument("--host-link", metavar="FILE|published|measure",
+                   help="the pinned copies to the host that offloading plans on: a host link JSON, 'published' "
+                        "(the H100 figures docs/COST_MODEL.md cites) or 'measure' (this GPU's, alone and concurrent)")
     p.add_argument("--layers", type=int, default=2, help="layers to measure (layers are identical)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
@@ -55,6 +59,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
+
+
+def read_host_link(spec: str):
+    """``--host-link``: a file, the published figures, or this GPU measured."""
+    from ..contract.host import PUBLISHED_H100_HOST, HostLink
+
+    if spec == "published":
+        return PUBLISHED_H100_HOST
+    if spec == "measure":
+        from ..profiling.host_copies import measure_host_link
+
+        return measure_host_link()
+    path = Path(spec)
+    try:
+        return HostLink.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--host-link {spec}: {exc}") from None
 
 
 def run_links(args: argparse.Namespace) -> int:
@@ -139,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
                                         max_tokens=args.max_tokens or (32768 if device.startswith("cuda") else 512),
                                         min_len=args.min_len, warmup=args.warmup, reps=args.reps, passes=args.passes,
                                         threads=args.threads)
+    if args.host_link:
+        prof = dataclasses.replace(prof, host_link=read_host_link(args.host_link))
     if args.out:
         prof.save(args.out)
     if args.measurements_out:

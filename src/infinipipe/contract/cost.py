@@ -10,6 +10,7 @@ checkpointing ILP.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -19,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .host import HostLink
 from .ir import check_format_version
 from .layout import StageLayout
 from .model_config import ModelConfig, preset
@@ -86,7 +88,9 @@ class Profile:
     measured before these were recorded estimate them from ``layer_act_bytes`` (`CostModel`).
     ``layer_elementwise_bytes`` and ``layer_elementwise_ms`` (`ELEMENTWISE_TERM_NAMES`) are what a
     layer run in elementwise-recompute mode keeps fewer and adds to its backward; without them the
-    checkpointing choice is between storing a layer and recomputing it whole.
+    checkpointing choice is between storing a layer and recomputing it whole. ``host_link`` is the
+    device's pinned copies to its host and the host memory behind them (`HostLink`); without it
+    nothing is offloaded.
     """
 
     model: ModelConfig
@@ -106,6 +110,7 @@ class Profile:
     layer_bwd_work_bytes: LinearTerm | None = None
     layer_elementwise_bytes: LinearTerm | None = None
     layer_elementwise_ms: LinearTerm | None = None
+    host_link: HostLink | None = None
     torch_version: str = ""
     source: str = ""
     derived_from: str | None = None
@@ -125,7 +130,7 @@ class Profile:
                 name: getattr(self, name).to_json() for name in names
             },
             "fit_error": self.fit_error,
-        }
+        } | ({"host_link": self.host_link.to_json()} if self.host_link else {})
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> "Profile":
@@ -141,6 +146,7 @@ class Profile:
             source=obj.get("source", ""),
             derived_from=obj.get("derived_from"),
             fit_error=dict(obj.get("fit_error", {})),
+            host_link=HostLink.from_json(obj["host_link"]) if obj.get("host_link") else None,
             **terms,
         )
 
@@ -239,17 +245,24 @@ class CostModel:
     ``1/sp`` of the activations, and adds two all-to-alls per layer in forward (Q, K and V in one,
     as the runtime sends them, then the output) and two in backward (their gradients). FSDP costs
     and memory follow `StageLayout`. With the default layout (one rank per stage) every figure
-    is the profile's own.
+    is the profile's own. With ``optimizer_on_host`` the optimizer state (fp32 master weights and
+    moments) lives on the host during a step (`optimizer_host_bytes`): out of `model_state_bytes`.
+    ``host_budget`` is the host memory one device may fill (offloaded activations and that
+    optimizer state); 0, or a profile without a `HostLink`, plans no offload.
     """
 
     profile: Profile
     model: ModelConfig
     optimizer: OptimizerStates | None = None
     layout: StageLayout = StageLayout()
+    optimizer_on_host: bool = False
+    host_budget: float = 0.0
 
     def __post_init__(self) -> None:
         if self.optimizer is None:  # a run trains in its profile's precision (the planner checks it)
             object.__setattr__(self, "optimizer", training_states(self.profile.dtype))
+        if self.host_budget < 0:
+            raise ValueError(f"host_budget must be >= 0 bytes, got {self.host_budget}")
         if self.model.cost_shape() != self.profile.model.cost_shape():
             raise ValueError(
                 f"profile was made for model shape {self.profile.model.to_json()}, "
@@ -423,7 +436,7 @@ class CostModel:
         """
         return self.profile.head_work_bytes(shape) * min(1.0, shape.tokens / self.layout.sp / LOSS_BLOCK_TOKENS)
 
-    def model_state_bytes(self, n_layers: int, first: bool = False, last: bool = False) -> float:
+    def all_model_state_bytes(self, n_layers: int, first: bool = False, last: bool = False) -> float:
         """Parameters, gradients and optimizer state of a stage on one rank.
 
         Sharded over ``fsdp`` ranks once per step: gathered weights and accumulated gradients are
@@ -439,6 +452,42 @@ class CostModel:
             return params * (opt.param_bytes + opt.grad_bytes) + params * (opt.param_bytes + opt.state_bytes) / d
         layer = self.model.layer_params()
         return params * opt.per_param / d + layer * (2 * opt.param_bytes + opt.grad_bytes)
+
+    def model_state_bytes(self, n_layers: int, first: bool = False, last: bool = False) -> float:
+        """What a stage keeps on the device through a step: `all_model_state_bytes` less the
+        optimizer state where it waits on the host (``optimizer_on_host``)."""
+        states = self.all_model_state_bytes(n_layers, first, last)
+        return states - self.optimizer_host_bytes(n_layers, first, last) if self.optimizer_on_host else states
+
+    def optimizer_host_bytes(self, n_layers: int, first: bool = False, last: bool = False) -> float:
+        """The optimizer state one rank holds (moments, and fp32 master weights under mixed
+        precision: `OptimizerStates.state_bytes`), sharded where FSDP shards it: read only by the
+        optimizer step, so it can wait for the step on the host."""
+        return self._stage_params(n_layers, first, last) * self.optimizer.state_bytes / self.layout.fsdp
+
+    @property
+    def host_link(self) -> HostLink | None:
+        return self.profile.host_link
+
+    def with_host_tier(self, host_budget: float, layers: tuple[int, ...]) -> "CostModel":
+        """This device, on stages of ``layers`` layers, with ``host_budget`` bytes of host memory
+        behind it: the optimizer state waits on the host where the budget holds every stage's."""
+        if host_budget <= 0 or self.host_link is None:
+            return dataclasses.replace(self, host_budget=0.0, optimizer_on_host=False)
+        last = len(layers) - 1
+        fits = all(self.optimizer_host_bytes(n, s == 0, s == last) <= host_budget for s, n in enumerate(layers))
+        return dataclasses.replace(self, host_budget=float(host_budget), optimizer_on_host=fits)
+
+    def offloaded_bytes(self, shape: ChunkShape, n_layers: int, recompute: int, elementwise: int, offload: int) -> float:
+        """Bytes the stage's last ``offload`` layers keep for a chunk's backward, which an offload
+        moves to the host: a recomputed layer's input, an elementwise layer's reduced set, a stored
+        layer's activations (never the K/V store, `layer_act_bytes` leaves its rows out)."""
+        kept = n_layers - offload
+        whole = max(0, recompute - kept)
+        elem = max(0, min(recompute + elementwise, n_layers) - max(recompute, kept))
+        act = self.layer_act_bytes(shape)
+        return (offload * act - whole * (act - self.ckpt_layer_bytes(shape))
+                - elem * self.elementwise_saved_bytes(shape))
 
     def grad_bytes(self, n_layers: int, first: bool = False, last: bool = False) -> float:
         """The part of `model_state_bytes` a step allocates itself: its gradients (set to None

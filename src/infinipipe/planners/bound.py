@@ -6,7 +6,9 @@ Whatever the chunking, schedule and checkpointing, the longest sequence must pas
   K/V store and that store's dK/dV, which the backward allocates;
 - whole, its one chunk's backward holds those inputs and rematerialises a layer.
 The smaller of the two, plus the stage's model states, is what the stage cannot do without. A
-budget under the bound has no plan; `plan_epp` refuses it at once and names the stage.
+budget under the bound has no plan; `plan_epp` refuses it at once and names the stage. With a
+host tier (`CostModel.host_budget`) a split sequence's checkpoints may wait on the host, so only
+its K/V store and dK/dV count, and the states are those kept on the device through the step.
 """
 from __future__ import annotations
 
@@ -47,13 +49,15 @@ def memory_lower_bound(cost: CostModel, layers: Sequence[int], lengths: Sequence
     whole = ChunkShape((longest,))
     store = ChunkShape((longest,), kept=longest)
     last = len(layers) - 1
+    offloads = cost.host_budget > 0 and cost.host_link is not None
     stages = []
     for s, n in enumerate(layers):
         first, is_last = s == 0, s == last
         # A slice's checkpointed inputs, output and token ids are linear in its tokens: all of
         # them together cost what one chunk of the whole sequence does.
-        split = (cost.activation_bytes(whole, n, n, first, is_last) + cost.kv_bytes(store, n)
-                 + cost.dkv_bytes(store, n)) if longest > 1 else float("inf")
+        # With a host tier every slice's checkpoints may wait on the host; the store never moves.
+        inputs = 0.0 if offloads else cost.activation_bytes(whole, n, n, first, is_last)
+        split = (inputs + cost.kv_bytes(store, n) + cost.dkv_bytes(store, n)) if longest > 1 else float("inf")
         unsplit = cost.chunk_memory(whole, n, first, is_last).during_backward(n)
         stages.append(MemoryBound(s, cost.model_state_bytes(n, first, is_last), min(split, unsplit), longest,
                                   split < unsplit))

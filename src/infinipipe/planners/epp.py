@@ -159,6 +159,8 @@ def _plan_epp(request: PlanRequest, checkpointing: str, compose: bool = True, de
     own searches may not, so parts never nest. A part's search gets its parent's ``deadline``
     and ``pool``; the whole batch's search makes them from the request's options."""
     started = time.perf_counter()
+    if checkpointing == "ilp":  # the ILP decides what waits on the host; the ablations keep their own recompute
+        request = request.with_host_tier()
     memory = float(request.memory_budget)
     name = PLANNER_NAMES[checkpointing]
     opts = request.options
@@ -215,6 +217,9 @@ def _plan_epp(request: PlanRequest, checkpointing: str, compose: bool = True, de
         "winner": best.candidate.to_json(),
         "planning_time_s": time.perf_counter() - started,
     }
+    if request.cost.host_budget:
+        meta |= {"host_memory_budget": request.cost.host_budget, "offload_optimizer": request.cost.optimizer_on_host,
+                 "offloaded_bytes": list(best.sim.offloaded_bytes), "exposed_copy_s": list(best.sim.exposed_copy_s)}
     return dataclasses.replace(best.plan, metadata=meta)
 
 

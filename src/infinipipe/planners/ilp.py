@@ -41,6 +41,7 @@ from ..contract.ir import Action, Plan
 from ..contract.shapes import ChunkShape
 from ..contract.units import GIB, format_bytes
 from ..sim.simulator import gradient_store_bytes
+from .offload import Offload, action_starts, plan_offload
 
 _FEAS_TOL = 1.0  # bytes: slack allowed when checking a rounded solution
 _ROWS_PER_ROUND = 100  # most violated windows the LP relaxation takes in per round
@@ -178,6 +179,7 @@ class PlanProblem:
     budgets: np.ndarray                     # budget of each stage
     problem: CheckpointProblem
     elementwise_of: int = 0              # offset from a diagonal's ``r`` to its ``u`` (0: no elementwise)
+    offload: Offload | None = None       # what waits on the host (`plan_offload`), where anything does
 
 
 def stage_budgets(memory_budget: float | Sequence[float], num_stages: int) -> np.ndarray:
@@ -244,10 +246,11 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
     cache = cache if cache is not None else SolverCache()
     memo = cache.terms
     shapes = [ChunkShape.of(c, plan.seq_lengths) for c in plan.chunks]
-    key = (tuple(shapes), tuple(budgets.tolist()), layers, plan.pipelines,
+    key = (tuple(shapes), tuple(budgets.tolist()), layers, plan.pipelines, cost.host_budget, cost.optimizer_on_host,
            tuple(tuple((a.kind, a.chunk_id) for a in actions) for actions in plan.stage_actions))
     if key in cache.problems:
         return dataclasses.replace(cache.problems[key], plan=plan)
+    offload = plan_offload(plan, cost, shapes, _binding(plan, cost, shapes, budgets)) if cost.host_budget else None
     var_of, _ = diagonal_variables(plan)
     nvars = max(var_of.values()) + 1 if var_of else 0
     # Diagonal of (stage s, chunk c) = diagonal of (last stage, c) + (last - s).
@@ -282,6 +285,7 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
             memo[key] = cost.chunk_memory(sh, n_l, first, last).row()
         return memo[key]
 
+    act_bytes = np.array([term(cost.layer_act_bytes, sh) for sh in shapes])
     n_rows = 0
     win_stage, win_start, win_len, win_flat, win_own, win_fwd = [], [], [], [], [], []
     need, full_mem, rows, cols, slope, lcap = [], [], [], [], [], []
@@ -300,7 +304,16 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
         extra = np.where(forward, fwd_extra[own], bwd_extra[own])  # added at its own full recompute
         e_extra = np.where(forward, fwd_e_extra[own], bwd_e_extra[own])  # at elementwise with none stored
         grads, _ = gradient_store_bytes(plan, s, cost, shapes)
-        no_ckpt = states + work + grads + np.bincount(row, weights=base[flat], minlength=len(lens))
+        states = states + _optimizer_on_device(plan, cost, s, shapes, offload)
+        # A chunk whose offloaded layers are on the host in a window holds none of their bytes
+        # there, and recompute saves only on its other layers (`Offload`).
+        moved, cap = np.zeros(len(flat)), np.full(len(flat), float(n_l))
+        if offload is not None:
+            off = offload.stages[s]
+            between = off.between(row, flat)
+            moved[between] = (off.layers[flat] * act_bytes[flat])[between]
+            cap[between] -= off.layers[flat][between]
+        no_ckpt = states + work + grads + np.bincount(row, weights=base[flat] - moved, minlength=len(lens))
         keep = no_ckpt > budgets[s]
         if not keep.any():
             continue
@@ -315,8 +328,8 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
         win_own.append(own[keep])
         win_fwd.append(forward[keep])
         need.append(no_ckpt[keep] - budgets[s])
-        held_full = base - n_l * per_layer
-        full_mem.append((states + work + grads + extra + np.bincount(row, weights=held_full[flat], minlength=len(lens)))[keep])
+        held_full = base[flat] - moved - cap * per_layer[flat]
+        full_mem.append((states + work + grads + extra + np.bincount(row, weights=held_full, minlength=len(lens)))[keep])
         # Every chunk of a window saves per_layer x min(r, n); its own chunk saves extra less at r = n,
         # written as (per_layer - extra) x min(r, n) + extra x min(r, n - 1). With elementwise
         # recompute the same holds of (e_slope, e_extra) and u, less from r (`ChunkMemory`).
@@ -330,7 +343,7 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
             rows.append(new_row[row[entry]])
             cols.append(var[kept] + offset)
             slope.append(k_layer[kept] - np.where(is_own, k_extra[row[entry]], 0.0))
-            lcap.append(np.full(len(kept), float(n_l)))
+            lcap.append(cap[entry])
             mine = keep & (k_extra > 0) if n_l > 1 else np.zeros_like(keep)
             rows.append(new_row[mine])
             cols.append(var[own[mine]] + offset)
@@ -347,8 +360,47 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
     windows = Windows(cat(win_stage, np.int64), cat(win_start, np.int64), cat(win_len, np.int64),
                       cat(win_flat, np.int64), cat(win_own, np.int64), cat(win_fwd, bool))
     cache.problems[key] = PlanProblem(plan=plan, var_of=var_of, windows=windows, full_memory=cat(full_mem, float),
-                                      budgets=budgets, problem=problem, elementwise_of=u_of)
+                                      budgets=budgets, problem=problem, elementwise_of=u_of,
+                                      offload=offload)
     return cache.problems[key]
+
+
+def _binding(plan: Plan, cost: CostModel, shapes: list[ChunkShape], budgets: np.ndarray) -> list[np.ndarray]:
+    """Per stage and action, whether its window exceeds the stage's budget with nothing
+    recomputed or offloaded (the windows where a byte off the device saves recompute)."""
+    out = []
+    last = plan.num_stages - 1
+    roles: dict[tuple[int, bool, bool], np.ndarray] = {}
+    for s, n in enumerate(plan.layers_per_stage):
+        first, is_last = s == 0, s == last
+        if (n, first, is_last) not in roles:
+            roles[(n, first, is_last)] = np.array([cost.chunk_memory(sh, n, first, is_last).row()[:5:2]
+                                                   for sh in shapes]).reshape(len(shapes), 3)
+        base, fwd_work, bwd_work = roles[(n, first, is_last)].T
+        lens, flat, own, forward = stage_windows(plan, s)
+        row = np.repeat(np.arange(len(lens)), lens)
+        grads, _ = gradient_store_bytes(plan, s, cost, shapes)
+        held = np.bincount(row, weights=base[flat], minlength=len(lens))
+        out.append(cost.model_state_bytes(n, first, is_last) + np.where(forward, fwd_work[own], bwd_work[own])
+                   + grads + held > budgets[s])
+    return out
+
+
+def _optimizer_on_device(plan: Plan, cost: CostModel, stage: int, shapes: list[ChunkShape],
+                         offload: Offload | None) -> np.ndarray:
+    """Per action of ``stage``: the optimizer state on the device while it runs, where the state
+    waits on the host: until its copy out ends (`Offload.optimizer_out_s`; actions back to back
+    start no later than they do) and again from the start of its copy back
+    (`Offload.optimizer_back_lead` actions before the stage's end)."""
+    actions = plan.stage_actions[stage]
+    if offload is None or not cost.optimizer_on_host:
+        return np.zeros(len(actions))
+    start, _ = action_starts(plan, cost, stage, shapes)
+    last = plan.num_stages - 1
+    opt = cost.optimizer_host_bytes(plan.layers_per_stage[stage], stage == 0, stage == last)
+    on_device = np.where(start < offload.optimizer_out_s[stage], opt, 0.0)
+    on_device[len(actions) - offload.optimizer_back_lead[stage]:] = opt  # copied back for the optimizer step
+    return on_device
 
 
 def check_full_recompute(pp: PlanProblem) -> None:
@@ -671,7 +723,9 @@ def apply_solution(pp: PlanProblem, c: np.ndarray, info: dict[str, Any]) -> Plan
         v = pp.var_of[(s, a.chunk_id)]
         r = int(min(c[v], layers[s]))
         u = int(min(c[v + pp.elementwise_of], layers[s])) if pp.elementwise_of else r
-        return Action(a.kind, a.chunk_id, r, u - r)
+        f = int(pp.offload.stages[s].layers[a.chunk_id]) if pp.offload is not None else 0
+        lead = int(pp.offload.stages[s].lead[a.chunk_id]) if f and a.kind == "B" else 0
+        return Action(a.kind, a.chunk_id, r, u - r, f, lead)
 
     stage_actions = tuple(tuple(action(s, a) for a in actions) for s, actions in enumerate(plan.stage_actions))
     _, offsets = diagonal_variables(plan)
@@ -687,8 +741,11 @@ def apply_solution(pp: PlanProblem, c: np.ndarray, info: dict[str, Any]) -> Plan
     if pp.elementwise_of:
         meta["diagonal_elementwise_layers"] = [[int(x) for x in c[lo + diagonals:hi + diagonals] - c[lo:hi]]
                                                for lo, hi in zip(offsets, bounds)]
+    extra = {}
+    if pp.offload is not None and any(pp.offload.optimizer_out_s):
+        extra["optimizer_reload_lead"] = list(pp.offload.optimizer_back_lead)
     return dataclasses.replace(plan, stage_actions=stage_actions,
-                               metadata={**plan.metadata, "checkpointing": meta})
+                               metadata={**plan.metadata, "checkpointing": meta, **extra})
 
 
 def recompute_time_ms(plan: Plan, cost: CostModel) -> float:

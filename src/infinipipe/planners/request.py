@@ -1,6 +1,7 @@
 """What every planner is asked: one global batch, its cost model, the pipeline and the memory budget."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -16,7 +17,9 @@ class PlanRequest:
     """One global batch to plan. ``memory_budget`` is bytes per device; ``layers_per_stage``
     defaults to the cost-balanced split; ``link``, every stage hop's, to the cost model's layout's.
     ``step_s`` is the measured time of the training step the planning hides behind (the base of
-    a ``deadline_share``), ``warm`` the previous step's winning choices, where a trainer knows them."""
+    a ``deadline_share``), ``warm`` the previous step's winning choices, where a trainer knows them.
+    ``host_memory_budget`` is the host memory per device that offloaded tensors and the optimizer
+    state may fill (0: no host tier; planners that do not offload ignore it)."""
 
     lengths: Sequence[int]
     cost: CostModel
@@ -27,6 +30,7 @@ class PlanRequest:
     link: LinkModel | None = None
     step_s: float | None = None
     warm: WarmStart | None = None
+    host_memory_budget: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lengths", tuple(int(n) for n in self.lengths))
@@ -41,6 +45,8 @@ class PlanRequest:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
         if self.memory_budget <= 0:
             raise ValueError(f"memory_budget must be > 0 bytes, got {self.memory_budget}")
+        if not self.host_memory_budget >= 0:
+            raise ValueError(f"host_memory_budget must be >= 0 bytes (0: no host tier), got {self.host_memory_budget}")
         if self.layers_per_stage is None:
             object.__setattr__(self, "layers_per_stage", balance_layers(self.cost, self.num_stages))
         else:
@@ -56,3 +62,8 @@ class PlanRequest:
     @property
     def layers(self) -> tuple[int, ...]:
         return tuple(self.layers_per_stage or ())
+
+    def with_host_tier(self) -> "PlanRequest":
+        """The request with its cost model on the host tier (`CostModel.with_host_tier`): what a
+        planner that offloads plans with."""
+        return dataclasses.replace(self, cost=self.cost.with_host_tier(self.host_memory_budget, self.layers))

@@ -248,6 +248,7 @@ def scale_profile(base: Profile, target: ModelConfig, base_name: str) -> Profile
                 f"from FLOPs at {tflops:.0f} TFLOP/s"),
         derived_from=base_name,
         fit_error=fit_error,
+        host_link=base.host_link,  # the same device and host
         **head,
         **elementwise,
     )

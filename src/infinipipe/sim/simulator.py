@@ -14,6 +14,7 @@ per-chunk FSDP) is inside an action's duration.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from ..contract.ir import Plan, gradient_store_spans, play_order
 from ..contract.layout import LinkModel
 from ..contract.shapes import ChunkShape
 from ..contract.units import format_bytes
+from .copy_lanes import Copy, CopyLanes
 
 
 class Interval(NamedTuple):
@@ -50,9 +52,11 @@ class OutOfMemory:
     over_bytes: float
     peak_bytes: float
     budget: float
+    tier: str = "device"
 
     def __str__(self) -> str:
-        return (f"stage {self.stage} exceeds its {format_bytes(self.budget)} budget at "
+        where = "" if self.tier == "device" else "host "
+        return (f"stage {self.stage} exceeds its {where}{format_bytes(self.budget)} budget at "
                 f"t={self.time_s:.4f}s by up to {format_bytes(self.over_bytes)}")
 
 
@@ -77,6 +81,11 @@ class SimResult:
     num_pipelines: int
     intervals: tuple[Interval, ...]
     memory_timeline: tuple[tuple[tuple[float, float], ...], ...]
+    peak_host_bytes: tuple[float, ...] = ()
+    offloaded_bytes: tuple[float, ...] = ()
+    exposed_copy_s: tuple[float, ...] = ()
+    host_memory_budget: float | None = None
+    copies: tuple[tuple[int, str, float, float], ...] = ()
 
     @property
     def idle_s(self) -> tuple[float, ...]:
@@ -113,7 +122,11 @@ class SimResult:
             "busy_s": list(self.busy_s),
             "idle_s": list(self.idle_s),
             "recompute_per_stage_s": list(self.recompute_s),
-            "oom": [{"stage": o.stage, "time_s": o.time_s, "over_bytes": o.over_bytes,
+            "peak_host_bytes": list(self.peak_host_bytes),
+            "offloaded_bytes": list(self.offloaded_bytes),
+            "exposed_copy_s": list(self.exposed_copy_s),
+            "host_memory_budget": self.host_memory_budget,
+            "oom": [{"stage": o.stage, "time_s": o.time_s, "over_bytes": o.over_bytes, "tier": o.tier,
                      "message": str(o)} for o in self.oom],
         }
 
@@ -121,8 +134,12 @@ class SimResult:
 def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
              link: LinkModel | None = None) -> SimResult:
     """Run ``plan`` on ``cost``; ``memory_budget`` (per device) defaults to the plan's metadata;
-    ``link`` (every hop's) to the cost model's layout's hop links."""
+    ``link`` (every hop's) to the cost model's layout's hop links. Offloaded layers and an
+    optimizer state kept on the host (``metadata.offload_optimizer``) copy over the profile's
+    `HostLink`; host memory is checked against ``metadata.host_memory_budget``."""
     budget = memory_budget if memory_budget is not None else plan.metadata.get("memory_budget")
+    host_budget = plan.metadata.get("host_memory_budget", cost.host_budget or None)
+    cost = plan_cost(plan, cost)
     run = _play(plan, cost, link, record=True)
     stages, shapes, intervals = plan.num_stages, run.shapes, run.intervals
     last = stages - 1
@@ -131,7 +148,7 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
     for iv in intervals:
         by_stage[iv.stage].append(iv)
     roles: dict[tuple[int, bool, bool], np.ndarray] = {}
-    timelines, peaks, step_peaks, act_peaks, ooms = [], [], [], [], []
+    timelines, peaks, step_peaks, act_peaks, ooms, host_peaks = [], [], [], [], [], []
     for s in range(stages):
         n, first, is_last = plan.layers_per_stage[s], s == 0, s == last
         if (n, first, is_last) not in roles:  # per chunk: the terms of `ChunkMemory.row`
@@ -160,14 +177,20 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
         times[2::2] = [iv.end_s for iv in ivs]
         levels[1::2] = states + during
         levels[2::2] = states + after
+        times, levels = _with_copies(times, levels, run.device_events[s])
         peak = float(levels.max())
-        step_peaks.append(peak - states + cost.grad_bytes(n, first, is_last))
+        step_peaks.append(peak - cost.all_model_state_bytes(n, first, is_last) + cost.grad_bytes(n, first, is_last))
         act_peaks.append(float(max(after.max(initial=0.0), 0.0)))
         timelines.append(tuple(zip(times.tolist(), levels.tolist())))
         peaks.append(peak)
         if budget is not None and peak > budget:
             when = float(times[np.argmax(levels > budget)])
             ooms.append(OutOfMemory(s, when, peak - budget, peak, float(budget)))
+        host_time, host_level = _host_levels(run.host_events[s])
+        host_peaks.append(float(host_level.max(initial=0.0)))
+        if host_budget is not None and host_peaks[-1] > host_budget:
+            when = float(host_time[np.argmax(host_level > host_budget)])
+            ooms.append(OutOfMemory(s, when, host_peaks[-1] - host_budget, host_peaks[-1], float(host_budget), "host"))
 
     return SimResult(
         planner=str(plan.metadata.get("planner", "")),
@@ -183,7 +206,45 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
         num_pipelines=len(plan.pipelines),
         intervals=tuple(intervals),
         memory_timeline=tuple(timelines),
+        peak_host_bytes=tuple(host_peaks),
+        offloaded_bytes=tuple(run.offloaded_bytes),
+        exposed_copy_s=tuple(run.exposed_copy_s),
+        host_memory_budget=None if host_budget is None else float(host_budget),
+        copies=tuple(run.copies),
     )
+
+
+def plan_cost(plan: Plan, cost: CostModel) -> CostModel:
+    """``cost`` as the plan runs: with its optimizer state on the host where the plan says so (a
+    plan being planned says nothing and runs on its planner's cost model)."""
+    on_host = plan.metadata.get("offload_optimizer")
+    if on_host is None or cost.optimizer_on_host == bool(on_host):
+        return cost
+    return dataclasses.replace(cost, optimizer_on_host=bool(on_host))
+
+
+def _with_copies(times: np.ndarray, levels: np.ndarray, events: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """A stage's device timeline (levels from each time on) with the copies' changes added: each
+    (time, bytes) changes the level from that time on, so a point is added where one lands."""
+    if not events:
+        return times, levels
+    at, delta = np.array(events).reshape(-1, 2).T
+    all_times = np.concatenate([times, at])
+    order = np.argsort(all_times, kind="stable")
+    all_times = all_times[order]
+    base = levels[np.searchsorted(times, all_times, side="right") - 1]
+    by_time = np.argsort(at, kind="stable")
+    shift = np.concatenate([[0.0], np.cumsum(delta[by_time])])[np.searchsorted(at[by_time], all_times, side="right")]
+    return all_times, base + shift
+
+
+def _host_levels(events: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Host bytes after each change (time, bytes) of one stage."""
+    if not events:
+        return np.zeros(0), np.zeros(0)
+    at, delta = np.array(events).reshape(-1, 2).T
+    order = np.argsort(at, kind="stable")
+    return at[order], np.cumsum(delta[order])
 
 
 def gradient_store_bytes(plan: Plan, stage: int, cost: CostModel,
@@ -210,18 +271,112 @@ def gradient_store_bytes(plan: Plan, stage: int, cost: CostModel,
 def iteration_time(plan: Plan, cost: CostModel, link: LinkModel | None = None) -> float:
     """`simulate`'s iteration time alone: what a planner's bound needs, without the memory
     section or the per-action record."""
-    return _play(plan, cost, link, record=False).iteration_time_s
+    return _play(plan, plan_cost(plan, cost), link, record=False).iteration_time_s
 
 
 @dataclass
 class _Run:
-    """What the timing pass yields: chunk shapes, each stage's busy and recompute time, the iteration."""
+    """What the timing pass yields: chunk shapes, each stage's busy and recompute time, the
+    iteration; with a host tier each stage's copies as changes of device and host bytes
+    (time, bytes), the bytes it copied out and the time it waited for copies."""
 
     shapes: list[ChunkShape]
     busy_s: list[float]
     recompute_s: list[float]
     iteration_time_s: float
     intervals: list[Interval]
+    device_events: list[list[tuple[float, float]]]
+    host_events: list[list[tuple[float, float]]]
+    offloaded_bytes: list[float]
+    exposed_copy_s: list[float]
+    copies: list[tuple[int, str, float, float]]
+
+
+class _HostTier:
+    """The copies of one plan's stages: activations offloaded after forwards and copied back
+    ahead of backwards (`Action.offload_layers`, `Action.reload_lead`), and the optimizer state
+    copied out at the step's start and back from the start of the action
+    ``metadata.optimizer_reload_lead`` places before the stage's end (its last, by default)."""
+
+    def __init__(self, plan: Plan, cost: CostModel, shapes: list[ChunkShape]):
+        link = cost.host_link
+        stages, last = plan.num_stages, plan.num_stages - 1
+        self.lanes = [CopyLanes(link) for _ in range(stages)] if link is not None else []
+        self.moved: list[dict[int, float]] = []
+        self.reload_at: list[dict[int, list[int]]] = []
+        self.out: list[dict[int, Copy]] = [{} for _ in range(stages)]
+        self.back: list[dict[int, Copy]] = [{} for _ in range(stages)]
+        self.optimizer = [cost.optimizer_host_bytes(n, s == 0, s == last) if cost.optimizer_on_host else 0.0
+                          for s, n in enumerate(plan.layers_per_stage)]
+        self.optimizer_out: list[Copy | None] = [None] * stages
+        self.optimizer_in: list[Copy | None] = [None] * stages
+        self.exposed = [0.0] * stages
+        leads = plan.metadata.get("optimizer_reload_lead") or [1] * stages
+        self.optimizer_back_at = [len(actions) - lead for actions, lead in zip(plan.stage_actions, leads)]
+        for s, actions in enumerate(plan.stage_actions):
+            n = plan.layers_per_stage[s]
+            moved = {a.chunk_id: cost.offloaded_bytes(shapes[a.chunk_id], n, a.recompute_layers, a.elementwise_layers,
+                                                      a.offload_layers)
+                     for a in actions if a.kind == "B" and a.offload_layers}
+            at: dict[int, list[int]] = {}
+            for i, a in enumerate(actions):
+                if a.kind == "B" and a.offload_layers:
+                    at.setdefault(i - a.reload_lead, []).append(a.chunk_id)
+            self.moved.append(moved)
+            self.reload_at.append(at)
+        if link is None and (any(self.moved) or any(self.optimizer)):
+            raise ValueError("the plan offloads to the host but the profile has no host_link (`HostLink`)")
+        for s, nbytes in enumerate(self.optimizer):
+            if nbytes:
+                self.optimizer_out[s] = self.lanes[s].add("d2h", 0.0, nbytes)
+
+    def before(self, stage: int, index: int, kind: str, cid: int, start: float) -> float:
+        """Release the copies back that start with this action; return when it can start."""
+        for c in self.reload_at[stage].get(index, ()):
+            self.back[stage][c] = self.lanes[stage].add("h2d", start, self.moved[stage][c], self.out[stage][c])
+        if index == self.optimizer_back_at[stage] and self.optimizer[stage]:
+            self.optimizer_in[stage] = self.lanes[stage].add("h2d", start, self.optimizer[stage])
+        if kind == "B" and cid in self.moved[stage]:
+            back = self.back[stage][cid]
+            self.lanes[stage].finish(back)
+            if back.done_s > start:
+                self.exposed[stage] += back.done_s - start
+                return back.done_s
+        return start
+
+    def after(self, stage: int, kind: str, cid: int, stop: float) -> None:
+        if kind == "F" and cid in self.moved[stage]:
+            self.out[stage][cid] = self.lanes[stage].add("d2h", stop, self.moved[stage][cid])
+
+    def end(self, stage: int, stop: float) -> float:
+        """When the stage's step ends: after its last action and its optimizer state's copy back."""
+        if not self.lanes:
+            return stop
+        self.lanes[stage].finish()
+        back = self.optimizer_in[stage]
+        if back is not None and back.done_s > stop:
+            self.exposed[stage] += back.done_s - stop
+            return back.done_s
+        return stop
+
+    def events(self, stage: int) -> tuple[list[tuple[float, float]], list[tuple[float, float]], float,
+                                          list[tuple[int, str, float, float]]]:
+        """Device and host byte changes, bytes copied out, and the copies as drawn."""
+        device, host, copies = [], [], []
+        for c, nbytes in self.moved[stage].items():
+            out, back = self.out[stage][c], self.back[stage][c]
+            device += [(out.done_s, -nbytes), (back.release_s, nbytes)]
+            host += [(out.release_s, nbytes), (back.done_s, -nbytes)]
+            copies += [(stage, "d2h", out.start_s, out.done_s), (stage, "h2d", back.start_s, back.done_s)]
+        if self.optimizer[stage]:
+            out, back = self.optimizer_out[stage], self.optimizer_in[stage]
+            device += [(0.0, self.optimizer[stage]), (out.done_s, -self.optimizer[stage])]
+            host.append((0.0, self.optimizer[stage]))
+            copies.append((stage, "d2h", out.start_s, out.done_s))
+            if back is not None:
+                device.append((back.release_s, self.optimizer[stage]))
+                copies.append((stage, "h2d", back.start_s, back.done_s))
+        return device, host, sum(self.moved[stage].values()), copies
 
 
 def _play(plan: Plan, cost: CostModel, link: LinkModel | None, record: bool) -> _Run:
@@ -239,6 +394,8 @@ def _play(plan: Plan, cost: CostModel, link: LinkModel | None, record: bool) -> 
     sent = [cost.boundary_bytes(sh) for sh in shapes]
     by_link = {h: [h.transfer_s(b) for b in sent] for h in set(hops)}
     wire = [by_link[h] for h in hops]  # wire[hop][cid]: the hop between stages hop and hop + 1
+    tier = _HostTier(plan, cost, shapes)
+    copying = bool(tier.lanes) and (any(tier.moved) or any(tier.optimizer))
 
     @functools.cache  # stages with the same role and layer count cost a chunk alike
     def duration(n_layers: int, first: bool, is_last: bool, kind: str, cid: int, rec: int,
@@ -273,10 +430,14 @@ def _play(plan: Plan, cost: CostModel, link: LinkModel | None, record: bool) -> 
                 else:
                     ready = 0.0
                 start = max(free[s], ready)
+                if copying:
+                    start = tier.before(s, i, kind, cid, start)
                 dur, rec = duration(n_layers, first, is_last, kind, cid, a.recompute_layers, a.elementwise_layers)
                 free[s] = mine[kind][cid] = stop = start + dur
                 busy[s] += stop - start
                 recompute[s] += rec
+                if copying:
+                    tier.after(s, kind, cid, stop)
                 if record:
                     intervals.append(Interval(s, kind, cid, start, stop, rec))
                 i += 1
@@ -286,4 +447,12 @@ def _play(plan: Plan, cost: CostModel, link: LinkModel | None, record: bool) -> 
                 progressed = True
     if placed != sum(len(a) for a in plan.stage_actions):
         play_order(plan)  # raises its deadlock error naming where the stages wait
-    return _Run(shapes, busy, recompute, max(f + reduce for f, (_, reduce) in zip(free, fsdp)), intervals)
+    ends = [tier.end(s, f + reduce) if copying else f + reduce for s, (f, (_, reduce)) in enumerate(zip(free, fsdp))]
+    device, host, moved, copies = [], [], [], []
+    for s in range(stages):
+        d, h, m, c = tier.events(s) if copying else ([], [], 0.0, [])
+        device.append(d)
+        host.append(h)
+        moved.append(m)
+        copies += c
+    return _Run(shapes, busy, recompute, max(ends), intervals, device, host, moved, list(tier.exposed), copies)
