@@ -23,6 +23,7 @@ from ..contract.cost import CostModel
 from ..contract.ir import Plan, validate_plan
 from ..contract.shapes import ChunkShape
 from ..contract.units import format_bytes
+from ..sim.host_schedule import optimizer_back_leads
 from ..sim.simulator import iteration_time, simulate
 from .baselines import UNIFORM_SLICE_COUNTS, gpipe_schedule, seq1f1b_slice_counts, uniform_faster_than
 from .bound import MemoryBound, memory_lower_bound
@@ -220,6 +221,8 @@ def _plan_epp(request: PlanRequest, checkpointing: str, compose: bool = True, de
     if request.cost.host_budget:
         meta |= {"host_memory_budget": request.cost.host_budget, "offload_optimizer": request.cost.optimizer_on_host,
                  "offloaded_bytes": list(best.sim.offloaded_bytes), "exposed_copy_s": list(best.sim.exposed_copy_s)}
+        if request.cost.optimizer_on_host:
+            meta.setdefault("optimizer_reload_lead", optimizer_back_leads(best.plan, request.cost))
     return dataclasses.replace(best.plan, metadata=meta)
 
 

@@ -40,8 +40,9 @@ from ..contract.cost import CostModel
 from ..contract.ir import Action, Plan
 from ..contract.shapes import ChunkShape
 from ..contract.units import GIB, format_bytes
+from ..sim.host_schedule import action_starts
 from ..sim.simulator import gradient_store_bytes
-from .offload import Offload, action_starts, plan_offload
+from .offload import Offload, plan_offload
 
 _FEAS_TOL = 1.0  # bytes: slack allowed when checking a rounded solution
 _ROWS_PER_ROUND = 100  # most violated windows the LP relaxation takes in per round
@@ -250,7 +251,7 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
            tuple(tuple((a.kind, a.chunk_id) for a in actions) for actions in plan.stage_actions))
     if key in cache.problems:
         return dataclasses.replace(cache.problems[key], plan=plan)
-    offload = plan_offload(plan, cost, shapes, _binding(plan, cost, shapes, budgets)) if cost.host_budget else None
+    offload = plan_offload(plan, cost, shapes, _binding(plan, cost, shapes, budgets, memo), memo) if cost.host_budget else None
     var_of, _ = diagonal_variables(plan)
     nvars = max(var_of.values()) + 1 if var_of else 0
     # Diagonal of (stage s, chunk c) = diagonal of (last stage, c) + (last - s).
@@ -286,6 +287,7 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
         return memo[key]
 
     act_bytes = np.array([term(cost.layer_act_bytes, sh) for sh in shapes])
+    back_leads: list[int | None] = list(offload.optimizer_back_lead) if offload is not None else []
     n_rows = 0
     win_stage, win_start, win_len, win_flat, win_own, win_fwd = [], [], [], [], [], []
     need, full_mem, rows, cols, slope, lcap = [], [], [], [], [], []
@@ -304,7 +306,6 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
         extra = np.where(forward, fwd_extra[own], bwd_extra[own])  # added at its own full recompute
         e_extra = np.where(forward, fwd_e_extra[own], bwd_e_extra[own])  # at elementwise with none stored
         grads, _ = gradient_store_bytes(plan, s, cost, shapes)
-        states = states + _optimizer_on_device(plan, cost, s, shapes, offload)
         # A chunk whose offloaded layers are on the host in a window holds none of their bytes
         # there, and recompute saves only on its other layers (`Offload`).
         moved, cap = np.zeros(len(flat)), np.full(len(flat), float(n_l))
@@ -313,6 +314,10 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
             between = off.between(row, flat)
             moved[between] = (off.layers[flat] * act_bytes[flat])[between]
             cap[between] -= off.layers[flat][between]
+        held_full = base[flat] - moved - cap * per_layer[flat]
+        if offload is not None and cost.optimizer_on_host:
+            least = states + work + grads + extra + np.bincount(row, weights=held_full, minlength=len(lens))
+            states = states + _optimizer_on_device(plan, cost, s, shapes, offload, least, budgets[s], back_leads, memo)
         no_ckpt = states + work + grads + np.bincount(row, weights=base[flat] - moved, minlength=len(lens))
         keep = no_ckpt > budgets[s]
         if not keep.any():
@@ -328,7 +333,6 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
         win_own.append(own[keep])
         win_fwd.append(forward[keep])
         need.append(no_ckpt[keep] - budgets[s])
-        held_full = base[flat] - moved - cap * per_layer[flat]
         full_mem.append((states + work + grads + extra + np.bincount(row, weights=held_full, minlength=len(lens)))[keep])
         # Every chunk of a window saves per_layer x min(r, n); its own chunk saves extra less at r = n,
         # written as (per_layer - extra) x min(r, n) + extra x min(r, n - 1). With elementwise
@@ -359,24 +363,28 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
         cols=cat(cols, np.int64), slope=cat(slope, float), layer_cap=cat(lcap, float), ties=ties.astype(np.int64))
     windows = Windows(cat(win_stage, np.int64), cat(win_start, np.int64), cat(win_len, np.int64),
                       cat(win_flat, np.int64), cat(win_own, np.int64), cat(win_fwd, bool))
+    if offload is not None:
+        offload = dataclasses.replace(offload, optimizer_back_lead=tuple(back_leads))
     cache.problems[key] = PlanProblem(plan=plan, var_of=var_of, windows=windows, full_memory=cat(full_mem, float),
                                       budgets=budgets, problem=problem, elementwise_of=u_of,
                                       offload=offload)
     return cache.problems[key]
 
 
-def _binding(plan: Plan, cost: CostModel, shapes: list[ChunkShape], budgets: np.ndarray) -> list[np.ndarray]:
+def _binding(plan: Plan, cost: CostModel, shapes: list[ChunkShape], budgets: np.ndarray, memo: dict) -> list[np.ndarray]:
     """Per stage and action, whether its window exceeds the stage's budget with nothing
     recomputed or offloaded (the windows where a byte off the device saves recompute)."""
     out = []
     last = plan.num_stages - 1
-    roles: dict[tuple[int, bool, bool], np.ndarray] = {}
     for s, n in enumerate(plan.layers_per_stage):
         first, is_last = s == 0, s == last
-        if (n, first, is_last) not in roles:
-            roles[(n, first, is_last)] = np.array([cost.chunk_memory(sh, n, first, is_last).row()[:5:2]
-                                                   for sh in shapes]).reshape(len(shapes), 3)
-        base, fwd_work, bwd_work = roles[(n, first, is_last)].T
+        rows = []
+        for sh in shapes:
+            key = ("chunk_memory", sh, n, first, is_last)
+            if key not in memo:
+                memo[key] = cost.chunk_memory(sh, n, first, is_last).row()
+            rows.append(memo[key][:5:2])
+        base, fwd_work, bwd_work = np.array(rows).reshape(len(shapes), 3).T
         lens, flat, own, forward = stage_windows(plan, s)
         row = np.repeat(np.arange(len(lens)), lens)
         grads, _ = gradient_store_bytes(plan, s, cost, shapes)
@@ -386,20 +394,27 @@ def _binding(plan: Plan, cost: CostModel, shapes: list[ChunkShape], budgets: np.
     return out
 
 
-def _optimizer_on_device(plan: Plan, cost: CostModel, stage: int, shapes: list[ChunkShape],
-                         offload: Offload | None) -> np.ndarray:
+def _optimizer_on_device(plan: Plan, cost: CostModel, stage: int, shapes: list[ChunkShape], offload: Offload,
+                         least: np.ndarray, budget: float, back_leads: list[int], memo: dict) -> np.ndarray:
     """Per action of ``stage``: the optimizer state on the device while it runs, where the state
     waits on the host: until its copy out ends (`Offload.optimizer_out_s`; actions back to back
-    start no later than they do) and again from the start of its copy back
-    (`Offload.optimizer_back_lead` actions before the stage's end)."""
+    start no later than they do) and again from the start of its copy back, which begins
+    `Offload.optimizer_back_lead` actions before the stage's end, or later where the last
+    actions could not hold it even at their ``least`` memory (full recompute): at the latest,
+    after the stage's last action (``back_leads[stage]`` is set to the lead used). A stage
+    whose step is too short for the round trip (lead None) keeps the state all step."""
     actions = plan.stage_actions[stage]
-    if offload is None or not cost.optimizer_on_host:
-        return np.zeros(len(actions))
-    start, _ = action_starts(plan, cost, stage, shapes)
+    start, _ = action_starts(plan, cost, stage, shapes, memo)
     last = plan.num_stages - 1
     opt = cost.optimizer_host_bytes(plan.layers_per_stage[stage], stage == 0, stage == last)
+    lead = back_leads[stage]
+    if lead is None:
+        return np.full(len(actions), opt)
+    while lead and least[len(actions) - lead:].max() + opt > budget:
+        lead -= 1
+    back_leads[stage] = lead
     on_device = np.where(start < offload.optimizer_out_s[stage], opt, 0.0)
-    on_device[len(actions) - offload.optimizer_back_lead[stage]:] = opt  # copied back for the optimizer step
+    on_device[len(actions) - lead:] = opt if lead else 0.0  # copied back for the optimizer step
     return on_device
 
 

@@ -24,6 +24,7 @@ from ..contract.cost import CostModel
 from ..contract.host import HostLink
 from ..contract.ir import Plan
 from ..contract.shapes import ChunkShape
+from ..sim.host_schedule import action_starts, optimizer_back_lead, optimizer_out_s
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,12 @@ class StageOffload:
 class Offload:
     """A plan's offload on every stage; where the optimizer state waits on the host, how long its
     copy out takes at the step's start (the device holds it until then) and how many actions
-    before the stage's end its copy back starts (so the optimizer step need not wait for it)."""
+    before the stage's end its copy back starts (so the optimizer step need not wait for it;
+    None: the step is too short for the round trip and the state stays on the device)."""
 
     stages: tuple[StageOffload, ...]
     optimizer_out_s: tuple[float, ...]
-    optimizer_back_lead: tuple[int, ...]
+    optimizer_back_lead: tuple[int | None, ...]
 
     @property
     def any(self) -> bool:
@@ -67,18 +69,8 @@ def host_tier(cost: CostModel) -> HostLink | None:
     return cost.host_link if cost.host_budget > 0 and cost.host_link is not None else None
 
 
-def action_starts(plan: Plan, cost: CostModel, stage: int, shapes: list[ChunkShape]) -> tuple[np.ndarray, np.ndarray]:
-    """Each action's start and end on ``stage`` (seconds) with actions back to back, recompute-free."""
-    n, last = plan.layers_per_stage[stage], plan.num_stages - 1
-    first, is_last = stage == 0, stage == last
-    dur = np.array([(cost.forward_ms if a.kind == "F" else cost.backward_ms)(shapes[a.chunk_id], n, first, is_last)
-                    for a in plan.stage_actions[stage]]) / 1e3
-    end = np.cumsum(dur)
-    return end - dur, end
-
-
 def plan_offload(plan: Plan, cost: CostModel, shapes: list[ChunkShape] | None = None,
-                 binding: list[np.ndarray] | None = None) -> Offload | None:
+                 binding: list[np.ndarray] | None = None, memo: dict | None = None) -> Offload | None:
     """Each stage's offload for ``plan`` on ``cost``'s host tier (None without one). ``binding``
     marks, per stage and action, the windows that exceed the budget without recompute: only
     bytes off the device there save anything, so only those count (every window, without it)."""
@@ -92,32 +84,33 @@ def plan_offload(plan: Plan, cost: CostModel, shapes: list[ChunkShape] | None = 
     for s in range(plan.num_stages):
         n, first, is_last = plan.layers_per_stage[s], s == 0, s == last
         host = cost.host_budget
-        optimizer_out, back = 0.0, 0
-        times = action_starts(plan, cost, s, shapes)
+        optimizer_out, back = 0.0, None
+        times = action_starts(plan, cost, s, shapes, memo)
         if cost.optimizer_on_host:
-            opt = cost.optimizer_host_bytes(n, first, is_last)
-            host -= opt
-            optimizer_out = link.latency_s + opt / link.d2h_Bps
-            # The copy back runs beside the last backwards' copies back: at the concurrent rate.
-            back = len(times[0]) - int(np.searchsorted(times[0], times[1][-1] - link.latency_s
-                                                       - opt / link.h2d_concurrent_Bps, side="right")) + 1
+            back = optimizer_back_lead(cost, s, n, last, *times)
+        if back is not None:
+            host -= cost.optimizer_host_bytes(n, first, is_last)
+            optimizer_out = optimizer_out_s(cost, s, n, last)
         weight = np.ones(len(plan.stage_actions[s])) if binding is None else binding[s].astype(float)
         # Each copy holds its direction of the link for its whole size: a few chunks offloading
         # every layer can crowd out many offloading some, so the most layers any chunk offloads
         # is searched, keeping the cap that takes the most bytes off the binding windows.
-        best = max((_stage_offload(plan, s, cap, act, *times, link, max(host, 0.0), optimizer_out, weight)
+        # Copies back run in order, and the optimizer state's is the step's last.
+        last_in = times[0][len(times[0]) - back] if back else np.inf
+        best = max((_stage_offload(plan, s, cap, act, *times, link, max(host, 0.0), optimizer_out, last_in, weight)
                     for cap in range(1, n + 1)), key=lambda o: o[1])
         stages.append(best[0])
         outs.append(optimizer_out)
-        backs.append(min(max(back, 1), len(times[0])))
+        backs.append(back)
     return Offload(tuple(stages), tuple(outs), tuple(backs))
 
 
 def _stage_offload(plan: Plan, stage: int, cap: int, act: np.ndarray, start: np.ndarray, end: np.ndarray,
-                   link: HostLink, host_budget: float, queue_free: float,
+                   link: HostLink, host_budget: float, queue_free: float, last_in: float,
                    weight: np.ndarray) -> tuple[StageOffload, float]:
     """One stage's offload with at most ``cap`` layers a chunk, and the bytes it takes off the
-    binding windows (summed over them)."""
+    binding windows (summed over them); copies out start after ``queue_free``, copies back end
+    by ``last_in``."""
     actions = plan.stage_actions[stage]
     chunks = len(plan.chunks)
     f_at = np.zeros(chunks, dtype=np.int64)
@@ -129,8 +122,10 @@ def _stage_offload(plan: Plan, stage: int, cap: int, act: np.ndarray, start: np.
     lo = np.ones(chunks, dtype=np.int64)
     hi = np.zeros(chunks, dtype=np.int64)
     lead = np.zeros(chunks, dtype=np.int64)
-    out_rate, in_rate, lat = link.d2h_concurrent_Bps, link.h2d_concurrent_Bps, link.latency_s
+    out_rate, in_rate, lat = link.d2h_concurrent_Bps, link.h2d_Bps, link.latency_s
+    busy: list[tuple[float, float]] = []  # when copies out run
     counts = np.arange(cap, 0, -1)  # most layers first: ties go to the larger offload of equal benefit
+    start_out = queue_free
     for a in actions:
         if a.kind != "F":
             continue
@@ -139,7 +134,7 @@ def _stage_offload(plan: Plan, stage: int, cap: int, act: np.ndarray, start: np.
             continue
         done = max(end[fi], queue_free) + lat + counts * act[c] / out_rate
         first_free = np.searchsorted(start, done, side="left")  # first action starting after the copy out
-        reload = start[bi] - lat - counts * act[c] / in_rate
+        reload = min(start[bi], last_in) - lat - counts * act[c] / in_rate
         first_back = np.searchsorted(start, reload, side="right") - 1  # last action starting before it
         span = np.maximum(covered[np.maximum(first_back, first_free)] - covered[first_free], 0.0)
         gain = counts * act[c] * span
@@ -147,31 +142,88 @@ def _stage_offload(plan: Plan, stage: int, cap: int, act: np.ndarray, start: np.
         if gain[best] <= 0:
             continue
         layers[c], lo[c], hi[c] = counts[best], first_free[best], first_back[best] - 1
+        busy.append((max(end[fi], queue_free), done[best]))
         queue_free = done[best]
-    _copy_back_in_order(actions, layers, lo, hi, lead, b_at, act, start, in_rate, lat)
+    inbound = _copy_back_in_order(actions, layers, lo, hi, lead, b_at, act, start, _Capacity(link, "h2d", busy),
+                                  last_in)
+    _copy_out_sooner(actions, layers, lo, f_at, act, start, end, _Capacity(link, "d2h", inbound), start_out)
     _fit_host(actions, layers, lo, hi, lead, f_at, b_at, act, host_budget)
     on = np.flatnonzero(layers)
     gain = float(np.sum(layers[on] * act[on] * (covered[hi[on] + 1] - covered[lo[on]])))
     return StageOffload(layers, lo, hi, lead), gain
 
 
-def _copy_back_in_order(actions, layers, lo, hi, lead, b_at, act, start, rate, lat) -> None:
+class _Capacity:
+    """What one copy direction can move over time: its own bandwidth, its concurrent one while
+    the other direction runs (``busy``: sorted, disjoint spans of the other direction, timed no
+    shorter than they run, so this capacity is never more than the link gives)."""
+
+    def __init__(self, link: HostLink, direction: str, busy: list[tuple[float, float]]):
+        self.latency, self.rate = link.latency_s, link.rate(direction, False)
+        spans = np.array(busy, dtype=float).reshape(-1, 2)
+        self.times = spans.reshape(-1) if len(spans) else np.zeros(1)
+        lengths = spans[:, 1] - spans[:, 0]
+        other = np.stack([np.cumsum(lengths) - lengths, np.cumsum(lengths)], axis=1).reshape(-1)
+        # Bytes the direction can move from time 0 to each point.
+        self.moved = self.rate * self.times - (self.rate - link.rate(direction, True)) * (
+            other if len(spans) else np.zeros(1))
+
+    def _moved_at(self, t: float) -> float:
+        if t <= self.times[0]:
+            return float(self.moved[0] - self.rate * (self.times[0] - t))
+        if t >= self.times[-1]:
+            return float(self.moved[-1] + self.rate * (t - self.times[-1]))
+        return float(np.interp(t, self.times, self.moved))
+
+    def _time_at(self, moved: float) -> float:
+        if moved <= self.moved[0]:
+            return float(self.times[0] - (self.moved[0] - moved) / self.rate)
+        if moved >= self.moved[-1]:
+            return float(self.times[-1] + (moved - self.moved[-1]) / self.rate)
+        return float(np.interp(moved, self.moved, self.times))
+
+    def latest_start(self, finish: float, nbytes: float) -> float:
+        """When a copy of ``nbytes`` must start to end by ``finish``."""
+        return self._time_at(self._moved_at(finish - self.latency) - nbytes)
+
+    def earliest_end(self, start: float, nbytes: float) -> float:
+        """When a copy of ``nbytes`` started at ``start`` ends."""
+        return self._time_at(self._moved_at(start + self.latency) + nbytes)
+
+
+def _copy_back_in_order(actions, layers, lo, hi, lead, b_at, act, start, inbound: _Capacity,
+                        last_in: float) -> list[tuple[float, float]]:
     """Schedule the copies back one at a time in backward order, each as late as it can start and
-    still end before its backward and before the next one's start; a chunk left with no action
-    between its copy out and its copy back offloads nothing."""
-    later = np.inf
+    still end before its backward and before the next one's start (the last before
+    ``last_in``); a chunk left with no action between its copy out and its copy back offloads
+    nothing."""
+    later = last_in
+    spans = []
     for a in reversed(actions):
         c = a.chunk_id
         if a.kind != "B" or not layers[c]:
             continue
         finish = min(start[b_at[c]], later)
-        at = int(np.searchsorted(start, finish - lat - layers[c] * act[c] / rate, side="right")) - 1
+        at = int(np.searchsorted(start, inbound.latest_start(finish, layers[c] * act[c]), side="right")) - 1
         if at - 1 < lo[c]:
             layers[c], lo[c], hi[c] = 0, 1, 0
             continue
-        hi[c] = min(hi[c], at - 1)
+        hi[c] = at - 1
         lead[c] = b_at[c] - at
         later = start[at]
+        spans.append((later, finish))
+    return spans[::-1]
+
+
+def _copy_out_sooner(actions, layers, lo, f_at, act, start, end, outbound: _Capacity, queue_free: float) -> None:
+    """Time the copies out again, now that the copies back are placed: each runs at its own
+    bandwidth where no copy back runs, so it ends no later and its chunk leaves the device sooner."""
+    for a in actions:
+        c = a.chunk_id
+        if a.kind != "F" or not layers[c]:
+            continue
+        queue_free = outbound.earliest_end(max(end[f_at[c]], queue_free), layers[c] * act[c])
+        lo[c] = min(lo[c], int(np.searchsorted(start, queue_free, side="left")))
 
 
 def _fit_host(actions, layers, lo, hi, lead, f_at, b_at, act, budget: float) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from ..contract.host import HostLink
 
-_DIRECTIONS = ("d2h", "h2d")
+DIRECTIONS = ("d2h", "h2d")
 _EPS = 1e-12  # seconds: a latency left shorter than this has passed
 
 
@@ -34,72 +34,72 @@ class Copy:
         self.left = self.nbytes
         self.waiting = 0.0
 
+    def ready_s(self) -> float:
+        """When it may start: once released and once what it waits for is done (nan: not known yet)."""
+        if self.after is None:
+            return self.release_s
+        done = self.after.done_s
+        return done if done != done else max(self.release_s, done)
+
 
 class CopyLanes:
     """The device-to-host and host-to-device lanes of one device."""
 
     def __init__(self, link: HostLink):
-        self.link = link
         self.now = 0.0
-        self.queues: dict[str, deque[Copy]] = {d: deque() for d in _DIRECTIONS}
-        self.busy_s = {d: 0.0 for d in _DIRECTIONS}
+        self.queues: tuple[deque[Copy], deque[Copy]] = (deque(), deque())
+        self.alone = (link.d2h_Bps, link.h2d_Bps)
+        self.together = (link.d2h_concurrent_Bps, link.h2d_concurrent_Bps)
+        self.latency = link.latency_s
 
     def add(self, direction: str, release_s: float, nbytes: float, after: Copy | None = None) -> Copy:
         copy = Copy(direction, release_s, nbytes, after)
-        self.queues[direction].append(copy)
+        self.queues[DIRECTIONS.index(direction)].append(copy)
         return copy
 
     def finish(self, copy: Copy | None = None) -> None:
         """Advance until ``copy`` is done (every copy, without one)."""
-        while any(self.queues.values()) and (copy is None or copy.done_s != copy.done_s):
+        queues = self.queues
+        while (queues[0] or queues[1]) and (copy is None or copy.done_s != copy.done_s):
             self._step()
 
-    def _head(self, direction: str) -> Copy | None:
-        """The direction's running copy, or None while its next one may not start yet."""
-        q = self.queues[direction]
+    def _head(self, lane: int) -> Copy | None:
+        """The lane's running copy (started now if it may), else None."""
+        q = self.queues[lane]
         if not q:
             return None
         head = q[0]
-        if head.start_s == head.start_s:
-            return head
-        ready = head.release_s if head.after is None else max(head.release_s, head.after.done_s)
-        if ready != ready or ready > self.now:  # nan: what it waits for is not done yet
-            return None
-        head.start_s = self.now
-        head.waiting = self.link.latency_s
+        if head.start_s != head.start_s:
+            ready = head.ready_s()
+            if ready != ready or ready > self.now:
+                return None
+            head.start_s, head.waiting = self.now, self.latency
         return head
 
-    def _next_ready(self) -> float:
-        out = math.inf
-        for d in _DIRECTIONS:
-            q = self.queues[d]
-            if q and q[0].start_s != q[0].start_s:
-                head = q[0]
-                ready = head.release_s if head.after is None else max(head.release_s, head.after.done_s)
-                if ready == ready:
-                    out = min(out, ready)
-        return out
-
     def _step(self) -> None:
-        heads = {d: self._head(d) for d in _DIRECTIONS}
-        moving = {d: h is not None and h.waiting <= _EPS and h.left > 0 for d, h in heads.items()}
-        rates = {d: self.link.rate(d, moving[o]) for d, o in zip(_DIRECTIONS, reversed(_DIRECTIONS))}
-        until = self._next_ready()
-        for d, h in heads.items():
+        heads = (self._head(0), self._head(1))
+        moving = [h is not None and h.waiting <= _EPS and h.left > 0 for h in heads]
+        until = math.inf
+        for lane, q in enumerate(self.queues):  # a lane waiting for its next copy to be released
+            if q and heads[lane] is None:
+                ready = q[0].ready_s()
+                if ready == ready:
+                    until = min(until, ready)
+        rates = [self.together[lane] if moving[1 - lane] else self.alone[lane] for lane in (0, 1)]
+        for lane, h in enumerate(heads):
             if h is not None:
-                until = min(until, self.now + (h.waiting if h.waiting > _EPS else h.left / rates[d]))
-        if until == math.inf:  # a copy back waits for a copy out that was never asked for
+                until = min(until, self.now + (h.waiting if h.waiting > _EPS else h.left / rates[lane]))
+        if until == math.inf:
             raise RuntimeError("a copy waits for one that does not run")
         dt = max(until - self.now, 0.0)
-        for d, h in heads.items():
+        for lane, h in enumerate(heads):
             if h is None:
                 continue
-            self.busy_s[d] += dt
             if h.waiting > _EPS:
                 h.waiting -= dt
             else:
-                h.left -= rates[d] * dt
+                h.left -= rates[lane] * dt
             if h.waiting <= _EPS and h.left <= 1e-6 * max(h.nbytes, 1.0):
                 h.done_s = until
-                self.queues[d].popleft()
+                self.queues[lane].popleft()
         self.now = until

@@ -28,6 +28,7 @@ from ..contract.layout import LinkModel
 from ..contract.shapes import ChunkShape
 from ..contract.units import format_bytes
 from .copy_lanes import Copy, CopyLanes
+from .host_schedule import optimizer_back_leads
 
 
 class Interval(NamedTuple):
@@ -296,7 +297,8 @@ class _HostTier:
     """The copies of one plan's stages: activations offloaded after forwards and copied back
     ahead of backwards (`Action.offload_layers`, `Action.reload_lead`), and the optimizer state
     copied out at the step's start and back from the start of the action
-    ``metadata.optimizer_reload_lead`` places before the stage's end (its last, by default)."""
+    ``metadata.optimizer_reload_lead`` places before the stage's end (`optimizer_back_leads`
+    where the plan does not say)."""
 
     def __init__(self, plan: Plan, cost: CostModel, shapes: list[ChunkShape]):
         link = cost.host_link
@@ -306,13 +308,17 @@ class _HostTier:
         self.reload_at: list[dict[int, list[int]]] = []
         self.out: list[dict[int, Copy]] = [{} for _ in range(stages)]
         self.back: list[dict[int, Copy]] = [{} for _ in range(stages)]
-        self.optimizer = [cost.optimizer_host_bytes(n, s == 0, s == last) if cost.optimizer_on_host else 0.0
-                          for s, n in enumerate(plan.layers_per_stage)]
+        opt = [cost.optimizer_host_bytes(n, s == 0, s == last) if cost.optimizer_on_host else 0.0
+               for s, n in enumerate(plan.layers_per_stage)]
+        leads = plan.metadata.get("optimizer_reload_lead") or (
+            optimizer_back_leads(plan, cost, shapes) if any(opt) and link is not None else [None] * stages)
+        # A stage whose step is too short for the round trip (lead None) keeps its state on the device.
+        self.optimizer = [0.0 if lead is None else nbytes for nbytes, lead in zip(opt, leads)]
+        self.kept = [nbytes if lead is None else 0.0 for nbytes, lead in zip(opt, leads)]
+        self.optimizer_back_at = [len(actions) - (lead or 0) for actions, lead in zip(plan.stage_actions, leads)]
         self.optimizer_out: list[Copy | None] = [None] * stages
         self.optimizer_in: list[Copy | None] = [None] * stages
         self.exposed = [0.0] * stages
-        leads = plan.metadata.get("optimizer_reload_lead") or [1] * stages
-        self.optimizer_back_at = [len(actions) - lead for actions, lead in zip(plan.stage_actions, leads)]
         for s, actions in enumerate(plan.stage_actions):
             n = plan.layers_per_stage[s]
             moved = {a.chunk_id: cost.offloaded_bytes(shapes[a.chunk_id], n, a.recompute_layers, a.elementwise_layers,
@@ -324,7 +330,7 @@ class _HostTier:
                     at.setdefault(i - a.reload_lead, []).append(a.chunk_id)
             self.moved.append(moved)
             self.reload_at.append(at)
-        if link is None and (any(self.moved) or any(self.optimizer)):
+        if link is None and (any(self.moved) or any(opt)):
             raise ValueError("the plan offloads to the host but the profile has no host_link (`HostLink`)")
         for s, nbytes in enumerate(self.optimizer):
             if nbytes:
@@ -335,7 +341,8 @@ class _HostTier:
         for c in self.reload_at[stage].get(index, ()):
             self.back[stage][c] = self.lanes[stage].add("h2d", start, self.moved[stage][c], self.out[stage][c])
         if index == self.optimizer_back_at[stage] and self.optimizer[stage]:
-            self.optimizer_in[stage] = self.lanes[stage].add("h2d", start, self.optimizer[stage])
+            self.optimizer_in[stage] = self.lanes[stage].add("h2d", start, self.optimizer[stage],
+                                                             self.optimizer_out[stage])
         if kind == "B" and cid in self.moved[stage]:
             back = self.back[stage][cid]
             self.lanes[stage].finish(back)
@@ -349,9 +356,13 @@ class _HostTier:
             self.out[stage][cid] = self.lanes[stage].add("d2h", stop, self.moved[stage][cid])
 
     def end(self, stage: int, stop: float) -> float:
-        """When the stage's step ends: after its last action and its optimizer state's copy back."""
+        """When the stage's step ends: after its last action and its optimizer state's copy back
+        (released here where it starts after the last action)."""
         if not self.lanes:
             return stop
+        if self.optimizer[stage] and self.optimizer_in[stage] is None:
+            self.optimizer_in[stage] = self.lanes[stage].add("h2d", stop, self.optimizer[stage],
+                                                             self.optimizer_out[stage])
         self.lanes[stage].finish()
         back = self.optimizer_in[stage]
         if back is not None and back.done_s > stop:
@@ -368,6 +379,8 @@ class _HostTier:
             device += [(out.done_s, -nbytes), (back.release_s, nbytes)]
             host += [(out.release_s, nbytes), (back.done_s, -nbytes)]
             copies += [(stage, "d2h", out.start_s, out.done_s), (stage, "h2d", back.start_s, back.done_s)]
+        if self.kept[stage]:
+            device.append((0.0, self.kept[stage]))
         if self.optimizer[stage]:
             out, back = self.optimizer_out[stage], self.optimizer_in[stage]
             device += [(0.0, self.optimizer[stage]), (out.done_s, -self.optimizer[stage])]
@@ -395,7 +408,7 @@ def _play(plan: Plan, cost: CostModel, link: LinkModel | None, record: bool) -> 
     by_link = {h: [h.transfer_s(b) for b in sent] for h in set(hops)}
     wire = [by_link[h] for h in hops]  # wire[hop][cid]: the hop between stages hop and hop + 1
     tier = _HostTier(plan, cost, shapes)
-    copying = bool(tier.lanes) and (any(tier.moved) or any(tier.optimizer))
+    copying = bool(tier.lanes) and (any(tier.moved) or any(tier.optimizer) or any(tier.kept))
 
     @functools.cache  # stages with the same role and layer count cost a chunk alike
     def duration(n_layers: int, first: bool, is_last: bool, kind: str, cid: int, rec: int,
