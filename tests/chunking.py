@@ -1,10 +1,11 @@
 """Random ways of cutting a batch into chunks, for exactness tests."""
 from __future__ import annotations
 
+import dataclasses
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from infinipipe.contract.ir import Action, Chunk, Plan, Segment
+from infinipipe.contract.ir import Action, Chunk, Plan, Segment, validate_plan
 
 HAND_LENGTHS = [23, 9, 1, 14]
 # Packed (whole sequences), split (slices of one sequence) and hybrid (tail slice + whole) chunks.
@@ -55,3 +56,25 @@ def sequential_plan(chunks: list[Chunk], lengths: Sequence[int], layers_per_stag
         stage_actions.append(fwd + bwd)
     return Plan(tuple(lengths), tuple(chunks), stage_actions, tuple(layers_per_stage),
                 metadata={"planner": "test-sequential"})
+
+
+def with_offload(plan: Plan, modes: Callable[[int, int, int], tuple[int, int, int]],
+                 lead: Callable[[int, int], int] = max) -> Plan:
+    """Each chunk on each stage takes ``modes(stage, chunk, layers)`` = (whole, elementwise,
+    offloaded) layers; an offloading backward reloads ``lead(1, most)`` actions ahead, ``most``
+    being the earliest start after the forward (a chunk whose backward follows its forward keeps
+    its layers)."""
+    stages = []
+    for s, actions in enumerate(plan.stage_actions):
+        pos = {(a.kind, a.chunk_id): i for i, a in enumerate(actions)}
+        out = []
+        for a in actions:
+            whole, elementwise, off = modes(s, a.chunk_id, plan.layers_per_stage[s])
+            most = pos["B", a.chunk_id] - pos["F", a.chunk_id] - 1
+            off = off if most >= 1 else 0
+            reload = lead(1, most) if a.kind == "B" and off else 0
+            out.append(Action(a.kind, a.chunk_id, whole, elementwise, off, reload))
+        stages.append(tuple(out))
+    plan = dataclasses.replace(plan, stage_actions=tuple(stages))
+    validate_plan(plan)
+    return plan

@@ -1,5 +1,5 @@
-"""Plans run across real gloo processes, under NCCL's waiting rules, give the loss and gradients of
-the full-sequence run."""
+"""Plans run across real gloo processes, under NCCL's waiting rules and with offload copies completing
+late, give the loss and gradients of the full-sequence run."""
 from __future__ import annotations
 
 import random
@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from chunking import random_chunks, sequential_plan
+from chunking import random_chunks, sequential_plan, with_offload
 from infinipipe.contract.cost import CostModel, LinearTerm, Profile
 from infinipipe.contract.ir import Plan, validate_plan
 from infinipipe.contract.model_config import ModelConfig
@@ -65,13 +65,28 @@ def _pipelines_by_sequence(chunks, lengths, groups: int) -> list[list[int]]:
     return [p for p in pipes if p]
 
 
+def _offload_modes(layers, chunks, rng: random.Random) -> dict[tuple[int, int], tuple[int, int, int]]:
+    """Per stage and chunk: layers recomputed whole, elementwise, and offloaded (at least one)."""
+    modes = {}
+    for s, n in enumerate(layers):
+        for c in chunks:
+            whole = rng.randint(0, n)
+            modes[s, c.id] = (whole, rng.randint(0, n - whole), rng.randint(1, n))
+    return modes
+
+
 def hand_plans(lengths, layers, rng: random.Random) -> dict[str, Plan]:
-    """Random chunkings as GPipe-order plans and as EPP 1F1B plans with several pipelines."""
+    """Random chunkings as GPipe-order plans and as EPP 1F1B plans with several pipelines, one of
+    them offloading some layers of every chunk that waits for its backward."""
     chunks = random_chunks(lengths, rng)
     rec = {c.id: rng.randint(0, min(layers)) for c in chunks}
     pipes = _pipelines_by_sequence(chunks, lengths, 2)
     per_stage = {(s, c.id): rng.randint(0, n) for s, n in enumerate(layers) for c in chunks}
+    modes = _offload_modes(layers, chunks, rng)
+    offloading = with_offload(epp_schedule(chunks, lengths, len(layers), layers, pipes),
+                              lambda s, c, n: modes[s, c], lambda lo, hi: rng.randint(lo, hi))
     return {
+        "1f1b-multi-pipeline+offload": offloading,
         "sequential+recompute": sequential_plan(chunks, lengths, layers, rec),
         "1f1b-multi-pipeline+recompute": epp_schedule(chunks, lengths, len(layers), layers, pipes,
                                                       recompute=lambda s, c: per_stage[s, c]),
@@ -119,11 +134,13 @@ def planner_plans(lengths, layers) -> dict[str, Plan]:
 def run_cases(dp: int, pp: int, layers: tuple[int, ...], cases):
     """Worker: one mesh, one stage model, every case a step; returns grads per (replica, stage)."""
     mesh = ParallelDims(pp=pp, dp_replicate=dp).build_mesh()
-    worker = PipelineWorker(CFG, layers, mesh, RuntimeSettings(seed=0, loss_block_tokens=7, nccl_semantics=True))
+    settings = RuntimeSettings(seed=0, loss_block_tokens=7, nccl_semantics=True, late_copies=True, host_tier_bytes=1 << 22)
+    worker = PipelineWorker(CFG, layers, mesh, settings)
     out = []
     for plans, batches in cases:
         res = worker.run_step(plans[mesh.dp_rank], batches[mesh.dp_rank])
-        out.append((res.loss, {n: p.grad.clone() for n, p in worker.model.named_parameters()}))
+        grads = {n: p.grad.clone() for n, p in worker.model.named_parameters()}
+        out.append((res.loss, grads, worker.host_tier.in_use_peak))
     return mesh.dp_rank, mesh.stage, out
 
 
@@ -133,7 +150,7 @@ def check_all(results, refs, names):
             grads = {}
             for d, _, out in results:
                 if d == dp_rank:
-                    loss, g = out[i]
+                    loss, g, _ = out[i]
                     grads.update(g)
             assert_matches_reference(loss, grads, ref_loss, ref_grads, TOL, names[i])
 
@@ -184,3 +201,5 @@ def mesh_runs() -> dict[str, tuple]:
 def test_multiprocess_loss_and_gradients_equal_full_sequence_reference(mesh, mesh_runs):
     _, refs, names, results = mesh_runs[mesh]
     check_all(results, refs, names)
+    offloading = [i for i, name in enumerate(names) if "offload" in name]
+    assert offloading and all(max(out[i][2] for *_, out in results) > 0 for i in offloading)

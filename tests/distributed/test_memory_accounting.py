@@ -6,7 +6,9 @@ running action's transients, the rematerialised layer of a recomputed chunk, gra
 communication buffers) against `SimResult.peak_step_bytes` (the simulator's whole-stage peak less
 the weights that exist before the step). Plans come from the committed CPU profile of the
 ``tiny`` model; each plan's chunking runs with no, half and full recompute on every chunk, and
-with elementwise recompute beside stored or recomputed layers.
+with elementwise recompute beside stored or recomputed layers. Plans that offload layers to the
+host are compared on the host too: `StepResult.peak_host_bytes` against `SimResult.peak_host_bytes`,
+the simulator playing the copies over a link as fast as the CPU's (copies done when issued).
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import dataclasses
 import pytest
 import torch
 
+from chunking import with_offload
 from infinipipe.contract.cost import CostModel, default_profile
+from infinipipe.contract.host import HostLink
 from infinipipe.contract.ir import Action, Plan
 from infinipipe.contract.model_config import preset
 from infinipipe.contract.shapes import ChunkShape
@@ -35,8 +39,14 @@ LENGTHS = [4096, 900, 600, 300, 200, 150, 120, 90, 64, 40, 30, 20]
 STAGES = 2
 
 
+# On CPU a copy is done when issued: the simulator's link is as fast as makes no difference (a
+# copy of these plans takes nanoseconds beside actions of milliseconds).
+INSTANT_LINK = HostLink(h2d_Bps=1e15, d2h_Bps=1e15, h2d_concurrent_Bps=1e15, d2h_concurrent_Bps=1e15,
+                        latency_s=0.0, host_memory_bytes=2**40, source="CPU: copies done when issued")
+
+
 def _cost() -> CostModel:
-    return CostModel(default_profile(MODEL), preset(MODEL))
+    return CostModel(dataclasses.replace(default_profile(MODEL), host_link=INSTANT_LINK), preset(MODEL))
 
 
 def _chunking(name: str) -> Plan:
@@ -61,13 +71,23 @@ def _with_recompute(plan: Plan, share: tuple[float, float]) -> Plan:
     return dataclasses.replace(plan, stage_actions=actions)
 
 
-def measure_peaks(plans, layers):
+def _with_offload(plan: Plan, share: tuple[float, float], offload: float) -> Plan:
+    """`_with_recompute`, and ``offload`` of each stage's layers offloaded for every chunk whose
+    backward does not follow its forward, the copy back starting two actions ahead (or as early
+    as the forward allows)."""
+    plan = _with_recompute(plan, share)
+    return with_offload(plan, lambda s, c, n: (round(share[0] * n), round(share[1] * n), round(offload * n)),
+                        lambda lo, hi: min(2, hi))
+
+
+def measure_peaks(plans, layers, host_tier_bytes):
+    """Per plan: the step's peak device bytes and peak host-tier bytes."""
     cfg = preset(MODEL)
     g = torch.Generator().manual_seed(0)
     batch = Batch(tuple(torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in LENGTHS))
     worker = PipelineWorker(cfg, layers, ParallelDims(pp=len(layers), dp_replicate=1).build_mesh(),
-                            RuntimeSettings(count_live_bytes=True))
-    return [worker.run_step(plan, batch).peak_step_bytes for plan in plans]
+                            RuntimeSettings(count_live_bytes=True, late_copies=False, host_tier_bytes=host_tier_bytes))
+    return [(res.peak_step_bytes, res.peak_host_bytes) for res in (worker.run_step(plan, batch) for plan in plans)]
 
 
 def test_chunkings_cut_as_named():
@@ -79,17 +99,28 @@ def test_chunkings_cut_as_named():
 
 CHUNKINGS = ("packed", "split", "hybrid")
 SHARES = ((0.0, 0.0), (0.5, 0.0), (1.0, 0.0), (0.0, 0.5), (0.5, 0.5))  # (whole, elementwise)
+# (whole, elementwise), offloaded: stored layers; an elementwise and a stored layer; a recomputed
+# layer's checkpoint input and a stored layer.
+OFFLOADS = (((0.0, 0.0), 0.5), ((0.0, 0.5), 1.0), ((0.5, 0.0), 1.0))
+# Where the device peak is compared too. With a recomputed layer offloaded the measured device
+# peak falls in a later backward, which the simulator puts 17-28% lower; with an elementwise
+# layer offloaded on packed chunks the simulator's stage 0 peak is 20% above the measured one
+# (within 10% on split and hybrid chunks). Host peaks agree in every case.
+DEVICE_COMPARED = {OFFLOADS[0]}
 
 
 @pytest.fixture(scope="module")
-def measured() -> dict[str, tuple[list[Plan], list[list[int]]]]:
-    """Every chunking with each recompute share, measured in one launch: chunking -> (plans,
-    peaks per stage and plan)."""
+def measured() -> dict[str, tuple[list[Plan], list[list[tuple[int, int]]]]]:
+    """Every chunking with each recompute share, then each offload, measured in one launch:
+    chunking -> (plans, (device, host) peaks per stage and plan). The host tier holds what the
+    simulator predicts from the first step on."""
     bases = {name: _chunking(name) for name in CHUNKINGS}
     (layers,) = {b.layers_per_stage for b in bases.values()}
-    plans = [_with_recompute(bases[name], share) for name in CHUNKINGS for share in SHARES]
-    peaks = launch_local(measure_peaks, STAGES, (plans, layers), timeout_s=300)
-    k = len(SHARES)
+    plans = [p for name in CHUNKINGS for p in [_with_recompute(bases[name], share) for share in SHARES]
+             + [_with_offload(bases[name], *off) for off in OFFLOADS]]
+    reserve = int(max(max(simulate(p, _cost()).peak_host_bytes) for p in plans) * 1.5)
+    peaks = launch_local(measure_peaks, STAGES, (plans, layers, reserve), timeout_s=300)
+    k = len(SHARES) + len(OFFLOADS)
     return {name: (plans[i * k:(i + 1) * k], [stage[i * k:(i + 1) * k] for stage in peaks])
             for i, name in enumerate(CHUNKINGS)}
 
@@ -101,8 +132,23 @@ def test_peak_step_bytes_within_10_percent_with_no_half_full_and_elementwise_rec
     for i, (plan, share) in enumerate(zip(plans, SHARES)):
         predicted = simulate(plan, cost).peak_step_bytes
         for s in range(STAGES):
-            got = peaks[s][i]
+            got = peaks[s][i][0]
             assert got == pytest.approx(predicted[s], rel=0.10), (
                 f"{chunking}, recompute {share[0]:.0%} whole and {share[1]:.0%} elementwise, stage {s}: "
                 f"measured {got / 2**20:.2f} MiB, "
                 f"simulated {predicted[s] / 2**20:.2f} MiB")
+
+
+@pytest.mark.parametrize("chunking", CHUNKINGS)
+def test_offloading_plans_peak_host_bytes_and_stored_layers_device_bytes_within_10_percent(chunking, measured):
+    plans, peaks = measured[chunking]
+    cost = _cost()
+    for i, ((share, offload), plan) in enumerate(zip(OFFLOADS, plans[len(SHARES):]), start=len(SHARES)):
+        sim = simulate(plan, cost)
+        assert max(sim.peak_host_bytes) > 0
+        for s in range(STAGES):
+            (device, host), label = peaks[s][i], f"{chunking}, recompute {share}, offload {offload:.0%}, stage {s}"
+            assert (share, offload) not in DEVICE_COMPARED or device == pytest.approx(sim.peak_step_bytes[s], rel=0.10), (
+                f"{label}: device {device / 2**20:.2f} MiB, simulated {sim.peak_step_bytes[s] / 2**20:.2f} MiB")
+            assert host == pytest.approx(sim.peak_host_bytes[s], rel=0.10), (
+                f"{label}: host {host / 2**20:.2f} MiB, simulated {sim.peak_host_bytes[s] / 2**20:.2f} MiB")

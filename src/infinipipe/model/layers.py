@@ -84,6 +84,12 @@ class ChunkMeta:
             self._tables[key] = rope_cos_sin(self.positions[lo:hi], head_dim, theta, dtype)
         return self._tables[key]
 
+    def shared_tensors(self) -> list[torch.Tensor]:
+        """Every device tensor of the chunk's metadata, the RoPE tables made so far included: what
+        every layer reads, so no layer's offload may move it."""
+        tables = [t for pair in self._tables.values() for t in pair]
+        return [self.positions, *(self.cu_seqlens or ()), *self.carried, *tables]
+
     def forget_rope(self) -> None:
         """Drop the tables once a pass over the layers is done: stored layers keep them for their
         backward, and recomputed layers build them again there, so a chunk whose layers are all

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
@@ -42,22 +43,27 @@ class StageModel(nn.Module):
     def forward(self, x: torch.Tensor, meta: ChunkMeta, stores: Sequence[LayerKV | None] | None = None,
                 shard: HeadExchange | None = None, recompute_layers: int = 0, labels: torch.Tensor | None = None,
                 normaliser: int = 1, loss_block_tokens: int = LOSS_BLOCK_TOKENS,
-                elementwise_layers: int = 0) -> torch.Tensor:
+                elementwise_layers: int = 0, offload_layers: int = 0,
+                offload_hooks: AbstractContextManager | None = None) -> torch.Tensor:
         """One chunk through the stage: token ids in on the first stage, hidden states otherwise; the
         chunk's loss (its token losses over ``normaliser``) out of the last stage, hidden states otherwise.
 
         The first ``recompute_layers`` layers are checkpointed and the next ``elementwise_layers``
         recompute only their elementwise parts (`DecoderLayer`): backward reaches them after the
-        stored layers have freed their activations. The whole chunk is one call of the module, so
-        wrappers that hook ``forward`` (FSDP) see one forward per chunk.
+        stored layers have freed their activations. The last ``offload_layers`` layers, whatever
+        their mode, run inside ``offload_hooks`` (saved-tensor hooks that move what they save to
+        the host; a recomputed layer's checkpoint saves its input under them). The whole chunk is
+        one call of the module, so wrappers that hook ``forward`` (FSDP) see one forward per chunk.
         """
         h = self.embed_tokens(x) if self.first else x
-        stores = [None] * len(self.layer_ids) if stores is None else stores
+        n = len(self.layer_ids)
+        stores = [None] * n if stores is None else stores
         for j, (layer, store) in enumerate(zip(self.ordered_layers(), stores)):
-            if j < recompute_layers:
-                h = checkpoint(layer, h, meta, store, shard, use_reentrant=False)
-            else:
-                h = layer(h, meta, store, shard, j < recompute_layers + elementwise_layers)
+            with offload_hooks if offload_hooks is not None and j >= n - offload_layers else nullcontext():
+                if j < recompute_layers:
+                    h = checkpoint(layer, h, meta, store, shard, use_reentrant=False)
+                else:
+                    h = layer(h, meta, store, shard, j < recompute_layers + elementwise_layers)
         meta.forget_rope()
         if not self.last:
             return h

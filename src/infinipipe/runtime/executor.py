@@ -31,6 +31,7 @@ from .batch import Batch
 from .fsdp import ShardedStage
 from .live_bytes import LiveBytesMeter
 from .nccl_semantics import emulation_from_env
+from .offload import HostTier, Offloader, copy_engine, late_copies_from_env, reload_points
 from .p2p import StageLink, TransferMismatch, plan_digest
 from .parallel_dims import ParallelMesh
 from .precision import MasterWeights
@@ -68,7 +69,10 @@ class RuntimeSettings:
     and gradients in that dtype while the stage computes in ``dtype`` (`precision.MasterWeights`).
     ``count_live_bytes`` counts every tensor byte a CPU step allocates (each operator passes
     through a Python dispatch mode, so it is for tests and benchmarks); on CUDA the allocator's
-    count is always read.
+    count is always read. ``late_copies`` completes offload copies late on CPU (`offload.LateCopies`;
+    default: the ``INFINIPIPE_LATE_COPIES`` environment variable). ``host_tier_bytes`` is what the
+    host tier for offloaded activations holds from the first step on (it grows between steps to
+    what a step asked for; a step whose offloads do not fit keeps the rest on the device).
     """
 
     dtype: torch.dtype = torch.float32
@@ -80,6 +84,8 @@ class RuntimeSettings:
     nccl_semantics: bool = field(default_factory=emulation_from_env)
     master_dtype: torch.dtype | None = None
     count_live_bytes: bool = False
+    late_copies: bool = field(default_factory=late_copies_from_env)
+    host_tier_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.recv_lookahead < 0:
@@ -104,7 +110,9 @@ class StepResult:
     timed apart in ``allreduce_s``. ``peak_step_bytes`` is the most tensor bytes the step had
     allocated at once, counting from its start (activations, K/V stores, transients, gradients,
     communication buffers; what the simulator predicts as ``SimResult.peak_step_bytes``); None on
-    CPU unless ``RuntimeSettings.count_live_bytes``.
+    CPU unless ``RuntimeSettings.count_live_bytes``. ``peak_host_bytes``: the most bytes of
+    offloaded activations the host tier held at once (`SimResult.peak_host_bytes`), counted when
+    ``peak_step_bytes`` is.
     """
 
     loss: float
@@ -117,6 +125,7 @@ class StepResult:
     allreduce_s: float
     actions: tuple[ActionTime, ...]
     peak_step_bytes: int | None
+    peak_host_bytes: int | None = None
 
 
 class PipelineWorker:
@@ -143,6 +152,8 @@ class PipelineWorker:
         model = StageModel(cfg, range(lo, lo + layers_per_stage[mesh.stage]), first=mesh.stage == 0,
                            last=mesh.is_last_stage, backend=settings.attention_backend)
         init_weights(model, settings.seed)
+        self.host_tier = HostTier(self.device, settings.host_tier_bytes)
+        self.copies = copy_engine(self.device, settings.late_copies)
         self.sharded: ShardedStage | None = None
         self.masters: MasterWeights | None = None
         if mesh.fsdp > 1:
@@ -205,14 +216,17 @@ class PipelineWorker:
         self.weights.zero_grad(set_to_none=True)
         if self.sharded is not None:
             self.sharded.begin_step()
+        self.host_tier.begin_step()
         counted = self.device.type == "cuda" or self.settings.count_live_bytes
         meter = LiveBytesMeter(self.device) if counted else contextlib.nullcontext()
         mesh = self.mesh
         sp = SequenceParallel(mesh.sp_group, mesh.sp_rank, mesh.sp) if mesh.sp > 1 else None
-        compute = StageCompute(self.model, batch, normaliser, self.settings.loss_block_tokens, sp, self.settings.dtype)
+        compute = StageCompute(self.model, batch, normaliser, self.settings.loss_block_tokens, sp, self.settings.dtype,
+                               Offloader(self.copies, self.host_tier, self.device))
         link = StageLink(self.mesh.pp_group, stage, self.mesh.pp, self.cfg.hidden, self.settings.dtype,
                          self.device, digest, emulate_nccl=self.settings.nccl_semantics)
         actions = plan.stage_actions[stage]
+        reloads = reload_points(actions)
         tokens = [token_shares(c.tokens, mesh.sp)[mesh.sp_rank] for c in plan.chunks]
 
         def incoming(a):
@@ -227,6 +241,8 @@ class PipelineWorker:
         pipe_start = clock.mark()
         with meter:
             for i, a in enumerate(actions):
+                for cid in reloads.get(i, ()):
+                    compute.reload(plan.chunks[cid])
                 due = bisect.bisect_right(needs, i) + self.settings.recv_lookahead
                 while posted < min(due, len(needs)):
                     b = actions[needs[posted]]
@@ -238,7 +254,7 @@ class PipelineWorker:
                 x = link.wait_recv(direction, a.chunk_id, tokens[a.chunk_id]) if direction else None
                 t0 = clock.mark()
                 if a.kind == "F":
-                    out = compute.forward(chunk, x, a.recompute_layers, a.elementwise_layers)
+                    out = compute.forward(chunk, x, a.recompute_layers, a.elementwise_layers, a.offload_layers)
                 else:
                     out = compute.backward(chunk, x)
                 spans.append((t0, clock.mark()))
@@ -247,6 +263,7 @@ class PipelineWorker:
                 elif a.kind == "F":
                     losses.append(out)
             link.wait_sends()
+            compute.finish()
             pipe_end = clock.mark()
             loss = self._reduce(torch.stack(losses).double().sum() if losses else None)
             red_end = clock.mark()
@@ -258,7 +275,7 @@ class PipelineWorker:
             loss=loss, stage=stage, dp_rank=self.mesh.dp_rank,
             step_s=time.perf_counter() - t_step, pipeline_s=pipeline_s, busy_s=busy,
             idle_s=max(0.0, pipeline_s - busy), allreduce_s=allreduce_s, actions=tuple(times),
-            peak_step_bytes=meter.peak if counted else None,
+            peak_step_bytes=meter.peak if counted else None, peak_host_bytes=meter.host_peak if counted else None,
         )
 
     def _reduce(self, local_loss: torch.Tensor | None) -> float:

@@ -6,6 +6,10 @@ copy). On CUDA the caching allocator counts every live byte; the CPU has no such
 dispatch mode sees the storage of every tensor an operator returns and a finalizer on the
 storage says when it is freed. Storages that exist before the meter starts (parameters, inputs)
 are not counted.
+
+Host memory that offloaded activations wait in (`offload.HostTier`) is counted apart
+(``host_current``/``host_peak``): the tier reports the bytes it hands out and takes back, and its
+slab is never counted as device bytes, also on CPU where both are the same memory.
 """
 from __future__ import annotations
 
@@ -14,6 +18,22 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+_open: list["LiveBytesMeter"] = []
+_host_slabs: set[int] = set()
+
+
+def host_tier_storage(storage: torch.UntypedStorage, held: bool) -> None:
+    """A host-tier slab comes (``held``) or goes: operators on it are not device bytes."""
+    key = storage.data_ptr()
+    if key:
+        (_host_slabs.add if held else _host_slabs.discard)(key)
+
+
+def host_tier_bytes(delta: int) -> None:
+    """The host tier handed out (``delta > 0``) or took back bytes: every open meter counts them."""
+    for meter in _open:
+        meter._host(delta)
 
 
 class _StorageCounter(TorchDispatchMode):
@@ -31,7 +51,8 @@ class _StorageCounter(TorchDispatchMode):
 
 class LiveBytesMeter:
     """Context manager: ``peak`` is the most tensor bytes alive at once since entry (or since
-    `reset_peak`), counted from ``current`` = 0 at entry (bytes already alive then are left out).
+    `reset_peak`), counted from ``current`` = 0 at entry (bytes already alive then are left out);
+    ``host_peak`` and ``host_current`` the same for the host tier's bytes in use.
 
     On CUDA the readings are the allocator's and need no synchronisation of their own: the
     caching allocator accounts a block when the host enqueues the kernel that uses it.
@@ -41,6 +62,7 @@ class LiveBytesMeter:
         self.cuda = device.type == "cuda"
         self.device = device
         self._current = self._peak = 0
+        self.host_current = self.host_peak = 0
         self._live: dict[int, int] = {}
         self._base = 0
         self._open = False
@@ -48,6 +70,7 @@ class LiveBytesMeter:
 
     def __enter__(self) -> "LiveBytesMeter":
         self._open = True
+        _open.append(self)
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
@@ -61,6 +84,7 @@ class LiveBytesMeter:
         else:
             self._mode.__exit__(*exc)
         self._open = False
+        _open.remove(self)
 
     @property
     def current(self) -> int:
@@ -80,10 +104,15 @@ class LiveBytesMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             self._peak = self._current
+        self.host_peak = self.host_current
+
+    def _host(self, delta: int) -> None:
+        self.host_current += delta
+        self.host_peak = max(self.host_peak, self.host_current)
 
     def _see(self, storage: torch.UntypedStorage) -> None:
         key = storage.data_ptr()
-        if key == 0 or key in self._live:
+        if key == 0 or key in self._live or key in _host_slabs:
             return
         size = storage.nbytes()
         self._live[key] = size

@@ -15,6 +15,7 @@ from ..contract.ir import Plan, downstream_stage, upstream_stage, validate_plan
 from ..contract.model_config import ModelConfig
 from ..model.stage import StageModel, init_weights
 from .batch import Batch
+from .offload import HostTier, Offloader, copy_engine, late_copies_from_env, reload_points
 from .sequence_parallel import SequenceParallel
 from .stage_compute import StageCompute
 
@@ -37,31 +38,52 @@ def build_stages(cfg: ModelConfig, layers_per_stage: Sequence[int], seed: int = 
 
 def run_plan_local(plan: Plan, stages: Sequence[StageModel], batch: Batch,
                    normaliser: int | None = None, loss_block_tokens: int = LOSS_BLOCK_TOKENS,
-                   sp: SequenceParallel | None = None) -> float:
+                   sp: SequenceParallel | None = None, host_tiers: Sequence[HostTier] | None = None,
+                   late_copies: bool | None = None) -> float:
     """Execute ``plan`` over ``stages`` in this process; returns the loss, leaves gradients in ``.grad``.
 
     With ``sp`` every rank of the SP group plays the plan on its share of each chunk's tokens; the
-    loss and gradients returned are this rank's part (`SequenceParallel` sums them).
+    loss and gradients returned are this rank's part (`SequenceParallel` sums them). Offloaded
+    layers wait in ``host_tiers`` (one per stage; by default new ones, which have no room until a
+    step has sized them); ``late_copies`` (default: ``INFINIPIPE_LATE_COPIES``) completes copies
+    late on CPU, as `offload.LateCopies` describes.
     """
     order = validate_plan(plan)
     if len(stages) != plan.num_stages:
         raise ValueError(f"plan has {plan.num_stages} stages, got {len(stages)} stage models")
     if tuple(batch.lengths) != plan.seq_lengths:
         raise ValueError("the batch's sequence lengths differ from the plan's")
-    computes = [StageCompute(m, batch, normaliser, loss_block_tokens, sp=sp) for m in stages]
+    devices = [next(m.parameters()).device for m in stages]
+    tiers = list(host_tiers) if host_tiers is not None else [HostTier(d) for d in devices]
+    late = late_copies_from_env() if late_copies is None else late_copies
+    engines = [copy_engine(d, late) for d in devices]
+    for tier in tiers:
+        tier.begin_step()
+    computes = [StageCompute(m, batch, normaliser, loss_block_tokens, sp=sp, offloader=Offloader(e, t, d))
+                for m, e, t, d in zip(stages, engines, tiers, devices)]
+    reloads = [reload_points(actions) for actions in plan.stage_actions]
+    position = {(s, a.kind, a.chunk_id): i for s, actions in enumerate(plan.stage_actions) for i, a in enumerate(actions)}
     outputs: dict[tuple[str, int, int], torch.Tensor | None] = {}
     n = plan.num_stages
     loss = 0.0
-    for s, a in order:
-        chunk = plan.chunks[a.chunk_id]
-        src = upstream_stage(a.kind, s, n)
-        x = outputs.pop((a.kind, src, a.chunk_id)) if src is not None else None
-        if a.kind == "F":
-            out = computes[s].forward(chunk, x, a.recompute_layers, a.elementwise_layers)
-        else:
-            out = computes[s].backward(chunk, x)
-        if downstream_stage(a.kind, s, n) is not None:
-            outputs[(a.kind, s, a.chunk_id)] = out
-        elif a.kind == "F":
-            loss += float(out)
+    try:
+        for s, a in order:
+            for cid in reloads[s].get(position[s, a.kind, a.chunk_id], ()):
+                computes[s].reload(plan.chunks[cid])
+            chunk = plan.chunks[a.chunk_id]
+            src = upstream_stage(a.kind, s, n)
+            x = outputs.pop((a.kind, src, a.chunk_id)) if src is not None else None
+            if a.kind == "F":
+                out = computes[s].forward(chunk, x, a.recompute_layers, a.elementwise_layers, a.offload_layers)
+            else:
+                out = computes[s].backward(chunk, x)
+            if downstream_stage(a.kind, s, n) is not None:
+                outputs[(a.kind, s, a.chunk_id)] = out
+            elif a.kind == "F":
+                loss += float(out)
+        for compute in computes:
+            compute.finish()
+    finally:
+        for engine in engines:
+            engine.close()
     return loss

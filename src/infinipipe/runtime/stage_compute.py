@@ -9,6 +9,9 @@ own backward runs (slices run backward in reverse order).
 
 With sequence parallelism (`SequenceParallel`) each SP rank computes its share of every chunk's
 tokens, receives and sends only that share, and stores its attention heads' K/V.
+
+A chunk that offloads layers (`offload.Offloader`) has their saved tensors copied to the host
+when its forward ends and back from `reload` on; the K/V stores and the chunk's metadata stay.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from ..model.kv_store import LayerKV
 from ..model.layers import ChunkMeta
 from ..model.stage import StageModel
 from .batch import Batch
+from .offload import HostTier, Offloader, copy_engine
 from .sequence_parallel import SequenceParallel
 
 
@@ -46,11 +50,13 @@ class StageCompute:
 
     ``dtype`` is the compute dtype, which the K/V stores hold; it defaults to the parameters' (under
     FSDP's mixed precision the stored parameters are fp32 shards, the computing ones bf16).
+    ``offloader`` moves offloaded layers' saved tensors (default: copies done at once into a host
+    tier of this step alone, which has no room in its first step: pass a lasting one).
     """
 
     def __init__(self, model: StageModel, batch: Batch, normaliser: int | None = None,
                  loss_block_tokens: int = LOSS_BLOCK_TOKENS, sp: SequenceParallel | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, offloader: Offloader | None = None):
         self.model = model
         self.batch = batch
         self.lengths = batch.lengths
@@ -65,6 +71,7 @@ class StageCompute:
             batch.check_token_ids(model.cfg.vocab_size)
         self._live: dict[int, _Live] = {}
         self._kv: dict[int, _SequenceKV] = {}
+        self.offloader = offloader or Offloader(copy_engine(self.device), HostTier(self.device), self.device)
 
     def _split(self, chunk: Chunk):
         """Index and segment of the chunk's slice of a split sequence, or (None, None)."""
@@ -90,10 +97,11 @@ class StageCompute:
         return seq
 
     def forward(self, chunk: Chunk, x: torch.Tensor | None, recompute_layers: int = 0,
-                elementwise_layers: int = 0) -> torch.Tensor:
+                elementwise_layers: int = 0, offload_layers: int = 0) -> torch.Tensor:
         """Returns the hidden states to send on (detached), or the loss on the last stage; the first
         ``recompute_layers`` layers are recomputed whole in backward, the next ``elementwise_layers``
-        elementwise."""
+        elementwise; the saved tensors of the last ``offload_layers`` go to the host tier when the
+        forward ends."""
         if chunk.id in self._live:
             raise ValueError(f"chunk {chunk.id}: forward ran twice on this stage")
         model = self.model
@@ -122,10 +130,24 @@ class StageCompute:
             seq.pending.add(seg.start)
             stores = seq.layers
         labels = meta.carried[-1] if model.last else None
+        hooks = None
+        if offload_layers:
+            kv = [t for store in stores or () for t in (store.k, store.v)]
+            hooks = self.offloader.saving(chunk.id, lambda: [*meta.shared_tensors(), *kv])
         out = model(x, meta, stores, shard, recompute_layers, labels, self.normaliser, self.loss_block_tokens,
-                    elementwise_layers)
+                    elementwise_layers, offload_layers, hooks)
         self._live[chunk.id] = _Live(inp, out)
+        if offload_layers:
+            self.offloader.offload(chunk.id)
         return out.detach()
+
+    def reload(self, chunk: Chunk) -> None:
+        """Start copying the chunk's offloaded tensors back (its backward waits for them)."""
+        self.offloader.reload(chunk.id)
+
+    def finish(self) -> None:
+        """End of the step: no copy of this stage is left running."""
+        self.offloader.finish()
 
     def backward(self, chunk: Chunk, grad: torch.Tensor | None = None) -> torch.Tensor | None:
         """Runs the chunk's backward; returns the gradient of its input (None on the first stage)."""
@@ -149,8 +171,10 @@ class StageCompute:
                 )
             seq.pending.discard(seg.start)
         pairs = [(r, g) for r, g in zip(roots, grads) if r.requires_grad]
+        self.offloader.poll()
         if pairs:
             torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs])
+        self.offloader.drop(chunk.id)
         if seg is not None and seg.start == 0:
             del self._kv[seg.seq_id]
         if live.inp is None:
