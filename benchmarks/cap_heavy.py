@@ -12,11 +12,15 @@ It then lists every case where EPP found no plan although the bound allows one, 
 than the hand grouping or a fitting baseline. Nothing runs on a GPU: times are the cost model's
 predictions on the committed H100 profiles.
 
+EPP plans with the host tier (``--host-gib``, default 128; 0 plans as without it) on the profiles'
+host link (``--host-bandwidth 0.5`` halves it); the baselines keep everything on the device.
+
 Usage: ``python benchmarks/cap_heavy.py [--models llama-13b] [--stages 8] [--jobs 2] [--json out.json]``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import statistics
@@ -37,18 +41,21 @@ GiB = 2**30
 
 
 def run_case(case: tuple) -> dict:
-    model, stages, max_len, memory_gib, batch, at_cap, seed = case
-    cost = CostModel(load_profile(default_profile_name(model)), preset(model))
+    model, stages, max_len, memory_gib, batch, at_cap, seed, host_gib, bandwidth = case
+    profile = load_profile(default_profile_name(model))
+    if profile.host_link is not None:
+        profile = dataclasses.replace(profile, host_link=profile.host_link.scaled(bandwidth))
+    cost = CostModel(profile, preset(model))
     lengths = sample_lengths("github", batch, max_len, seed=seed, at_cap=at_cap)
-    budget = memory_gib * GiB
-    request = PlanRequest(lengths, cost, stages, budget)
-    bound = memory_lower_bound(cost, request.layers, lengths)
+    budget, host = memory_gib * GiB, host_gib * GiB
+    request = PlanRequest(lengths, cost, stages, budget, host_memory_budget=host)
+    bound = memory_lower_bound(request.with_host_tier().cost, request.layers, lengths)
     out = {"model": model, "stages": stages, "max_len": max_len, "memory_gib": memory_gib, "batch": batch,
            "at_cap": lengths.count(max_len), "simulated": True, "lower_bound_gib": bound.bytes / GiB,
-           "floor_s": compute_floor_s(cost, lengths, stages)}
+           "floor_s": compute_floor_s(cost, lengths, stages), "host_gib": host_gib, "bandwidth": bandwidth}
     if bound.bytes > budget:
         return out
-    out["planners"] = compare_planners(cost, lengths, stages, budget, ["epp", *BASELINES])
+    out["planners"] = compare_planners(cost, lengths, stages, budget, ["epp", *BASELINES], host_memory_budget=host)
     started = time.perf_counter()
     capped = [i for i, n in enumerate(lengths) if n == max_len]
     rest = [i for i, n in enumerate(lengths) if n < max_len]
@@ -79,18 +86,24 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--at-cap", type=int, default=4, help="sequences at least at the context length")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--host-gib", type=float, default=128.0,
+                        help="host memory per device for EPP's host tier (0: off, the plans as without it)")
+    parser.add_argument("--host-bandwidth", type=float, default=1.0,
+                        help="the profiles' host-link bandwidth times this (0.5: what a plan must survive)")
     parser.add_argument("--jobs", type=int, default=1, help="cases planned in parallel processes")
     parser.add_argument("--json", help="also write every figure to this JSON file")
     args = parser.parse_args()
 
-    cases = [(m, s, n, g, args.batch, args.at_cap, args.seed) for s, n, g, m in
+    cases = [(m, s, n, g, args.batch, args.at_cap, args.seed, args.host_gib, args.host_bandwidth) for s, n, g, m in
              itertools.product(args.stages, args.max_len, args.memory_gib, args.models)]
     print("SIMULATED iteration times (event-driven simulator on the committed H100 profiles; no GPU was run); "
           "planning times measured on this machine")
     print(f"{len(cases)} cases, batch {args.batch}, at least {args.at_cap} sequences at the context length; "
           "'/floor' = time over the compute floor; 'by hand' = each capped sequence its own pipeline, the rest one batch")
-    print(f"{'case':<26} {'bound':>8} {'epp':>8} {'/floor':>6} {'plan s':>6} {'by hand':>8} {'/floor':>6}  "
-          + "  ".join(f"{b:>16}" for b in BASELINES))
+    print(f"host tier: {args.host_gib:g} GiB per device at {args.host_bandwidth:g}x the profiles' host-link bandwidth; "
+          "'offload' = bytes EPP's plan copies to the host over all stages, 'wait' = copy time its worst stage waits")
+    print(f"{'case':<26} {'bound':>8} {'epp':>8} {'/floor':>6} {'plan s':>6} {'offload':>9} {'wait':>5} "
+          f"{'by hand':>8} {'/floor':>6}  " + "  ".join(f"{b:>16}" for b in BASELINES))
     records, ratios, hand_ratios, problems = [], [], [], []
     with ProcessPoolExecutor(args.jobs) as pool:
         for rec in pool.map(run_case, cases):
@@ -117,8 +130,10 @@ def main() -> None:
                 if epp is None or epp > hand * (1 + 1e-9):
                     problems.append(f"{name}: epp {epp} slower than the hand grouping {hand:.2f}s")
             plan_s = f"{rows['epp']['planning_s']:>6.1f}" if rows["epp"]["planned"] else f"{'':>6}"
-            print(f"{name:<26} {rec['lower_bound_gib']:>6.1f}G  {cell(epp, floor)} {plan_s} {cell(hand, floor)}  "
-                  + "  ".join(f"{c:>16}" for c in cells))
+            moved = sum(rows["epp"].get("offloaded_bytes") or [0.0]) / GiB
+            wait = max(rows["epp"].get("exposed_copy_s") or [0.0])
+            print(f"{name:<26} {rec['lower_bound_gib']:>6.1f}G  {cell(epp, floor)} {plan_s} {moved:>7.0f}G "
+                  f"{wait:>4.2f}s {cell(hand, floor)}  " + "  ".join(f"{c:>16}" for c in cells))
             sys.stdout.flush()
     if ratios:
         print(f"\nepp over the compute floor: median {statistics.median(ratios):.2f}x, max {max(ratios):.2f}x "
