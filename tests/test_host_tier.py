@@ -66,6 +66,9 @@ def test_offloaded_bytes_are_what_the_last_layers_keep_in_their_mode():
     assert cost.offloaded_bytes(sh, n, 0, 0, 3) == pytest.approx(3 * act)
     assert cost.offloaded_bytes(sh, n, 6, 0, 3) == pytest.approx(2 * act + ckpt)  # layer 5 of 0..7 is recomputed
     assert cost.offloaded_bytes(sh, n, 8, 0, 8) == pytest.approx(8 * ckpt)
+    # After the first stage, the first layer's input is the tensor the stage received: it stays.
+    assert cost.offloaded_bytes(sh, n, 0, 0, 8, first=False) == pytest.approx(8 * act - ckpt)
+    assert cost.offloaded_bytes(sh, n, 0, 0, 7, first=False) == pytest.approx(7 * act)
     assert cost.elementwise_saved_bytes(sh) == elem  # the synthetic profile has no elementwise terms
     whole = cost.chunk_memory(sh, n).held(0) - cost.chunk_memory(sh, n).held(n)
     assert whole == pytest.approx(n * (act - ckpt))
@@ -246,3 +249,14 @@ def test_a_run_whose_host_budget_this_machine_cannot_give_is_refused_before_laun
     check_config(load_config(None, [f"--epp.host_memory_budget={too_much}"]))  # the CPU profile has no host tier
     with pytest.raises(ValueError, match="epp.host_memory_budget must be a size"):
         load_config(None, ["--epp.host_memory_budget=lots"])
+
+
+def test_copies_shorter_than_the_clock_resolves_end_at_once():
+    instant = HostLink(h2d_Bps=1e18, d2h_Bps=1e18, h2d_concurrent_Bps=1e18, d2h_concurrent_Bps=1e18, latency_s=0.0,
+                       host_memory_bytes=GiB)
+    lanes = CopyLanes(instant)
+    lanes.now = 12345.0
+    out = lanes.add("d2h", 12345.0, 1000.0)
+    back = lanes.add("h2d", 12345.0, 1000.0, after=out)
+    lanes.finish()
+    assert out.done_s == back.done_s == 12345.0

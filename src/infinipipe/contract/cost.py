@@ -478,16 +478,20 @@ class CostModel:
         fits = all(self.optimizer_host_bytes(n, s == 0, s == last) <= host_budget for s, n in enumerate(layers))
         return dataclasses.replace(self, host_budget=float(host_budget), optimizer_on_host=fits)
 
-    def offloaded_bytes(self, shape: ChunkShape, n_layers: int, recompute: int, elementwise: int, offload: int) -> float:
+    def offloaded_bytes(self, shape: ChunkShape, n_layers: int, recompute: int, elementwise: int, offload: int,
+                        first: bool = True) -> float:
         """Bytes the stage's last ``offload`` layers keep for a chunk's backward, which an offload
         moves to the host: a recomputed layer's input, an elementwise layer's reduced set, a stored
-        layer's activations (never the K/V store, `layer_act_bytes` leaves its rows out)."""
+        layer's activations (never the K/V store, `layer_act_bytes` leaves its rows out). After the
+        first stage (``first`` False) the stage's first layer keeps the tensor the stage received,
+        which stays where autograd holds it: offloading every layer moves its input less."""
         kept = n_layers - offload
         whole = max(0, recompute - kept)
         elem = max(0, min(recompute + elementwise, n_layers) - max(recompute, kept))
         act = self.layer_act_bytes(shape)
+        received = self.ckpt_layer_bytes(shape) if offload == n_layers and not first else 0.0
         return (offload * act - whole * (act - self.ckpt_layer_bytes(shape))
-                - elem * self.elementwise_saved_bytes(shape))
+                - elem * self.elementwise_saved_bytes(shape) - received)
 
     def grad_bytes(self, n_layers: int, first: bool = False, last: bool = False) -> float:
         """The part of `model_state_bytes` a step allocates itself: its gradients (set to None

@@ -287,6 +287,7 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
         return memo[key]
 
     act_bytes = np.array([term(cost.layer_act_bytes, sh) for sh in shapes])
+    ckpt_bytes = np.array([term(cost.ckpt_layer_bytes, sh) for sh in shapes])
     back_leads: list[int | None] = list(offload.optimizer_back_lead) if offload is not None else []
     n_rows = 0
     win_stage, win_start, win_len, win_flat, win_own, win_fwd = [], [], [], [], [], []
@@ -313,6 +314,9 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
             off = offload.stages[s]
             between = off.between(row, flat)
             moved[between] = (off.layers[flat] * act_bytes[flat])[between]
+            if not first:  # the stage's received input stays (`CostModel.offloaded_bytes`)
+                whole = between & (off.layers[flat] == n_l)
+                moved[whole] -= ckpt_bytes[flat][whole]
             cap[between] -= off.layers[flat][between]
         held_full = base[flat] - moved - cap * per_layer[flat]
         if offload is not None and cost.optimizer_on_host:

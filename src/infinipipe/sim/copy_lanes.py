@@ -88,7 +88,10 @@ class CopyLanes:
         rates = [self.together[lane] if moving[1 - lane] else self.alone[lane] for lane in (0, 1)]
         for lane, h in enumerate(heads):
             if h is not None:
-                until = min(until, self.now + (h.waiting if h.waiting > _EPS else h.left / rates[lane]))
+                ends = self.now + (h.waiting if h.waiting > _EPS else h.left / rates[lane])
+                if ends <= self.now:  # what is left takes less time than the clock resolves: done now
+                    h.waiting, h.left = 0.0, 0.0
+                until = min(until, ends)
         if until == math.inf:
             raise RuntimeError("a copy waits for one that does not run")
         dt = max(until - self.now, 0.0)

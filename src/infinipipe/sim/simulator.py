@@ -324,7 +324,7 @@ class _HostTier:
         for s, actions in enumerate(plan.stage_actions):
             n = plan.layers_per_stage[s]
             moved = {a.chunk_id: cost.offloaded_bytes(shapes[a.chunk_id], n, a.recompute_layers, a.elementwise_layers,
-                                                      a.offload_layers)
+                                                      a.offload_layers, s == 0)
                      for a in actions if a.kind == "B" and a.offload_layers}
             at: dict[int, list[int]] = {}
             for i, a in enumerate(actions):
