@@ -289,9 +289,26 @@ def plan_in_parts(request: PlanRequest, parts: list[list[int]], checkpointing: s
     rest = [p for p in planned if len(p) > 1]
     winners = {"alone": planned[max(singles)].metadata.get("winner") if singles else None,
                "rest": planned[rest[0]].metadata.get("winner") if rest else None}
-    return join_plans([(planned[tuple(request.lengths[i] for i in p)], p) for p in parts], request.lengths,
-                      {"planner": PLANNER_NAMES[checkpointing], "memory_budget": float(request.memory_budget),
-                       "chunking": "composite", "parts": len(parts), "screened": False, "part_winners": winners})
+    joined = join_plans([(planned[tuple(request.lengths[i] for i in p)], p) for p in parts], request.lengths,
+                        {"planner": PLANNER_NAMES[checkpointing], "memory_budget": float(request.memory_budget),
+                         "chunking": "composite", "parts": len(parts), "screened": False, "part_winners": winners})
+    return _joined_host_tier(joined, request, planned[tuple(request.lengths[i] for i in parts[-1])])
+
+
+def _joined_host_tier(joined: Plan, request: PlanRequest, last: Plan) -> Plan:
+    """The joined plan with what its parts planned on the host tier: the optimizer state's copy
+    back where the last part's planning put it (its windows hold it there), else (the last part
+    alone kept the state on the device, all its windows holding it) where the whole step's timing
+    puts it."""
+    cost = request.with_host_tier().cost
+    if not cost.host_budget:
+        return joined
+    meta = {"host_memory_budget": cost.host_budget, "offload_optimizer": cost.optimizer_on_host}
+    if cost.optimizer_on_host:
+        timed = optimizer_back_leads(joined, cost)
+        ends = last.metadata.get("optimizer_reload_lead") or [None] * joined.num_stages
+        meta["optimizer_reload_lead"] = [timed[s] if lead is None else lead for s, lead in enumerate(ends)]
+    return dataclasses.replace(joined, metadata={**joined.metadata, **meta})
 
 
 @contextlib.contextmanager
