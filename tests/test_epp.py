@@ -8,10 +8,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from infinipipe.contract.ir import validate_plan
-from infinipipe.planners.epp import NoPlanError, convex_floor, slice_count_ladder, token_capacity
+from infinipipe.planners.epp import NoPlanError, convex_floor, slice_count_ladder
 from infinipipe.planners.options import PlannerOptions
 from infinipipe.planners.registry import make_plan
 from infinipipe.planners.request import PlanRequest
+from infinipipe.planners.search_trials import token_capacity
 from infinipipe.sim.simulator import simulate
 from synthetic_cost import COST
 

@@ -15,16 +15,8 @@ from infinipipe.contract.cost import CostModel, LinearTerm, Profile
 from infinipipe.contract.ir import Action, Chunk, Plan, Segment, validate_plan
 from infinipipe.contract.model_config import PRESETS
 from infinipipe.contract.shapes import ChunkShape
-from infinipipe.planners.ilp import (
-    InfeasibleMemoryError,
-    LinearForm,
-    SolverCache,
-    build_problem,
-    descend,
-    greedy,
-    relaxation,
-    solve_checkpointing,
-)
+from infinipipe.planners.ilp import LinearForm, descend, greedy, relaxation, solve_checkpointing
+from infinipipe.planners.ilp_problem import InfeasibleMemoryError, SolverCache, build_problem
 from infinipipe.sim.simulator import simulate
 
 MODEL = PRESETS["tiny"].with_layers(8)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from ..contract.ir import Plan
 from ..sim.simulator import SimResult
-from .ilp import InfeasibleMemoryError
+from .ilp_problem import InfeasibleMemoryError
 
 Family = Literal["epp", "fixed", "balanced", "whole", "composite", "frugal"]
 COMPOSITE_RULES = ("capped", "half")  # which sequences a composite plans alone: those at the cap, or of half its length

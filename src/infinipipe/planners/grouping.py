@@ -19,7 +19,8 @@ import numpy as np
 from ..contract.cost import CostModel
 from ..contract.ir import Chunk, Segment
 from ..contract.shapes import ChunkShape
-from .ilp import InfeasibleMemoryError, SolverCache, build_problem, check_full_recompute, min_recompute_ms
+from .ilp import min_recompute_ms
+from .ilp_problem import InfeasibleMemoryError, SolverCache, build_problem, check_full_recompute
 from .schedule import epp_schedule, fill_gaps, split_gap
 
 Checkpointing = Literal["ilp", "none", "full"]

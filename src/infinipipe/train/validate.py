@@ -18,7 +18,7 @@ from ..config import Config, load_config
 from ..contract.cost import CostModel
 from ..data.dataset import TokenDataset, build_sampler
 from ..planners.epp import NoPlanError
-from ..planners.ilp import InfeasibleMemoryError
+from ..planners.ilp_problem import InfeasibleMemoryError
 from ..planners.registry import PLANNERS
 from ..planners.stage_layers import balance_layers
 from ..runtime.parallel_dims import ParallelDims
