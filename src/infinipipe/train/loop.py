@@ -172,6 +172,10 @@ def _record(step: int, sp: StepPlans, results: list[dict], tokens: int, step_s: 
         "iteration_time_predicted_s": predicted["iteration_time_s"],
         "peak_step_bytes": [r["peak_step_bytes"] for r in stages],
         "peak_step_bytes_predicted": predicted["peak_step_bytes"],
+        "peak_host_bytes": [r.get("peak_host_bytes") for r in stages],
+        "peak_host_bytes_predicted": predicted["peak_host_bytes"],
+        "offloaded_bytes_predicted": predicted["offloaded_bytes"],
+        "exposed_copy_s_predicted": predicted["exposed_copy_s"],
         "planning_s": sp.planning_s,
         "plan_wait_s": wait_s,
         "planning_hidden": hidden,
@@ -323,7 +327,8 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
             worker.refresh()
             scheduler.step()
             mine = {"stage": res.stage, "dp": res.dp_rank, "busy_s": res.busy_s, "pipeline_s": res.pipeline_s,
-                    "peak_step_bytes": res.peak_step_bytes, "signal": stop.signum}
+                    "peak_step_bytes": res.peak_step_bytes, "peak_host_bytes": res.peak_host_bytes,
+                    "signal": stop.signum}
             gathered = [None] * world if root else None
             dist.gather_object(mine, gathered, dst=0)
             step_s = time.perf_counter() - t0
