@@ -4,20 +4,29 @@ under late copies too; a removed wait shows; the meter sees the state move from 
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import numpy as np
 import pytest
 import torch
 
-from chunking import HAND_CHUNKS, HAND_LENGTHS, sequential_plan
+from chunking import HAND_CHUNKS, HAND_LENGTHS, sequential_plan, with_offload
+from infinipipe.contract.cost import CostModel, default_profile
+from infinipipe.contract.host import PUBLISHED_H100_HOST
 from infinipipe.contract.ir import Chunk, Plan, Segment
-from infinipipe.contract.model_config import ModelConfig
+from infinipipe.contract.model_config import ModelConfig, preset
+from infinipipe.data.dataset import BatchSampler
+from infinipipe.planners.options import PlannerOptions
 from infinipipe.planners.schedule import epp_schedule
+from infinipipe.planners.stage_layers import balance_layers
 from infinipipe.runtime.batch import Batch
 from infinipipe.runtime.executor import PipelineWorker, RuntimeSettings
 from infinipipe.runtime.launch import launch_local
 from infinipipe.runtime.offload import LATE_COPIES_MS_VAR, LateCopies
 from infinipipe.runtime.optimizer_host import optimizer_back_at
 from infinipipe.runtime.parallel_dims import ParallelDims
+from infinipipe.sim.simulator import simulate
+from infinipipe.train.planning import StepPlanner
 
 CFG = ModelConfig(vocab_size=97, hidden=32, layers=4, heads=4, kv_heads=2, ffn=64)
 SPLIT = (2, 2)
@@ -144,3 +153,33 @@ def test_the_meter_counts_the_moved_state_on_the_host_and_the_device_peak_falls_
     assert moved == moved_parked > 0 and host == 0
     assert host_parked == moved
     assert device - device_parked == pytest.approx(moved, rel=0.01)
+
+
+def test_the_step_planner_predicts_each_stages_host_peak_with_the_plans():
+    """The trainer's planning process simulates the plans it hands out: each rank's host room is
+    its stage's simulated host peak (here the optimizer state's bytes and offloaded activations)."""
+    cost = CostModel(dataclasses.replace(default_profile("tiny"), host_link=PUBLISHED_H100_HOST), preset("tiny"))
+    lengths = np.array([4096, 2000, 900, 300, 120] * 2)
+    planner = StepPlanner(cost, BatchSampler(lengths, 0, global_batch_tokens=4096), "epp", 2, 1, 2**30,
+                          balance_layers(cost, 2), PlannerOptions(time_limit_s=1.0), host_memory_budget=2**30)
+    sp = planner(0)
+    (plan,) = sp.plans
+    sim = simulate(plan, cost, 2**30)
+    assert plan.metadata["offload_optimizer"]
+    assert [sp.host_room(0, s) for s in range(2)] == [math.ceil(b) for b in sim.peak_host_bytes]
+    assert all(sp.host_room(0, s) > 0 for s, lead in enumerate(plan.metadata["optimizer_reload_lead"])
+               if lead is not None)
+
+
+def first_step_tier(room):
+    """Worker: the host tier's most bytes in use in a worker's first step, given ``room``."""
+    split = (2, 3)
+    plan = with_offload(sequential_plan(HAND_CHUNKS["split"], HAND_LENGTHS, split), lambda s, c, n: (0, 0, n))
+    worker = PipelineWorker(dataclasses.replace(CFG, layers=5), split, ParallelDims(pp=2).build_mesh())
+    worker.run_step(plan, _batch(HAND_LENGTHS), host_room=room)
+    return worker.host_tier.in_use_peak
+
+
+def test_a_first_step_given_its_predicted_host_room_offloads_and_one_without_keeps_activations_on_the_device():
+    without, given = (launch_local(first_step_tier, 2, (room,), timeout_s=120) for room in (0, 1 << 22))
+    assert without == [0, 0] and all(b > 0 for b in given)

@@ -75,7 +75,8 @@ class RuntimeSettings:
     count is always read. ``late_copies`` completes offload copies late on CPU (`offload.LateCopies`;
     default: the ``INFINIPIPE_LATE_COPIES`` environment variable). ``host_tier_bytes`` is what the
     host tier for offloaded activations holds from the first step on (it grows between steps to
-    what a step asked for; a step whose offloads do not fit keeps the rest on the device).
+    what a step asked for, or to `PipelineWorker.run_step`'s ``host_room``; a step whose offloads
+    do not fit keeps the rest on the device).
     """
 
     dtype: torch.dtype = torch.float32
