@@ -9,7 +9,9 @@ stages; the SP group, then data-parallel replicas, sum their gradients; every to
 divided by the global batch's predicted tokens, so the sum is the exact global-batch gradient.
 When a stage has several ``dp_shard x sp`` ranks its parameters are sharded over them with FSDP
 (`fsdp.ShardedStage`: gathered once per step, reduce-scattered once after its backwards).
-The optimizer step is the caller's: `PipelineWorker.weights` holds the parameters it steps.
+The optimizer step is the caller's: `PipelineWorker.weights` holds the parameters it steps. A
+plan may keep the optimizer's state on the host during the step (`optimizer_host`); the worker
+then moves the state of the optimizer it was given (`PipelineWorker.attach_optimizer`).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from .fsdp import ShardedStage
 from .live_bytes import LiveBytesMeter
 from .nccl_semantics import emulation_from_env
 from .offload import HostTier, Offloader, copy_engine, late_copies_from_env, reload_points
+from .optimizer_host import OptimizerOffload, optimizer_back_at
 from .p2p import StageLink, TransferMismatch, plan_digest
 from .parallel_dims import ParallelMesh
 from .precision import MasterWeights
@@ -72,7 +75,8 @@ class RuntimeSettings:
     count is always read. ``late_copies`` completes offload copies late on CPU (`offload.LateCopies`;
     default: the ``INFINIPIPE_LATE_COPIES`` environment variable). ``host_tier_bytes`` is what the
     host tier for offloaded activations holds from the first step on (it grows between steps to
-    what a step asked for; a step whose offloads do not fit keeps the rest on the device).
+    what a step asked for, or to `PipelineWorker.run_step`'s ``host_room``; a step whose offloads
+    do not fit keeps the rest on the device).
     """
 
     dtype: torch.dtype = torch.float32
@@ -156,6 +160,7 @@ class PipelineWorker:
         self.copies = copy_engine(self.device, settings.late_copies)
         self.sharded: ShardedStage | None = None
         self.masters: MasterWeights | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
         if mesh.fsdp > 1:
             self.model = model.to(device=self.device, dtype=settings.master_dtype or settings.dtype)
             self.sharded = ShardedStage(self.model, mesh.shard_mesh, settings.dtype)
@@ -167,6 +172,23 @@ class PipelineWorker:
     @property
     def weights(self) -> torch.nn.Module:
         return self.model if self.masters is None else self.masters.master
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer that steps `weights`: its state waits on the host during a step whose plan
+        says ``offload_optimizer``."""
+        self.optimizer = optimizer
+
+    def optimizer_state(self) -> list[torch.Tensor]:
+        """What only the optimizer step reads: the master weights under mixed precision (FSDP's
+        sharded parameters are then the masters) and the optimizer's per-parameter state (AdamW's
+        moments: the tensors shaped like their parameter; its step count is a host scalar). Read
+        between steps: during one, an FSDP stage's module holds the gathered weights instead."""
+        params = list(self.weights.parameters())
+        masters = params if self.settings.master_dtype is not None else []
+        state = self.optimizer.state if self.optimizer is not None else {}
+        moments = [t for p in params for t in state.get(p, {}).values()
+                   if isinstance(t, torch.Tensor) and t.shape == p.shape]
+        return masters + moments
 
     def refresh(self) -> None:
         """After the optimizer stepped `weights`: bring the computing model up to date."""
@@ -191,11 +213,15 @@ class PipelineWorker:
             dist.all_reduce(t, group=self.mesh.dp_group)
         return int(t.item())
 
-    def run_step(self, plan: Plan, batch: Batch, normaliser: int | None = None) -> StepResult:
+    def run_step(self, plan: Plan, batch: Batch, normaliser: int | None = None, host_room: int = 0) -> StepResult:
         """Run ``plan`` over this replica's ``batch``; gradients are left in ``model``'s ``.grad``.
 
         Gradients are reset first (one step is one global batch). ``normaliser`` defaults to the
-        predicted tokens of the global batch (summed over data-parallel replicas).
+        predicted tokens of the global batch (summed over data-parallel replicas). ``host_room``:
+        the host-tier bytes the step is predicted to use (the simulator's host peak of this stage),
+        which the tier grows to before the step so that the first step that offloads has room.
+        Where the plan keeps the optimizer state on the host, it is back on the device, and the
+        compute stream waits for it, when this returns.
         """
         validate_plan(plan)
         if plan.layers_per_stage != self.layers_per_stage:
@@ -214,9 +240,13 @@ class PipelineWorker:
             normaliser = self._global_normaliser(batch)
         self.model.zero_grad(set_to_none=True)
         self.weights.zero_grad(set_to_none=True)
+        # Read before FSDP's gather, which puts the whole weights in the module's place.
+        back_at = optimizer_back_at(plan, stage)
+        parked = OptimizerOffload(self.copies, self.host_tier, self.device,
+                                  self.optimizer_state() if back_at is not None else ())
         if self.sharded is not None:
             self.sharded.begin_step()
-        self.host_tier.begin_step()
+        self.host_tier.begin_step(max(host_room, parked.room()))
         counted = self.device.type == "cuda" or self.settings.count_live_bytes
         meter = LiveBytesMeter(self.device) if counted else contextlib.nullcontext()
         mesh = self.mesh
@@ -240,9 +270,13 @@ class PipelineWorker:
         losses: list[torch.Tensor] = []
         pipe_start = clock.mark()
         with meter:
+            parked.leave()
             for i, a in enumerate(actions):
                 for cid in reloads.get(i, ()):
                     compute.reload(plan.chunks[cid])
+                if i == back_at:
+                    parked.back()
+                parked.poll()
                 due = bisect.bisect_right(needs, i) + self.settings.recv_lookahead
                 while posted < min(due, len(needs)):
                     b = actions[needs[posted]]
@@ -262,11 +296,14 @@ class PipelineWorker:
                     link.send("act" if a.kind == "F" else "grad", a.chunk_id, out)
                 elif a.kind == "F":
                     losses.append(out)
+            if back_at == len(actions):
+                parked.back()
             link.wait_sends()
             compute.finish()
             pipe_end = clock.mark()
             loss = self._reduce(torch.stack(losses).double().sum() if losses else None)
             red_end = clock.mark()
+            parked.arrive()
         times = [ActionTime(a.kind, a.chunk_id, clock.seconds(*span)) for a, span in zip(actions, spans)]
         pipeline_s = clock.seconds(pipe_start, pipe_end)
         busy = sum(t.compute_s for t in times)

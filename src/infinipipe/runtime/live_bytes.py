@@ -10,6 +10,11 @@ are not counted.
 Host memory that offloaded activations wait in (`offload.HostTier`) is counted apart
 (``host_current``/``host_peak``): the tier reports the bytes it hands out and takes back, and its
 slab is never counted as device bytes, also on CPU where both are the same memory.
+
+The optimizer state leaves the device during a step by emptying its storages (``resize_(0)``)
+and comes back by refilling them: storages that live on, older than the meter, which no operator
+returns. On CUDA the allocator sees both; on CPU `storage_emptied` and `storage_refilled` tell
+the open meters.
 """
 from __future__ import annotations
 
@@ -36,6 +41,21 @@ def host_tier_bytes(delta: int) -> None:
         meter._host(delta)
 
 
+def storage_emptied(storage: torch.UntypedStorage) -> None:
+    """``storage`` is about to give its bytes back while it lives on: open CPU meters count them
+    freed, also where the storage is older than the meter."""
+    for meter in _open:
+        if not meter.cuda:
+            meter._drop(storage)
+
+
+def storage_refilled(storage: torch.UntypedStorage) -> None:
+    """``storage`` holds bytes again after `storage_emptied`: open CPU meters count them."""
+    for meter in _open:
+        if not meter.cuda:
+            meter._see(storage)
+
+
 class _StorageCounter(TorchDispatchMode):
     def __init__(self, meter: "LiveBytesMeter"):
         super().__init__()
@@ -43,6 +63,8 @@ class _StorageCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if func.overloadpacket is torch.ops.aten.set_:
+            return out  # a view of a storage that exists already: it allocates nothing
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.layout == torch.strided:
                 self.meter._see(t.untyped_storage())
@@ -119,6 +141,9 @@ class LiveBytesMeter:
         self._current += size
         self._peak = max(self._peak, self._current)
         weakref.finalize(storage, self._free, key)
+
+    def _drop(self, storage: torch.UntypedStorage) -> None:
+        self._current -= self._live.pop(storage.data_ptr(), storage.nbytes())
 
     def _free(self, key: int) -> None:
         self._current -= self._live.pop(key, 0)

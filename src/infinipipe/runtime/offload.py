@@ -61,7 +61,7 @@ def reload_points(actions: Sequence[Action]) -> dict[int, list[int]]:
     return out
 
 
-def _bytes_of(storage: torch.UntypedStorage, device: torch.device) -> torch.Tensor:
+def bytes_of(storage: torch.UntypedStorage, device: torch.device) -> torch.Tensor:
     """A storage as a flat byte tensor: copies move storages, whatever dtype their views read."""
     return torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
 
@@ -83,6 +83,11 @@ class CopyEngine:
     def device_buffer(self, nbytes: int, device: torch.device) -> torch.Tensor:
         """Device bytes for a reload, allocated on the compute stream (whose order frees them)."""
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def refill(self, storage: torch.UntypedStorage, nbytes: int) -> None:
+        """Give a storage emptied by ``resize_(0)`` its ``nbytes`` back for a copy in, allocated on
+        the compute stream as `device_buffer` is: the tensors viewing it stay the same objects."""
+        storage.resize_(nbytes)
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, direction: Direction, after: Sequence[object]) -> object:
         raise NotImplementedError
@@ -205,6 +210,10 @@ class LateCopies(CopyEngine):
     def device_buffer(self, nbytes, device):
         return torch.full((nbytes,), 255, dtype=torch.uint8, device=device)
 
+    def refill(self, storage, nbytes):
+        storage.resize_(nbytes)
+        bytes_of(storage, storage.device).fill_(255)
+
     def copy(self, dst, src, direction, after):
         job = _LateCopy(dst, weakref.ref(src), list(after), time.monotonic() + self.delay_s)
         self._queues[direction].put(job)
@@ -277,11 +286,17 @@ class HostTier:
             self._slab = torch.empty(0, dtype=torch.uint8).set_(storage)
         self._free = [_Region(0, nbytes)]
 
-    def begin_step(self) -> None:
-        """Grow to what the last step asked for; the slab is empty between steps."""
+    @classmethod
+    def room_for(cls, sizes: Iterable[int]) -> int:
+        """The slab bytes that storages of ``sizes`` bytes take at once."""
+        return sum(-(-n // cls.ALIGN) * cls.ALIGN for n in sizes)
+
+    def begin_step(self, room: int = 0) -> None:
+        """Grow to what the last step asked for, or to ``room`` (what the plan is predicted to ask
+        for) where that is more; the slab is empty between steps."""
         if self.in_use:
             raise RuntimeError(f"{self.in_use} host bytes are still in use between steps")
-        self._grow(self._asked_peak)
+        self._grow(max(self._asked_peak, room))
         self._free = [_Region(0, self.capacity)] if self.capacity else []
         self._asked = self._asked_peak = self.in_use_peak = 0
 
@@ -377,7 +392,7 @@ class Offloader:
             storage = t.untyped_storage()
             record = moved.get(storage.data_ptr())
             if record is None:
-                record = moved[storage.data_ptr()] = _Moved(_bytes_of(storage, t.device))
+                record = moved[storage.data_ptr()] = _Moved(bytes_of(storage, t.device))
             return _SavedView(record, t.dtype, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
 
         return torch.autograd.graph.saved_tensors_hooks(pack, self._unpack)

@@ -25,7 +25,6 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from ..config import Config
-from ..contract.cost import CostModel
 from ..data.dataset import TokenDataset, build_dataset, build_sampler
 from ..planners.search_pool import resolve_pool_size
 from ..planners.stage_layers import balance_layers
@@ -35,7 +34,6 @@ from ..runtime.fsdp import full_tensor
 from ..runtime.launch import init_from_env, launch_local, under_torchrun
 from ..runtime.parallel_dims import ParallelDims, ParallelMesh
 from ..runtime.signals import StopRequest, serve_parent, signal_name
-from ..sim.simulator import simulate
 from .checkpoint import CheckpointJob, checkpoint_run, resume_checkpoint, save_checkpoint
 from .console import banner, measured_bubble, resume_line, say, step_line
 from .layout_change import layout_notice
@@ -157,7 +155,8 @@ def _clip(worker: PipelineWorker, mesh: ParallelMesh, max_norm: float) -> float:
 
 
 def _record(step: int, sp: StepPlans, results: list[dict], tokens: int, step_s: float, lr: float,
-            grad_norm: float, loss: float, predicted: dict, wait_s: float, hidden: bool) -> dict:
+            grad_norm: float, loss: float, wait_s: float, hidden: bool) -> dict:
+    predicted = sp.predicted
     stages = sorted(results, key=lambda r: (r["dp"], r["stage"]))
     return {
         "step": step + 1,
@@ -189,18 +188,6 @@ def _record(step: int, sp: StepPlans, results: list[dict], tokens: int, step_s: 
                                      if s.length < p.seq_lengths[s.seq_id]})}
             for p in sp.plans
         ],
-    }
-
-
-def _predict(sp: StepPlans, cost: CostModel, memory_budget: int) -> dict:
-    sims = [simulate(p, cost, memory_budget) for p in sp.plans]
-    return {
-        "bubble_ratio": max(s.bubble_ratio for s in sims),
-        "iteration_time_s": max(s.iteration_time_s for s in sims),
-        "peak_step_bytes": [list(s.peak_step_bytes) for s in sims],
-        "offloaded_bytes": [list(s.offloaded_bytes) for s in sims],
-        "peak_host_bytes": [list(s.peak_host_bytes) for s in sims],
-        "exposed_copy_s": [list(s.exposed_copy_s) for s in sims],
     }
 
 
@@ -254,6 +241,7 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
                              options=StateDictOptions(full_state_dict=True))
         worker.refresh()
     optimizer, scheduler = build_optimizer(cfg, weights.parameters())
+    worker.attach_optimizer(optimizer)
     steps = cfg.training.steps
     ckpt_dir = Path(run_dir) / cfg.checkpoint.folder
     start, checkpoint = 0, None
@@ -318,7 +306,8 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
             gb = sampler.batch(dataset, step)
             share = sp.shares[mesh.dp_rank]
             batch = Batch(tuple(gb.sequences[i] for i in share))
-            res: StepResult = worker.run_step(sp.plans[mesh.dp_rank], batch, normaliser=gb.predicted_tokens)
+            res: StepResult = worker.run_step(sp.plans[mesh.dp_rank], batch, normaliser=gb.predicted_tokens,
+                                              host_room=sp.host_room(mesh.dp_rank, mesh.stage))
             if not math.isfinite(res.loss):
                 raise FloatingPointError(f"step {step + 1}: loss is {res.loss}")
             grad_norm = _clip(worker, mesh, cfg.training.max_norm)
@@ -340,7 +329,7 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
                 tokens += gb.num_tokens
                 if (step + 1) % cfg.metrics.log_freq == 0 or step + 1 == steps:
                     record = _record(step, sp, gathered, gb.num_tokens, step_s, lr, grad_norm, res.loss,
-                                     _predict(sp, cost, memory), wait_s, bool(getattr(plans, "ready", False)))
+                                     wait_s, bool(getattr(plans, "ready", False)))
                     metrics.write(record)
                     if bar is None:
                         say(step_line(record))

@@ -3,11 +3,16 @@
 `StepPlanner` is a plain, picklable value: the planner of step ``i`` needs only the corpus's
 document lengths, the sampler's seed and the cost model, so it can run in a background process
 while step ``i - 1`` trains, and every rank can check it received the plan for the right batch.
+It also simulates the plans it hands out (`predict`), off the training ranks: the step's metrics
+compare with those figures, and each rank grows its host tier to its stage's predicted host peak
+before the step, so the first step that offloads has room.
 """
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..config import Config
@@ -22,6 +27,7 @@ from ..planners.registry import make_plan
 from ..planners.request import PlanRequest
 from ..profiling.fit import flops_head_terms
 from ..runtime.parallel_dims import ParallelDims
+from ..sim.simulator import simulate
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,7 @@ class PlanAsks:
 class StepPlans:
     """Plans of one step: ``shares[r]`` are the global-batch positions replica ``r`` trains on;
     ``deadline_s`` the planning deadline the searches had (None: none), ``skipped_for_time``
-    how many candidates they left out for it."""
+    how many candidates they left out for it; ``predicted``: the simulator's figures (`predict`)."""
 
     step: int
     shares: tuple[tuple[int, ...], ...]
@@ -75,10 +81,30 @@ class StepPlans:
     planning_s: float
     deadline_s: float | None = None
     skipped_for_time: int = 0
+    predicted: dict = field(default_factory=dict)
+
+    def host_room(self, replica: int, stage: int) -> int:
+        """The host-tier bytes ``stage`` of ``replica``'s plan is predicted to use at once
+        (offloaded activations and an optimizer state waiting on the host)."""
+        return math.ceil(self.predicted["peak_host_bytes"][replica][stage])
 
     def next_warm(self) -> tuple[WarmStart, ...]:
         """The warm starts of the next step's searches: what won here."""
         return tuple(WarmStart.from_plan(p) for p in self.plans)
+
+
+def predict(plans: Sequence[Plan], cost: CostModel, memory_budget: int) -> dict:
+    """The simulator's figures of a step's plans (per replica, and per stage where a stage has its
+    own): iteration time and bubble, device and host peaks, offloaded bytes and copy waits."""
+    sims = [simulate(p, cost, memory_budget) for p in plans]
+    return {
+        "bubble_ratio": max(s.bubble_ratio for s in sims),
+        "iteration_time_s": max(s.iteration_time_s for s in sims),
+        "peak_step_bytes": [list(s.peak_step_bytes) for s in sims],
+        "offloaded_bytes": [list(s.offloaded_bytes) for s in sims],
+        "peak_host_bytes": [list(s.peak_host_bytes) for s in sims],
+        "exposed_copy_s": [list(s.exposed_copy_s) for s in sims],
+    }
 
 
 def profile_for(cfg: Config, model: ModelConfig) -> Profile:
@@ -174,9 +200,11 @@ class StepPlanner:
                                   host_memory_budget=self.host_memory_budget)
             plans.append(make_plan(self.planner, request))
         deadlines = [p.metadata.get("deadline_s") for p in plans]
-        return StepPlans(step, tuple(tuple(s) for s in shares), tuple(plans), time.perf_counter() - t0,
+        planning_s = time.perf_counter() - t0
+        return StepPlans(step, tuple(tuple(s) for s in shares), tuple(plans), planning_s,
                          budget if budget is not None else max((d for d in deadlines if d is not None), default=None),
-                         sum(len(p.metadata.get("skipped_for_time", ())) for p in plans))
+                         sum(len(p.metadata.get("skipped_for_time", ())) for p in plans),
+                         predict(plans, self.cost, self.memory_budget))
 
 
 MIN_DEADLINE_S = 1e-3  # a replica planned after the shared deadline still gets its first fitting plan
