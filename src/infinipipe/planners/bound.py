@@ -8,7 +8,8 @@ Whatever the chunking, schedule and checkpointing, the longest sequence must pas
 The smaller of the two, plus the stage's model states, is what the stage cannot do without. A
 budget under the bound has no plan; `plan_epp` refuses it at once and names the stage. With a
 host tier (`CostModel.host_budget`) a split sequence's checkpoints may wait on the host, so only
-its K/V store and dK/dV count, and the states are those kept on the device through the step.
+its K/V store and dK/dV count, and the states are those kept on the device through the step; but
+the optimizer steps on the device, so a stage needs at least its whole model states once a step.
 """
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ def memory_lower_bound(cost: CostModel, layers: Sequence[int], lengths: Sequence
         inputs = 0.0 if offloads else cost.activation_bytes(whole, n, n, first, is_last)
         split = (inputs + cost.kv_bytes(store, n) + cost.dkv_bytes(store, n)) if longest > 1 else float("inf")
         unsplit = cost.chunk_memory(whole, n, first, is_last).during_backward(n)
-        stages.append(MemoryBound(s, cost.model_state_bytes(n, first, is_last), min(split, unsplit), longest,
-                                  split < unsplit))
+        states = cost.model_state_bytes(n, first, is_last)
+        # The optimizer steps on the device, so its whole state is there once a step, at the least.
+        sequence = max(min(split, unsplit), cost.all_model_state_bytes(n, first, is_last) - states)
+        stages.append(MemoryBound(s, states, sequence, longest, split < unsplit))
     return max(stages, key=lambda b: b.bytes)

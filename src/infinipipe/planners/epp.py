@@ -341,10 +341,13 @@ class _Search(TrialBook):
                            memory_error=InfeasibleMemoryError(int(max(range(len(self.layers)),
                                                                       key=trial.sim.peak_memory_bytes.__getitem__)),
                                                               (), need, self.memory))
-        elif self.checkpointing == "ilp":  # full recompute fits: the ILP has an answer, at most as slow
-            plan = solve_checkpointing(plan, self.cost, self.memory, self.plan_gap, self.options.time_limit_s,
-                                       cache=self.cache)
-            trial = Trial(cand, False, plan, simulate(plan, self.cost, self.memory, self.request.link))
+        elif self.checkpointing == "ilp":  # full recompute fits: the ILP's answer is at most as slow
+            try:
+                plan = solve_checkpointing(plan, self.cost, self.memory, self.plan_gap, self.options.time_limit_s,
+                                           cache=self.cache)
+                trial = Trial(cand, False, plan, simulate(plan, self.cost, self.memory, self.request.link))
+            except InfeasibleMemoryError:  # the host tier's copies, timed more cautiously than played
+                pass
         trial.seconds = time.perf_counter() - t0
         self.trials[(cand, False)] = trial
 

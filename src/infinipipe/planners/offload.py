@@ -38,6 +38,11 @@ class StageOffload:
     hi: np.ndarray
     lead: np.ndarray
 
+    @classmethod
+    def nothing(cls, chunks: int) -> "StageOffload":
+        return cls(np.zeros(chunks, dtype=np.int64), np.ones(chunks, dtype=np.int64), np.zeros(chunks, dtype=np.int64),
+                   np.zeros(chunks, dtype=np.int64))
+
     def between(self, action_index: np.ndarray, chunk: np.ndarray) -> np.ndarray:
         """Whether each (window at ``action_index``, ``chunk`` in it) pair has the chunk's
         offloaded layers on the host."""
@@ -94,11 +99,13 @@ def plan_offload(plan: Plan, cost: CostModel, shapes: list[ChunkShape] | None = 
         weight = np.ones(len(plan.stage_actions[s])) if binding is None else binding[s].astype(float)
         # Each copy holds its direction of the link for its whole size: a few chunks offloading
         # every layer can crowd out many offloading some, so the most layers any chunk offloads
-        # is searched, keeping the cap that takes the most bytes off the binding windows.
-        # Copies back run in order, and the optimizer state's is the step's last.
+        # is searched (powers of two and the stage's layers), keeping the cap that takes the most
+        # bytes off the binding windows. Copies back run in order, and the optimizer state's is
+        # the step's last. A stage with no binding window offloads nothing.
         last_in = times[0][len(times[0]) - back] if back else np.inf
+        caps = sorted({min(n, 2**k) for k in range(n.bit_length() + 1)}) if weight.any() else []
         best = max((_stage_offload(plan, s, cap, act, *times, link, max(host, 0.0), optimizer_out, last_in, weight)
-                    for cap in range(1, n + 1)), key=lambda o: o[1])
+                    for cap in caps), key=lambda o: o[1], default=(StageOffload.nothing(len(plan.chunks)), 0.0))
         stages.append(best[0])
         outs.append(optimizer_out)
         backs.append(back)
@@ -126,23 +133,26 @@ def _stage_offload(plan: Plan, stage: int, cap: int, act: np.ndarray, start: np.
     busy: list[tuple[float, float]] = []  # when copies out run
     counts = np.arange(cap, 0, -1)  # most layers first: ties go to the larger offload of equal benefit
     start_out = queue_free
-    for a in actions:
-        if a.kind != "F":
-            continue
-        c, fi, bi = a.chunk_id, f_at[a.chunk_id], b_at[a.chunk_id]
-        if bi - fi < 3 or act[c] <= 0:  # no action between the copy out and the copy back
-            continue
-        done = max(end[fi], queue_free) + lat + counts * act[c] / out_rate
+    # Per chunk in forward order, what does not depend on the copies out before it: its sizes and
+    # the last action a copy back of each size lets it leave the device before. A chunk with no
+    # binding window between its forward and its backward gains nothing.
+    order = np.array([a.chunk_id for a in actions if a.kind == "F"], dtype=np.int64)
+    fi, bi = f_at[order], b_at[order]
+    worth = (bi - fi >= 3) & (act[order] > 0) & (covered[bi] - covered[np.minimum(fi + 1, bi)] > 0)
+    sizes = counts[None, :] * act[order][:, None]
+    first_back = np.searchsorted(start, np.minimum(start[bi], last_in)[:, None] - lat - sizes / in_rate,
+                                 side="right") - 1
+    for row in np.flatnonzero(worth):
+        c, f_end = order[row], end[fi[row]]
+        done = max(f_end, queue_free) + lat + sizes[row] / out_rate
         first_free = np.searchsorted(start, done, side="left")  # first action starting after the copy out
-        reload = min(start[bi], last_in) - lat - counts * act[c] / in_rate
-        first_back = np.searchsorted(start, reload, side="right") - 1  # last action starting before it
-        span = np.maximum(covered[np.maximum(first_back, first_free)] - covered[first_free], 0.0)
-        gain = counts * act[c] * span
+        span = np.maximum(covered[np.maximum(first_back[row], first_free)] - covered[first_free], 0.0)
+        gain = sizes[row] * span
         best = int(np.argmax(gain))
         if gain[best] <= 0:
             continue
-        layers[c], lo[c], hi[c] = counts[best], first_free[best], first_back[best] - 1
-        busy.append((max(end[fi], queue_free), done[best]))
+        layers[c], lo[c], hi[c] = counts[best], first_free[best], first_back[row, best] - 1
+        busy.append((max(f_end, queue_free), done[best]))
         queue_free = done[best]
     inbound = _copy_back_in_order(actions, layers, lo, hi, lead, b_at, act, start, _Capacity(link, "h2d", busy),
                                   last_in)

@@ -43,10 +43,10 @@ def optimizer_back_lead(cost: CostModel, stage: int, layers: int, last_stage: in
 
 
 def optimizer_out_s(cost: CostModel, stage: int, layers: int, last_stage: int) -> float:
-    """How long the optimizer state's copy out at a step's start may take (at the concurrent
-    bandwidth: the first forwards' offloads may run beside it)."""
+    """How long the optimizer state's copy out at a step's start takes: it is the step's first copy
+    out, and no copy back runs before a backward does, so at the direction's own bandwidth."""
     link = cost.host_link
-    return link.latency_s + cost.optimizer_host_bytes(layers, stage == 0, stage == last_stage) / link.d2h_concurrent_Bps
+    return link.latency_s + cost.optimizer_host_bytes(layers, stage == 0, stage == last_stage) / link.d2h_Bps
 
 
 def optimizer_back_leads(plan: Plan, cost: CostModel, shapes: list[ChunkShape] | None = None,
