@@ -44,7 +44,8 @@ from .notices import warn
 from .optim import build_optimizer
 from .planning import PlanAsk, PlanAsks, StepPlanner, StepPlans, job_cost
 from .prefetch import PlanPrefetcher
-from .run_lock import RunDirBusy, run_dir_lock
+from .run_dir import check_run_dir, make_run_dir
+from .run_lock import RunDirBusy, check_free, run_dir_lock
 from .validate import JobShape, check_checkpoints, check_config, check_first_step
 
 FAILURE = "failure.txt"
@@ -76,10 +77,11 @@ def run_training(cfg: Config, run_dir: str | Path, *, progress: bool = True,
 
     Returns rank 0's result; under torchrun the other ranks get ``None`` (they print nothing).
     """
-    shape = check_config(cfg)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_run_dir(run_dir)
+    shape = check_config(cfg)
     if under_torchrun():
+        make_run_dir(run_dir)
         device = init_from_env(collective_timeout_s=cfg.comm.train_timeout_seconds)
         try:
             with contextlib.ExitStack() as held:
@@ -95,9 +97,12 @@ def run_training(cfg: Config, run_dir: str | Path, *, progress: bool = True,
                 return _rank_main(cfg, str(run_dir), dataset, device, progress)
         finally:
             dist.destroy_process_group()
+    check_free(run_dir)
+    dataset = _prepare(cfg, shape, run_dir)  # a refused job leaves the directory and its lock file alone
+    make_run_dir(run_dir)
     with contextlib.ExitStack() as held:
         lock = held.enter_context(run_dir_lock(run_dir))
-        dataset = _prepare(cfg, shape, run_dir)
+        check_checkpoints(cfg, run_dir)  # again, now that no other job can write them
         _claim_run_dir(cfg, run_dir)
         world = ParallelDims.from_config(cfg.parallelism).world_size
         for line in banner(cfg, run_dir, dataset, "cpu (local gloo processes)", world, shape.layers_per_stage):

@@ -45,10 +45,9 @@ def run_dir_lock(run_dir: str | Path) -> Iterator[int]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = path.read_text().strip() or "a job that has not yet written its name"
+            holder = _holder(path)
             if not (_launcher_gone(holder) and _wait_for(fd, run_dir, holder)):
-                raise RunDirBusy(f"run directory {run_dir} is in use by {holder} (lock {path}); "
-                                 f"wait for that job to end or choose another --run-dir") from None
+                raise _busy(run_dir, holder) from None
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} (started {started})\n".encode())
@@ -58,6 +57,33 @@ def run_dir_lock(run_dir: str | Path) -> Iterator[int]:
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)
+
+
+def check_free(run_dir: str | Path) -> None:
+    """Raise `RunDirBusy` if a live job holds ``run_dir``, without creating or writing its lock
+    file, so a job refused for any other reason leaves the directory as it found it. (A job
+    whose launcher has ended is left to `run_dir_lock`, which waits for its ranks.)"""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no lock file yet: no job has held the directory
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(Path(run_dir) / LOCK_FILE)
+        if not _launcher_gone(holder):
+            raise _busy(run_dir, holder) from None
+    finally:
+        os.close(fd)
+
+
+def _holder(path: Path) -> str:
+    return path.read_text().strip() or "a job that has not yet written its name"
+
+
+def _busy(run_dir: str | Path, holder: str) -> RunDirBusy:
+    return RunDirBusy(f"run directory {run_dir} is in use by {holder} (lock {Path(run_dir) / LOCK_FILE}); "
+                      f"wait for that job to end or choose another --run-dir")
 
 
 def _launcher_gone(holder: str) -> bool:
