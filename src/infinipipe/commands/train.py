@@ -54,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
             if exc.last_line.startswith(prefix):
                 return _fail(f"{exc.last_line.removeprefix(prefix)} (tracebacks: {report})", code)
         return _fail(f"{exc.headline} (tracebacks: {report})", 1)
-    except JobStopped as exc:
-        return _fail(str(exc), 128 + exc.signum)
+    except JobStopped as exc:  # rank 0 has said where a stop that could not wait for its step left the job
+        return 128 + exc.signum if exc.said else _fail(str(exc), 128 + exc.signum)
     except TimeoutError as exc:
         return _fail(str(exc), 1)
     if result is None:  # a rank other than 0 under torchrun: rank 0 speaks for the job

@@ -38,8 +38,17 @@ def _at_least(name: str, value: float, low: float) -> None:
 
 @dataclass(frozen=True)
 class JobConfig:
+    """``stop_grace_seconds``: how long a stop signal may wait for the running step and its
+    checkpoint; a step that cannot end inside it is dropped and the job ends at once from its last
+    checkpoint. Keep it under the scheduler's kill delay (Slurm's KillWait, 30 s by default) and
+    ask for the signal early enough before a time limit (``--signal=TERM@N``, N above it)."""
+
     dump_folder: str = "./outputs"
     description: str = ""
+    stop_grace_seconds: float = 25.0
+
+    def __post_init__(self) -> None:
+        _at_least("job.stop_grace_seconds", self.stop_grace_seconds, 0.0)
 
 
 @dataclass(frozen=True)

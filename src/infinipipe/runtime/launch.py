@@ -36,9 +36,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .signals import STOP_GRACE_S, StopSignals, exit_with_parent, signal_name
+from .signals import STOP_GRACE_S, STOP_SIGNALS, StopSignals, exit_with_parent, signal_name
 
 DEFAULT_COLLECTIVE_TIMEOUT_S = 30.0
+_LEFT_FOR_STOP = {128 + s for s in STOP_SIGNALS}  # a rank's exit status after it left for a stop
 
 
 class RankFailed(RuntimeError):
@@ -61,10 +62,11 @@ class RankFailed(RuntimeError):
 
 
 class JobStopped(RuntimeError):
-    """The launcher was asked to stop (``signum``) and the ranks could not end in order."""
+    """A stop (``signum``) ended the job before the ranks could end in order; ``said``: rank 0 has
+    printed where it stopped (it left its step for a stop that could not wait), so nothing is to add."""
 
-    def __init__(self, signum: int, why: str):
-        self.signum = signum
+    def __init__(self, signum: int, why: str, said: bool = False):
+        self.signum, self.said = signum, said
         super().__init__(f"stopped by {signal_name(signum)}: {why}")
 
 
@@ -139,14 +141,16 @@ def _leave(job: _Job, code: int) -> None:
 
 def launch_local(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, backend: str = "gloo",
                  threads: int = 1, collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
-                 timeout_s: float = 600.0, inherit_fds: Sequence[int] = ()) -> list[Any]:
+                 timeout_s: float = 600.0, inherit_fds: Sequence[int] = (),
+                 stop_grace_s: float = STOP_GRACE_S) -> list[Any]:
     """Run ``fn(*args)`` in ``nprocs`` fresh processes joined in one process group.
 
     ``fn`` must be importable (a module-level function); each rank's return value is pickled back
     and returned in rank order. Every rank holds ``inherit_fds`` open until it exits (a lock the
     ranks are to share). Raises `RankFailed` for the first rank that raised or was killed,
     `TimeoutError` if the job runs past ``timeout_s``, `JobStopped` if a stop signal could not
-    end the ranks in order (ranks that stop in order return normally).
+    end the ranks in order within ``stop_grace_s`` (ranks that stop in order return normally; a
+    rank that exits with 128 + a stop signal's number left its step for a stop).
     """
     if nprocs < 1:
         raise ValueError(f"nprocs must be >= 1, got {nprocs}")
@@ -158,7 +162,7 @@ def launch_local(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, backe
                    tuple(_Inherited(fd) for fd in inherit_fds))
         procs = [ctx.Process(target=_child, args=(r, job), daemon=False) for r in range(nprocs)]
         try:
-            with _PassStop(procs) as stop:
+            with _PassStop(procs, stop_grace_s) as stop:
                 with children_deaf_to_sigint():
                     for p in procs:
                         p.start()
@@ -205,9 +209,10 @@ def children_deaf_to_sigint() -> Iterator[None]:
 class _PassStop(StopSignals):
     """The launcher's stop signals: the first is passed on to every rank, a second kills them now."""
 
-    def __init__(self, procs: Sequence[mp.Process]):
+    def __init__(self, procs: Sequence[mp.Process], grace_s: float):
         super().__init__()
         self.procs = procs
+        self.grace_s = grace_s
         self.signum = 0
         self.deadline = float("inf")
 
@@ -216,7 +221,7 @@ class _PassStop(StopSignals):
             _kill(self.procs, grace_s=0.0)
             raise JobStopped(signum, "a second signal killed the ranks without a checkpoint")
         self.signum = signum
-        self.deadline = time.monotonic() + STOP_GRACE_S + 3.0
+        self.deadline = time.monotonic() + self.grace_s + 3.0
         self.pass_on()
 
     def pass_on(self) -> None:
@@ -243,7 +248,7 @@ def _watch(procs: Sequence[mp.Process], stop: _PassStop, timeout_s: float, outdi
         left = min(deadline, stop.deadline) - time.monotonic()
         if left <= 0:
             if stop.signum:
-                raise JobStopped(stop.signum, f"the ranks did not stop within {STOP_GRACE_S:.0f} s; killed them")
+                raise JobStopped(stop.signum, f"the ranks did not stop within {stop.grace_s:g} s; killed them")
             raise TimeoutError(f"local job of {len(procs)} ranks ran past {timeout_s:.0f} s; killed it")
         stop.pass_on()
         for sentinel in wait(list(live), timeout=min(left, 0.1 if stop.signum else 1.0)):
@@ -251,17 +256,35 @@ def _watch(procs: Sequence[mp.Process], stop: _PassStop, timeout_s: float, outdi
             procs[r].join()
             if procs[r].exitcode != 0:
                 failed.append(r)
-    if failed:
-        # Peers of a dead rank fail within moments; give them a second to exit on their own
-        # so the rank that died first is told apart from those that merely lost it.
-        exited = failed + [live.pop(s) for s in wait(list(live), timeout=1.0)]
-        for r in exited:
-            procs[r].join()
-        codes = {r: procs[r].exitcode for r in exited}
-        err = _blame(codes, outdir, failed[0], {r: procs[r].pid for r in live.values()})
-        if stop.signum:
-            raise JobStopped(stop.signum, err.headline) from err
-        raise err
+    if not failed:
+        return
+    if procs[failed[0]].exitcode in _LEFT_FOR_STOP:
+        _left_for_stop(procs, live, stop)
+    # Peers of a dead rank fail within moments; give them a second to exit on their own
+    # so the rank that died first is told apart from those that merely lost it.
+    exited = failed + [live.pop(s) for s in wait(list(live), timeout=1.0)]
+    for r in exited:
+        procs[r].join()
+    codes = {r: procs[r].exitcode for r in exited}
+    err = _blame(codes, outdir, failed[0], {r: procs[r].pid for r in live.values()})
+    if stop.signum:
+        raise JobStopped(stop.signum, err.headline) from err
+    raise err
+
+
+def _left_for_stop(procs: Sequence[mp.Process], live: dict[Any, int], stop: _PassStop) -> None:
+    """A rank left its step for a stop: the others follow as soon as they notice (their grace,
+    or a collective with it failing). Rank 0 then has said where the job stopped."""
+    end = time.monotonic() + stop.grace_s + 3.0
+    while live and time.monotonic() < end:
+        for sentinel in wait(list(live), timeout=0.1):
+            procs[live.pop(sentinel)].join()
+    _kill(procs)
+    code = procs[0].exitcode
+    if code in _LEFT_FOR_STOP:
+        raise JobStopped(code - 128, "", said=True)
+    signum = next(c - 128 for p in procs if (c := p.exitcode) in _LEFT_FOR_STOP)
+    raise JobStopped(signum, f"a rank left its step for the stop and rank 0 ended with status {code}")
 
 
 def _kill(procs: Sequence[mp.Process], grace_s: float = 3.0) -> None:
