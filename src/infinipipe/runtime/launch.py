@@ -300,25 +300,28 @@ def _kill(procs: Sequence[mp.Process], grace_s: float = 3.0) -> None:
 
 
 def _blame(codes: dict[int, int], outdir: Path, first_seen: int, alive: dict[int, int]) -> RankFailed:
-    """A rank killed by a signal is the cause; then a rank its peers timed out waiting for (one
-    still alive, a stopped one first); otherwise the rank that raised earliest."""
+    """A rank killed by a signal is the cause; then a stopped rank (its peers' timeouts, and their
+    peers' lost connections, follow from it); then a rank still alive when the first error was a
+    timeout waiting for it; otherwise the rank that raised earliest."""
     killed = sorted(r for r, code in codes.items() if code < 0)
     if killed:
         r = killed[0]
         return RankFailed(r, f"killed by signal {signal.Signals(-codes[r]).name} (no Python traceback)",
                           _errors(outdir, exclude=r))
+    states = {r: _process_state(pid) for r, pid in alive.items()}
+    stopped = sorted(r for r, state in states.items() if state == "stopped")
     errors = []
     for f in outdir.glob("*.error"):
         stamp, _, tb = f.read_text().partition("\n")
         errors.append((float(stamp), int(f.stem), tb))
+    errors.sort()
+    timed_out = bool(errors) and any(word in errors[0][2].lower() for word in ("timed out", "timeout"))
+    if stopped or (alive and timed_out):
+        r = stopped[0] if stopped else min(alive)
+        return RankFailed(r, f"stopped responding (process {alive[r]} is {states[r]}); the ranks waiting "
+                             f"for it timed out or lost their peers", _errors(outdir, exclude=r))
     if not errors:
         return RankFailed(first_seen, f"exited with code {codes[first_seen]} and left no traceback")
-    errors.sort()
-    if alive and all("timed out" in tb.lower() or "timeout" in tb.lower() for _, _, tb in errors):
-        states = {r: _process_state(pid) for r, pid in alive.items()}
-        r = min(alive, key=lambda r: (states[r] != "stopped", r))
-        return RankFailed(r, f"stopped responding (process {alive[r]} is {states[r]}); the ranks waiting "
-                             f"for it timed out", _errors(outdir, exclude=r))
     _, r, tb = errors[0]
     return RankFailed(r, tb.rstrip(), _errors(outdir, exclude=r))
 
