@@ -98,11 +98,16 @@ class TrainingConfig:
     for skewed lengths: every step does about the same work) or as a sequence count
     (``global_batch_size``); exactly one must be > 0. ``seq_len`` is the longest sequence trained
     on: longer documents are truncated or rejected per ``data.over_long``. ``max_norm = 0`` turns
-    gradient clipping off.
+    gradient clipping off. ``deterministic = true`` makes a run repeat bit for bit (and a resume
+    equal the run it continues): plans that depend on the batch alone (no planning deadline, pool,
+    ILP time limit or warm start: each depends on wall time) and torch's deterministic kernels
+    where it has them. The default plans within a share of the step instead, so how far a search
+    gets, and the loss from the step where plans first differ, follows the machine's load.
     """
 
     steps: int = 30
     seed: int = 0
+    deterministic: bool = False
     global_batch_tokens: int = 16384
     global_batch_size: int = 0
     seq_len: int = 8192

@@ -43,7 +43,7 @@ from .metrics import MetricsWriter
 from .notices import warn
 from .optim import build_optimizer
 from .overdue_stop import JobProgress, leave_now, peer_stopped
-from .planning import PlanAsk, PlanAsks, StepPlanner, StepPlans, job_cost
+from .planning import PlanAsk, PlanAsks, StepPlanner, StepPlans, job_cost, run_planner_options
 from .prefetch import PlanPrefetcher
 from .run_dir import check_run_dir, make_run_dir
 from .run_lock import RunDirBusy, check_free, run_dir_lock
@@ -215,6 +215,14 @@ class _BackgroundPlanner:
         return self.planner(ask)
 
 
+def _deterministic_kernels() -> None:
+    """torch's deterministic kernels where it has them (a warning names an op that has none);
+    cuBLAS needs its workspace fixed before its first call for that."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
 def _save(where: JobProgress, folder: Path, done: int, weights, optimizer, scheduler, cfg: Config,
           job: CheckpointJob | None) -> tuple[float, Path]:
     """Write step ``done``'s checkpoint; returns how long it took (what a stop waits for) and the folder."""
@@ -251,6 +259,8 @@ def _rank_main(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, pr
 def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progress: bool,
            stop: StopRequest, where: JobProgress) -> TrainResult | None:
     rank, world = dist.get_rank(), dist.get_world_size()
+    if cfg.training.deterministic:
+        _deterministic_kernels()
     dims = ParallelDims.from_config(cfg.parallelism, world)
     pp = dims.pp
     mesh = dims.build_mesh(torch.device(device).type)
@@ -286,11 +296,13 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
     job = CheckpointJob(run, cfg.to_toml()) if rank == 0 else None
     sampler = build_sampler(cfg, dataset)
     memory = cfg.epp.memory_budget_bytes
-    options = cfg.epp.planner_options()
+    options = run_planner_options(cfg)
     # The planning process and its pool run on rank 0's node, beside that node's training ranks.
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     options = replace(options, pool_size=resolve_pool_size(options.pool_size, ranks_here))
-    planner = StepPlanner(cost, sampler, cfg.epp.planner, pp, mesh.dp, memory, layers, options)
+    # a warm start is the last step's winner: a resume, which has none, would plan differently
+    planner = StepPlanner(cost, sampler, cfg.epp.planner, pp, mesh.dp, memory, layers, options,
+                          warm_start=not cfg.training.deterministic)
     root = rank == 0
     losses: list[float] = []
     tokens = 0

@@ -63,6 +63,7 @@ def peer_stopped() -> int:
         return 0
     try:
         store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(_STORE_WAIT)  # a store whose host hangs must not hold a failing rank
         if store.check([_STOPPED_KEY]):
             return int(store.get(_STOPPED_KEY))
     except Exception:  # a store gone with its host: no rank can say anything else either

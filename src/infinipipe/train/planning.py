@@ -6,6 +6,7 @@ while step ``i - 1`` trains, and every rank can check it received the plan for t
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -149,6 +150,7 @@ class StepPlanner:
     memory_budget: int
     layers_per_stage: tuple[int, ...]
     options: PlannerOptions
+    warm_start: bool = True
 
     def __call__(self, ask: PlanAsk | int) -> StepPlans:
         """The step's plans. The replicas' searches share one deadline: ``deadline_share`` of the
@@ -167,14 +169,24 @@ class StepPlanner:
             if budget is not None:
                 left = max(budget - (time.perf_counter() - t0), MIN_DEADLINE_S)
                 opts = replace(self.options, deadline_s=left)
+            warm = ask.warm[r] if self.warm_start and r < len(ask.warm) else None
             request = PlanRequest([lengths[i] for i in share], self.cost, self.num_stages, self.memory_budget,
-                                  self.layers_per_stage, opts, step_s=ask.step_s,
-                                  warm=ask.warm[r] if r < len(ask.warm) else None)
+                                  self.layers_per_stage, opts, step_s=ask.step_s, warm=warm)
             plans.append(make_plan(self.planner, request))
         deadlines = [p.metadata.get("deadline_s") for p in plans]
         return StepPlans(step, tuple(tuple(s) for s in shares), tuple(plans), time.perf_counter() - t0,
                          budget if budget is not None else max((d for d in deadlines if d is not None), default=None),
                          sum(len(p.metadata.get("skipped_for_time", ())) for p in plans))
+
+
+def run_planner_options(cfg: Config) -> PlannerOptions:
+    """The options a run plans with: its ``[epp]`` section's, or under ``training.deterministic``
+    the same with nothing that bounds wall time (no deadline, no pool, no ILP time limit), so a
+    plan depends on its batch alone."""
+    options = cfg.epp.planner_options()
+    if cfg.training.deterministic:
+        options = replace(options, deadline_s=None, deadline_share=0.0, pool_size=0, time_limit_s=math.inf)
+    return options
 
 
 MIN_DEADLINE_S = 1e-3  # a replica planned after the shared deadline still gets its first fitting plan
