@@ -7,21 +7,26 @@ import os
 import signal
 import time
 
-from infinipipe.runtime.launch import children_deaf_to_sigint
+from infinipipe.runtime.launch import children_deaf_to_stops
 from infinipipe.runtime.signals import StopRequest
 
 
-def sigint_blocked(_: int) -> bool:
-    return signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+def stops_blocked(_: int) -> bool:
+    return {signal.SIGINT, signal.SIGTERM} <= signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
 
-def test_processes_started_inside_hold_sigint_back_and_the_starter_still_takes_it():
+def test_processes_started_inside_hold_stops_back_and_the_starter_still_takes_them():
     got = []
     previous = signal.signal(signal.SIGINT, lambda signum, _frame: got.append(signum))
     try:
-        with children_deaf_to_sigint(), mp.get_context("spawn").Pool(1) as pool:
+        with children_deaf_to_stops():
+            pool = mp.get_context("spawn").Pool(1)
+        try:
             os.kill(os.getpid(), signal.SIGINT)
-            assert pool.map(sigint_blocked, [0]) == [True]
+            assert pool.map(stops_blocked, [0]) == [True]
+        finally:
+            pool.close()  # the worker leaves when told to: it would hold a terminating SIGTERM back
+            pool.join()
         assert got == [signal.SIGINT]
     finally:
         signal.signal(signal.SIGINT, previous)

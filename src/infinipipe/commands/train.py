@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..config import collect_overrides, load_config
     from ..runtime.launch import JobStopped, RankFailed, under_torchrun
+    from ..runtime.signals import signal_name
     from ..train.checkpoint import CheckpointError, CheckpointWriteError
     from ..train.loop import FAILURE, run_training
     from ..train.summary import print_summary
@@ -55,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
                 return _fail(f"{exc.last_line.removeprefix(prefix)} (tracebacks: {report})", code)
         return _fail(f"{exc.headline} (tracebacks: {report})", 1)
     except JobStopped as exc:  # rank 0 has said where a stop that could not wait for its step left the job
-        return 128 + exc.signum if exc.said else _fail(str(exc), 128 + exc.signum)
+        if exc.startup:
+            print(f"stopped by {signal_name(exc.signum)} during start-up; nothing was trained", file=sys.stderr)
+        return 128 + exc.signum if exc.said or exc.startup else _fail(str(exc), 128 + exc.signum)
     except TimeoutError as exc:
         return _fail(str(exc), 1)
     if result is None:  # a rank other than 0 under torchrun: rank 0 speaks for the job

@@ -6,10 +6,15 @@ others killed at once, and `RankFailed` names it with its own traceback (ranks t
 their peer vanish are not blamed; when peers time out waiting, the rank that neither finished
 nor failed is named). Nothing waits forever: a job that outlives ``timeout_s`` is killed too.
 SIGTERM/SIGINT to the launcher are passed on to the ranks, which stop at a step boundary
-(`signals.StopRequest`); a second signal kills them at once. Ranks start with SIGINT blocked, so
-a Ctrl-C cannot break their start-up and waits until they listen; the launcher keeps passing a
-stop on until they end, so ranks that were not yet listening get it too. Ranks die with the launcher; ranks that outlive a
-killed launcher remove its results folder as they leave.
+(`signals.StopRequest`); a second signal kills them at once. A stop before every rank has started
+its function (still importing, or waiting in the rendezvous for the others) starts no further
+rank and kills the started ones at once: they hold nothing to save. Ranks start with SIGINT and
+SIGTERM blocked, so a stop sent to the whole process group cannot break their start-up (a rank
+killed before it has read its pickled job would leave the launcher blocked writing it) and waits
+until they listen; the launcher keeps passing a stop on until they end, so ranks that were not
+yet listening get it too. Ranks die with the launcher (killed outright while they start, sent
+SIGTERM once they listen); ranks that outlive a killed launcher remove its results folder as they
+leave.
 """
 from __future__ import annotations
 
@@ -63,10 +68,11 @@ class RankFailed(RuntimeError):
 
 class JobStopped(RuntimeError):
     """A stop (``signum``) ended the job before the ranks could end in order; ``said``: rank 0 has
-    printed where it stopped (it left its step for a stop that could not wait), so nothing is to add."""
+    printed where it stopped (it left its step for a stop that could not wait), so nothing is to
+    add; ``startup``: it came before every rank had started, so nothing ran."""
 
-    def __init__(self, signum: int, why: str, said: bool = False):
-        self.signum, self.said = signum, said
+    def __init__(self, signum: int, why: str, said: bool = False, startup: bool = False):
+        self.signum, self.said, self.startup = signum, said, startup
         super().__init__(f"stopped by {signal_name(signum)}: {why}")
 
 
@@ -108,11 +114,13 @@ class _Job:
 def _child(rank: int, job: _Job) -> None:
     out = Path(job.outdir)
     try:
-        exit_with_parent(job.parent_pid)
+        exit_with_parent(job.parent_pid, signal.SIGKILL)  # nothing to save until it runs ``fn``
         torch.set_num_threads(job.threads)
         dist.init_process_group(job.backend, init_method=f"tcp://127.0.0.1:{job.port}", rank=rank,
                                 world_size=job.world_size, timeout=datetime.timedelta(seconds=job.timeout_s))
         try:
+            exit_with_parent(job.parent_pid)  # from here a stop, so it can write a checkpoint
+            (out / f"{rank}.started").touch()  # the launcher passes stops on from here, it kills before
             result = job.fn(*job.args)
         finally:
             dist.destroy_process_group()
@@ -162,9 +170,11 @@ def launch_local(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, backe
                    tuple(_Inherited(fd) for fd in inherit_fds))
         procs = [ctx.Process(target=_child, args=(r, job), daemon=False) for r in range(nprocs)]
         try:
-            with _PassStop(procs, stop_grace_s) as stop:
-                with children_deaf_to_sigint():
+            with _PassStop(procs, stop_grace_s, Path(outdir)) as stop:
+                with children_deaf_to_stops():
                     for p in procs:
+                        if stop.signum:
+                            break  # a stop during start-up starts nothing more
                         p.start()
                 _watch(procs, stop, timeout_s, Path(outdir))
         finally:
@@ -173,10 +183,12 @@ def launch_local(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, backe
 
 
 @contextlib.contextmanager
-def children_deaf_to_sigint() -> Iterator[None]:
-    """Processes spawned inside start with SIGINT blocked (until they listen for stop signals,
-    which unblocks it), so a Ctrl-C cannot break their imports into tracebacks and is taken, not
-    lost, once they listen; this process's own handling of SIGINT is untouched.
+def children_deaf_to_stops() -> Iterator[None]:
+    """Processes spawned inside start with SIGINT and SIGTERM blocked (until they listen for stop
+    signals, which unblocks them), so a Ctrl-C or a group's SIGTERM cannot break their imports into
+    tracebacks (or kill one that has not read its pickled job, which would leave this process
+    blocked writing it) and is taken, not lost, once they listen; this process's own handling of
+    them is untouched.
 
     multiprocessing's spawn clears the signal mask of the processes it starts, so they are
     started through ``posix_spawn``, which sets it; the descriptors a child is to keep are made
@@ -185,7 +197,7 @@ def children_deaf_to_sigint() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    resource_tracker.ensure_running()  # started the usual way: it must not block SIGINT
+    resource_tracker.ensure_running()  # started the usual way: it must not block stop signals
     fork_exec = util.spawnv_passfds
 
     def spawn_blocked(path: str, args: Sequence[str], passfds: Sequence[int]) -> int:
@@ -194,7 +206,7 @@ def children_deaf_to_sigint() -> Iterator[None]:
         for fd in fds:
             os.set_inheritable(fd, True)
         try:
-            return os.posix_spawn(path, list(args), os.environ, setsigmask={signal.SIGINT})
+            return os.posix_spawn(path, list(args), os.environ, setsigmask=set(STOP_SIGNALS))
         finally:
             for fd, was in zip(fds, inheritable):
                 os.set_inheritable(fd, was)
@@ -206,15 +218,33 @@ def children_deaf_to_sigint() -> Iterator[None]:
         util.spawnv_passfds = fork_exec
 
 
+class StopBeforeLaunch(StopSignals):
+    """While a job is checked and prepared, before any rank starts, a stop signal ends it at once
+    (`JobStopped`, ``startup``): there is nothing to save. Main thread only; elsewhere a no-op."""
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        raise JobStopped(signum, "during start-up; nothing was trained", startup=True)
+
+    def __enter__(self) -> "StopBeforeLaunch":
+        return super().__enter__() if threading.current_thread() is threading.main_thread() else self
+
+
 class _PassStop(StopSignals):
     """The launcher's stop signals: the first is passed on to every rank, a second kills them now."""
 
-    def __init__(self, procs: Sequence[mp.Process], grace_s: float):
+    def __init__(self, procs: Sequence[mp.Process], grace_s: float, outdir: Path):
         super().__init__()
         self.procs = procs
         self.grace_s = grace_s
+        self.outdir = outdir
         self.signum = 0
         self.deadline = float("inf")
+        self._started = False
+
+    def started(self) -> bool:
+        """Whether every rank has started its function (and so listens for stops)."""
+        self._started = self._started or all((self.outdir / f"{r}.started").exists() for r in range(len(self.procs)))
+        return self._started
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if self.signum:
@@ -226,7 +256,7 @@ class _PassStop(StopSignals):
 
     def pass_on(self) -> None:
         """Send the stop to every live rank; a rank already stopping ignores it, one still starting
-        (SIGINT ignored until it listens) takes a later one."""
+        (stop signals blocked until it listens) takes it then."""
         if not self.signum:
             return
         for p in self.procs:
@@ -242,9 +272,11 @@ class _PassStop(StopSignals):
 def _watch(procs: Sequence[mp.Process], stop: _PassStop, timeout_s: float, outdir: Path) -> None:
     """Wait for every rank to exit 0; raise for the first that did not, or past a deadline."""
     deadline = time.monotonic() + timeout_s
+    _stopped_starting(stop)
     live = {p.sentinel: r for r, p in enumerate(procs)}
     failed: list[int] = []
     while live and not failed:
+        _stopped_starting(stop)
         left = min(deadline, stop.deadline) - time.monotonic()
         if left <= 0:
             if stop.signum:
@@ -272,6 +304,13 @@ def _watch(procs: Sequence[mp.Process], stop: _PassStop, timeout_s: float, outdi
     raise err
 
 
+def _stopped_starting(stop: _PassStop) -> None:
+    """A stop before every rank has started its function ends the job now: no rank trained."""
+    if stop.signum and not stop.started():
+        _kill(stop.procs, grace_s=0.0)
+        raise JobStopped(stop.signum, "during start-up; nothing was trained", startup=True)
+
+
 def _left_for_stop(procs: Sequence[mp.Process], live: dict[Any, int], stop: _PassStop) -> None:
     """A rank left its step for a stop: the others follow as soon as they notice (their grace,
     or a collective with it failing). Rank 0 then has said where the job stopped."""
@@ -288,6 +327,7 @@ def _left_for_stop(procs: Sequence[mp.Process], live: dict[Any, int], stop: _Pas
 
 
 def _kill(procs: Sequence[mp.Process], grace_s: float = 3.0) -> None:
+    procs = [p for p in procs if p.pid is not None]  # a stop during start-up left some unstarted
     for p in procs:
         if p.is_alive():
             p.terminate()

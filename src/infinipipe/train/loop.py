@@ -32,7 +32,7 @@ from ..planners.stage_layers import balance_layers
 from ..runtime.batch import Batch
 from ..runtime.executor import PipelineWorker, RuntimeSettings, StepResult
 from ..runtime.fsdp import full_tensor
-from ..runtime.launch import init_from_env, launch_local, under_torchrun
+from ..runtime.launch import StopBeforeLaunch, init_from_env, launch_local, under_torchrun
 from ..runtime.parallel_dims import ParallelDims, ParallelMesh
 from ..runtime.signals import StopRequest, serve_parent, signal_name
 from ..sim.simulator import simulate
@@ -98,10 +98,11 @@ def run_training(cfg: Config, run_dir: str | Path, *, progress: bool = True,
                 return _rank_main(cfg, str(run_dir), dataset, device, progress)
         finally:
             dist.destroy_process_group()
-    check_free(run_dir)
-    dataset = _prepare(cfg, shape, run_dir)  # a refused job leaves the directory and its lock file alone
-    make_run_dir(run_dir)
     with contextlib.ExitStack() as held:
+        held.enter_context(StopBeforeLaunch())  # the launcher's own handling takes over while ranks run
+        check_free(run_dir)
+        dataset = _prepare(cfg, shape, run_dir)  # a refused job leaves the directory and its lock file alone
+        make_run_dir(run_dir)
         lock = held.enter_context(run_dir_lock(run_dir, cfg.job.stop_grace_seconds))
         check_checkpoints(cfg, run_dir)  # again, now that no other job can write them
         _claim_run_dir(cfg, run_dir)
@@ -248,6 +249,7 @@ def _rank_main(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, pr
     (`overdue_stop`): when its grace runs out, or when a collective fails because a peer left for it."""
     where = JobProgress(cfg.training.steps, cfg.job.stop_grace_seconds, cfg.checkpoint.enable)
     with StopRequest(cfg.job.stop_grace_seconds, overdue=lambda signum: leave_now(signum, where)) as stop:
+        stop.busy_until = math.inf  # start-up: nothing to save, a stop leaves at once
         try:
             return _train(cfg, run_dir, dataset, device, progress, stop, where)
         except Exception:

@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import multiprocessing.util
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +45,9 @@ def stop_line(signum: int, progress: JobProgress) -> str:
     sig, p = signal_name(signum), progress
     grace = f"job.stop_grace_seconds = {p.grace_s:g}"
     if p.phase == "start-up":
-        where = f"stopped by {sig} during start-up; nothing was trained"
-    elif p.phase == "checkpoint":
+        resumes = f"; a rerun resumes from {p.checkpoint}" if p.checkpoint is not None else ""
+        return f"stopped by {sig} during start-up; nothing was trained{resumes}"
+    if p.phase == "checkpoint":
         where = f"stopped by {sig} after step {p.done} of {p.steps}, whose checkpoint could not be written within {grace}"
     else:
         where = (f"stopped by {sig} during step {p.done + 1} of {p.steps}, which could not end within {grace}; "
@@ -57,6 +59,21 @@ def stop_line(signum: int, progress: JobProgress) -> str:
     return f"{where}; no checkpoint yet, so a rerun starts from step 0"
 
 
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Nothing on this process's stderr: a store whose host has left logs its lost connection
+    there (several lines from the communication library) before it raises."""
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def peer_stopped() -> int:
     """The signal another rank left for (0 when none did, or the store cannot say)."""
     if not dist.is_initialized():
@@ -64,8 +81,9 @@ def peer_stopped() -> int:
     try:
         store = dist.distributed_c10d._get_default_store()
         store.set_timeout(_STORE_WAIT)  # a store whose host hangs must not hold a failing rank
-        if store.check([_STOPPED_KEY]):
-            return int(store.get(_STOPPED_KEY))
+        with _quiet_stderr():
+            if store.check([_STOPPED_KEY]):
+                return int(store.get(_STOPPED_KEY))
     except Exception:  # a store gone with its host: no rank can say anything else either
         return 0
     return 0
@@ -75,13 +93,15 @@ def leave_now(signum: int, progress: JobProgress) -> None:
     """Tell the other ranks, say where the job stopped (rank 0), and end this process at once,
     without running interpreter teardown (a collective in flight cannot be waited for)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        os.write(2, (stop_line(signum, progress) + "\n").encode())
+    else:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # rank 0 speaks for the job; it may be gone already
     if dist.is_initialized():
         with contextlib.suppress(Exception):
             store = dist.distributed_c10d._get_default_store()
             store.set_timeout(_STORE_WAIT)
             store.set(_STOPPED_KEY, str(signum))
-    if rank == 0:
-        os.write(2, (stop_line(signum, progress) + "\n").encode())
     with contextlib.suppress(Exception):  # semaphores of the planning pool, which the resource tracker would report
         multiprocessing.util._run_finalizers(0)
     os._exit(0 if under_torchrun() else 128 + signum)
