@@ -253,7 +253,7 @@ def _rank_main(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, pr
         try:
             return _train(cfg, run_dir, dataset, device, progress, stop, where)
         except Exception:
-            if signum := stop.signum or peer_stopped():
+            if signum := peer_stopped():  # its collective failed because a peer left for a stop
                 leave_now(signum, where)
             raise
 
