@@ -52,7 +52,7 @@ def bubble_line(cfg: Config, rows: list[dict], cpu_ranks: int | None, cores: int
     if cpu_ranks is not None and cpu_ranks + 1 > cores:
         line += (f"\n  (measured exceeds predicted here: {cpu_ranks} ranks and the planning process share "
                  f"{cores} cores, so a stage also waits for a core, which the simulator, one device per stage, "
-                 f"does not count; with a core per rank the two agree within a few points)")
+                 f"does not count)")
     return line
 
 
