@@ -41,7 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .signals import STOP_GRACE_S, STOP_SIGNALS, StopSignals, exit_with_parent, signal_name
+from .signals import STOP_GRACE_S, STOP_SIGNALS, JobStopped, StopSignals, exit_with_parent
 
 DEFAULT_COLLECTIVE_TIMEOUT_S = 30.0
 _LEFT_FOR_STOP = {128 + s for s in STOP_SIGNALS}  # a rank's exit status after it left for a stop
@@ -64,16 +64,6 @@ class RankFailed(RuntimeError):
     def headline(self) -> str:
         """One line: the rank and the last line of its traceback."""
         return f"rank {self.rank} failed: {self.last_line}"
-
-
-class JobStopped(RuntimeError):
-    """A stop (``signum``) ended the job before the ranks could end in order; ``said``: rank 0 has
-    printed where it stopped (it left its step for a stop that could not wait), so nothing is to
-    add; ``startup``: it came before every rank had started, so nothing ran."""
-
-    def __init__(self, signum: int, why: str, said: bool = False, startup: bool = False):
-        self.signum, self.said, self.startup = signum, said, startup
-        super().__init__(f"stopped by {signal_name(signum)}: {why}")
 
 
 def free_port() -> int:
@@ -216,17 +206,6 @@ def children_deaf_to_stops() -> Iterator[None]:
         yield
     finally:
         util.spawnv_passfds = fork_exec
-
-
-class StopBeforeLaunch(StopSignals):
-    """While a job is checked and prepared, before any rank starts, a stop signal ends it at once
-    (`JobStopped`, ``startup``): there is nothing to save. Main thread only; elsewhere a no-op."""
-
-    def _on_signal(self, signum: int, _frame: Any) -> None:
-        raise JobStopped(signum, "during start-up; nothing was trained", startup=True)
-
-    def __enter__(self) -> "StopBeforeLaunch":
-        return super().__enter__() if threading.current_thread() is threading.main_thread() else self
 
 
 class _PassStop(StopSignals):

@@ -41,6 +41,10 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        """Give the signals back to the handlers from before (again on leaving: harmless)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -109,6 +113,27 @@ class StopRequest(StopSignals):
         if self._wakeup is not None:
             os.close(self._wakeup[1])  # the reading thread sees the end, closes its side and leaves
             self._wakeup = None
+
+
+class JobStopped(RuntimeError):
+    """A stop (``signum``) ended the job before the ranks could end in order; ``said``: rank 0 has
+    printed where it stopped (it left its step for a stop that could not wait), so nothing is to
+    add; ``startup``: it came before every rank had started, so nothing ran."""
+
+    def __init__(self, signum: int, why: str, said: bool = False, startup: bool = False):
+        self.signum, self.said, self.startup = signum, said, startup
+        super().__init__(f"stopped by {signal_name(signum)}: {why}")
+
+
+class StopBeforeLaunch(StopSignals):
+    """While a job is checked and prepared, before any rank starts, a stop signal ends it at once
+    (`JobStopped`, ``startup``): there is nothing to save. Main thread only; elsewhere a no-op."""
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        raise JobStopped(signum, "during start-up; nothing was trained", startup=True)
+
+    def __enter__(self) -> "StopBeforeLaunch":
+        return super().__enter__() if threading.current_thread() is threading.main_thread() else self
 
 
 def signal_name(signum: int) -> str:

@@ -32,7 +32,7 @@ from ..planners.stage_layers import balance_layers
 from ..runtime.batch import Batch
 from ..runtime.executor import PipelineWorker, RuntimeSettings, StepResult
 from ..runtime.fsdp import full_tensor
-from ..runtime.launch import StopBeforeLaunch, init_from_env, launch_local, under_torchrun
+from ..runtime.launch import init_from_env, launch_local, under_torchrun
 from ..runtime.parallel_dims import ParallelDims, ParallelMesh
 from ..runtime.signals import StopRequest, serve_parent, signal_name
 from ..sim.simulator import simulate
@@ -84,22 +84,8 @@ def run_training(cfg: Config, run_dir: str | Path, *, progress: bool = True,
     if under_torchrun():
         make_run_dir(run_dir)
         device = init_from_env(collective_timeout_s=cfg.comm.train_timeout_seconds)
-        try:
-            with contextlib.ExitStack() as held:
-                refusal = [_lock_run_dir(run_dir, held, cfg) if dist.get_rank() == 0 else None]
-                dist.broadcast_object_list(refusal, src=0)
-                if refusal[0] is not None:
-                    raise RunDirBusy(refusal[0])
-                dataset = _prepare(cfg, shape, run_dir)
-                if dist.get_rank() == 0:
-                    _claim_run_dir(cfg, run_dir)
-                    for line in banner(cfg, run_dir, dataset, device, dist.get_world_size(), shape.layers_per_stage):
-                        say(line)
-                return _rank_main(cfg, str(run_dir), dataset, device, progress)
-        finally:
-            dist.destroy_process_group()
+        return _torchrun_rank(cfg, shape, run_dir, device, progress)
     with contextlib.ExitStack() as held:
-        held.enter_context(StopBeforeLaunch())  # the launcher's own handling takes over while ranks run
         check_free(run_dir)
         dataset = _prepare(cfg, shape, run_dir)  # a refused job leaves the directory and its lock file alone
         make_run_dir(run_dir)
@@ -114,6 +100,24 @@ def run_training(cfg: Config, run_dir: str | Path, *, progress: bool = True,
                                threads=threads, collective_timeout_s=cfg.comm.train_timeout_seconds,
                                timeout_s=timeout_s, inherit_fds=(lock,), stop_grace_s=cfg.job.stop_grace_seconds)
     return results[0]
+
+
+def _torchrun_rank(cfg: Config, shape: JobShape, run_dir: Path, device: str, progress: bool) -> TrainResult | None:
+    """This rank of a torchrun job: rank 0 locks the run directory and speaks for the job."""
+    try:
+        with contextlib.ExitStack() as held:
+            refusal = [_lock_run_dir(run_dir, held, cfg) if dist.get_rank() == 0 else None]
+            dist.broadcast_object_list(refusal, src=0)
+            if refusal[0] is not None:
+                raise RunDirBusy(refusal[0])
+            dataset = _prepare(cfg, shape, run_dir)
+            if dist.get_rank() == 0:
+                _claim_run_dir(cfg, run_dir)
+                for line in banner(cfg, run_dir, dataset, device, dist.get_world_size(), shape.layers_per_stage):
+                    say(line)
+            return _rank_main(cfg, str(run_dir), dataset, device, progress)
+    finally:
+        dist.destroy_process_group()
 
 
 def _lock_run_dir(run_dir: Path, held: contextlib.ExitStack, cfg: Config) -> str | None:
