@@ -283,7 +283,8 @@ TINY_AS_CFG = ["--model.vocab_size=50", "--model.hidden=16", "--model.layers=2",
                "--model.kv_heads=1", "--model.ffn=32", "--data.vocab_size=0"]
 
 
-def test_export_cli_passes_over_a_damaged_newest_checkpoint_and_reads_the_checkpoints_own_config(tmp_path, capsys):
+def test_export_cli_passes_over_a_damaged_newest_checkpoint_says_which_it_exported_and_reads_its_own_config(
+        tmp_path, capsys, recwarn):
     from infinipipe.cli import main
     from infinipipe.config import load_config
     from infinipipe.model.hf import load_hf_checkpoint
@@ -301,9 +302,12 @@ def test_export_cli_passes_over_a_damaged_newest_checkpoint_and_reads_the_checkp
     # a later job in the same directory trained another model and rewrote the run's config
     (run / "config.toml").write_text(load_config(None, ["--model.layers=3"]).to_toml())
 
+    recwarn.clear()
     assert main(["export-hf", str(run), "--out", str(tmp_path / "hf")]) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert f"checkpoint {run / 'checkpoint' / 'step-2'} is damaged" in err and "trying an older one" in err
+    assert out == f"exported step-1 ({run / 'checkpoint' / 'step-1'}) to {tmp_path / 'hf'}\n"
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)], [str(w.message) for w in recwarn]
     _, state = load_hf_checkpoint(tmp_path / "hf")
     assert all(torch.equal(state[name], p) for name, p in first.items())
 

@@ -18,7 +18,7 @@ from infinipipe.data.dataset import (
     build_sampler,
     tokenize_corpus,
 )
-from infinipipe.data.tokenizer import TiktokenTokenizer
+from infinipipe.data.tokenizer import TiktokenTokenizer, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +54,22 @@ def test_jsonl_corpus_reads_the_text_field_in_file_order(tmp_path):
 
 @pytest.mark.parametrize("line, message", [('{"body": "x"}', "a.jsonl:2: no string field 'text'"),
                                            ('{"text": 3}', "a.jsonl:2: no string field 'text'"),
-                                           ("{oops", "a.jsonl:2: invalid JSON at column 2: Expecting property "
-                                                     "name enclosed in double quotes")])
-def test_bad_jsonl_line_is_named(tmp_path, line, message):
+                                           ("{oops", "a.jsonl:2: invalid JSON: Expecting property name enclosed in "
+                                                     "double quotes at column 2$"),
+                                           ('{"text": "a\tb"}', "a.jsonl:2: invalid JSON: Invalid control character "
+                                                                "at column 12$"),
+                                           ('{"text": "ab', "a.jsonl:2: invalid JSON: Invalid control character "
+                                                           "at column 13$")])  # the line's end
+def test_bad_jsonl_line_is_named_with_its_whole_reason(tmp_path, line, message):
     (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n' + line + "\n")
     with pytest.raises(ValueError, match=message):
         list(JsonlCorpus(tmp_path / "a.jsonl").documents())
+
+
+def test_empty_jsonl_file_is_named(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=rf"^the jsonl corpus {tmp_path / 'empty.jsonl'} has no documents$"):
+        tokenize_corpus(JsonlCorpus(tmp_path / "empty.jsonl"), load_tokenizer("cl100k_base"), None)
 
 
 def test_text_corpus_reads_files_and_refuses_binary(tmp_path):

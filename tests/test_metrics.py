@@ -63,14 +63,25 @@ def test_bad_line_before_the_last_is_an_error_naming_file_and_line(tmp_path):
     assert path.read_text() == '{"step": 1}\nnot json\n{"step": 3}\n'
 
 
-def test_resume_keeps_no_rows_of_another_run_and_says_where_they_went(tmp_path, capsys):
+def test_resume_keeps_no_rows_of_another_run_and_takes_its_own_back_from_where_they_went(tmp_path, capsys):
     _run(tmp_path, range(1, 17), run="checkpointed")
     _run(tmp_path, range(1, 4), run="without-checkpoints")  # a rerun with checkpoint.enable = false
     capsys.readouterr()
     _run(tmp_path, range(17, 21), resume_step=16, run="checkpointed")
     rows = read_metrics(tmp_path)
-    assert [(r["step"], r["run"]) for r in rows] == [(s, "checkpointed") for s in range(17, 21)]
+    assert [(r["step"], r["run"]) for r in rows] == [(s, "checkpointed") for s in range(1, 21)]
     err = capsys.readouterr().err
     assert "holds 3 rows of another run" in err
     moved = [p for p in tmp_path.glob("metrics-*.jsonl") if [r["step"] for r in _rows(p)] == [1, 2, 3]]
     assert len(moved) == 1 and str(moved[0]) in err
+    assert "took this run's 16 earlier rows back" in err
+
+
+def test_resume_right_after_another_runs_rerun_finds_its_rows_for_the_report(tmp_path, capsys):
+    """A finished run, a rerun with checkpoints off, then the original command again (which
+    resumes at the last step and trains nothing): metrics.jsonl is the original run's again."""
+    _run(tmp_path, range(1, 13), run="original")
+    _run(tmp_path, range(1, 3), run="checkpoints-off")
+    _run(tmp_path, [], resume_step=12, run="original")
+    assert [(r["step"], r["run"]) for r in read_metrics(tmp_path)] == [(s, "original") for s in range(1, 13)]
+    assert sorted(len(_rows(p)) for p in tmp_path.glob("metrics-*.jsonl")) == [2, 12]

@@ -29,3 +29,18 @@ def test_a_stop_before_the_first_step_ends_is_no_error_and_not_called_a_finished
     for start in (0, 4):  # a fresh run directory (no metrics.jsonl yet), a resumed one
         print_summary(cfg, TrainResult(start, (), 0, 1.0, str(tmp_path), stop_signal=signal.SIGINT))
         assert "already at step" not in capsys.readouterr().out
+
+
+ROWS = [{"bubble_ratio_measured": 0.249, "bubble_ratio_predicted": 0.175, "planning_s": 0.2, "planning_hidden": True,
+         "planning_skipped": 3}]
+
+
+def test_bubble_line_says_why_measured_exceeds_predicted_where_ranks_outnumber_the_cores():
+    from infinipipe.train.summary import bubble_line
+
+    cfg = load_config(None, [])
+    line = bubble_line(cfg, ROWS, cpu_ranks=4, cores=2)
+    assert line.startswith("bubble ratio: measured 24.9%, predicted by the simulator 17.5%")
+    assert "4 ranks and the planning process share 2 cores" in line and "does not count" in line
+    assert "\n" not in bubble_line(cfg, ROWS, cpu_ranks=4, cores=16)  # a core each: nothing to explain
+    assert "\n" not in bubble_line(cfg, ROWS, cpu_ranks=None, cores=2)  # GPUs: the cores do not run stages

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -28,14 +29,21 @@ def _refusal(tmp_path, capsys, cache_dir, *overrides: str) -> str:
     run_dir = tmp_path / "run"
     args = ["train", "--no-progress", "--run-dir", str(run_dir), f"--data.cache_dir={cache_dir}",
             "--data.max_docs=200", *overrides]
-    kept = run_dir / "config.toml"
+    kept, lock = run_dir / "config.toml", run_dir / "job.lock"
     if kept.exists():
         before = kept.read_text()
+    existed = run_dir.exists()
+    if existed:
+        lock.write_text("pid 1 on host elsewhere (started earlier)\n")
+        os.utime(lock, (1e9, 1e9))
     assert main(args) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
     assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "failure.txt").exists()
     assert not kept.exists() or kept.read_text() == before, "a refused job rewrote the run's config.toml"
+    assert run_dir.exists() == existed, "a refused job made its run directory"
+    if existed:
+        assert lock.stat().st_mtime == 1e9 and lock.read_text().startswith("pid 1 "), "a refused job touched job.lock"
     return lines[0]
 
 
@@ -79,3 +87,29 @@ def test_run_dir_whose_every_checkpoint_is_damaged_is_refused_before_any_rank_st
     line = _refusal(tmp_path, capsys, cache_dir)
     assert line.startswith(f"infinipipe train: error: no intact checkpoint in {tmp_path / 'run' / 'checkpoint'}")
     assert "step-4: " in line and "__0_0.distcp: 4 bytes, the manifest says 9" in line
+
+
+def _unmakeable(tmp_path, case: str):
+    if case == "an existing file":
+        (tmp_path / "taken").write_text("not a directory")
+        return tmp_path / "taken", "is a file, not a directory"
+    if case == "a path under a file":
+        (tmp_path / "file").write_text("not a directory")
+        return tmp_path / "file" / "run", f"cannot be made: {tmp_path / 'file'} is a file, not a directory"
+    if case == "a name too long":
+        return tmp_path / ("r" * 300) / "run", "cannot be made: File name too long (a name of 300 bytes"
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a read-only folder")
+    (tmp_path / "locked").mkdir(mode=0o555)
+    return tmp_path / "locked" / "run", f"cannot be made: no new folder can go into {tmp_path / 'locked'}"
+
+
+@pytest.mark.parametrize("case", ["an existing file", "a path under a file", "a name too long", "a read-only parent"])
+def test_run_dir_that_cannot_be_made_is_one_error_line_before_the_config_is_checked(tmp_path, capsys, case):
+    run_dir, reason = _unmakeable(tmp_path, case)
+    # the planner is bad too: the run directory is checked first, and in no time
+    args = ["train", "--no-progress", "--run-dir", str(run_dir), "--epp.planner=foo"]
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"infinipipe train: error: run directory {run_dir} "), lines
+    assert reason in lines[0]

@@ -1,7 +1,9 @@
 """A failing, killed or mismatched rank ends the job quickly with a message that names the cause."""
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import signal
 import time
 
@@ -26,13 +28,15 @@ CHUNKS = [Chunk(0, (Segment(0, 0, 5),)), Chunk(1, (Segment(0, 5, 9), Segment(1, 
 
 
 def _worker(fault: str):
-    mesh = ParallelDims(pp=2, dp_replicate=1).build_mesh()
+    pp = dist.get_world_size()
+    mesh = ParallelDims(pp=pp, dp_replicate=1).build_mesh()
     rank = dist.get_rank()
     dtype = torch.float64 if fault == "dtype" and rank == 1 else torch.float32
-    worker = PipelineWorker(CFG, (1, 1), mesh, RuntimeSettings(dtype=dtype))
-    plan = sequential_plan(CHUNKS, LENGTHS, (1, 1))
+    cfg, layers = dataclasses.replace(CFG, layers=pp), (1,) * pp
+    worker = PipelineWorker(cfg, layers, mesh, RuntimeSettings(dtype=dtype))
+    plan = sequential_plan(CHUNKS, LENGTHS, layers)
     if fault == "plan" and rank == 1:
-        plan = sequential_plan(CHUNKS, LENGTHS, (1, 1), recompute={0: 1})
+        plan = sequential_plan(CHUNKS, LENGTHS, layers, recompute={0: 1})
     worker.run_step(plan, BATCH)
     if rank == 1 and fault == "raise":
         raise RuntimeError("injected failure on rank 1")
@@ -40,14 +44,16 @@ def _worker(fault: str):
         os.kill(os.getpid(), signal.SIGKILL)
     if rank == 1 and fault == "hang":
         os.kill(os.getpid(), signal.SIGSTOP)
+    if rank == 3 and fault == "hang":
+        time.sleep(2.5)  # starts waiting later than rank 2, which times out and leaves under it
     worker.run_step(plan, BATCH)  # rank 0 now waits on a peer that is gone
     return rank
 
 
-def _fail(fault: str, collective_timeout_s: float = 30) -> tuple[RankFailed, float]:
+def _fail(fault: str, collective_timeout_s: float = 30, ranks: int = 2) -> tuple[RankFailed, float]:
     t0 = time.monotonic()
     with pytest.raises(RankFailed) as info:
-        launch_local(_worker, 2, (fault,), collective_timeout_s=collective_timeout_s, timeout_s=120)
+        launch_local(_worker, ranks, (fault,), collective_timeout_s=collective_timeout_s, timeout_s=120)
     return info.value, time.monotonic() - t0
 
 
@@ -63,9 +69,13 @@ def test_killed_rank_stops_the_job_and_is_named_within_60s():
     assert elapsed < 60
 
 
-def test_hung_rank_is_named_not_the_neighbour_that_timed_out_waiting_for_it():
-    err, elapsed = _fail("hang", collective_timeout_s=5)
-    assert err.rank == 1 and "stopped responding" in err.detail and "is stopped" in err.detail
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_hung_rank_is_named_with_its_pid_not_the_neighbours_that_timed_out_or_lost_their_peer(ranks):
+    """With 4 stages, rank 3 loses rank 2 (which timed out waiting for the stopped rank 1) and
+    fails with "Connection closed by peer" rather than a timeout: the stopped rank is still named."""
+    err, elapsed = _fail("hang", collective_timeout_s=5, ranks=ranks)
+    assert err.rank == 1 and "stopped responding" in err.detail, str(err)
+    assert re.search(r"process \d+ is stopped", err.detail)
     assert "rank 0:" in str(err)  # the neighbour's timeout is still shown, as a consequence
     assert elapsed < 60
 

@@ -32,28 +32,49 @@ def _train_args(run_dir, cache_dir, *extra: str) -> list[str]:
             f"--data.cache_dir={cache_dir}", *SMALL_RUN, *extra]
 
 
-def test_torchrun_job_exits_0_with_one_summary_also_when_stopped_in_order(tmp_path, cache_dir):
+@pytest.mark.parametrize("grace", ["25", "0"])
+def test_torchrun_job_exits_0_with_one_line_when_stopped_in_order_or_when_its_step_outlasts_the_grace(
+        tmp_path, cache_dir, grace):
     """torchrun reads any other status as a failure and prints its own traceback; a stop that
-    reaches the ranks (as a scheduler sends it) ends in order, with one summary from rank 0."""
+    reaches the ranks (as a scheduler sends it) ends in order, with one summary from rank 0, or,
+    where the step cannot end within job.stop_grace_seconds (a GPU step of minutes against
+    Slurm's KillWait), at once from the last checkpoint, naming it and the step dropped."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           *_train_args(tmp_path / "run", cache_dir, *STOP_RUN)]
+           *_train_args(tmp_path / "run", cache_dir, *STOP_RUN, "--checkpoint.interval=2",
+                        f"--job.stop_grace_seconds={grace}")]
     with (tmp_path / "out").open("w") as out, (tmp_path / "err").open("w") as err:
         agent = subprocess.Popen(cmd, stdout=out, stderr=err, start_new_session=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 240
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):  # step-2 checkpointed
         assert agent.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()[-3000:]
         time.sleep(0.2)
     for rank in _children(agent.pid):  # a scheduler's stop reaches the ranks
         os.kill(rank, signal.SIGTERM)
     assert agent.wait(timeout=60) == 0, (tmp_path / "err").read_text()[-3000:]
     stderr, stdout = (tmp_path / "err").read_text(), (tmp_path / "out").read_text()
-    done = int(re.search(r"stopped by SIGTERM after step (\d+) of 40; checkpoint \S+; to resume", stderr).group(1))
     assert "ChildFailedError" not in stderr and "Traceback" not in stderr
+    assert len([line for line in stderr.splitlines() if line.startswith("stopped by")]) == 1, stderr[-3000:]
+    if grace == "0":
+        _left_at_once(stderr, tmp_path / "run")
+        assert "trained" not in stdout
+        return
+    done = int(re.search(r"stopped by SIGTERM after step (\d+) of 40; checkpoint \S+; to resume", stderr).group(1))
     assert stdout.count(f"trained {done} step(s)") == 1
     assert re.search(r"^data: [\d,]+ documents; \d+ longer than training.seq_len = 2,048 truncated to it "
                      r"\(data.over_long = 'truncate'", stdout, re.M)
     assert len(metrics.read_text().splitlines()) == done
+
+
+def _left_at_once(stderr: str, run_dir: Path) -> None:
+    """The one line of a stop that could not wait for its step: the step dropped (or the checkpoint
+    not written) and the last checkpoint, which a rerun resumes from."""
+    (line,) = [x for x in stderr.splitlines() if x.startswith("stopped by")]
+    kept = int(re.search(r"^stopped by SIGTERM (during step \d+ of 40, which could not end|after step \d+ of 40, whose "
+                         r"checkpoint could not be written) within job.stop_grace_seconds = 0(; the step was dropped)?; "
+                         r"last checkpoint \S+/step-(\d+); to resume from it, run the same command again$",
+                         line).group(3))
+    assert (run_dir / "checkpoint" / "latest").read_text() == f"step-{kept}\n"
 
 
 def _session_processes(sid: int) -> list[int]:
@@ -152,6 +173,20 @@ def test_stop_signal_checkpoints_and_leaves_no_process_of_the_job_within_30s(tmp
     _stopped_with_a_checkpoint(job, sig, code)
 
 
+def test_stop_to_one_rank_whose_step_outlasts_the_grace_ends_the_job_at_once_naming_the_last_checkpoint(
+        tmp_path, cache_dir):
+    """The signalled rank leaves at once; the other finds its collective failing, learns that a stop
+    (not a fault) took its peer, and leaves too: exit 143 and the one line, no error."""
+    job = Job(tmp_path / "run", cache_dir, *STOP_RUN, "--checkpoint.interval=2", "--job.stop_grace_seconds=0")
+    job.wait_for_rows(3)
+    os.kill(job.ranks()[1], signal.SIGTERM)
+    assert job.gone_within(15) < 15
+    assert job.proc.wait() == 128 + signal.SIGTERM
+    err = job.err.read_text()
+    assert "error" not in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err[-3000:]
+    _left_at_once(err, job.run_dir)
+
+
 def _stopped_with_a_checkpoint(job: Job, sig: signal.Signals, code: int) -> None:
     """No process of the job within 30 s, exit ``code``, one stop line, a checkpoint at the step it names."""
     assert job.gone_within(30) < 30
@@ -205,16 +240,19 @@ def test_failed_checkpoint_write_is_one_error_line_naming_it_with_the_tracebacks
     assert earlier.read_text() == "the report of an earlier job\n"
 
 
-def test_ctrl_c_while_the_ranks_start_stops_the_job_before_its_first_step(tmp_path, cache_dir):
+@pytest.mark.parametrize("sig, delay_s", [(signal.SIGINT, 0.0), (signal.SIGTERM, 2.0)])
+def test_stop_while_the_ranks_start_ends_the_job_within_seconds_saying_nothing_was_trained(tmp_path, cache_dir,
+                                                                                           sig, delay_s):
+    """No further rank starts, the started ones leave at once (they hold nothing to save)."""
     job = Job(tmp_path / "run", cache_dir, *STOP_RUN)
     job.wait_for_output("run directory:")  # the banner's last line: the ranks are being started
-    os.kill(job.proc.pid, signal.SIGINT)
-    assert job.gone_within(30) < 30
-    assert job.proc.wait() == 128 + signal.SIGINT
+    time.sleep(delay_s)
+    os.kill(job.proc.pid, sig)
+    assert job.gone_within(10) < 10
+    assert job.proc.wait() == 128 + sig
     err = job.err.read_text()
-    assert "error" not in err and "Traceback" not in err, err[-3000:]
-    # the ranks take the waiting stop as they start listening, before step 1
-    assert "stopped by SIGINT after step 0 of 40; nothing trained yet, so a rerun starts from step 0" in err
+    assert err.strip().splitlines() == [f"stopped by {sig.name} during start-up; nothing was trained"], err[-3000:]
+    assert not (job.run_dir / "metrics.jsonl").exists()
 
 
 def test_resume_with_a_larger_pipeline_degree_reshards_and_damage_only_hashes_find_is_bad_input(tmp_path, cache_dir,

@@ -118,15 +118,28 @@ def test_fsdp_dp_shard2_pp2_training_matches_single_device_losses_and_resumes_fr
 
 def _six_steps(cache_dir: str) -> list[str]:
     return SMALL_RUN + [f"--data.cache_dir={cache_dir}", "--training.steps=6", "--parallelism.pipeline_parallel_degree=2",
-                        "--checkpoint.enable=true", "--checkpoint.interval=3"]
+                        "--checkpoint.enable=true", "--checkpoint.interval=3", "--training.deterministic=true"]
 
 
 @pytest.fixture(scope="module")
 def six_steps(tmp_path_factory, cache_dir) -> tuple[list[float], Path]:
-    """An uninterrupted 6-step pp=2 run with checkpoints after steps 3 and 6: its losses and run
-    directory (copy it before changing anything there)."""
+    """An uninterrupted, deterministic 6-step pp=2 run with checkpoints after steps 3 and 6: its
+    losses and run directory (copy it before changing anything there)."""
     run_dir = tmp_path_factory.mktemp("six-steps")
     return run_training(load_config(None, _six_steps(cache_dir)), run_dir, progress=False).losses, run_dir
+
+
+def _plans(run_dir: Path) -> list[list[int]]:
+    return [[p["num_chunks"] for p in json.loads(line)["plan"]] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_deterministic_runs_give_the_same_plans_and_losses_bit_for_bit(tmp_path, cache_dir, six_steps):
+    """The default plans within a share of the step, so plans (and losses) follow the machine's
+    load; training.deterministic plans on the batch alone."""
+    straight, first = six_steps
+    again = run_training(load_config(None, _six_steps(cache_dir)), tmp_path, progress=False)
+    assert list(again.losses) == list(straight)
+    assert _plans(tmp_path) == _plans(first)
 
 
 def test_run_killed_between_steps_resumes_with_the_uninterrupted_losses(tmp_path, cache_dir, six_steps):
@@ -147,7 +160,7 @@ def test_run_killed_between_steps_resumes_with_the_uninterrupted_losses(tmp_path
 
     resumed = run_training(load_config(None, common), run_dir, progress=False)
     assert resumed.start_step == 3
-    assert _losses(run_dir) == pytest.approx(straight, rel=1e-6)
+    assert _losses(run_dir) == list(straight)  # bit for bit: the killed run's rows, then the resumed ones
 
 
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous_with_the_uninterrupted_losses(tmp_path, cache_dir,
@@ -167,8 +180,8 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_with_the_uninter
     assert f"{shard}: contents differ from the manifest's sha256" in err
     assert "falling back to an older checkpoint" in err
     assert resumed.start_step == 3
-    assert resumed.losses == pytest.approx(straight[3:], rel=1e-6)
-    assert _losses(tmp_path) == pytest.approx(straight, rel=1e-6)  # rows 1-3 kept, 4-6 redone
+    assert list(resumed.losses) == list(straight[3:])
+    assert _losses(tmp_path) == list(straight)  # rows 1-3 kept, 4-6 redone
     (aside,) = tmp_path.glob("metrics-*.jsonl")
     assert _losses_in(aside) == pytest.approx(straight)
 

@@ -44,5 +44,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"no tokenizer copied: data.vocab_size = {cfg.data.vocab_size} maps {cfg.data.tokenizer}'s ids onto "
               "others, which its tokenizer.json does not describe", file=sys.stderr)
         tokenizer = None
-    print(export_hf(ckpt, cfg.model_config(), args.out, tokenizer))
+    out = export_hf(ckpt, cfg.model_config(), args.out, tokenizer)
+    print(f"exported {ckpt.name} ({ckpt}) to {out}")
     return 0

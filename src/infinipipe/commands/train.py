@@ -9,8 +9,11 @@ so none is blamed). A failed job prints one line; the ranks' tracebacks go to
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+from ..runtime.signals import JobStopped, StopBeforeLaunch, signal_name
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,8 +35,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..train.loop import run_training  # noqa: F401  (torch, whose import a stop must not break)
+
+    # Once torch is imported, a stop while the job is checked and its ranks start ends it in one
+    # line; the launcher's and the ranks' own handling take over while they run.
+    try:
+        with StopBeforeLaunch() as stop:
+            return _train(args, stop)
+    except JobStopped as exc:
+        return _stopped(exc)
+
+
+def _train(args: argparse.Namespace, stop: StopBeforeLaunch) -> int:
     from ..config import collect_overrides, load_config
-    from ..runtime.launch import JobStopped, RankFailed, under_torchrun
+    from ..runtime.launch import RankFailed, under_torchrun
     from ..train.checkpoint import CheckpointError, CheckpointWriteError
     from ..train.loop import FAILURE, run_training
     from ..train.summary import print_summary
@@ -54,16 +69,26 @@ def run(args: argparse.Namespace) -> int:
             if exc.last_line.startswith(prefix):
                 return _fail(f"{exc.last_line.removeprefix(prefix)} (tracebacks: {report})", code)
         return _fail(f"{exc.headline} (tracebacks: {report})", 1)
-    except JobStopped as exc:
-        return _fail(str(exc), 128 + exc.signum)
     except TimeoutError as exc:
         return _fail(str(exc), 1)
+    stop.restore()  # trained: a stop from here on is no start-up's
     if result is None:  # a rank other than 0 under torchrun: rank 0 speaks for the job
         return 0
     print_summary(cfg, result)
     # torchrun reports any other status of a rank as the job's failure, with its own traceback;
     # its rank 0 has said where the job stopped and how to resume
     return 128 + result.stop_signal if result.stop_signal and not under_torchrun() else 0
+
+
+def _stopped(exc: JobStopped) -> int:
+    """The status of a job a stop ended early, and its one line unless rank 0 has printed it."""
+    from ..runtime.launch import under_torchrun
+
+    if exc.startup and os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 speaks for the job
+        print(f"stopped by {signal_name(exc.signum)} during start-up; nothing was trained", file=sys.stderr)
+    if exc.startup and under_torchrun():
+        return 0  # torchrun reads any other status as a failure and prints its own traceback
+    return 128 + exc.signum if exc.said or exc.startup else _fail(str(exc), 128 + exc.signum)
 
 
 def _fail(message: str, code: int) -> int:

@@ -38,8 +38,17 @@ def _at_least(name: str, value: float, low: float) -> None:
 
 @dataclass(frozen=True)
 class JobConfig:
+    """``stop_grace_seconds``: how long a stop signal may wait for the running step and its
+    checkpoint; a step that cannot end inside it is dropped and the job ends at once from its last
+    checkpoint. Keep it under the scheduler's kill delay (Slurm's KillWait, 30 s by default) and
+    ask for the signal early enough before a time limit (``--signal=TERM@N``, N above it)."""
+
     dump_folder: str = "./outputs"
     description: str = ""
+    stop_grace_seconds: float = 25.0
+
+    def __post_init__(self) -> None:
+        _at_least("job.stop_grace_seconds", self.stop_grace_seconds, 0.0)
 
 
 @dataclass(frozen=True)
@@ -89,11 +98,16 @@ class TrainingConfig:
     for skewed lengths: every step does about the same work) or as a sequence count
     (``global_batch_size``); exactly one must be > 0. ``seq_len`` is the longest sequence trained
     on: longer documents are truncated or rejected per ``data.over_long``. ``max_norm = 0`` turns
-    gradient clipping off.
+    gradient clipping off. ``deterministic = true`` makes a run repeat bit for bit (and a resume
+    equal the run it continues): plans that depend on the batch alone (no planning deadline, pool,
+    ILP time limit or warm start: each depends on wall time) and torch's deterministic kernels
+    where it has them. The default plans within a share of the step instead, so how far a search
+    gets, and the loss from the step where plans first differ, follows the machine's load.
     """
 
     steps: int = 30
     seed: int = 0
+    deterministic: bool = False
     global_batch_tokens: int = 16384
     global_batch_size: int = 0
     seq_len: int = 8192

@@ -171,7 +171,7 @@ class JsonlCorpus(Corpus):
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError as exc:
-                        raise ValueError(f"{f}:{lineno}: invalid JSON at column {exc.colno}: {exc.msg}") from None
+                        raise ValueError(f"{f}:{lineno}: invalid JSON: {_json_reason(exc)}") from None
                     text = row.get(self.text_field) if isinstance(row, dict) else None
                     if not isinstance(text, str):
                         raise ValueError(f"{f}:{lineno}: no string field {self.text_field!r} (data.text_field)")
@@ -179,6 +179,13 @@ class JsonlCorpus(Corpus):
 
     def _identity(self) -> list[str]:
         return [self.text_field, *_file_identity(self.path, self.files)]
+
+
+def _json_reason(exc: json.JSONDecodeError) -> str:
+    """The decoder's reason as a whole phrase: some of its messages end in "at" and expect the
+    position after them ("Invalid control character at")."""
+    where = f"column {exc.colno}" if exc.msg.endswith(" at") else f"at column {exc.colno}"
+    return f"{exc.msg} {where}"
 
 
 class ParquetCorpus(Corpus):

@@ -87,7 +87,9 @@ def tokenize_corpus(corpus: Corpus, tokenizer: Tokenizer, cache_dir: str | Path 
             flush()
     flush()
     if not names:
-        raise ValueError(f"the {corpus.kind} corpus has no documents")
+        where = getattr(corpus, "path", None)
+        raise ValueError(f"the {corpus.kind} corpus {where} has no documents" if where
+                         else f"the {corpus.kind} corpus has no documents")
     offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
     if cache is not None:

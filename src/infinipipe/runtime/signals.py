@@ -1,8 +1,10 @@
 """Stopping a job on request, and never outliving the process that started it.
 
 A rank does not die on SIGTERM or SIGINT: `StopRequest` records the signal, the training loop
-ends at its next step boundary (after a checkpoint), and a timer ends the process regardless
-``STOP_GRACE_S`` later, so a stop takes bounded time even when a step cannot finish.
+ends at its next step boundary (after a checkpoint), and where that boundary cannot come within
+the grace (``STOP_GRACE_S`` unless the job sets its own), the request is *overdue*: at once when
+the running step is expected to outlast it, else when the grace ends. An overdue stop ends the
+process, so a stop takes bounded time even when a step cannot finish.
 `exit_with_parent` makes a child notice the death of its parent (on Linux ``PR_SET_PDEATHSIG``,
 elsewhere a thread watching the parent pid), so no rank or helper trains on alone.
 """
@@ -14,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Self
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -38,25 +41,99 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        """Give the signals back to the handlers from before (again on leaving: harmless)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
-class StopRequest(StopSignals):
-    """While entered, SIGTERM/SIGINT set ``signum`` instead of killing; later signals are ignored."""
+def _exit_for(signum: int) -> None:
+    os._exit(128 + signum)
 
-    def __init__(self, grace_s: float = STOP_GRACE_S):
+
+class StopRequest(StopSignals):
+    """While entered, SIGTERM/SIGINT set ``signum`` instead of killing; later signals are ignored.
+
+    ``overdue(signum)`` runs (on a thread of its own) when the stop cannot wait for the next step
+    boundary: at once if ``busy_until`` (the monotonic time the running work is expected to end,
+    set by the loop; 0 when unknown) lies past the grace, else ``grace_s`` after the signal. The
+    signal is taken through the wakeup fd by a thread, not only by the Python handler: that runs
+    on the main thread only when it returns to the interpreter, which a rank blocked in a
+    collective or a long kernel may not do for minutes, and the grace counts from the signal.
+    """
+
+    def __init__(self, grace_s: float = STOP_GRACE_S, overdue: Callable[[int], None] = _exit_for):
         super().__init__()
         self.grace_s = grace_s
+        self.overdue = overdue
         self.signum = 0
+        self.busy_until = 0.0
+        self._taken = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._wakeup: tuple[int, int] | None = None
+        self._previous_wakeup = -1
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        if self.signum:
-            return
-        self.signum = signum
-        timer = threading.Timer(self.grace_s, os._exit, (128 + signum,))
-        timer.daemon = True
-        timer.start()
+        self._take(signum)
+
+    def _take(self, signum: int) -> None:
+        with self._taken:
+            if self.signum:
+                return
+            self.signum = signum
+        late = self.busy_until > time.monotonic() + self.grace_s
+        self._timer = threading.Timer(0.0 if late else self.grace_s, self.overdue, (signum,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _read_wakeups(self, fd: int) -> None:
+        try:
+            while data := os.read(fd, 64):
+                for signum in data:
+                    if signum in STOP_SIGNALS:
+                        self._take(signum)
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> Self:
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        self._wakeup = (read, write)
+        self._previous_wakeup = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        threading.Thread(target=self._read_wakeups, args=(read,), name="stop-signals", daemon=True).start()
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        if self._timer is not None:
+            self._timer.cancel()  # the loop ended in order: nothing is overdue
+        signal.set_wakeup_fd(self._previous_wakeup)
+        if self._wakeup is not None:
+            os.close(self._wakeup[1])  # the reading thread sees the end, closes its side and leaves
+            self._wakeup = None
+
+
+class JobStopped(RuntimeError):
+    """A stop (``signum``) ended the job before the ranks could end in order; ``said``: rank 0 has
+    printed where it stopped (it left its step for a stop that could not wait), so nothing is to
+    add; ``startup``: it came before every rank had started, so nothing ran."""
+
+    def __init__(self, signum: int, why: str, said: bool = False, startup: bool = False):
+        self.signum, self.said, self.startup = signum, said, startup
+        super().__init__(f"stopped by {signal_name(signum)}: {why}")
+
+
+class StopBeforeLaunch(StopSignals):
+    """While a job is checked and prepared, before any rank starts, a stop signal ends it at once
+    (`JobStopped`, ``startup``): there is nothing to save. Main thread only; elsewhere a no-op."""
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        raise JobStopped(signum, "during start-up; nothing was trained", startup=True)
+
+    def __enter__(self) -> "StopBeforeLaunch":
+        return super().__enter__() if threading.current_thread() is threading.main_thread() else self
 
 
 def signal_name(signum: int) -> str:

@@ -27,6 +27,7 @@ import os
 import re
 import resource
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -383,7 +384,9 @@ def export_hf(path: str | Path, model_cfg, out: str | Path, tokenizer: str | Pat
              if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
     if not state:
         raise CheckpointError(f"checkpoint {path} holds no model weights")
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    with warnings.catch_warnings():  # that one process reads it is the point, not news to the user
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
     save_hf_checkpoint(model_cfg, {key.removeprefix("model."): t for key, t in state.items()}, out)
     if tokenizer is not None:
         source = Path(tokenizer)

@@ -40,9 +40,11 @@ from .layout_change import layout_notice
 from .metrics import MetricsWriter
 from .notices import warn
 from .optim import build_optimizer
-from .planning import PlanAsk, PlanAsks, StepPlanner, StepPlans, job_cost
+from .overdue_stop import JobProgress, leave_now, peer_stopped
+from .planning import PlanAsk, PlanAsks, StepPlanner, StepPlans, job_cost, run_planner_options
 from .prefetch import PlanPrefetcher
-from .run_lock import RunDirBusy, run_dir_lock
+from .run_dir import check_run_dir, make_run_dir
+from .run_lock import RunDirBusy, check_free, run_dir_lock
 from .validate import JobShape, check_checkpoints, check_config, check_first_step
 
 FAILURE = "failure.txt"
@@ -74,28 +76,19 @@ def run_training(cfg: Config, run_dir: str | Path, *, progress: bool = True,
 
     Returns rank 0's result; under torchrun the other ranks get ``None`` (they print nothing).
     """
-    shape = check_config(cfg)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_run_dir(run_dir)
+    shape = check_config(cfg)
     if under_torchrun():
+        make_run_dir(run_dir)
         device = init_from_env(collective_timeout_s=cfg.comm.train_timeout_seconds)
-        try:
-            with contextlib.ExitStack() as held:
-                refusal = [_lock_run_dir(run_dir, held) if dist.get_rank() == 0 else None]
-                dist.broadcast_object_list(refusal, src=0)
-                if refusal[0] is not None:
-                    raise RunDirBusy(refusal[0])
-                dataset = _prepare(cfg, shape, run_dir)
-                if dist.get_rank() == 0:
-                    _claim_run_dir(cfg, run_dir)
-                    for line in banner(cfg, run_dir, dataset, device, dist.get_world_size(), shape.layers_per_stage):
-                        say(line)
-                return _rank_main(cfg, str(run_dir), dataset, device, progress)
-        finally:
-            dist.destroy_process_group()
+        return _torchrun_rank(cfg, shape, run_dir, device, progress)
     with contextlib.ExitStack() as held:
-        lock = held.enter_context(run_dir_lock(run_dir))
-        dataset = _prepare(cfg, shape, run_dir)
+        check_free(run_dir)
+        dataset = _prepare(cfg, shape, run_dir)  # a refused job leaves the directory and its lock file alone
+        make_run_dir(run_dir)
+        lock = held.enter_context(run_dir_lock(run_dir, cfg.job.stop_grace_seconds))
+        check_checkpoints(cfg, run_dir)  # again, now that no other job can write them
         _claim_run_dir(cfg, run_dir)
         world = ParallelDims.from_config(cfg.parallelism).world_size
         for line in banner(cfg, run_dir, dataset, "cpu (local gloo processes)", world, shape.layers_per_stage):
@@ -103,14 +96,32 @@ def run_training(cfg: Config, run_dir: str | Path, *, progress: bool = True,
         threads = max(1, (os.cpu_count() or 1) // world)
         results = launch_local(_rank_main, world, args=(cfg, str(run_dir), dataset, "cpu", progress),
                                threads=threads, collective_timeout_s=cfg.comm.train_timeout_seconds,
-                               timeout_s=timeout_s, inherit_fds=(lock,))
+                               timeout_s=timeout_s, inherit_fds=(lock,), stop_grace_s=cfg.job.stop_grace_seconds)
     return results[0]
 
 
-def _lock_run_dir(run_dir: Path, held: contextlib.ExitStack) -> str | None:
+def _torchrun_rank(cfg: Config, shape: JobShape, run_dir: Path, device: str, progress: bool) -> TrainResult | None:
+    """This rank of a torchrun job: rank 0 locks the run directory and speaks for the job."""
+    try:
+        with contextlib.ExitStack() as held:
+            refusal = [_lock_run_dir(run_dir, held, cfg) if dist.get_rank() == 0 else None]
+            dist.broadcast_object_list(refusal, src=0)
+            if refusal[0] is not None:
+                raise RunDirBusy(refusal[0])
+            dataset = _prepare(cfg, shape, run_dir)
+            if dist.get_rank() == 0:
+                _claim_run_dir(cfg, run_dir)
+                for line in banner(cfg, run_dir, dataset, device, dist.get_world_size(), shape.layers_per_stage):
+                    say(line)
+            return _rank_main(cfg, str(run_dir), dataset, device, progress)
+    finally:
+        dist.destroy_process_group()
+
+
+def _lock_run_dir(run_dir: Path, held: contextlib.ExitStack, cfg: Config) -> str | None:
     """Lock ``run_dir`` for the rest of ``held``; else why another job has it."""
     try:
-        held.enter_context(run_dir_lock(run_dir))
+        held.enter_context(run_dir_lock(run_dir, cfg.job.stop_grace_seconds))
     except RunDirBusy as exc:
         return str(exc)
     return None
@@ -203,6 +214,23 @@ class _BackgroundPlanner:
         return self.planner(ask)
 
 
+def _deterministic_kernels() -> None:
+    """torch's deterministic kernels where it has them (a warning names an op that has none);
+    cuBLAS needs its workspace fixed before its first call for that."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
+def _save(where: JobProgress, folder: Path, done: int, weights, optimizer, scheduler, cfg: Config,
+          job: CheckpointJob | None) -> tuple[float, Path]:
+    """Write step ``done``'s checkpoint; returns how long it took (what a stop waits for) and the folder."""
+    where.phase, t0 = "checkpoint", time.perf_counter()
+    where.checkpoint = save_checkpoint(folder, done, weights, optimizer, scheduler, cfg.checkpoint.keep_latest_k, job)
+    where.phase = "between"
+    return time.perf_counter() - t0, where.checkpoint
+
+
 def _stop_line(signum: int, done: int, steps: int, checkpoint: Path | None, cfg: Config) -> str:
     where = f"stopped by {signal_name(signum)} after step {done} of {steps}"
     enabled = cfg.checkpoint.enable
@@ -215,13 +243,24 @@ def _stop_line(signum: int, done: int, steps: int, checkpoint: Path | None, cfg:
 
 
 def _rank_main(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progress: bool) -> TrainResult | None:
-    with StopRequest() as stop:
-        return _train(cfg, run_dir, dataset, device, progress, stop)
+    """One rank's job. A stop that cannot wait for a step boundary ends the process from here
+    (`overdue_stop`): when its grace runs out, or when a collective fails because a peer left for it."""
+    where = JobProgress(cfg.training.steps, cfg.job.stop_grace_seconds, cfg.checkpoint.enable)
+    with StopRequest(cfg.job.stop_grace_seconds, overdue=lambda signum: leave_now(signum, where)) as stop:
+        stop.busy_until = math.inf  # start-up: nothing to save, a stop leaves at once
+        try:
+            return _train(cfg, run_dir, dataset, device, progress, stop, where)
+        except Exception:
+            if signum := peer_stopped():  # its collective failed because a peer left for a stop
+                leave_now(signum, where)
+            raise
 
 
 def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progress: bool,
-           stop: StopRequest) -> TrainResult | None:
+           stop: StopRequest, where: JobProgress) -> TrainResult | None:
     rank, world = dist.get_rank(), dist.get_world_size()
+    if cfg.training.deterministic:
+        _deterministic_kernels()
     dims = ParallelDims.from_config(cfg.parallelism, world)
     pp = dims.pp
     mesh = dims.build_mesh(torch.device(device).type)
@@ -252,17 +291,19 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
             say(resume_line(start, steps, checkpoint))
             if (notice := layout_notice(checkpoint, cfg, world)) is not None:
                 warn(notice)
+    where.done, where.checkpoint = start, checkpoint
     # A resumed job continues its checkpoint's run: its metrics rows and checkpoints carry that id.
     run = (checkpoint_run(checkpoint) if checkpoint is not None else None) or uuid.uuid4().hex[:12]
     job = CheckpointJob(run, cfg.to_toml()) if rank == 0 else None
     sampler = build_sampler(cfg, dataset)
     memory = cfg.epp.memory_budget_bytes
-    options = cfg.epp.planner_options()
+    options = run_planner_options(cfg)
     # The planning process and its pool run on rank 0's node, beside that node's training ranks.
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     options = replace(options, pool_size=resolve_pool_size(options.pool_size, ranks_here))
+    # a warm start is the last step's winner: a resume, which has none, would plan differently
     planner = StepPlanner(cost, sampler, cfg.epp.planner, pp, mesh.dp, memory, layers, options,
-                          cfg.epp.host_memory_budget_bytes)
+                          cfg.epp.host_memory_budget_bytes, warm_start=not cfg.training.deterministic)
     root = rank == 0
     losses: list[float] = []
     tokens = 0
@@ -288,8 +329,10 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
 
                 bar = stack.enter_context(tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True))
         t_start = time.perf_counter()
+        train_s = save_s = 0.0  # the last step's and checkpoint's time: how long a stop would wait for the next
         for step in range(start, steps):
             t0 = time.perf_counter()
+            where.phase = "between"
             if root:
                 stopping = stopping or stop.signum
             sp, wait_s = None, 0.0
@@ -303,6 +346,8 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
                 break
             if sp.step != step:
                 raise RuntimeError(f"received the plans of step {sp.step} at step {step}")
+            where.phase, t_train = "step", time.perf_counter()
+            stop.busy_until = time.monotonic() + train_s + save_s if train_s else 0.0
             gb = sampler.batch(dataset, step)
             share = sp.shares[mesh.dp_rank]
             batch = Batch(tuple(gb.sequences[i] for i in share))
@@ -320,9 +365,10 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
                     "signal": stop.signum}
             gathered = [None] * world if root else None
             dist.gather_object(mine, gathered, dst=0)
-            step_s = time.perf_counter() - t0
+            step_s, train_s = time.perf_counter() - t0, time.perf_counter() - t_train
             asks.stepped(step_s - wait_s)
-            done = step + 1
+            done = where.done = step + 1
+            where.phase, stop.busy_until = "between", 0.0
             if root:
                 stopping = next((r["signal"] for r in gathered if r["signal"]), 0)
                 losses.append(res.loss)
@@ -339,15 +385,14 @@ def _train(cfg: Config, run_dir: str, dataset: TokenDataset, device: str, progre
                                     plan_s=f"{sp.planning_s:.2f}")
                     bar.update(1)
             if cfg.checkpoint.enable and (done % cfg.checkpoint.interval == 0 or done == steps):
-                checkpoint = save_checkpoint(ckpt_dir, done, weights, optimizer, scheduler,
-                                             cfg.checkpoint.keep_latest_k, job)
+                save_s, checkpoint = _save(where, ckpt_dir, done, weights, optimizer, scheduler, cfg, job)
                 saved = done
         wall = time.perf_counter() - t_start
         if done == steps:
             stopping = 0  # a signal during the last step changes nothing: the job is complete
         if stopping and cfg.checkpoint.enable and done > saved:
-            checkpoint = save_checkpoint(ckpt_dir, done, weights, optimizer, scheduler,
-                                         cfg.checkpoint.keep_latest_k, job)
+            stop.busy_until = time.monotonic() + save_s if save_s else 0.0
+            _, checkpoint = _save(where, ckpt_dir, done, weights, optimizer, scheduler, cfg, job)
     if not root:
         return None
     if stopping:

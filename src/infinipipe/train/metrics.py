@@ -4,7 +4,10 @@ Rows are never lost without a word. Each row names its run (a fresh job starts o
 continues its checkpoint's), and a resumed run keeps its own rows up to its resume step; when any
 row would go (a fresh run in a used directory, a resume from an older checkpoint, rows another
 run wrote since), the whole old file is first moved aside to ``metrics-<time>.jsonl`` and a
-warning names it. Rows written before runs were named count as the resumed run's. A torn last
+warning names it. A resume whose rows another run's file moved aside (a rerun with checkpoints
+off in between) takes them back from the newest file aside that holds them, so ``metrics.jsonl``
+is always the resumed run's whole history. Rows written before runs were named count as the
+resumed run's in ``metrics.jsonl`` only (in a file aside they could be anyone's). A torn last
 line (a crash mid-write) is dropped with a warning naming the file and line; a bad line anywhere
 else is an error, since that is not what a crash leaves.
 """
@@ -49,6 +52,24 @@ def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def _own_rows_aside(path: Path, run: str, resume_step: int, have: set[int]) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Rows of ``run`` up to ``resume_step`` that files moved aside hold and ``have`` lacks (the
+    newest file first wins a step), and the files they came from."""
+    found: dict[int, dict[str, Any]] = {}
+    sources = []
+    for aside in sorted(path.parent.glob("metrics-*.jsonl"), key=lambda p: p.stat().st_mtime_ns, reverse=True):
+        try:
+            rows, _ = _rows(aside)
+        except (OSError, ValueError):
+            continue  # a file set aside that cannot be read is left as it is
+        mine = [r for r in rows if r.get("run") == run and r["step"] <= resume_step
+                and r["step"] not in have and r["step"] not in found]
+        found.update((r["step"], r) for r in mine)
+        if mine:
+            sources.append(aside)
+    return [found[s] for s in sorted(found)], sources
+
+
 def _move_aside(path: Path) -> Path:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     target = path.with_name(f"metrics-{stamp}.jsonl")
@@ -68,10 +89,12 @@ class MetricsWriter:
         self.path = Path(run_dir) / METRICS
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.run = run
-        if self.path.exists():
-            rows, torn = _rows(self.path)
-            others = [r for r in rows if r.get("run", run) != run]
-            kept = [r for r in rows if r["step"] <= resume_step and r.get("run", run) == run]
+        rows, torn = _rows(self.path) if self.path.exists() else ([], False)
+        others = [r for r in rows if r.get("run", run) != run]
+        kept = [r for r in rows if r["step"] <= resume_step and r.get("run", run) == run]
+        restored, sources = (_own_rows_aside(self.path, run, resume_step, {r["step"] for r in kept})
+                             if resume_step and run else ([], []))
+        if rows:
             if len(kept) < len(rows):
                 aside = _move_aside(self.path)
                 if resume_step and others:
@@ -80,8 +103,12 @@ class MetricsWriter:
                 else:
                     why = f"resuming from step {resume_step}" if resume_step else "a fresh run"
                     warn(f"{why} redoes steps logged in {self.path}; its {len(rows)} rows are kept in {aside}")
-            if torn or len(kept) < len(rows):
-                _write_rows(self.path, kept)
+        if restored:
+            warn(f"resuming from step {resume_step}: took this run's {len(restored)} earlier rows back into "
+                 f"{self.path} from {', '.join(map(str, sources))}")
+            kept = sorted(kept + restored, key=lambda r: r["step"])
+        if torn or len(kept) < len(rows) or restored:
+            _write_rows(self.path, kept)
         self._tb = None
         if tensorboard_dir is not None:
             try:

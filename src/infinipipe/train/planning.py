@@ -176,6 +176,7 @@ class StepPlanner:
     layers_per_stage: tuple[int, ...]
     options: PlannerOptions
     host_memory_budget: int = 0
+    warm_start: bool = True
 
     def __call__(self, ask: PlanAsk | int) -> StepPlans:
         """The step's plans. The replicas' searches share one deadline: ``deadline_share`` of the
@@ -194,9 +195,9 @@ class StepPlanner:
             if budget is not None:
                 left = max(budget - (time.perf_counter() - t0), MIN_DEADLINE_S)
                 opts = replace(self.options, deadline_s=left)
+            warm = ask.warm[r] if self.warm_start and r < len(ask.warm) else None
             request = PlanRequest([lengths[i] for i in share], self.cost, self.num_stages, self.memory_budget,
-                                  self.layers_per_stage, opts, step_s=ask.step_s,
-                                  warm=ask.warm[r] if r < len(ask.warm) else None,
+                                  self.layers_per_stage, opts, step_s=ask.step_s, warm=warm,
                                   host_memory_budget=self.host_memory_budget)
             plans.append(make_plan(self.planner, request))
         deadlines = [p.metadata.get("deadline_s") for p in plans]
@@ -205,6 +206,16 @@ class StepPlanner:
                          budget if budget is not None else max((d for d in deadlines if d is not None), default=None),
                          sum(len(p.metadata.get("skipped_for_time", ())) for p in plans),
                          predict(plans, self.cost, self.memory_budget))
+
+
+def run_planner_options(cfg: Config) -> PlannerOptions:
+    """The options a run plans with: its ``[epp]`` section's, or under ``training.deterministic``
+    the same with nothing that bounds wall time (no deadline, no pool, no ILP time limit), so a
+    plan depends on its batch alone."""
+    options = cfg.epp.planner_options()
+    if cfg.training.deterministic:
+        options = replace(options, deadline_s=None, deadline_share=0.0, pool_size=0, time_limit_s=math.inf)
+    return options
 
 
 MIN_DEADLINE_S = 1e-3  # a replica planned after the shared deadline still gets its first fitting plan

@@ -4,8 +4,9 @@ The kernel drops a ``flock`` when its holder exits, however it exits, so a crash
 leaves the directory locked; the file itself stays and only records who holds it (pid, host,
 start time) for the message a second job gets. The lock belongs to the open file, so a process
 that inherits the descriptor (a local job's ranks) holds it too: a killed launcher does not free
-the directory while its ranks still run, and a new job waits for them (they end within
-``STOP_GRACE_S``) rather than overlap them or be refused for a job already gone. Run directories
+the directory while its ranks still run, and a new job waits for them (they end within their
+stop grace, which the new job takes to be its own) rather than overlap them or be refused for a
+job already gone. Run directories
 on network filesystems need working ``flock`` there (NFSv4 and Lustre with ``flock`` mount option
 do).
 """
@@ -25,7 +26,7 @@ from ..runtime.signals import STOP_GRACE_S
 from .notices import warn
 
 LOCK_FILE = "job.lock"
-ORPHAN_WAIT_S = STOP_GRACE_S + 5.0  # ranks end this soon after their launcher died
+_ORPHAN_SLACK_S = 5.0  # ranks end this soon after their stop grace, once their launcher died
 _HOLDER = re.compile(r"pid (\d+) on host (\S+) ")
 
 
@@ -34,7 +35,7 @@ class RunDirBusy(ValueError):
 
 
 @contextlib.contextmanager
-def run_dir_lock(run_dir: str | Path) -> Iterator[int]:
+def run_dir_lock(run_dir: str | Path, stop_grace_s: float = STOP_GRACE_S) -> Iterator[int]:
     """Hold ``run_dir`` for this job; raise `RunDirBusy` naming the holder if another job has it.
 
     Yields the lock's file descriptor, for processes that are to hold the lock with this one.
@@ -45,10 +46,9 @@ def run_dir_lock(run_dir: str | Path) -> Iterator[int]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = path.read_text().strip() or "a job that has not yet written its name"
-            if not (_launcher_gone(holder) and _wait_for(fd, run_dir, holder)):
-                raise RunDirBusy(f"run directory {run_dir} is in use by {holder} (lock {path}); "
-                                 f"wait for that job to end or choose another --run-dir") from None
+            holder = _holder(path)
+            if not (_launcher_gone(holder) and _wait_for(fd, run_dir, holder, stop_grace_s + _ORPHAN_SLACK_S)):
+                raise _busy(run_dir, holder) from None
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} (started {started})\n".encode())
@@ -60,9 +60,36 @@ def run_dir_lock(run_dir: str | Path) -> Iterator[int]:
         os.close(fd)
 
 
+def check_free(run_dir: str | Path) -> None:
+    """Raise `RunDirBusy` if a live job holds ``run_dir``, without creating or writing its lock
+    file, so a job refused for any other reason leaves the directory as it found it. (A job
+    whose launcher has ended is left to `run_dir_lock`, which waits for its ranks.)"""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no lock file yet: no job has held the directory
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(Path(run_dir) / LOCK_FILE)
+        if not _launcher_gone(holder):
+            raise _busy(run_dir, holder) from None
+    finally:
+        os.close(fd)
+
+
+def _holder(path: Path) -> str:
+    return path.read_text().strip() or "a job that has not yet written its name"
+
+
+def _busy(run_dir: str | Path, holder: str) -> RunDirBusy:
+    return RunDirBusy(f"run directory {run_dir} is in use by {holder} (lock {Path(run_dir) / LOCK_FILE}); "
+                      f"wait for that job to end or choose another --run-dir")
+
+
 def _launcher_gone(holder: str) -> bool:
     """Whether the recorded holder, a process on this host, has ended: the lock is then held by
-    the ranks it started, which follow it within ``STOP_GRACE_S``."""
+    the ranks it started, which follow it within their stop grace."""
     match = _HOLDER.match(holder)
     if match is None or match.group(2) != socket.gethostname():
         return False
@@ -75,12 +102,12 @@ def _launcher_gone(holder: str) -> bool:
     return False
 
 
-def _wait_for(fd: int, run_dir: str | Path, holder: str) -> bool:
-    """Wait (up to ``ORPHAN_WAIT_S``) for the ranks of a job whose launcher is gone to release the
+def _wait_for(fd: int, run_dir: str | Path, holder: str, wait_s: float) -> bool:
+    """Wait (up to ``wait_s``) for the ranks of a job whose launcher is gone to release the
     lock, so a rerun never overlaps them; True once this process holds it."""
     warn(f"run directory {run_dir} is still held by the processes of {holder}, which has ended; "
-         f"waiting up to {ORPHAN_WAIT_S:.0f} s for them to end")
-    deadline = time.monotonic() + ORPHAN_WAIT_S
+         f"waiting up to {wait_s:g} s for them to end")
+    deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -1,7 +1,10 @@
 """The lines a person reads when a run ends."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import torch
 
 from ..config import Config
 from ..runtime.parallel_dims import ParallelDims
@@ -27,15 +30,30 @@ def print_summary(cfg: Config, result: TrainResult) -> None:
               f"{result.tokens_per_s:,.0f} tokens/s")
     mine = [r for r in records if r["step"] > result.start_step]
     if mine:
-        def mean(key):
-            return sum(r[key] for r in mine) / len(mine)
-        print(f"bubble ratio: measured {mean('bubble_ratio_measured'):.1%}, "
-              f"predicted by the simulator {mean('bubble_ratio_predicted'):.1%}; "
-              f"planning {mean('planning_s'):.2f} s/step (overlapped: {cfg.epp.prefetch}; hidden behind the "
-              f"step before in {sum(bool(r.get('planning_hidden')) for r in mine)} of {len(mine)} steps, "
-              f"{sum(r.get('planning_skipped', 0) for r in mine)} candidates skipped for the deadline)")
+        cpu_ranks = None if torch.cuda.is_available() else int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        print(bubble_line(cfg, mine, cpu_ranks, os.cpu_count() or 1))
     print(data_line(cfg, dict(result.documents)))
     print(f"metrics: {Path(result.run_dir) / 'metrics.jsonl'}  (draw them: infinipipe report {result.run_dir})")
+
+
+def bubble_line(cfg: Config, rows: list[dict], cpu_ranks: int | None, cores: int) -> str:
+    """Measured and predicted bubble ratio and the planning figures, over ``rows``. Where
+    ``cpu_ranks`` CPU processes and the planning process outnumber the machine's ``cores``, a stage
+    also waits for a core, which the simulator (a device per stage) does not count: the line says
+    so, or a newcomer reads the gap as the simulator's error."""
+    def mean(key: str) -> float:
+        return sum(r[key] for r in rows) / len(rows)
+
+    line = (f"bubble ratio: measured {mean('bubble_ratio_measured'):.1%}, "
+            f"predicted by the simulator {mean('bubble_ratio_predicted'):.1%}; "
+            f"planning {mean('planning_s'):.2f} s/step (overlapped: {cfg.epp.prefetch}; hidden behind the "
+            f"step before in {sum(bool(r.get('planning_hidden')) for r in rows)} of {len(rows)} steps, "
+            f"{sum(r.get('planning_skipped', 0) for r in rows)} candidates skipped for the deadline)")
+    if cpu_ranks is not None and cpu_ranks + 1 > cores:
+        line += (f"\n  (measured exceeds predicted here: {cpu_ranks} ranks and the planning process share "
+                 f"{cores} cores, so a stage also waits for a core, which the simulator, one device per stage, "
+                 f"does not count)")
+    return line
 
 
 def data_line(cfg: Config, documents: dict[str, int]) -> str:

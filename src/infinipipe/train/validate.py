@@ -23,7 +23,7 @@ from ..planners.registry import PLANNERS
 from ..planners.stage_layers import balance_layers
 from ..runtime.parallel_dims import ParallelDims
 from .checkpoint import CONFIG, CheckpointError, checkpoint_problems, checkpoint_steps, missing_load_step
-from .planning import StepPlanner, job_cost
+from .planning import StepPlanner, job_cost, run_planner_options
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,8 @@ def check_first_step(cfg: Config, dataset: TokenDataset, shape: JobShape) -> Non
     """Plan step 0 as the job will: a budget the model cannot fit is refused with the one it needs."""
     dims = ParallelDims.from_config(cfg.parallelism)
     planner = StepPlanner(shape.cost, build_sampler(cfg, dataset), cfg.epp.planner, dims.pp, dims.dp,
-                          cfg.epp.memory_budget_bytes, shape.layers_per_stage, cfg.epp.planner_options())
+                          cfg.epp.memory_budget_bytes, shape.layers_per_stage, run_planner_options(cfg),
+                          cfg.epp.host_memory_budget_bytes)
     try:
         planner(0)
     except InfeasibleMemoryError as exc:
