@@ -93,8 +93,9 @@ def plan_offload(plan: Plan, cost: CostModel, shapes: list[ChunkShape] | None = 
         times = action_starts(plan, cost, s, shapes, memo)
         if cost.optimizer_on_host:
             back = optimizer_back_lead(cost, s, n, last, *times)
+        opt_bytes = cost.optimizer_host_bytes(n, first, is_last)
         if back is not None:
-            host -= cost.optimizer_host_bytes(n, first, is_last)
+            host -= opt_bytes
             optimizer_out = optimizer_out_s(cost, s, n, last)
         weight = np.ones(len(plan.stage_actions[s])) if binding is None else binding[s].astype(float)
         # Each copy holds its direction of the link for its whole size: a few chunks offloading
@@ -102,22 +103,41 @@ def plan_offload(plan: Plan, cost: CostModel, shapes: list[ChunkShape] | None = 
         # is searched (powers of two and the stage's layers), keeping the cap that takes the most
         # bytes off the binding windows. Copies back run in order, and the optimizer state's is
         # the step's last. A stage with no binding window offloads nothing.
-        last_in = times[0][len(times[0]) - back] if back else np.inf
         caps = sorted({min(n, 2**k) for k in range(n.bit_length() + 1)}) if weight.any() else []
-        best = max((_stage_offload(plan, s, cap, act, *times, link, max(host, 0.0), optimizer_out, last_in, weight)
-                    for cap in caps), key=lambda o: o[1], default=(StageOffload.nothing(len(plan.chunks)), 0.0))
+
+        args = (plan, s, caps, act, times, link, max(host, 0.0), optimizer_out, weight)
+        best = _best_offload(*args, back)
+        if back is not None and best[2]:
+            # The optimizer state's copy back may run beside the last copies out, at the concurrent
+            # bandwidth: start it earlier where they slow it (the activations' copies back, before
+            # it in order, then end earlier too; fewer copies out only speed it up).
+            inbound = _Capacity(link, "h2d", best[2])
+            at = int(np.searchsorted(times[0], inbound.latest_start(times[1][-1], opt_bytes), side="right")) - 1
+            if len(times[0]) - max(at, 0) > back:
+                back = len(times[0]) - max(at, 0)
+                best = _best_offload(*args, back)
         stages.append(best[0])
         outs.append(optimizer_out)
         backs.append(back)
     return Offload(tuple(stages), tuple(outs), tuple(backs))
 
 
+def _best_offload(plan: Plan, stage: int, caps: list[int], act: np.ndarray, times: tuple[np.ndarray, np.ndarray],
+                  link: HostLink, host_budget: float, queue_free: float, weight: np.ndarray,
+                  back: int | None) -> tuple[StageOffload, float, list[tuple[float, float]]]:
+    """`_stage_offload` at the cap that takes the most bytes off the binding windows, with the
+    copies back ending before the optimizer state's (``back`` actions before the stage's end)."""
+    last_in = times[0][len(times[0]) - back] if back else np.inf
+    return max((_stage_offload(plan, stage, cap, act, *times, link, host_budget, queue_free, last_in, weight)
+                for cap in caps), key=lambda o: o[1], default=(StageOffload.nothing(len(plan.chunks)), 0.0, []))
+
+
 def _stage_offload(plan: Plan, stage: int, cap: int, act: np.ndarray, start: np.ndarray, end: np.ndarray,
                    link: HostLink, host_budget: float, queue_free: float, last_in: float,
-                   weight: np.ndarray) -> tuple[StageOffload, float]:
-    """One stage's offload with at most ``cap`` layers a chunk, and the bytes it takes off the
-    binding windows (summed over them); copies out start after ``queue_free``, copies back end
-    by ``last_in``."""
+                   weight: np.ndarray) -> tuple[StageOffload, float, list[tuple[float, float]]]:
+    """One stage's offload with at most ``cap`` layers a chunk, the bytes it takes off the
+    binding windows (summed over them) and when its copies out run; copies out start after
+    ``queue_free``, copies back end by ``last_in``."""
     actions = plan.stage_actions[stage]
     chunks = len(plan.chunks)
     f_at = np.zeros(chunks, dtype=np.int64)
@@ -156,11 +176,11 @@ def _stage_offload(plan: Plan, stage: int, cap: int, act: np.ndarray, start: np.
         queue_free = done[best]
     inbound = _copy_back_in_order(actions, layers, lo, hi, lead, b_at, act, start, _Capacity(link, "h2d", busy),
                                   last_in)
-    _copy_out_sooner(actions, layers, lo, f_at, act, start, end, _Capacity(link, "d2h", inbound), start_out)
+    outbound = _copy_out_sooner(actions, layers, lo, f_at, act, start, end, _Capacity(link, "d2h", inbound), start_out)
     _fit_host(actions, layers, lo, hi, lead, f_at, b_at, act, host_budget)
     on = np.flatnonzero(layers)
     gain = float(np.sum(layers[on] * act[on] * (covered[hi[on] + 1] - covered[lo[on]])))
-    return StageOffload(layers, lo, hi, lead), gain
+    return StageOffload(layers, lo, hi, lead), gain, outbound
 
 
 class _Capacity:
@@ -225,15 +245,21 @@ def _copy_back_in_order(actions, layers, lo, hi, lead, b_at, act, start, inbound
     return spans[::-1]
 
 
-def _copy_out_sooner(actions, layers, lo, f_at, act, start, end, outbound: _Capacity, queue_free: float) -> None:
+def _copy_out_sooner(actions, layers, lo, f_at, act, start, end, outbound: _Capacity,
+                     queue_free: float) -> list[tuple[float, float]]:
     """Time the copies out again, now that the copies back are placed: each runs at its own
-    bandwidth where no copy back runs, so it ends no later and its chunk leaves the device sooner."""
+    bandwidth where no copy back runs, so it ends no later and its chunk leaves the device sooner.
+    Returns when they run."""
+    spans = []
     for a in actions:
         c = a.chunk_id
         if a.kind != "F" or not layers[c]:
             continue
-        queue_free = outbound.earliest_end(max(end[f_at[c]], queue_free), layers[c] * act[c])
+        begin = max(end[f_at[c]], queue_free)
+        queue_free = outbound.earliest_end(begin, layers[c] * act[c])
+        spans.append((begin, queue_free))
         lo[c] = min(lo[c], int(np.searchsorted(start, queue_free, side="left")))
+    return spans
 
 
 def _fit_host(actions, layers, lo, hi, lead, f_at, b_at, act, budget: float) -> None:

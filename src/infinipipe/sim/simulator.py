@@ -85,6 +85,7 @@ class SimResult:
     peak_host_bytes: tuple[float, ...] = ()
     offloaded_bytes: tuple[float, ...] = ()
     exposed_copy_s: tuple[float, ...] = ()
+    optimizer_wait_s: tuple[float, ...] = ()
     host_memory_budget: float | None = None
     copies: tuple[tuple[int, str, float, float], ...] = ()
 
@@ -126,6 +127,7 @@ class SimResult:
             "peak_host_bytes": list(self.peak_host_bytes),
             "offloaded_bytes": list(self.offloaded_bytes),
             "exposed_copy_s": list(self.exposed_copy_s),
+            "optimizer_wait_s": list(self.optimizer_wait_s),
             "host_memory_budget": self.host_memory_budget,
             "oom": [{"stage": o.stage, "time_s": o.time_s, "over_bytes": o.over_bytes, "tier": o.tier,
                      "message": str(o)} for o in self.oom],
@@ -212,6 +214,7 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
         peak_host_bytes=tuple(host_peaks),
         offloaded_bytes=tuple(run.offloaded_bytes),
         exposed_copy_s=tuple(run.exposed_copy_s),
+        optimizer_wait_s=tuple(run.optimizer_wait_s),
         host_memory_budget=None if host_budget is None else float(host_budget),
         copies=tuple(run.copies),
     )
@@ -292,6 +295,7 @@ class _Run:
     host_events: list[list[tuple[float, float]]]
     offloaded_bytes: list[float]
     exposed_copy_s: list[float]
+    optimizer_wait_s: list[float]
     copies: list[tuple[int, str, float, float]]
 
 
@@ -321,6 +325,7 @@ class _HostTier:
         self.optimizer_out: list[Copy | None] = [None] * stages
         self.optimizer_in: list[Copy | None] = [None] * stages
         self.exposed = [0.0] * stages
+        self.optimizer_wait = [0.0] * stages
         for s, actions in enumerate(plan.stage_actions):
             n = plan.layers_per_stage[s]
             moved = {a.chunk_id: cost.offloaded_bytes(shapes[a.chunk_id], n, a.recompute_layers, a.elementwise_layers,
@@ -369,6 +374,7 @@ class _HostTier:
         back = self.optimizer_in[stage]
         if back is not None and back.done_s > stop:
             self.exposed[stage] += back.done_s - stop
+            self.optimizer_wait[stage] = back.done_s - stop
             return back.done_s
         return stop
 
@@ -470,4 +476,5 @@ def _play(plan: Plan, cost: CostModel, link: LinkModel | None, record: bool) -> 
         host.append(h)
         moved.append(m)
         copies += c
-    return _Run(shapes, busy, recompute, max(ends), intervals, device, host, moved, list(tier.exposed), copies)
+    return _Run(shapes, busy, recompute, max(ends), intervals, device, host, moved, list(tier.exposed),
+                list(tier.optimizer_wait), copies)
