@@ -31,12 +31,17 @@ class MemoryBound:
     sequence: float
     length: int
     split: bool
+    optimizer: float = 0.0  # the optimizer state the host tier takes off for the step (0 without one)
 
     @property
     def bytes(self) -> float:
-        return self.states + self.sequence
+        return max(self.states + self.sequence, self.states + self.optimizer)
 
     def __str__(self) -> str:
+        if self.optimizer >= self.sequence:
+            return (f"any plan needs at least {format_bytes(self.bytes)} per device (stage {self.stage}: its "
+                    f"{format_bytes(self.bytes)} of model states, optimizer state included, which the optimizer "
+                    "step reads on the device)")
         how = ("its slices' checkpoints with its K/V store and dK/dV" if self.split
                else "its checkpoints and one rematerialised layer")
         return (f"any plan needs at least {format_bytes(self.bytes)} per device (stage {self.stage}: "
@@ -62,6 +67,6 @@ def memory_lower_bound(cost: CostModel, layers: Sequence[int], lengths: Sequence
         unsplit = cost.chunk_memory(whole, n, first, is_last).during_backward(n)
         states = cost.model_state_bytes(n, first, is_last)
         # The optimizer steps on the device, so its whole state is there once a step, at the least.
-        sequence = max(min(split, unsplit), cost.all_model_state_bytes(n, first, is_last) - states)
-        stages.append(MemoryBound(s, states, sequence, longest, split < unsplit))
+        stages.append(MemoryBound(s, states, min(split, unsplit), longest, split < unsplit,
+                                  cost.all_model_state_bytes(n, first, is_last) - states))
     return max(stages, key=lambda b: b.bytes)
