@@ -469,6 +469,11 @@ class CostModel:
     def host_link(self) -> HostLink | None:
         return self.profile.host_link
 
+    @property
+    def offloads(self) -> bool:
+        """Whether plans may offload: a host budget, and a link to price the copies on."""
+        return self.host_budget > 0 and self.host_link is not None
+
     def with_host_tier(self, host_budget: float, layers: tuple[int, ...]) -> "CostModel":
         """This device, on stages of ``layers`` layers, with ``host_budget`` bytes of host memory
         behind it: the optimizer state waits on the host where the budget holds every stage's."""

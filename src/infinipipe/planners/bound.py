@@ -55,14 +55,13 @@ def memory_lower_bound(cost: CostModel, layers: Sequence[int], lengths: Sequence
     whole = ChunkShape((longest,))
     store = ChunkShape((longest,), kept=longest)
     last = len(layers) - 1
-    offloads = cost.host_budget > 0 and cost.host_link is not None
     stages = []
     for s, n in enumerate(layers):
         first, is_last = s == 0, s == last
         # A slice's checkpointed inputs, output and token ids are linear in its tokens: all of
         # them together cost what one chunk of the whole sequence does.
         # With a host tier every slice's checkpoints may wait on the host; the store never moves.
-        inputs = 0.0 if offloads else cost.activation_bytes(whole, n, n, first, is_last)
+        inputs = 0.0 if cost.offloads else cost.activation_bytes(whole, n, n, first, is_last)
         split = (inputs + cost.kv_bytes(store, n) + cost.dkv_bytes(store, n)) if longest > 1 else float("inf")
         unsplit = cost.chunk_memory(whole, n, first, is_last).during_backward(n)
         states = cost.model_state_bytes(n, first, is_last)

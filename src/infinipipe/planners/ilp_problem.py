@@ -235,7 +235,6 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
            tuple(tuple((a.kind, a.chunk_id) for a in actions) for actions in plan.stage_actions))
     if key in cache.problems:
         return dataclasses.replace(cache.problems[key], plan=plan)
-    offload = plan_offload(plan, cost, shapes, _binding(plan, cost, shapes, budgets, memo), memo) if cost.host_budget else None
     var_of, _ = diagonal_variables(plan)
     nvars = max(var_of.values()) + 1 if var_of else 0
     # Diagonal of (stage s, chunk c) = diagonal of (last stage, c) + (last - s).
@@ -270,27 +269,37 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
             memo[key] = cost.chunk_memory(sh, n_l, first, last).row()
         return memo[key]
 
+    by_role: dict[tuple[int, bool, bool], list[np.ndarray]] = {}
+    stages, binding = [], []  # per stage: its windows, and those over budget with nothing recomputed or offloaded
+    for s in range(num_stages):
+        first, last, n_l = s == 0, s == num_stages - 1, layers[s]
+        if (n_l, first, last) not in by_role:  # stages alike in role and layers share their terms
+            by_role[(n_l, first, last)] = [np.array(col) for col in zip(*(memory_terms(sh, n_l, first, last) for sh in shapes))]
+        base, _, fwd_work, _, bwd_work, *_ = by_role[(n_l, first, last)]
+        lens, flat, own, forward = stage_windows(plan, s)
+        row = np.repeat(np.arange(len(lens)), lens)
+        work = np.where(forward, fwd_work[own], bwd_work[own])
+        grads, _ = gradient_store_bytes(plan, s, cost, shapes)
+        stages.append((lens, flat, own, forward, row, work, grads))
+        binding.append(cost.model_state_bytes(n_l, first, last) + work + grads
+                       + np.bincount(row, weights=base[flat], minlength=len(lens)) > budgets[s])
+    offload = plan_offload(plan, cost, shapes, binding, memo)
+
     act_bytes = np.array([term(cost.layer_act_bytes, sh) for sh in shapes])
     ckpt_bytes = np.array([term(cost.ckpt_layer_bytes, sh) for sh in shapes])
     back_leads: list[int | None] = list(offload.optimizer_back_lead) if offload is not None else []
     n_rows = 0
     win_stage, win_start, win_len, win_flat, win_own, win_fwd = [], [], [], [], [], []
     need, full_mem, rows, cols, slope, lcap = [], [], [], [], [], []
-    by_role: dict[tuple[int, bool, bool], list[np.ndarray]] = {}
     flat_seen = 0  # length of win_flat so far
     for s in range(num_stages):
         first, last, n_l = s == 0, s == num_stages - 1, layers[s]
-        if (n_l, first, last) not in by_role:  # stages alike in role and layers share their terms
-            by_role[(n_l, first, last)] = [np.array(col) for col in zip(*(memory_terms(sh, n_l, first, last) for sh in shapes))]
         base, per_layer, fwd_work, fwd_extra, bwd_work, bwd_extra, e_slope, fwd_e_extra, bwd_e_extra = \
             by_role[(n_l, first, last)]
         states = cost.model_state_bytes(n_l, first, last)
-        lens, flat, own, forward = stage_windows(plan, s)
-        row = np.repeat(np.arange(len(lens)), lens)
-        work = np.where(forward, fwd_work[own], bwd_work[own])
+        lens, flat, own, forward, row, work, grads = stages[s]
         extra = np.where(forward, fwd_extra[own], bwd_extra[own])  # added at its own full recompute
         e_extra = np.where(forward, fwd_e_extra[own], bwd_e_extra[own])  # at elementwise with none stored
-        grads, _ = gradient_store_bytes(plan, s, cost, shapes)
         # A chunk whose offloaded layers are on the host in a window holds none of their bytes
         # there, and recompute saves only on its other layers (`Offload`).
         moved, cap = np.zeros(len(flat)), np.full(len(flat), float(n_l))
@@ -357,29 +366,6 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
                                       budgets=budgets, problem=problem, elementwise_of=u_of,
                                       offload=offload)
     return cache.problems[key]
-
-
-def _binding(plan: Plan, cost: CostModel, shapes: list[ChunkShape], budgets: np.ndarray, memo: dict) -> list[np.ndarray]:
-    """Per stage and action, whether its window exceeds the stage's budget with nothing
-    recomputed or offloaded (the windows where a byte off the device saves recompute)."""
-    out = []
-    last = plan.num_stages - 1
-    for s, n in enumerate(plan.layers_per_stage):
-        first, is_last = s == 0, s == last
-        rows = []
-        for sh in shapes:
-            key = ("chunk_memory", sh, n, first, is_last)
-            if key not in memo:
-                memo[key] = cost.chunk_memory(sh, n, first, is_last).row()
-            rows.append(memo[key][:5:2])
-        base, fwd_work, bwd_work = np.array(rows).reshape(len(shapes), 3).T
-        lens, flat, own, forward = stage_windows(plan, s)
-        row = np.repeat(np.arange(len(lens)), lens)
-        grads, _ = gradient_store_bytes(plan, s, cost, shapes)
-        held = np.bincount(row, weights=base[flat], minlength=len(lens))
-        out.append(cost.model_state_bytes(n, first, is_last) + np.where(forward, fwd_work[own], bwd_work[own])
-                   + grads + held > budgets[s])
-    return out
 
 
 def _optimizer_on_device(plan: Plan, cost: CostModel, stage: int, shapes: list[ChunkShape], offload: Offload,

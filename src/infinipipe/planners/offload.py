@@ -60,18 +60,6 @@ class Offload:
     optimizer_out_s: tuple[float, ...]
     optimizer_back_lead: tuple[int | None, ...]
 
-    @property
-    def any(self) -> bool:
-        return any(s.layers.any() for s in self.stages)
-
-    def key(self) -> tuple:
-        return (tuple((s.layers.tobytes(), s.lo.tobytes(), s.hi.tobytes()) for s in self.stages)
-                + self.optimizer_out_s + self.optimizer_back_lead)
-
-
-def host_tier(cost: CostModel) -> HostLink | None:
-    """The link offload plans on, or None where the cost model has no host tier."""
-    return cost.host_link if cost.host_budget > 0 and cost.host_link is not None else None
 
 
 def plan_offload(plan: Plan, cost: CostModel, shapes: list[ChunkShape] | None = None,
@@ -79,9 +67,9 @@ def plan_offload(plan: Plan, cost: CostModel, shapes: list[ChunkShape] | None = 
     """Each stage's offload for ``plan`` on ``cost``'s host tier (None without one). ``binding``
     marks, per stage and action, the windows that exceed the budget without recompute: only
     bytes off the device there save anything, so only those count (every window, without it)."""
-    link = host_tier(cost)
-    if link is None:
+    if not cost.offloads:
         return None
+    link = cost.host_link
     shapes = shapes if shapes is not None else [ChunkShape.of(c, plan.seq_lengths) for c in plan.chunks]
     act = np.array([cost.layer_act_bytes(sh) for sh in shapes])
     stages, outs, backs = [], [], []
