@@ -78,3 +78,21 @@ def with_offload(plan: Plan, modes: Callable[[int, int, int], tuple[int, int, in
     plan = dataclasses.replace(plan, stage_actions=tuple(stages))
     validate_plan(plan)
     return plan
+
+
+def timed_plan(chunks: list[Chunk], lengths: Sequence[int], layers_per_stage: Sequence[int], cfg,
+               recompute: Callable[[int, int], int], rng: random.Random, pipelines=None) -> Plan:
+    """EPP's timed order (a random lead and slack) on plausible coefficients for ``cfg``: what the
+    runtime must play exactly whatever interleaving the list schedule picks per stage."""
+    from infinipipe.contract.cost import CostModel, LinearTerm, Profile
+    from infinipipe.planners.schedule import Order, epp_schedule
+
+    prof = Profile(model=cfg, device="cpu", dtype="float32",
+                   layer_fwd=LinearTerm({"attn": 2e-5, "tokens": 2e-3, "chunk": 0.05}),
+                   layer_bwd=LinearTerm({"attn": 4e-5, "tokens": 4e-3, "chunk": 0.1}),
+                   layer_act_bytes=LinearTerm({"tokens": 40 * cfg.hidden}))
+    order = Order("timed", rng.randint(0, 3), rng.randint(0, 3))
+    plan = epp_schedule(chunks, lengths, len(layers_per_stage), layers_per_stage, pipelines, recompute=recompute,
+                        order=order, cost=CostModel(prof, cfg))
+    validate_plan(plan)
+    return plan

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from chunking import random_chunks, sequential_plan, with_offload
+from chunking import random_chunks, sequential_plan, timed_plan, with_offload
 from infinipipe.contract.cost import CostModel, LinearTerm, Profile
 from infinipipe.contract.ir import Plan, validate_plan
 from infinipipe.contract.model_config import ModelConfig
@@ -93,6 +93,8 @@ def hand_plans(lengths, layers, rng: random.Random) -> dict[str, Plan]:
         "1f1b-whole-chunks-between-split-sequences+recompute": epp_schedule(
             chunks, lengths, len(layers), layers, recompute=lambda s, c: per_stage[s, c], interleave=True),
         "parts-planned-apart-and-joined": joined_parts(chunks, lengths, layers, rng),
+        "timed-order-multi-pipeline+recompute": timed_plan(chunks, lengths, layers, CFG,
+                                                           lambda s, c: per_stage[s, c], rng, pipes),
     }
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from chunking import HAND_CHUNKS, HAND_LENGTHS, random_chunks, sequential_plan
+from chunking import HAND_CHUNKS, HAND_LENGTHS, random_chunks, sequential_plan, timed_plan
 from infinipipe.contract.model_config import ModelConfig
 from infinipipe.planners.schedule import epp_schedule
 from infinipipe.runtime.batch import Batch
@@ -134,6 +134,8 @@ def sp_pipeline_run() -> tuple[list, list]:
         rec = {(s, c.id): rng.randint(0, n) for s, n in enumerate(layers) for c in chunks}
         plan = epp_schedule(chunks, lengths, 2, layers, [[c.id for c in chunks]], recompute=lambda s, c, rec=rec: rec[s, c])
         cases.append((f"1f1b seed {seed}, lengths {lengths}", plan, _batch(GQA, lengths, seed)))
+        timed = timed_plan(chunks, lengths, layers, GQA, lambda s, c, rec=rec: rec[s, c], rng)
+        cases.append((f"timed order seed {seed}, lengths {lengths}", timed, _batch(GQA, lengths, seed)))
     return cases, launch_local(run_sp_pipeline, 4, (GQA, layers, [(p, b) for _, p, b in cases]), timeout_s=300)
 
 

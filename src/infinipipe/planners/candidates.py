@@ -9,6 +9,7 @@ from typing import Any, Literal
 from ..contract.ir import Plan
 from ..sim.simulator import SimResult
 from .ilp_problem import InfeasibleMemoryError
+from .schedule import Order
 
 Family = Literal["epp", "fixed", "balanced", "whole", "composite", "frugal"]
 COMPOSITE_RULES = ("capped", "half")  # which sequences a composite plans alone: those at the cap, or of half its length
@@ -24,17 +25,18 @@ class Candidate:
     equal-compute partition into ``size`` slices; ``whole``: whole sequences packed into chunks
     of at most ``size`` tokens (the ``batch-1f1b`` family); ``composite``: ``size`` sequences
     picked by ``rule`` each planned alone, the rest together; ``frugal``: `frugal_plan`.
+    ``order``: how each pipeline's chunks are ordered (`Order`).
     """
 
     family: Family
     size: int
     token_capacity: int = 0
-    interleave: bool = False
+    order: Order = Order()
     rule: str = ""
 
     @property
     def label(self) -> str:
-        return self._label + (" interleaved" if self.interleave else "")
+        return self._label + ("" if self.order.kind == "1f1b" else f" {self.order.label}")
 
     @property
     def _label(self) -> str:
@@ -53,7 +55,11 @@ class Candidate:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Candidate":
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+        """Also reads a record written before orders had a kind (``interleave``: true or false)."""
+        fields = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+        fields["order"] = Order.from_json(data.get("order")) if "order" in data else (
+            Order("interleaved") if data.get("interleave") else Order())
+        return cls(**fields)
 
 
 @dataclasses.dataclass

@@ -29,11 +29,12 @@ from .ilp import solve_checkpointing
 from .ilp_problem import InfeasibleMemoryError
 from .packing import fixed_size_chunks
 from .request import PlanRequest
-from .schedule import epp_schedule
+from .schedule import Order, epp_schedule
 from .search_pool import SearchPool, resolve_pool_size, shared_pool
 from .search_trials import PLANNER_NAMES, TrialBook, _cyclic_gc_paused
 
 MIN_SLICE_TOKENS = 1024  # below this, slices waste the GPU; the search stops there
+RETIME_MARGIN = 0.01  # a timed order this far behind its 1F1B base at a little slack gets no slack grid
 
 
 class OutOfTime(Exception):
@@ -404,7 +405,7 @@ class _Search(TrialBook):
                           key=lambda t: t.score())[:top]
         # Where memory binds, the same chunks with short work between the split sequences
         # (their stores apart, the short work in their window) may need less.
-        wanted = [[t.candidate] + ([dataclasses.replace(t.candidate, interleave=True)]
+        wanted = [[t.candidate] + ([dataclasses.replace(t.candidate, order=Order("interleaved"))]
                                    if self.checkpointing == "ilp" and t.sim.recompute_time_s > 0 else [])
                   for t in screened]
         self.prefetch([c for pair in wanted for c in pair], False)
@@ -412,10 +413,29 @@ class _Search(TrialBook):
             for cand in pair:
                 self.trial(cand, False)
 
+    def retime(self) -> None:
+        """The best full trial's chunks and pipelines also in timed orders (`timed_order`): the
+        lead of light chunks on a grid of the stage count at a little slack, then the best lead
+        with none and with much. The simulator judges; the slack grid is skipped where the best
+        lead lost by more than RETIME_MARGIN (memory binds: more in flight only adds recompute)."""
+        fits = [t for (c, screen), t in self.trials.items()
+                if not screen and t.feasible and c.order.kind == "1f1b" and c.family not in ("composite", "frugal")]
+        if self.checkpointing != "ilp" or not fits:
+            return
+        base = min(fits, key=lambda t: t.score())
+        stages = len(self.layers)
+        leads = sorted({0, max(stages // 2, 1), stages, 3 * stages // 2})
+        tried = [self.reordered(base, Order("timed", lead, 2)) for lead in leads]
+        best = min(tried, key=lambda t: t.score())
+        if not best.feasible or best.sim.iteration_time_s > base.sim.iteration_time_s * (1 + RETIME_MARGIN):
+            return
+        for slack in (0, 8):
+            self.reordered(base, Order("timed", best.candidate.order.lead, slack))
+
     def warm(self) -> None:
         """The warm start's winner first, planned in full (a composite: its rule, each part
-        starting from its own part's winner), then its neighbours screened: the next rung
-        either way on its ladder."""
+        starting from its own part's winner; a timed order: its 1F1B trial reordered), then its
+        neighbours screened: the next rung either way on its ladder."""
         choice = self.request.warm.choice if self.request.warm is not None else None
         if choice is None or choice.family == "frugal":
             return
@@ -426,9 +446,12 @@ class _Search(TrialBook):
         if cand is None:
             return
         near = [c for c in map(self._adapted, self._neighbours(cand)) if c is not None and c != cand]
-        self.prefetch([cand], False)
+        base = dataclasses.replace(cand, order=Order()) if cand.order.kind == "timed" else cand
+        self.prefetch([base], False)
         self.prefetch(near, True)
-        self.trial(cand, False)
+        trial = self.trial(base, False)
+        if base != cand and trial.feasible:  # a timed order reorders its 1F1B trial, as `retime` does
+            self.reordered(trial, cand.order, hinted=True)
         for c in near:
             self.trial(c, True)
 
@@ -456,7 +479,7 @@ class _Search(TrialBook):
             sizes = (cand.size // 2, cand.size * 2)
         else:
             return []
-        return [dataclasses.replace(cand, size=n, interleave=False) for n in sizes if n >= 1]
+        return [dataclasses.replace(cand, size=n, order=Order()) for n in sizes if n >= 1]
 
     def run(self) -> Trial:
         """Screen the K ladder (bisecting towards the best rung) and the baselines' chunkings,
@@ -497,6 +520,7 @@ class _Search(TrialBook):
             tried = sorted(set(tried) | new)
         self._screen_ladders(families[1:])
         self.refine(self.options.refine_top)
+        self.retime()
         # A slice count whose one or two pipelines cannot fit even with full recompute may fit
         # as more pipelines: the closest such screen gets the grouping search too, as the
         # full-recompute ablation's best screen does.

@@ -21,7 +21,7 @@ from ..contract.ir import Chunk, Segment
 from ..contract.shapes import ChunkShape
 from .ilp import min_recompute_ms
 from .ilp_problem import InfeasibleMemoryError, SolverCache, build_problem, check_full_recompute
-from .schedule import epp_schedule, fill_gaps, split_gap
+from .schedule import Order, epp_schedule, fill_gaps, split_gap
 
 Checkpointing = Literal["ilp", "none", "full"]
 CHECKPOINTING = ("ilp", "none", "full")
@@ -80,7 +80,7 @@ class PipelineCoster:
     def __init__(self, chunks: Sequence[Chunk], seq_lengths: Sequence[int], cost: CostModel,
                  layers_per_stage: Sequence[int], memory_budget: float | Sequence[float],
                  checkpointing: Checkpointing = "ilp", cache: SolverCache | None = None,
-                 mip_gap: float = 0.02, time_limit_s: float = 10.0, interleave: bool = False):
+                 mip_gap: float = 0.02, time_limit_s: float = 10.0, order: Order | None = None):
         if checkpointing not in CHECKPOINTING:
             raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {checkpointing!r}")
         self.chunks, self.seq_lengths, self.cost = list(chunks), list(seq_lengths), cost
@@ -88,7 +88,7 @@ class PipelineCoster:
         self.memory_budget = memory_budget
         self.checkpointing = checkpointing
         self.cache = SolverCache() if cache is None else cache
-        self.mip_gap, self.time_limit_s, self.interleave = mip_gap, time_limit_s, interleave
+        self.mip_gap, self.time_limit_s, self.order = mip_gap, time_limit_s, order or Order()
         shapes = [ChunkShape.of(c, seq_lengths) for c in chunks]
         total = sum(self.layers)
 
@@ -120,7 +120,7 @@ class PipelineCoster:
         self.evaluated += 1
         sub_chunks, lengths = sub_batch(self.chunks, self.seq_lengths, ids)
         plan = epp_schedule(sub_chunks, lengths, len(self.layers), self.layers, validate=False,
-                            interleave=self.interleave)
+                            order=self.order, cost=self.cost)
         if self.checkpointing == "ilp":
             try:
                 return min_recompute_ms(plan, self.cost, self.memory_budget, self.mip_gap,
@@ -165,7 +165,7 @@ def group_pipelines(coster: PipelineCoster, max_pipelines: int = 4, max_cuts: in
     """
     if max_pipelines < 1:
         raise ValueError(f"max_pipelines must be >= 1, got {max_pipelines}")
-    units = ordered_units(coster.chunks, len(coster.layers), coster.interleave)
+    units = ordered_units(coster.chunks, len(coster.layers), coster.order.kind == "interleaved")
     counts = [len(u) for u in units]
     n = len(units)
 

@@ -29,6 +29,7 @@ from ..contract.units import format_bytes
 from ..sim.host_schedule import action_starts
 from ..sim.simulator import gradient_store_bytes
 from .offload import Offload, plan_offload
+from .schedule import plan_order
 
 FEAS_TOL = 1.0  # bytes: slack allowed when checking a rounded solution
 
@@ -205,8 +206,14 @@ def stage_windows(plan: Plan, stage: int) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def diagonal_variables(plan: Plan) -> tuple[dict[tuple[int, int], int], list[int]]:
-    """Map each (stage, chunk) to its diagonal variable; return also each pipeline's variable offset."""
+    """Map each (stage, chunk) to its variable; return also each pipeline's variable offset.
+
+    In a 1F1B order a variable is a diagonal; in a timed order (`Order.shares_diagonals` false)
+    each stage interleaves its own way, so every (stage, chunk) gets a variable of its own. Either
+    way stage ``s``'s variable is the last stage's plus ``last - s`` (`build_problem` relies on it):
+    a timed order numbers a chunk's stages side by side."""
     num_stages = plan.num_stages
+    stride = 1 if plan_order(plan).shares_diagonals else num_stages
     b_order = [a.chunk_id for a in plan.stage_actions[0] if a.kind == "B"]
     var_of: dict[tuple[int, int], int] = {}
     offsets = []
@@ -217,8 +224,8 @@ def diagonal_variables(plan: Plan) -> tuple[dict[tuple[int, int], int], list[int
         offsets.append(offset)
         for pos, cid in enumerate(order):
             for s in range(num_stages):
-                var_of[(s, cid)] = offset + pos + (num_stages - 1 - s)
-        offset += len(order) + num_stages - 1
+                var_of[(s, cid)] = offset + pos * stride + (num_stages - 1 - s)
+        offset += (len(order) - 1) * stride + num_stages
     return var_of, offsets
 
 
@@ -232,6 +239,7 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
     memo = cache.terms
     shapes = [ChunkShape.of(c, plan.seq_lengths) for c in plan.chunks]
     key = (tuple(shapes), tuple(budgets.tolist()), layers, plan.pipelines, cost.host_budget, cost.optimizer_on_host,
+           plan_order(plan).shares_diagonals,
            tuple(tuple((a.kind, a.chunk_id) for a in actions) for actions in plan.stage_actions))
     if key in cache.problems:
         return dataclasses.replace(cache.problems[key], plan=plan)

@@ -5,16 +5,67 @@ steady phase while a long one is half in flight), whole chunks follow them or (i
 the gaps between split sequences so their K/V stores are not in flight together, a sequence's
 slices run forward in order and backward in reverse, and stage ``p`` (0-indexed) warms up with
 ``d - 1 - p + N_split`` forwards so the last slice of the longest sequence can turn round on the
-last stage. Every stage runs the same forward order and the same backward order, so sends and
-receives pair up.
+last stage. A timed order (`Order`, `timed_order`) replaces the fixed warm-up with a list schedule
+on the cost model. Every stage runs the same forward order and the same backward order, so sends
+and receives pair up.
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..contract.ir import Action, Chunk, Plan, validate_plan
+from ..contract.shapes import ChunkShape
+from .timed_order import light_ahead, list_schedule
+
+if TYPE_CHECKING:
+    from ..contract.cost import CostModel
+    from ..contract.layout import LinkModel
+
+
+@dataclass(frozen=True)
+class Order:
+    """How a pipeline's chunks are ordered: ``1f1b`` (split sequences first, then whole chunks,
+    a fixed warm-up), ``interleaved`` (whole chunks between split sequences, `pipeline_orders`)
+    or ``timed`` (`timed_order`: the ``lead`` lightest whole chunks first, each stage's
+    interleaving from a list schedule with ``slack`` more chunks in flight than 1F1B's warm-up)."""
+
+    kind: Literal["1f1b", "interleaved", "timed"] = "1f1b"
+    lead: int = 0
+    slack: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("1f1b", "interleaved", "timed"):
+            raise ValueError(f"order kind must be 1f1b, interleaved or timed, got {self.kind!r}")
+        if self.lead < 0 or self.slack < 0 or (self.kind != "timed" and (self.lead or self.slack)):
+            raise ValueError(f"order {self}: lead and slack are >= 0 and only for a timed order")
+
+    @property
+    def label(self) -> str:
+        if self.kind == "timed":
+            return f"timed lead={self.lead} slack={self.slack}"
+        return self.kind
+
+    @property
+    def shares_diagonals(self) -> bool:
+        """Whether stage ``s``'s k-th backward runs beside stage ``s + i``'s (k + i)-th, so their
+        recompute can share one ILP variable (`ilp_problem.diagonal_variables`); a timed order
+        interleaves each stage its own way."""
+        return self.kind != "timed"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any] | None) -> "Order":
+        return cls(**obj) if obj else cls()
+
+
+def plan_order(plan: Plan) -> Order:
+    """The order a plan's metadata records (1F1B where none is recorded)."""
+    return Order.from_json(plan.metadata.get("order"))
 
 
 def _owner(chunk: Chunk, seq_lengths: Sequence[int]) -> int | None:
@@ -88,6 +139,31 @@ def one_f_one_b(forward: Sequence[int], backward: Sequence[int], warmup: int) ->
     return out
 
 
+def timed_actions(chunks: Sequence[Chunk], seq_lengths: Sequence[int], ids: Sequence[int],
+                  layers_per_stage: Sequence[int], order: Order, cost: "CostModel",
+                  link: "LinkModel | None" = None) -> tuple[list[list[tuple[str, int]]], list[int]]:
+    """Each stage's (kind, chunk) actions of one pipeline in a timed order, and its forward order:
+    durations without recompute from ``cost``, hops on ``link`` (default: the layout's)."""
+    num_stages = len(layers_per_stage)
+    last = num_stages - 1
+    forward, backward, n_split = pipeline_orders(chunks, seq_lengths, ids, num_stages)
+    shapes = {c: ChunkShape.of(chunks[c], seq_lengths) for c in ids}
+    whole = [c for c in ids if _owner(chunks[c], seq_lengths) is None]
+    forward, backward = light_ahead(forward, backward, whole, order.lead,
+                                    lambda c: cost.forward_ms(shapes[c], layers_per_stage[0], True, last == 0)
+                                    + cost.backward_ms(shapes[c], layers_per_stage[0], True, last == 0))
+    hops = cost.layout.hop_links(num_stages) if link is None else (link,) * last
+    sent = {c: cost.boundary_bytes(sh) for c, sh in shapes.items()}
+
+    def duration(s: int, kind: str, c: int) -> float:
+        timer = cost.forward_ms if kind == "F" else cost.backward_ms
+        return timer(shapes[c], layers_per_stage[s], s == 0, s == last) / 1e3
+
+    caps = [num_stages - 1 - s + n_split + min(order.lead, len(whole)) + order.slack for s in range(num_stages)]
+    return list_schedule(forward, backward, num_stages, duration, lambda hop, c: hops[hop].transfer_s(sent[c]),
+                         caps), forward
+
+
 def epp_schedule(
     chunks: Sequence[Chunk],
     seq_lengths: Sequence[int],
@@ -98,6 +174,9 @@ def epp_schedule(
     metadata: dict[str, Any] | None = None,
     validate: bool = True,
     interleave: bool = False,
+    order: Order | None = None,
+    cost: "CostModel | None" = None,
+    link: "LinkModel | None" = None,
 ) -> Plan:
     """A validated `Plan`; ``pipelines`` groups chunk ids into back-to-back 1F1B pipelines.
 
@@ -105,8 +184,13 @@ def epp_schedule(
     omitted). A sequence's chunks must all sit in one pipeline (its K/V lives there).
     ``validate=False`` skips `validate_plan` for plans built only to be costed (a planner's
     throw-away candidates); a plan handed to the runtime must be validated. ``interleave`` puts
-    whole chunks between split sequences (`pipeline_orders`).
+    whole chunks between split sequences (`pipeline_orders`), as ``order`` of kind
+    ``interleaved`` does; a ``timed`` order needs ``cost`` (and takes ``link``, as the simulator
+    does). The order is recorded in the metadata where it is not 1F1B.
     """
+    order = order or Order("interleaved" if interleave else "1f1b")
+    if order.kind == "timed" and cost is None:
+        raise ValueError("a timed order needs the cost model its list schedule runs on")
     if num_stages < 1:
         raise ValueError(f"num_stages must be >= 1, got {num_stages}")
     if len(layers_per_stage) != num_stages:
@@ -132,10 +216,15 @@ def epp_schedule(
     ordered_pipes = []
     shared: dict[tuple[str, int], Action] = {}  # without recompute, every stage's actions are alike
     for g in groups:
-        forward, backward, n_split = pipeline_orders(chunks, seq_lengths, g, num_stages, interleave)
+        if order.kind == "timed":
+            per_stage, forward = timed_actions(chunks, seq_lengths, g, layers_per_stage, order, cost, link)
+        else:
+            forward, backward, n_split = pipeline_orders(chunks, seq_lengths, g, num_stages,
+                                                         order.kind == "interleaved")
+            per_stage = [one_f_one_b(forward, backward, num_stages - 1 - p + n_split) for p in range(num_stages)]
         ordered_pipes.append(tuple(forward))
         for p in range(num_stages):
-            for kind, cid in one_f_one_b(forward, backward, num_stages - 1 - p + n_split):
+            for kind, cid in per_stage[p]:
                 if recompute:
                     stage_ops[p].append(Action(kind, cid, int(recompute(p, cid))))
                 else:
@@ -148,7 +237,7 @@ def epp_schedule(
         stage_actions=tuple(tuple(ops) for ops in stage_ops),
         layers_per_stage=tuple(layers_per_stage),
         pipelines=tuple(ordered_pipes),
-        metadata=dict(metadata or {}),
+        metadata={**(metadata or {}), **({"order": order.to_json()} if order.kind != "1f1b" else {})},
     )
     if validate:
         validate_plan(plan)

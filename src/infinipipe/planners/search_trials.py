@@ -32,7 +32,7 @@ from .ilp_problem import InfeasibleMemoryError, SolverCache
 from .packing import balanced_chunks, fixed_size_chunks, pack_whole
 from .processor import process_sequences
 from .request import PlanRequest
-from .schedule import epp_schedule
+from .schedule import Order, epp_schedule
 from .search_pool import SearchPool
 
 PLANNER_NAMES = {"ilp": "epp", "none": "epp-no-ckpt", "full": "epp-full-ckpt"}
@@ -294,7 +294,7 @@ class TrialBook:
         return _Outcome(_lean(trial), bare, _lean(uniform))
 
     def _chunks(self, cand: Candidate) -> list:
-        cand = dataclasses.replace(cand, interleave=False)  # the order does not change the chunks
+        cand = dataclasses.replace(cand, order=Order())  # the order does not change the chunks
         if cand not in self.chunkings:
             self.chunkings[cand] = self._chunking(cand)
         return self.chunkings[cand]
@@ -315,7 +315,7 @@ class TrialBook:
     def _bare_s(self, cand: Candidate, chunks: list) -> float:
         """The candidate's chunks as one pipeline without any recompute: a floor on its screen."""
         bare = [epp_schedule(chunks, self.lengths, len(self.layers), self.layers, validate=False,
-                             interleave=cand.interleave)]
+                             order=cand.order, cost=self.cost, link=self.request.link)]
         if cand.family == "whole":  # the baseline may also run these chunks in GPipe's order
             bare.append(gpipe_schedule(chunks, self.lengths, self.layers, {}))
         return min(iteration_time(p, self.cost, self.request.link) for p in bare)
@@ -335,7 +335,7 @@ class TrialBook:
         gap = self.screen_gap if screen else self.plan_gap
         # Groupings are compared on loose ILP answers; the chosen one's plan is solved at ``gap``.
         coster = PipelineCoster(chunks, self.lengths, cost, layers, memory, self.checkpointing,
-                                self.cache, self.screen_gap, self.options.time_limit_s, cand.interleave)
+                                self.cache, self.screen_gap, self.options.time_limit_s, cand.order)
         grouping = group_pipelines(coster, max_pipelines=1)
         if not screen:
             grouping = group_pipelines(coster, self.options.max_pipelines, self.options.max_cuts, stop_at)
@@ -349,7 +349,8 @@ class TrialBook:
                 "grouping_evaluated": grouping.evaluated, "screened": screen}
         full = (lambda s, _c: layers[s]) if self.checkpointing == "full" else None
         plan = epp_schedule(chunks, self.lengths, len(layers), layers, pipelines=grouping.pipelines,
-                            recompute=full, metadata=meta, validate=False, interleave=cand.interleave)
+                            recompute=full, metadata=meta, validate=False, order=cand.order, cost=cost,
+                            link=self.request.link)
         if self.checkpointing == "ilp":
             try:
                 plan = solve_checkpointing(plan, cost, memory, gap, self.options.time_limit_s, cache=self.cache)
@@ -358,9 +359,41 @@ class TrialBook:
                              largest_chunk=max(c.tokens for c in chunks)), meta
         return Trial(cand, screen, plan, simulate(plan, cost, memory, self.request.link)), meta
 
+    def reordered(self, base: Trial, order: Order, hinted: bool = False) -> Trial:
+        """``base``'s chunks and pipelines in another ``order``, checkpointed and simulated, recorded
+        as a full trial of its candidate in that order; skipped (not recorded) past the deadline
+        (unless ``hinted``: a warm start's winner is planned whatever the deadline) or where the
+        order without any recompute is already no faster than the leader."""
+        cand = dataclasses.replace(base.candidate, order=order)
+        if (cand, False) in self.trials:
+            return self.trials[(cand, False)]
+        if not hinted and self.out_of_time(False, cand):
+            self.skipped_for_time.append(cand.label)
+            return Trial(cand, False, None, None, "skipped: past the planning deadline")
+        t0 = time.perf_counter()
+        old = base.plan
+        meta = {k: v for k, v in old.metadata.items() if k not in ("checkpointing", "order")}
+        plan = epp_schedule(old.chunks, old.seq_lengths, old.num_stages, old.layers_per_stage, old.pipelines,
+                            metadata=meta, validate=False, order=order, cost=self.cost, link=self.request.link)
+        leader = self.leader()
+        bare = iteration_time(plan, self.cost, self.request.link)
+        if leader is not None and bare >= leader.sim.iteration_time_s:
+            trial = Trial(cand, False, None, None, f"pruned: {bare:.2f} s without any recompute is no faster "
+                                                   f"than {leader.candidate.label} ({leader.sim.iteration_time_s:.2f} s)")
+        else:
+            try:
+                plan = solve_checkpointing(plan, self.cost, self.memory, self.plan_gap, self.options.time_limit_s,
+                                           cache=self.cache)
+                trial = Trial(cand, False, plan, simulate(plan, self.cost, self.memory, self.request.link))
+            except InfeasibleMemoryError as exc:
+                trial = Trial(cand, False, None, None, str(exc), memory_error=exc)
+        trial.seconds = time.perf_counter() - t0
+        self.trials[(cand, False)] = trial
+        return trial
+
     def _uniform_applies(self, cand: Candidate) -> bool:
         """A baseline's chunking (one pipeline's order, as the screen ran it) under the ILP."""
-        return cand.family != "epp" and self.checkpointing == "ilp" and not cand.interleave
+        return cand.family != "epp" and self.checkpointing == "ilp" and cand.order.kind == "1f1b"
 
     def _wants_uniform(self, cand: Candidate, trial: Trial, leader: Trial | None) -> bool:
         """Once per candidate, where its ILP plan comes within UNIFORM_MARGIN of the leader or
