@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from infinipipe.cli import main
 from infinipipe.contract.cost import CostModel, default_profile
 from infinipipe.contract.host import HostLink
 from infinipipe.contract.ir import Action, Chunk, Plan, Segment, validate_plan
@@ -157,7 +158,7 @@ def test_fsdp_all_gather_and_reduce_scatter_are_collectives_not_fill_or_drain():
     assert category(result, "fill")[0] == 0.0 and category(result, "drain")[0] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_json_carries_each_stages_breakdown_and_the_totals():
+def test_json_carries_each_stages_breakdown_and_the_totals(tmp_path, capsys):
     plan, cost = split_sequences()
     out = json.loads(json.dumps(simulate(plan, cost).to_json()))
     assert [set(stage) for stage in out["idle_breakdown"]] == [set(CATEGORIES)] * 4
@@ -165,3 +166,24 @@ def test_json_carries_each_stages_breakdown_and_the_totals():
         assert sum(stage.values()) == pytest.approx(out["idle_s"][s])
     assert out["idle_totals"] == pytest.approx(
         {c: sum(stage[c] for stage in out["idle_breakdown"]) for c in CATEGORIES})
+    profile = tmp_path / "profile.json"
+    cost.profile.save(profile)
+    path = tmp_path / "plan.json"
+    path.write_text(plan.dumps())
+    assert main(["simulate", str(path), "--profile", str(profile), "--model", "llama-7b", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)["idle_breakdown"]
+    assert all(mine == pytest.approx(theirs) for mine, theirs in zip(printed, out["idle_breakdown"], strict=True))
+
+
+def test_text_output_names_each_stages_idle_and_the_costliest_category(tmp_path, capsys):
+    plan, cost = split_sequences()
+    profile = tmp_path / "profile.json"
+    cost.profile.save(profile)
+    path = tmp_path / "plan.json"
+    path.write_text(plan.dumps())
+    assert main(["simulate", str(path), "--profile", str(profile), "--model", "llama-7b"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    idle_lines = [line.strip() for line in lines if line.strip().startswith("idle ")]
+    assert len(idle_lines) == 4 and all("fill" in line and "chain" in line and "drain" in line for line in idle_lines)
+    total = IdleBreakdown.summed(simulate(plan, cost).idle_breakdown)
+    assert any(line.strip().startswith(f"most idle time: {total.largest.replace('_', ' ')},") for line in lines)
