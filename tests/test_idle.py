@@ -187,3 +187,25 @@ def test_text_output_names_each_stages_idle_and_the_costliest_category(tmp_path,
     assert len(idle_lines) == 4 and all("fill" in line and "chain" in line and "drain" in line for line in idle_lines)
     total = IdleBreakdown.summed(simulate(plan, cost).idle_breakdown)
     assert any(line.strip().startswith(f"most idle time: {total.largest.replace('_', ' ')},") for line in lines)
+
+
+def test_chart_shades_idle_gaps_by_category(tmp_path):
+    import matplotlib.image
+    from matplotlib.colors import to_rgb
+
+    from infinipipe.sim.charts import IDLE_COLOURS, draw_chart
+
+    plan, cost = two_pipelines()
+    result = simulate(plan, cost)
+    shown = {span.category for span in result.idle_spans()}
+    assert len(shown) >= 3
+    out = draw_chart(plan, result, tmp_path / "idle.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = (matplotlib.image.imread(out)[..., :3] * 255).round().astype(int)
+
+    def area(name: str) -> int:
+        return int((pixels == [round(c * 255) for c in to_rgb(IDLE_COLOURS[name])]).all(axis=-1).sum())
+
+    assert all(area(name) > 0 for name in shown)
+    # More than the legend's swatch: the gaps themselves are shaded.
+    assert area(IdleBreakdown.summed(result.idle_breakdown).largest) > 2000
