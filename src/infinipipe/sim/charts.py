@@ -1,10 +1,10 @@
 """Gantt chart and memory timeline of a simulated plan (matplotlib, Agg back-end, PNG).
 
 One row per stage; forward boxes blue and backward boxes orange (told apart at a glance however
-many chunks there are, each box outlined), the recompute part of a backward purple, idle time
-light grey so bubbles stand out, and a legend naming each; with a host tier, two thin lanes under
-each stage's actions show its copies to the host and back. Below, each stage's memory over time
-with the device budget.
+many chunks there are, each box outlined), the recompute part of a backward purple, idle time in
+pale tints of what the stage waited for (`sim/idle.py`), and a legend naming each; with a host
+tier, two thin lanes under each stage's actions show its copies to the host and back. Below, each
+stage's memory over time with the device budget.
 """
 from __future__ import annotations
 
@@ -20,8 +20,12 @@ from ..contract.ir import Plan  # noqa: E402
 from ..contract.units import GIB  # noqa: E402
 from .simulator import SimResult  # noqa: E402
 
-COLOURS = {"F": "#4c72b0", "B": "#dd8452", "recompute": "#8172b3", "idle": "#e6e6e6", "d2h": "#55a868",
-           "h2d": "#c44e52"}
+COLOURS = {"F": "#4c72b0", "B": "#dd8452", "recompute": "#8172b3", "d2h": "#55a868", "h2d": "#c44e52"}
+IDLE_COLOURS = {"fill": "#e6e6e6", "forward_wait": "#c6dbef", "chain": "#fdd0a2", "memory": "#f2c4de",
+                "drain": "#bdbdbd", "collectives": "#c7e9c0"}
+IDLE_LABELS = {"fill": "idle: fill", "forward_wait": "idle: forward wait", "chain": "idle: backward chain",
+               "memory": "idle: memory (order, host copies)", "drain": "idle: drain",
+               "collectives": "FSDP gather / reduce-scatter"}
 
 
 def draw_chart(plan: Plan, result: SimResult, path: str | Path) -> Path:
@@ -32,8 +36,10 @@ def draw_chart(plan: Plan, result: SimResult, path: str | Path) -> Path:
     )
     end = result.iteration_time_s
     height = 0.6 if result.copies else 0.8  # room for the copy lanes below the actions
-    for s in range(stages):
-        gantt.broken_barh([(0, end)], (s - 0.4, height), facecolors=COLOURS["idle"], edgecolor="none")
+    spans = result.idle_spans()
+    for span in spans:
+        gantt.broken_barh([(span.start_s, span.end_s - span.start_s)], (span.stage - 0.4, height),
+                          facecolors=IDLE_COLOURS[span.category], edgecolor="none")
     for iv in result.intervals:
         gantt.broken_barh([(iv.start_s, iv.end_s - iv.start_s)], (iv.stage - 0.4, height),
                           facecolors=COLOURS[iv.kind], edgecolor="white", linewidth=0.4)
@@ -53,7 +59,8 @@ def draw_chart(plan: Plan, result: SimResult, path: str | Path) -> Path:
         Patch(facecolor=COLOURS["F"], label="forward"),
         Patch(facecolor=COLOURS["B"], label="backward"),
         Patch(facecolor=COLOURS["recompute"], label="recompute (start of a backward)"),
-        Patch(facecolor=COLOURS["idle"], label="idle (bubble)"),
+        *(Patch(facecolor=IDLE_COLOURS[c], label=IDLE_LABELS[c]) for c in IDLE_COLOURS
+          if any(span.category == c for span in spans)),
         *([Patch(facecolor=COLOURS["d2h"], label="copy to host"), Patch(facecolor=COLOURS["h2d"], label="copy back")]
           if result.copies else []),
     ], loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)

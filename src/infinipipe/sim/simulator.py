@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -27,21 +27,11 @@ from ..contract.ir import Plan, gradient_store_spans, play_order
 from ..contract.layout import LinkModel
 from ..contract.shapes import ChunkShape
 from ..contract.units import format_bytes
+from . import idle
 from .copy_lanes import Copy, CopyLanes
 from .host_schedule import optimizer_back_leads
-
-
-class Interval(NamedTuple):
-    """One action as it ran: ``recompute_s`` is the leading part of a backward spent recomputing.
-
-    A named tuple: a simulation records one per action, and planners simulate thousands of plans."""
-
-    stage: int
-    kind: str
-    chunk_id: int
-    start_s: float
-    end_s: float
-    recompute_s: float = 0.0
+from .idle import IdleBreakdown, IdleSpan
+from .interval import Interval
 
 
 @dataclass(frozen=True)
@@ -67,7 +57,7 @@ class SimResult:
     action's transient); ``peak_step_bytes`` the same less what exists before a step starts
     (weights and optimizer state: all model states but the gradients), the quantity a step's
     live-byte count measures; ``peak_activation_bytes`` only what chunks keep from forward to
-    backward."""
+    backward; ``step_fsdp_s`` each stage's once-per-step all-gather and reduce-scatter (seconds)."""
 
     planner: str
     iteration_time_s: float
@@ -88,10 +78,22 @@ class SimResult:
     optimizer_wait_s: tuple[float, ...] = ()
     host_memory_budget: float | None = None
     copies: tuple[tuple[int, str, float, float], ...] = ()
+    step_fsdp_s: tuple[tuple[float, float], ...] = ()
 
     @property
     def idle_s(self) -> tuple[float, ...]:
         return tuple(self.iteration_time_s - b for b in self.busy_s)
+
+    @functools.cached_property
+    def idle_breakdown(self) -> tuple[IdleBreakdown, ...]:
+        """Each stage's idle time by what it waited for (`sim/idle.py`), worked out when first
+        asked: planners simulate thousands of plans and read none of it."""
+        return idle.idle_breakdown(self.idle_spans(), len(self.busy_s))
+
+    def idle_spans(self) -> list[IdleSpan]:
+        """Every stretch of idle time with its category, per stage in time order."""
+        return idle.idle_spans(self.intervals, len(self.busy_s), self.step_fsdp_s, self.optimizer_wait_s,
+                               self.iteration_time_s)
 
     @property
     def bubble_ratio(self) -> float:
@@ -123,6 +125,8 @@ class SimResult:
             "num_pipelines": self.num_pipelines,
             "busy_s": list(self.busy_s),
             "idle_s": list(self.idle_s),
+            "idle_breakdown": [b.to_json() for b in self.idle_breakdown],
+            "idle_totals": IdleBreakdown.summed(self.idle_breakdown).to_json(),
             "recompute_per_stage_s": list(self.recompute_s),
             "peak_host_bytes": list(self.peak_host_bytes),
             "offloaded_bytes": list(self.offloaded_bytes),
@@ -217,6 +221,7 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
         optimizer_wait_s=tuple(run.optimizer_wait_s),
         host_memory_budget=None if host_budget is None else float(host_budget),
         copies=tuple(run.copies),
+        step_fsdp_s=tuple(run.step_fsdp_s),
     )
 
 
@@ -284,7 +289,8 @@ def iteration_time(plan: Plan, cost: CostModel, link: LinkModel | None = None) -
 class _Run:
     """What the timing pass yields: chunk shapes, each stage's busy and recompute time, the
     iteration; with a host tier each stage's copies as changes of device and host bytes
-    (time, bytes), the bytes it copied out and the time it waited for copies."""
+    (time, bytes), the bytes it copied out and the time it waited for copies; each stage's
+    once-per-step all-gather and reduce-scatter."""
 
     shapes: list[ChunkShape]
     busy_s: list[float]
@@ -297,6 +303,7 @@ class _Run:
     exposed_copy_s: list[float]
     optimizer_wait_s: list[float]
     copies: list[tuple[int, str, float, float]]
+    step_fsdp_s: list[tuple[float, float]]
 
 
 class _HostTier:
@@ -460,7 +467,7 @@ def _play(plan: Plan, cost: CostModel, link: LinkModel | None, record: bool) -> 
                 if copying:
                     tier.after(s, kind, cid, stop)
                 if record:
-                    intervals.append(Interval(s, kind, cid, start, stop, rec))
+                    intervals.append(Interval(s, kind, cid, start, stop, rec, ready))
                 i += 1
             if i != ptr[s]:
                 placed += i - ptr[s]
@@ -477,4 +484,4 @@ def _play(plan: Plan, cost: CostModel, link: LinkModel | None, record: bool) -> 
         moved.append(m)
         copies += c
     return _Run(shapes, busy, recompute, max(ends), intervals, device, host, moved, list(tier.exposed),
-                list(tier.optimizer_wait), copies)
+                list(tier.optimizer_wait), copies, fsdp)
