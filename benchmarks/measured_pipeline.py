@@ -17,6 +17,10 @@ The committed CPU profile is used only if this machine runs its layer shapes wit
 (the runtime's per-action overhead is then measured here and added); otherwise the machine is
 re-profiled first, and the output says which.
 
+EPP's chunks also run in both orders, whatever the search chose: the 1F1B order (a fixed
+warm-up) and a timed order (each stage's interleaving from a list schedule, `timed_order`), each
+checkpointed by the ILP, so the two schedules are compared measured and simulated on one batch.
+
 Usage: ``python benchmarks/measured_pipeline.py [--stages 2] [--steps 3] [--model small --longest
 4096]``; on a 16-core machine
 ``--stages 8 --model small`` (the ``tiny`` model has only 4 layers).
@@ -39,8 +43,10 @@ from infinipipe.contract.model_config import preset
 from infinipipe.contract.shapes import ChunkShape
 from infinipipe.model.layers import ChunkMeta
 from infinipipe.model.stage import StageModel, init_weights
+from infinipipe.planners.ilp import solve_checkpointing
 from infinipipe.planners.registry import make_plan
 from infinipipe.planners.request import PlanRequest
+from infinipipe.planners.schedule import Order, epp_schedule
 from infinipipe.profiling.measure import LayerBench, measure_action_overhead, profile_device
 from infinipipe.runtime.batch import Batch
 from infinipipe.runtime.executor import PipelineWorker, RuntimeSettings
@@ -58,6 +64,16 @@ def skewed_lengths(seed: int, longest: int = 2048) -> list[int]:
     rng = random.Random(seed)
     return ([longest, longest * 3 // 8, longest // 4] + [rng.randint(64, 256) for _ in range(6)]
             + [rng.randint(8, 64) for _ in range(12)])
+
+
+def in_orders(plan, cost, memory) -> dict[str, object]:
+    """``plan``'s chunks and pipelines in the 1F1B order and in a timed one, each checkpointed."""
+    out = {}
+    for name, order in (("epp 1f1b", Order()), ("epp timed", Order("timed", plan.num_stages, 2))):
+        bare = epp_schedule(plan.chunks, plan.seq_lengths, plan.num_stages, plan.layers_per_stage, plan.pipelines,
+                            metadata={"memory_budget": memory}, order=order, cost=cost, link=LOCAL_LINK)
+        out[name] = solve_checkpointing(bare, cost, memory)
+    return out
 
 
 def run_plans(model, plans, batch, layers, steps):
@@ -203,9 +219,11 @@ def main() -> None:
         except ValueError as exc:
             print(f"{name}: no plan ({exc})")
             continue
-        names.append(name)
-        plans.append(plan)
-        sims.append(simulate(plan, cost, memory, LOCAL_LINK))
+        more = in_orders(plan, cost, memory) if name == "epp" else {}
+        for label, p in {name: plan, **more}.items():
+            names.append(label)
+            plans.append(p)
+            sims.append(simulate(p, cost, memory, LOCAL_LINK))
     layers = plans[0].layers_per_stage
     if any(p.layers_per_stage != layers for p in plans):
         raise SystemExit("planners chose different layer splits; this benchmark needs one")

@@ -34,6 +34,24 @@ def test_longest_sequence_splits_into_equal_time_slices_with_later_ones_shorter(
     assert max(times) - min(times) <= 2 * one_token + 1e-9
 
 
+@pytest.mark.parametrize("sp", [2, 8])
+def test_equal_time_slices_on_a_sequence_parallel_layout(sp):
+    """Ulysses SP divides a stage's heads and tokens and adds all-to-alls: the profile's own
+    coefficients then overstate a slice's time eightfold, and slices cut by them alone came out
+    a quarter as long as they should (a 98K sequence's two slices took 0.06 s and 0.43 s)."""
+    import dataclasses
+
+    from infinipipe.contract.layout import StageLayout
+
+    cost = dataclasses.replace(COST, layout=StageLayout(sp=sp, fsdp=sp))
+    timer = SliceTimer(cost)
+    for length, k in ((98304, 2), (131072, 5)):
+        cuts = equal_time_cuts(length, k, timer)
+        times = [timer.slice_ms(a, b - a) for a, b in zip([0] + cuts[:-1], cuts)]
+        one_token = max(timer.slice_ms(a, b - a + 1) - timer.slice_ms(a, b - a) for a, b in zip([0] + cuts[:-1], cuts))
+        assert len(cuts) == k and max(times) - min(times) <= 2 * one_token
+
+
 @pytest.mark.parametrize("length,k", [(8192, 4), (20000, 7), (3000, 2)])
 def test_equal_time_slices_with_a_profile_nonlinear_in_attention_area(length, k):
     from infinipipe.contract.cost import CostModel, load_profile

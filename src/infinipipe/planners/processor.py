@@ -27,9 +27,12 @@ class SliceTimer:
     """One layer's forward time of a chunk, from ``cost.forward_ms(shape, n_layers=1)``.
 
     For a profile linear in (attention pairs, tokens, keys read, 1) -- every GPU profile -- the
-    length of a slice of a given time is a closed-form root, cheap enough to run for every
-    candidate K. Other profiles (the CPU one keeps an attention-area term) are searched by
-    bisection, which only needs time to grow with a slice's length.
+    root of the profile's own quadratic is where the search for a slice of a given time starts;
+    the search then finds the exact length on ``forward_ms``, which also carries what the
+    profile's coefficients do not (the layout's sequence-parallel share of the heads and tokens,
+    its all-to-alls, the per-action overhead). Other profiles (the CPU one keeps an
+    attention-area term) start the search at one token. Either way only needs time to grow with
+    a slice's length.
     """
 
     def __init__(self, cost: CostModel):
@@ -48,8 +51,10 @@ class SliceTimer:
 
     def longest_slice(self, prefix: int, budget_ms: float) -> int:
         """Most tokens a slice after ``prefix`` may hold within ``budget_ms`` (at least 1)."""
-        if not self.linear:
-            return self._search(prefix, budget_ms)
+        return self._search(prefix, budget_ms, self._root(prefix, budget_ms) if self.linear else 1)
+
+    def _root(self, prefix: int, budget_ms: float) -> int:
+        """The length the profile's coefficients alone give a slice of ``budget_ms``."""
         a = self.attn / 2
         b = self.attn / 2 + self.attn * prefix + self.tokens + self.kv
         c = self.kv * prefix + self.chunk - budget_ms
@@ -59,19 +64,26 @@ class SliceTimer:
             root = -c / b
         else:
             raise ValueError("cost model predicts no time growth with tokens; cannot balance slices")
-        s = max(int(np.floor(root)), 1)
-        while s > 1 and self.slice_ms(prefix, s) > budget_ms:
-            s -= 1
-        return s
+        return max(int(np.floor(root)), 1)
 
-    def _search(self, prefix: int, budget_ms: float) -> int:
-        hi = 1
-        while self.slice_ms(prefix, hi) <= budget_ms:
-            hi *= 2
-        lo = max(hi // 2, 1)
+    def _search(self, prefix: int, budget_ms: float, start: int) -> int:
+        """Galloping from ``start`` to a bracket, then bisection: the largest fitting length."""
+        def fits(n: int) -> bool:
+            return self.slice_ms(prefix, n) <= budget_ms
+
+        if fits(start):
+            lo, hi = start, start * 2
+            while fits(hi):
+                lo, hi = hi, hi * 2
+        else:
+            lo, hi = start // 2, start
+            while lo >= 1 and not fits(lo):
+                lo, hi = lo // 2, lo
+            if lo < 1:
+                return 1
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self.slice_ms(prefix, mid) <= budget_ms else (lo, mid)
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         return lo
 
 
