@@ -26,7 +26,7 @@ import sys
 import torch
 
 from infinipipe.contract.cost import CostModel, OptimizerStates, default_profile_name, load_profile
-from infinipipe.contract.ir import Action, Plan
+from infinipipe.contract.ir import Plan
 from infinipipe.contract.model_config import preset
 from infinipipe.contract.shapes import ChunkShape
 from infinipipe.model.attention import resolve_backend
@@ -44,7 +44,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def with_recompute(plan: Plan, layers: int) -> Plan:
-    actions = tuple(tuple(Action(a.kind, a.chunk_id, layers) for a in acts) for acts in plan.stage_actions)
+    actions = tuple(tuple(a.with_mode(layers) for a in acts) for acts in plan.stage_actions)
     return dataclasses.replace(plan, stage_actions=actions)
 
 

@@ -73,7 +73,7 @@ def with_offload(plan: Plan, modes: Callable[[int, int, int], tuple[int, int, in
             most = pos["B", a.chunk_id] - pos["F", a.chunk_id] - 1
             off = off if most >= 1 else 0
             reload = lead(1, most) if a.kind == "B" and off else 0
-            out.append(Action(a.kind, a.chunk_id, whole, elementwise, off, reload))
+            out.append(a.with_mode(whole, elementwise, off, reload))
         stages.append(tuple(out))
     plan = dataclasses.replace(plan, stage_actions=tuple(stages))
     validate_plan(plan)
@@ -82,8 +82,9 @@ def with_offload(plan: Plan, modes: Callable[[int, int, int], tuple[int, int, in
 
 def timed_plan(chunks: list[Chunk], lengths: Sequence[int], layers_per_stage: Sequence[int], cfg,
                recompute: Callable[[int, int], int], rng: random.Random, pipelines=None) -> Plan:
-    """EPP's timed order (a random lead and slack) on plausible coefficients for ``cfg``: what the
-    runtime must play exactly whatever interleaving the list schedule picks per stage."""
+    """EPP's timed order (a random lead, slack and cap on deferred weight gradients) on plausible
+    coefficients for ``cfg``: what the runtime must play exactly whatever interleaving (and W
+    actions) the list schedule picks per stage."""
     from infinipipe.contract.cost import CostModel, LinearTerm, Profile
     from infinipipe.planners.schedule import Order, epp_schedule
 
@@ -91,8 +92,24 @@ def timed_plan(chunks: list[Chunk], lengths: Sequence[int], layers_per_stage: Se
                    layer_fwd=LinearTerm({"attn": 2e-5, "tokens": 2e-3, "chunk": 0.05}),
                    layer_bwd=LinearTerm({"attn": 4e-5, "tokens": 4e-3, "chunk": 0.1}),
                    layer_act_bytes=LinearTerm({"tokens": 40 * cfg.hidden}))
-    order = Order("timed", rng.randint(0, 3), rng.randint(0, 3))
+    order = Order("timed", rng.randint(0, 3), rng.randint(0, 3), rng.randint(1, 3))
     plan = epp_schedule(chunks, lengths, len(layers_per_stage), layers_per_stage, pipelines, recompute=recompute,
                         order=order, cost=CostModel(prof, cfg))
     validate_plan(plan)
     return plan
+
+
+def with_weight_actions(plan: Plan, rng: random.Random, share: float = 0.7) -> Plan:
+    """``plan`` with about ``share`` of each stage's backwards leaving their weight gradients to
+    a W action placed at a random later point of that stage (at the end at the latest)."""
+    stages = []
+    for actions in plan.stage_actions:
+        out = list(actions)
+        for a in actions:
+            if a.kind == "B" and rng.random() < share:
+                at = out.index(a)
+                out.insert(rng.randint(at + 1, len(out)), Action("W", a.chunk_id))
+        stages.append(tuple(out))
+    deferred = dataclasses.replace(plan, stage_actions=tuple(stages))
+    validate_plan(deferred)
+    return deferred

@@ -32,7 +32,7 @@ def test_no_plan_of_any_planner_peaks_under_the_bound(long, short, stages):
     for name in ("epp", "epp-full-ckpt", *BASELINES):
         plan = make_plan(name, request)
         full = plan.__class__(plan.seq_lengths, plan.chunks,
-                              tuple(tuple(type(a)(a.kind, a.chunk_id, plan.layers_per_stage[s]) for a in acts)
+                              tuple(tuple(a.with_mode(plan.layers_per_stage[s]) for a in acts)
                                     for s, acts in enumerate(plan.stage_actions)), plan.layers_per_stage, plan.pipelines)
         assert max(simulate(full, COST).peak_memory_bytes) >= bound.bytes * (1 - 1e-9), name
 

@@ -141,12 +141,12 @@ def test_timed_orders_get_a_recompute_variable_per_stage_and_chunk():
 
 
 def test_candidates_round_trip_their_order_and_read_the_older_interleave_flag():
-    cand = Candidate("fixed", 65536, order=Order("timed", 6, 2))
+    cand = Candidate("fixed", 65536, order=Order("timed", 6, 2, 3))
     assert Candidate.from_json(cand.to_json()) == cand
-    assert cand.label == "fixed 65536 tokens timed lead=6 slack=2"
+    assert cand.label == "fixed 65536 tokens timed lead=6 slack=2 defer=3"
     assert Candidate.from_json({"family": "epp", "size": 4, "interleave": True}).order == Order("interleaved")
     assert Candidate.from_json({"family": "epp", "size": 4}).order == Order()
-    with pytest.raises(ValueError, match="lead and slack"):
+    with pytest.raises(ValueError, match="only for a timed order"):
         Order("1f1b", lead=2)
 
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from chunking import random_chunks, sequential_plan, timed_plan, with_offload
+from chunking import random_chunks, sequential_plan, timed_plan, with_offload, with_weight_actions
 from infinipipe.contract.cost import CostModel, LinearTerm, Profile
 from infinipipe.contract.ir import Plan, validate_plan
 from infinipipe.contract.model_config import ModelConfig
@@ -77,16 +77,17 @@ def _offload_modes(layers, chunks, rng: random.Random) -> dict[tuple[int, int], 
 
 def hand_plans(lengths, layers, rng: random.Random) -> dict[str, Plan]:
     """Random chunkings as GPipe-order plans and as EPP 1F1B plans with several pipelines, one of
-    them offloading some layers of every chunk that waits for its backward."""
+    them offloading some layers of every chunk that waits for its backward and leaving most
+    backwards' weight gradients to W actions."""
     chunks = random_chunks(lengths, rng)
     rec = {c.id: rng.randint(0, min(layers)) for c in chunks}
     pipes = _pipelines_by_sequence(chunks, lengths, 2)
     per_stage = {(s, c.id): rng.randint(0, n) for s, n in enumerate(layers) for c in chunks}
     modes = _offload_modes(layers, chunks, rng)
-    offloading = with_offload(epp_schedule(chunks, lengths, len(layers), layers, pipes),
-                              lambda s, c, n: modes[s, c], lambda lo, hi: rng.randint(lo, hi))
+    offloading = with_weight_actions(with_offload(epp_schedule(chunks, lengths, len(layers), layers, pipes),
+                                                  lambda s, c, n: modes[s, c], lambda lo, hi: rng.randint(lo, hi)), rng)
     return {
-        "1f1b-multi-pipeline+offload": offloading,
+        "1f1b-multi-pipeline+offload+deferred-weights": offloading,
         "sequential+recompute": sequential_plan(chunks, lengths, layers, rec),
         "1f1b-multi-pipeline+recompute": epp_schedule(chunks, lengths, len(layers), layers, pipes,
                                                       recompute=lambda s, c: per_stage[s, c]),

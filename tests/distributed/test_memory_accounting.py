@@ -21,7 +21,7 @@ import torch
 from chunking import with_offload
 from infinipipe.contract.cost import CostModel, default_profile
 from infinipipe.contract.host import HostLink
-from infinipipe.contract.ir import Action, Plan
+from infinipipe.contract.ir import Plan
 from infinipipe.contract.model_config import preset
 from infinipipe.contract.shapes import ChunkShape
 from infinipipe.planners.options import PlannerOptions
@@ -67,7 +67,7 @@ def _with_recompute(plan: Plan, share: tuple[float, float]) -> Plan:
     def counts(n: int) -> tuple[int, int]:
         return round(share[0] * n), round(share[1] * n)
 
-    actions = tuple(tuple(Action(a.kind, a.chunk_id, *counts(plan.layers_per_stage[s])) for a in acts)
+    actions = tuple(tuple(a.with_mode(*counts(plan.layers_per_stage[s])) for a in acts)
                     for s, acts in enumerate(plan.stage_actions))
     return dataclasses.replace(plan, stage_actions=actions)
 

@@ -328,6 +328,35 @@ class CostModel:
                               self._head_bwd(shape), n_layers, first, last) + self.profile.action_bwd(shape)
         return max(compute, self._per_chunk_fsdp_ms(n_layers, first, last, backward=True))
 
+    def action_ms(self, kind: str, shape: ChunkShape, n_layers: int, first: bool = False, last: bool = False,
+                  deferred: bool = False) -> float:
+        """An action's time without recompute: a forward, a backward (less its layers' weight
+        gradients where ``deferred`` to a W action), or that W."""
+        if kind == "F":
+            return self.forward_ms(shape, n_layers, first, last)
+        if kind == "W":
+            return self.weight_grad_ms(shape, n_layers)
+        return self.backward_ms(shape, n_layers, first, last) - (self.weight_grad_ms(shape, n_layers) if deferred else 0.0)
+
+    def weight_grad_ms(self, shape: ChunkShape, n_layers: int) -> float:
+        """The part of a backward that deferring its layers' weight gradients moves into a W action
+        (`Action`): each projection's weight gradient is one matmul of the forward's size over the
+        chunk's tokens, so it takes the forward's per-token time of the layers (derived from the
+        profile, not measured apart: the forward's per-token term also holds its norms and RoPE,
+        so this is an upper bound). Attention's backward, the costly part of long slices, has no
+        weights and stays in the backward."""
+        return n_layers * self._layer_fwd.coef.get("tokens", 0.0) * shape.tokens
+
+    def deferred_weight_bytes(self, shape: ChunkShape, n_layers: int) -> float:
+        """What a backward that defers its layers' weight gradients keeps until its W action: per
+        layer and token, each projection's input (Q/K/V's and gate/up's normalised input, the
+        attention output, the SwiGLU product) and output gradient."""
+        cfg = self.model
+        q = cfg.heads * cfg.head_dim
+        inputs = 2 * cfg.hidden + q + cfg.ffn
+        grads = q + 2 * cfg.kv_dim + cfg.hidden + 2 * cfg.ffn + cfg.hidden
+        return n_layers * shape.tokens * (inputs + grads) * self.dtype_bytes / self.layout.sp
+
     @property
     def elementwise(self) -> bool:
         """Whether the profile offers elementwise recompute (`ELEMENTWISE_TERM_NAMES`)."""

@@ -147,14 +147,16 @@ def check_coverage(chunks: Iterable[Chunk], lengths: Sequence[int]) -> None:
             raise ValueError(f"sequence {seq_id}: tokens [{pos}, {length}) are in no chunk")
 
 
-ActionKind = Literal["F", "B"]
+ActionKind = Literal["F", "B", "W"]
 
 
 @dataclass(frozen=True)
 class Action:
     """Forward or backward of one chunk on one stage, recomputing ``recompute_layers`` layers
     whole and the elementwise parts of the next ``elementwise_layers`` (the stage's other layers
-    keep everything their backward needs).
+    keep everything their backward needs); or ``W``, the weight gradients of the chunk's layers,
+    which its backward on that stage then leaves for later (`deferred_chunks`): the backward sends
+    the input gradient upstream sooner, and the W runs where the stage would otherwise wait.
 
     ``offload_layers``: the saved tensors of the stage's last ``offload_layers`` layers (what each
     keeps in its mode: a recomputed layer's checkpointed input, an elementwise layer's reduced
@@ -172,8 +174,10 @@ class Action:
     reload_lead: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("F", "B"):
-            raise ValueError(f"action kind must be 'F' or 'B', got {self.kind!r}")
+        if self.kind not in ("F", "B", "W"):
+            raise ValueError(f"action kind must be 'F', 'B' or 'W', got {self.kind!r}")
+        if self.kind == "W" and self.mode != (0, 0, 0):
+            raise ValueError(f"action {self}: a W action recomputes and offloads nothing (its backward does)")
         if self.recompute_layers < 0 or self.elementwise_layers < 0 or self.offload_layers < 0:
             raise ValueError(f"action {self}: recompute_layers, elementwise_layers and offload_layers must be >= 0")
         if self.kind == "F" and self.reload_lead:
@@ -185,6 +189,13 @@ class Action:
     def mode(self) -> tuple[int, int, int]:
         """What F and B of a chunk on a stage must agree on: recomputed, elementwise, offloaded layers."""
         return self.recompute_layers, self.elementwise_layers, self.offload_layers
+
+    def with_mode(self, recompute: int, elementwise: int = 0, offload: int = 0, reload_lead: int = 0) -> "Action":
+        """This action recomputing, running elementwise and offloading so many layers (a backward
+        copying back ``reload_lead`` actions ahead); a W stays as it is (its backward carries them)."""
+        if self.kind == "W":
+            return self
+        return Action(self.kind, self.chunk_id, recompute, elementwise, offload, reload_lead if self.kind == "B" else 0)
 
     def to_json(self) -> list:
         """``[kind, chunk, recompute]``, then the elementwise count where it or an offload is not
@@ -295,6 +306,7 @@ def validate_plan(plan: Plan) -> list[tuple[int, Action]]:
     for s, actions in enumerate(plan.stage_actions):
         f_pos: dict[int, int] = {}
         b_pos: dict[int, int] = {}
+        w_pos: dict[int, int] = {}
         rec: dict[int, tuple[int, int, int]] = {}
         for i, a in enumerate(actions):
             if not 0 <= a.chunk_id < n:
@@ -307,6 +319,13 @@ def validate_plan(plan: Plan) -> list[tuple[int, Action]]:
             if a.offload_layers > plan.layers_per_stage[s]:
                 raise ValueError(f"stage {s}: chunk {a.chunk_id} offloads {a.offload_layers} layers, "
                                  f"the stage has {plan.layers_per_stage[s]}")
+            if a.kind == "W":
+                if a.chunk_id in w_pos:
+                    raise ValueError(f"stage {s}: W of chunk {a.chunk_id} appears twice")
+                if a.chunk_id not in b_pos:
+                    raise ValueError(f"stage {s}: W of chunk {a.chunk_id} precedes its backward")
+                w_pos[a.chunk_id] = i
+                continue
             table = f_pos if a.kind == "F" else b_pos
             if a.chunk_id in table:
                 raise ValueError(f"stage {s}: {a.kind} of chunk {a.chunk_id} appears twice")
@@ -352,9 +371,17 @@ def _check_slice_order(plan: Plan, stage: int, f_order: list[int], b_order: list
             )
 
 
+def deferred_chunks(actions: Sequence[Action]) -> set[int]:
+    """Chunks whose backward on a stage with these actions leaves its weight gradients to a W."""
+    return {a.chunk_id for a in actions if a.kind == "W"}
+
+
 def upstream_stage(kind: ActionKind, stage: int, num_stages: int) -> int | None:
     """The neighbour whose output an action consumes: a forward takes the previous stage's
-    activations, a backward the next stage's gradient; ``None`` at the pipeline's ends."""
+    activations, a backward the next stage's gradient, a W nothing; ``None`` at the pipeline's
+    ends."""
+    if kind == "W":
+        return None
     if kind == "F":
         return stage - 1 if stage > 0 else None
     return stage + 1 if stage < num_stages - 1 else None
@@ -362,6 +389,8 @@ def upstream_stage(kind: ActionKind, stage: int, num_stages: int) -> int | None:
 
 def downstream_stage(kind: ActionKind, stage: int, num_stages: int) -> int | None:
     """The neighbour that consumes an action's output (the inverse of `upstream_stage`)."""
+    if kind == "W":
+        return None
     return upstream_stage("B" if kind == "F" else "F", stage, num_stages)
 
 

@@ -1,7 +1,8 @@
 """LLaMA-style decoder layer that processes one chunk (segments concatenated, no batch dim)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Protocol
@@ -157,6 +158,91 @@ def _weight_grad(grad: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
     return grad.reshape(-1, grad.shape[-1]).t() @ inp.reshape(-1, inp.shape[-1])
 
 
+class WeightGrads:
+    """Projections' weight gradients a backward left for later (a plan's W action): each entry is
+    the weight, its bias (or None), the projection's input and its output gradient. `run` turns
+    them into gradients through autograd, so they accumulate as the backward's own would (and
+    whatever hooks a gradient's accumulation fires, fires)."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
+
+    def run(self) -> None:
+        if not self.entries:
+            return
+        total = sum(_AccumulateWeightGrad.apply(w, b, x, g) for w, b, x, g in self.entries)
+        self.entries.clear()
+        total.backward()
+
+
+class _Deferral:
+    """Where the projections' backwards put their weight gradients: None computes them at once.
+    A plain attribute, not thread-local: autograd runs a CUDA backward on its own thread."""
+
+    target: WeightGrads | None = None
+
+
+@contextlib.contextmanager
+def deferring(grads: WeightGrads | None) -> Iterator[None]:
+    """Context in which projections' backwards leave their weight gradients in ``grads``."""
+    _Deferral.target = grads
+    try:
+        yield
+    finally:
+        _Deferral.target = None
+
+
+def _projection_grads(grad, inp, weight, bias, needs_weight: bool, needs_bias: bool):
+    """A projection's weight and bias gradients, or None and None where they are deferred. ``weight``
+    and ``bias`` must be the parameters the forward was given (not tensors a saved-tensor hook
+    unpacked: a checkpointed layer's recomputation unpacks aliases, whose gradients go nowhere)."""
+    if _Deferral.target is not None and (needs_weight or needs_bias):
+        # A copy of the gradient: autograd may add a residual branch's gradient into it in place.
+        _Deferral.target.entries.append((weight, bias if needs_bias else None, inp.detach(), grad.detach().clone()))
+        return None, None
+    dweight = _weight_grad(grad, inp) if needs_weight else None
+    dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if needs_bias else None
+    return dweight, dbias
+
+
+class _AccumulateWeightGrad(torch.autograd.Function):
+    """A zero whose backward gives a deferred projection's weight (and bias) gradient."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, inp, grad):
+        ctx.save_for_backward(inp, grad)
+        ctx.has_bias = bias is not None
+        return weight.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        inp, grad = ctx.saved_tensors
+        dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+        return _weight_grad(grad, inp), dbias, None, None
+
+
+class _Linear(torch.autograd.Function):
+    """``F.linear`` whose backward may defer the weight gradient (`deferring`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.params = (weight, bias)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        dweight, dbias = _projection_grads(grad, x, *ctx.params, ctx.needs_input_grad[1],
+                                           ctx.params[1] is not None and ctx.needs_input_grad[2])
+        return grad @ weight if ctx.needs_input_grad[0] else None, dweight, dbias
+
+
+def linear(x: torch.Tensor, module: nn.Linear) -> torch.Tensor:
+    """``module(x)`` through `_Linear`."""
+    return _Linear.apply(x, module.weight, module.bias)
+
+
 class _NormLinear(torch.autograd.Function):
     """RMSNorm then a projection (an elementwise-recompute layer's Q/K/V or gate/up): keeps the
     norm's input and reciprocal RMS but not the normalised input, which backward recomputes
@@ -168,16 +254,16 @@ class _NormLinear(torch.autograd.Function):
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, norm_weight, weight, rstd)
         ctx.has_bias = bias is not None
+        ctx.params = (weight, bias)
         return F.linear(rms_normalised(x, norm_weight, rstd), weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, norm_weight, weight, rstd = ctx.saved_tensors
         dweight = dbias = None
-        if ctx.needs_input_grad[2]:
-            dweight = _weight_grad(grad, rms_normalised(x, norm_weight, rstd))
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            dbias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        if ctx.needs_input_grad[2] or (ctx.has_bias and ctx.needs_input_grad[3]):
+            dweight, dbias = _projection_grads(grad, rms_normalised(x, norm_weight, rstd), *ctx.params,
+                                               ctx.needs_input_grad[2], ctx.has_bias and ctx.needs_input_grad[3])
         dx, dnorm = _rms_norm_backward(grad @ weight, x, norm_weight, rstd, ctx.needs_input_grad[1])
         return dx, dnorm, dweight, dbias, None
 
@@ -261,13 +347,16 @@ class _SwiGLUDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_up, weight):
         ctx.save_for_backward(gate_up, weight)
+        ctx.param = weight
         return F.linear(swiglu_product(gate_up), weight)
 
     @staticmethod
     def backward(ctx, grad):
         gate_up, weight = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=-1)
-        dweight = _weight_grad(grad, swiglu_product(gate_up)) if ctx.needs_input_grad[1] else None
+        dweight = None
+        if ctx.needs_input_grad[1]:
+            dweight, _ = _projection_grads(grad, swiglu_product(gate_up), ctx.param, None, True, False)
         dprod = grad @ weight
         dgate = torch.ops.aten.silu_backward(dprod * up, gate)
         return torch.cat([dgate, dprod * F.silu(gate)], dim=-1), dweight
@@ -319,7 +408,7 @@ class DecoderLayer(nn.Module):
         if elementwise:
             qkv = _NormLinear.apply(h, self.attn_norm.weight, self.wqkv.weight, self.wqkv.bias, cfg.norm_eps)
         else:
-            qkv = self.wqkv(self.attn_norm(h))
+            qkv = linear(self.attn_norm(h), self.wqkv)
         q, k, v = _QKVRope.apply(qkv, cos, sin, cfg.heads, cfg.kv_heads)
         if sp is not None:
             q, k, v = sp.heads_of_all_tokens(q, k, v)
@@ -332,8 +421,8 @@ class DecoderLayer(nn.Module):
         o = chunk_attention(q, k, v, meta.seg_lens, meta.starts, seq_kv, backend, meta.cu_seqlens)
         if sp is not None:
             o = sp.tokens_of_all_heads(o)
-        h = h + self.wo(o.reshape(t, cfg.heads * cfg.head_dim))
+        h = h + linear(o.reshape(t, cfg.heads * cfg.head_dim), self.wo)
         if elementwise:
             gate_up = _NormLinear.apply(h, self.mlp_norm.weight, self.w_gate_up.weight, None, cfg.norm_eps)
             return h + _SwiGLUDown.apply(gate_up, self.w_down.weight)
-        return h + self.w_down(_SwiGLU.apply(self.w_gate_up(self.mlp_norm(h))))
+        return h + linear(_SwiGLU.apply(linear(self.mlp_norm(h), self.w_gate_up)), self.w_down)

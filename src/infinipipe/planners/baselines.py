@@ -40,7 +40,7 @@ def gpipe_schedule(chunks: Sequence[Chunk], seq_lengths: Sequence[int], layers_p
 def uniform_recompute(plan: Plan, layers: int) -> Plan:
     """``plan`` with every chunk recomputing ``layers`` layers (at most all of its stage's)."""
     cap = plan.layers_per_stage
-    return replace(plan, stage_actions=tuple(tuple(Action(a.kind, a.chunk_id, min(layers, cap[s])) for a in acts)
+    return replace(plan, stage_actions=tuple(tuple(a.with_mode(min(layers, cap[s])) for a in acts)
                                              for s, acts in enumerate(plan.stage_actions)))
 
 

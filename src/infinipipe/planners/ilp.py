@@ -353,6 +353,8 @@ def apply_solution(pp: PlanProblem, c: np.ndarray, info: dict[str, Any]) -> Plan
     layers = plan.layers_per_stage
 
     def action(s: int, a: Action) -> Action:
+        if a.kind == "W":  # its backward recomputes and reloads
+            return a
         v = pp.var_of[(s, a.chunk_id)]
         r = int(min(c[v], layers[s]))
         u = int(min(c[v + pp.elementwise_of], layers[s])) if pp.elementwise_of else r

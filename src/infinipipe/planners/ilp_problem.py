@@ -27,7 +27,7 @@ from ..contract.ir import Plan
 from ..contract.shapes import ChunkShape
 from ..contract.units import format_bytes
 from ..sim.host_schedule import action_starts
-from ..sim.simulator import gradient_store_bytes
+from ..sim.simulator import deferred_weight_store, gradient_store_bytes
 from .offload import Offload, plan_offload
 from .schedule import plan_order
 
@@ -191,11 +191,12 @@ def stage_windows(plan: Plan, stage: int) -> tuple[np.ndarray, np.ndarray, np.nd
     actions = plan.stage_actions[stage]
     own = np.fromiter((a.chunk_id for a in actions), dtype=np.int64, count=len(actions))
     forward = np.fromiter((a.kind == "F" for a in actions), dtype=bool, count=len(actions))
+    backward = np.fromiter((a.kind == "B" for a in actions), dtype=bool, count=len(actions))
     at = np.arange(len(actions))
     f_at = np.zeros(len(plan.chunks), dtype=np.int64)
     b_at = np.zeros(len(plan.chunks), dtype=np.int64)
     f_at[own[forward]] = at[forward]
-    b_at[own[~forward]] = at[~forward]
+    b_at[own[backward]] = at[backward]
     held = own[forward]  # chunks in forward order
     span = b_at[held] - f_at[held] + 1
     window = np.repeat(f_at[held] - np.cumsum(span) + span, span) + np.arange(int(span.sum()))
@@ -286,9 +287,11 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
         base, _, fwd_work, _, bwd_work, *_ = by_role[(n_l, first, last)]
         lens, flat, own, forward = stage_windows(plan, s)
         row = np.repeat(np.arange(len(lens)), lens)
-        work = np.where(forward, fwd_work[own], bwd_work[own])
-        grads, _ = gradient_store_bytes(plan, s, cost, shapes)
-        stages.append((lens, flat, own, forward, row, work, grads))
+        weights = np.fromiter((a.kind == "W" for a in plan.stage_actions[s]), dtype=bool, count=len(own))
+        work = np.where(forward, fwd_work[own], np.where(weights, 0.0, bwd_work[own]))
+        # Constant per window: split sequences' dK/dV and what deferred weight gradients keep.
+        grads = gradient_store_bytes(plan, s, cost, shapes)[0] + deferred_weight_store(plan, s, cost, shapes)
+        stages.append((lens, flat, own, forward, weights, row, work, grads))
         binding.append(cost.model_state_bytes(n_l, first, last) + work + grads
                        + np.bincount(row, weights=base[flat], minlength=len(lens)) > budgets[s])
     offload = plan_offload(plan, cost, shapes, binding, memo)
@@ -305,9 +308,10 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
         base, per_layer, fwd_work, fwd_extra, bwd_work, bwd_extra, e_slope, fwd_e_extra, bwd_e_extra = \
             by_role[(n_l, first, last)]
         states = cost.model_state_bytes(n_l, first, last)
-        lens, flat, own, forward, row, work, grads = stages[s]
-        extra = np.where(forward, fwd_extra[own], bwd_extra[own])  # added at its own full recompute
-        e_extra = np.where(forward, fwd_e_extra[own], bwd_e_extra[own])  # at elementwise with none stored
+        lens, flat, own, forward, weights, row, work, grads = stages[s]
+        # Added at its own full recompute, and at elementwise with none stored; a W rematerialises nothing.
+        extra = np.where(weights, 0.0, np.where(forward, fwd_extra[own], bwd_extra[own]))
+        e_extra = np.where(weights, 0.0, np.where(forward, fwd_e_extra[own], bwd_e_extra[own]))
         # A chunk whose offloaded layers are on the host in a window holds none of their bytes
         # there, and recompute saves only on its other layers (`Offload`).
         moved, cap = np.zeros(len(flat)), np.full(len(flat), float(n_l))

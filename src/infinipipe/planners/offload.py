@@ -131,7 +131,8 @@ def _stage_offload(plan: Plan, stage: int, cap: int, act: np.ndarray, start: np.
     f_at = np.zeros(chunks, dtype=np.int64)
     b_at = np.zeros(chunks, dtype=np.int64)
     for i, a in enumerate(actions):
-        (f_at if a.kind == "F" else b_at)[a.chunk_id] = i
+        if a.kind != "W":
+            (f_at if a.kind == "F" else b_at)[a.chunk_id] = i
     covered = np.concatenate([[0.0], np.cumsum(weight)])  # binding windows before each action index
     layers = np.zeros(chunks, dtype=np.int64)
     lo = np.ones(chunks, dtype=np.int64)

@@ -30,22 +30,25 @@ class Order:
     """How a pipeline's chunks are ordered: ``1f1b`` (split sequences first, then whole chunks,
     a fixed warm-up), ``interleaved`` (whole chunks between split sequences, `pipeline_orders`)
     or ``timed`` (`timed_order`: the ``lead`` lightest whole chunks first, each stage's
-    interleaving from a list schedule with ``slack`` more chunks in flight than 1F1B's warm-up)."""
+    interleaving from a list schedule with ``slack`` more chunks in flight than 1F1B's warm-up;
+    with ``defer``, backwards leave their layers' weight gradients to W actions, at most
+    ``defer`` pending on a stage when it starts a forward or backward)."""
 
     kind: Literal["1f1b", "interleaved", "timed"] = "1f1b"
     lead: int = 0
     slack: int = 0
+    defer: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ("1f1b", "interleaved", "timed"):
             raise ValueError(f"order kind must be 1f1b, interleaved or timed, got {self.kind!r}")
-        if self.lead < 0 or self.slack < 0 or (self.kind != "timed" and (self.lead or self.slack)):
-            raise ValueError(f"order {self}: lead and slack are >= 0 and only for a timed order")
+        if min(self.lead, self.slack, self.defer) < 0 or (self.kind != "timed" and (self.lead or self.slack or self.defer)):
+            raise ValueError(f"order {self}: lead, slack and defer are >= 0 and only for a timed order")
 
     @property
     def label(self) -> str:
         if self.kind == "timed":
-            return f"timed lead={self.lead} slack={self.slack}"
+            return f"timed lead={self.lead} slack={self.slack}" + (f" defer={self.defer}" if self.defer else "")
         return self.kind
 
     @property
@@ -156,12 +159,14 @@ def timed_actions(chunks: Sequence[Chunk], seq_lengths: Sequence[int], ids: Sequ
     sent = {c: cost.boundary_bytes(sh) for c, sh in shapes.items()}
 
     def duration(s: int, kind: str, c: int) -> float:
-        timer = cost.forward_ms if kind == "F" else cost.backward_ms
-        return timer(shapes[c], layers_per_stage[s], s == 0, s == last) / 1e3
+        return cost.action_ms(kind, shapes[c], layers_per_stage[s], s == 0, s == last) / 1e3
+
+    def weights(s: int, c: int) -> float:
+        return cost.weight_grad_ms(shapes[c], layers_per_stage[s]) / 1e3
 
     caps = [num_stages - 1 - s + n_split + min(order.lead, len(whole)) + order.slack for s in range(num_stages)]
     return list_schedule(forward, backward, num_stages, duration, lambda hop, c: hops[hop].transfer_s(sent[c]),
-                         caps), forward
+                         caps, order.defer, weights), forward
 
 
 def epp_schedule(
@@ -225,7 +230,7 @@ def epp_schedule(
         ordered_pipes.append(tuple(forward))
         for p in range(num_stages):
             for kind, cid in per_stage[p]:
-                if recompute:
+                if recompute and kind != "W":
                     stage_ops[p].append(Action(kind, cid, int(recompute(p, cid))))
                 else:
                     if (kind, cid) not in shared:

@@ -41,12 +41,20 @@ def least_in_flight(forward: Sequence[int], backward: Sequence[int]) -> int:
 
 def list_schedule(forward: Sequence[int], backward: Sequence[int], num_stages: int,
                   duration: Callable[[int, str, int], float], wire: Callable[[int, int], float],
-                  caps: Sequence[int]) -> list[list[Action]]:
+                  caps: Sequence[int], defer: int = 0,
+                  weights: Callable[[int, int], float] | None = None) -> list[list[Action]]:
     """Each stage's actions, forwards in ``forward`` order and backwards in ``backward`` order on
     every stage, interleaved by a list schedule: the action that can start earliest runs next (a
     backward before a forward that could start at the same moment: it frees memory), a forward
     only while the stage holds fewer than ``caps[s]`` chunks (raised to `least_in_flight`, so
-    nothing deadlocks). ``duration(stage, kind, chunk)`` and ``wire(hop, chunk)`` are seconds."""
+    nothing deadlocks). ``duration(stage, kind, chunk)`` and ``wire(hop, chunk)`` are seconds.
+
+    With ``defer``, backwards leave their weight gradients (``weights(stage, chunk)`` seconds of
+    their ``duration``) to W actions, so the stage's next backward (its gradient goes upstream) or
+    forward (its output downstream) starts sooner: a stage runs its oldest pending W where it would
+    otherwise wait, or before anything else once more than ``defer`` are pending, and the rest
+    after its last backward. A W that runs right after its own backward is no W: that backward
+    keeps its weight gradients."""
     n = len(forward)
     floor = least_in_flight(forward, backward)
     caps = [max(int(c), floor) for c in caps]
@@ -54,10 +62,13 @@ def list_schedule(forward: Sequence[int], backward: Sequence[int], num_stages: i
     f_end: list[dict[int, float]] = [{} for _ in range(num_stages)]
     b_end: list[dict[int, float]] = [{} for _ in range(num_stages)]
     fi, bi, free = [0] * num_stages, [0] * num_stages, [0.0] * num_stages
+    pending: list[list[int]] = [[] for _ in range(num_stages)]
     out: list[list[Action]] = [[] for _ in range(num_stages)]
 
     def next_start(s: int) -> tuple[float, int, str, int] | None:
         """The earliest action stage ``s`` can start next, given what has run so far."""
+        if len(pending[s]) > defer:
+            return free[s], -1, "W", pending[s][0]
         best = None
         if bi[s] < n:
             c = backward[bi[s]]
@@ -70,6 +81,8 @@ def list_schedule(forward: Sequence[int], backward: Sequence[int], num_stages: i
             ready = 0.0 if s == 0 else f_end[s - 1].get(c, math.nan) + wire(s - 1, c)
             if ready == ready and (best is None or (max(free[s], ready), 1) < best[:2]):
                 best = (max(free[s], ready), 1, "F", c)
+        if pending[s] and (best is None or best[0] > free[s]):
+            return free[s], 2, "W", pending[s][0]
         return best
 
     # A stage's candidate changes only when it or a neighbour runs an action: keep one heap entry
@@ -90,18 +103,31 @@ def list_schedule(forward: Sequence[int], backward: Sequence[int], num_stages: i
         start, _, s, st, kind, c = heapq.heappop(heap)
         if st != stamp[s]:
             continue
-        stop = start + duration(s, kind, c)
-        free[s] = stop
-        if kind == "F":
-            f_end[s][c] = stop
-            fi[s] += 1
+        later = defer > 0 and kind == "B"
+        if kind == "W":
+            free[s] = start + weights(s, c)
         else:
-            b_end[s][c] = stop
+            free[s] = start + duration(s, kind, c) - (weights(s, c) if later else 0.0)
+        if kind == "F":
+            f_end[s][c] = free[s]
+            fi[s] += 1
+        elif kind == "B":
+            b_end[s][c] = free[s]
             bi[s] += 1
+            placed += 1
+            if later:
+                pending[s].append(c)
+        else:
+            pending[s].pop(0)
+        placed += kind == "F"
         out[s].append((kind, c))
-        placed += 1
         for t in {s, max(s - 1, 0), min(s + 1, last)}:
             push(t)
     if placed != total:
         raise RuntimeError(f"list schedule placed {placed} of {total} actions")  # an internal error: caps >= floor
-    return out
+    return [_merged(actions) for actions in out]
+
+
+def _merged(actions: list[Action]) -> list[Action]:
+    """A W right after its own backward dropped: that backward computes its weight gradients."""
+    return [a for i, a in enumerate(actions) if not (a[0] == "W" and actions[i - 1] == ("B", a[1]))]

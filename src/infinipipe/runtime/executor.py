@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..contract.cost import LOSS_BLOCK_TOKENS
-from ..contract.ir import Plan, downstream_stage, upstream_stage, validate_plan
+from ..contract.ir import Plan, deferred_chunks, downstream_stage, upstream_stage, validate_plan
 from ..contract.model_config import ModelConfig
 from ..model.stage import StageModel, init_weights
 from .batch import Batch
@@ -257,6 +257,7 @@ class PipelineWorker:
                          self.device, digest, emulate_nccl=self.settings.nccl_semantics)
         actions = plan.stage_actions[stage]
         reloads = reload_points(actions)
+        deferred = deferred_chunks(actions)
         tokens = [token_shares(c.tokens, mesh.sp)[mesh.sp_rank] for c in plan.chunks]
 
         def incoming(a):
@@ -289,8 +290,10 @@ class PipelineWorker:
                 t0 = clock.mark()
                 if a.kind == "F":
                     out = compute.forward(chunk, x, a.recompute_layers, a.elementwise_layers, a.offload_layers)
+                elif a.kind == "B":
+                    out = compute.backward(chunk, x, a.chunk_id in deferred)
                 else:
-                    out = compute.backward(chunk, x)
+                    out = compute.weights(chunk)
                 spans.append((t0, clock.mark()))
                 if downstream_stage(a.kind, stage, n_stages) is not None:
                     link.send("act" if a.kind == "F" else "grad", a.chunk_id, out)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from ..contract.cost import LOSS_BLOCK_TOKENS
-from ..contract.ir import Plan, downstream_stage, upstream_stage, validate_plan
+from ..contract.ir import Plan, deferred_chunks, downstream_stage, upstream_stage, validate_plan
 from ..contract.model_config import ModelConfig
 from ..model.stage import StageModel, init_weights
 from .batch import Batch
@@ -62,6 +62,7 @@ def run_plan_local(plan: Plan, stages: Sequence[StageModel], batch: Batch,
     computes = [StageCompute(m, batch, normaliser, loss_block_tokens, sp=sp, offloader=Offloader(e, t, d))
                 for m, e, t, d in zip(stages, engines, tiers, devices)]
     reloads = [reload_points(actions) for actions in plan.stage_actions]
+    deferred = [deferred_chunks(actions) for actions in plan.stage_actions]
     position = {(s, a.kind, a.chunk_id): i for s, actions in enumerate(plan.stage_actions) for i, a in enumerate(actions)}
     outputs: dict[tuple[str, int, int], torch.Tensor | None] = {}
     n = plan.num_stages
@@ -75,8 +76,10 @@ def run_plan_local(plan: Plan, stages: Sequence[StageModel], batch: Batch,
             x = outputs.pop((a.kind, src, a.chunk_id)) if src is not None else None
             if a.kind == "F":
                 out = computes[s].forward(chunk, x, a.recompute_layers, a.elementwise_layers, a.offload_layers)
+            elif a.kind == "B":
+                out = computes[s].backward(chunk, x, a.chunk_id in deferred[s])
             else:
-                out = computes[s].backward(chunk, x)
+                out = computes[s].weights(chunk)
             if downstream_stage(a.kind, s, n) is not None:
                 outputs[(a.kind, s, a.chunk_id)] = out
             elif a.kind == "F":

@@ -22,7 +22,7 @@ import torch
 from ..contract.cost import LOSS_BLOCK_TOKENS
 from ..contract.ir import Chunk
 from ..model.kv_store import LayerKV
-from ..model.layers import ChunkMeta
+from ..model.layers import ChunkMeta, WeightGrads, deferring
 from ..model.stage import StageModel
 from .batch import Batch
 from .offload import HostTier, Offloader, copy_engine
@@ -71,6 +71,7 @@ class StageCompute:
             batch.check_token_ids(model.cfg.vocab_size)
         self._live: dict[int, _Live] = {}
         self._kv: dict[int, _SequenceKV] = {}
+        self._weights: dict[int, WeightGrads] = {}
         self.offloader = offloader or Offloader(copy_engine(self.device), HostTier(self.device), self.device)
 
     def _split(self, chunk: Chunk):
@@ -141,6 +142,13 @@ class StageCompute:
             self.offloader.offload(chunk.id)
         return out.detach()
 
+    def weights(self, chunk: Chunk) -> None:
+        """The weight gradients the chunk's backward left (a plan's W action)."""
+        later = self._weights.pop(chunk.id, None)
+        if later is None:
+            raise ValueError(f"chunk {chunk.id}: W without a backward that deferred its weight gradients")
+        later.run()
+
     def reload(self, chunk: Chunk) -> None:
         """Start copying the chunk's offloaded tensors back (its backward waits for them)."""
         self.offloader.reload(chunk.id)
@@ -149,8 +157,9 @@ class StageCompute:
         """End of the step: no copy of this stage is left running."""
         self.offloader.finish()
 
-    def backward(self, chunk: Chunk, grad: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Runs the chunk's backward; returns the gradient of its input (None on the first stage)."""
+    def backward(self, chunk: Chunk, grad: torch.Tensor | None = None, defer: bool = False) -> torch.Tensor | None:
+        """Runs the chunk's backward; returns the gradient of its input (None on the first stage).
+        With ``defer`` its layers' projections leave their weight gradients to `weights`."""
         live = self._live.pop(chunk.id, None)
         if live is None:
             raise ValueError(f"chunk {chunk.id}: backward without a pending forward on this stage")
@@ -172,8 +181,10 @@ class StageCompute:
             seq.pending.discard(seg.start)
         pairs = [(r, g) for r, g in zip(roots, grads) if r.requires_grad]
         self.offloader.poll()
+        later = self._weights.setdefault(chunk.id, WeightGrads()) if defer else None
         if pairs:
-            torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs])
+            with deferring(later):
+                torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs])
         self.offloader.drop(chunk.id)
         if seg is not None and seg.start == 0:
             del self._kv[seg.seq_id]

@@ -20,7 +20,7 @@ from ..contract.ir import Plan  # noqa: E402
 from ..contract.units import GIB  # noqa: E402
 from .simulator import SimResult  # noqa: E402
 
-COLOURS = {"F": "#4c72b0", "B": "#dd8452", "recompute": "#8172b3", "d2h": "#55a868", "h2d": "#c44e52"}
+COLOURS = {"F": "#4c72b0", "B": "#dd8452", "W": "#937860", "recompute": "#8172b3", "d2h": "#55a868", "h2d": "#c44e52"}
 IDLE_COLOURS = {"fill": "#e6e6e6", "forward_wait": "#c6dbef", "chain": "#fdd0a2", "memory": "#f2c4de",
                 "drain": "#bdbdbd", "collectives": "#c7e9c0"}
 IDLE_LABELS = {"fill": "idle: fill", "forward_wait": "idle: forward wait", "chain": "idle: backward chain",
@@ -58,6 +58,8 @@ def draw_chart(plan: Plan, result: SimResult, path: str | Path) -> Path:
     gantt.legend(handles=[
         Patch(facecolor=COLOURS["F"], label="forward"),
         Patch(facecolor=COLOURS["B"], label="backward"),
+        *([Patch(facecolor=COLOURS["W"], label="weight gradients (deferred)")]
+          if any(iv.kind == "W" for iv in result.intervals) else []),
         Patch(facecolor=COLOURS["recompute"], label="recompute (start of a backward)"),
         *(Patch(facecolor=IDLE_COLOURS[c], label=IDLE_LABELS[c]) for c in IDLE_COLOURS
           if any(span.category == c for span in spans)),

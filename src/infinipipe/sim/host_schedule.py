@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..contract.cost import CostModel
-from ..contract.ir import Plan
+from ..contract.ir import Plan, deferred_chunks
 from ..contract.shapes import ChunkShape
 
 
@@ -21,10 +21,12 @@ def action_starts(plan: Plan, cost: CostModel, stage: int, shapes: list[ChunkSha
     first, is_last = stage == 0, stage == last
     memo = {} if memo is None else memo
     dur = np.empty(len(plan.stage_actions[stage]))
+    deferred = deferred_chunks(plan.stage_actions[stage])
     for i, a in enumerate(plan.stage_actions[stage]):
-        key = ("back_to_back", a.kind, shapes[a.chunk_id], n, first, is_last)
+        later = a.kind == "B" and a.chunk_id in deferred
+        key = ("back_to_back", a.kind, shapes[a.chunk_id], n, first, is_last, later)
         if key not in memo:
-            memo[key] = (cost.forward_ms if a.kind == "F" else cost.backward_ms)(shapes[a.chunk_id], n, first, is_last) / 1e3
+            memo[key] = cost.action_ms(a.kind, shapes[a.chunk_id], n, first, is_last, later) / 1e3
         dur[i] = memo[key]
     end = np.cumsum(dur)
     return end - dur, end

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..contract.cost import CostModel
-from ..contract.ir import Plan, gradient_store_spans, play_order
+from ..contract.ir import Plan, deferred_chunks, gradient_store_spans, play_order
 from ..contract.layout import LinkModel
 from ..contract.shapes import ChunkShape
 from ..contract.units import format_bytes
@@ -165,19 +165,25 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
                                                    for sh in shapes]).reshape(len(shapes), 9)
         terms = roles[(n, first, is_last)]
         ivs = by_stage[s]
-        rec = {a.chunk_id: (a.recompute_layers, a.elementwise_layers) for a in plan.stage_actions[s]}
+        rec = {a.chunk_id: (a.recompute_layers, a.elementwise_layers) for a in plan.stage_actions[s] if a.kind != "W"}
         cid = np.array([iv.chunk_id for iv in ivs], dtype=np.int64)
         fwd = np.array([iv.kind == "F" for iv in ivs], dtype=bool)
+        wgt = np.array([iv.kind == "W" for iv in ivs], dtype=bool)
         r, e = np.array([rec[c] for c in cid.tolist()], dtype=float).reshape(len(ivs), 2).T
         base, slope, fwd_work, fwd_extra, bwd_work, bwd_extra, e_slope, fwd_e_extra, bwd_e_extra = terms[cid].T
         held_r = base - r * slope - e * e_slope
+        # A backward that leaves its weight gradients to a W keeps what they need until the W.
+        deferred = deferred_chunks(plan.stage_actions[s])
+        stash = np.array([cost.deferred_weight_bytes(shapes[c], n) if c in deferred else 0.0 for c in cid.tolist()])
+        delta = np.where(fwd, held_r, np.where(wgt, -stash, stash - held_r))
         grads_during, grads_after = gradient_store_bytes(plan, s, cost, shapes)
-        after = np.cumsum(np.where(fwd, held_r, -held_r)) + grads_after
+        after = np.cumsum(delta) + grads_after
         # While it runs, a forward's chunk holds its activations already and a backward's still.
-        extra = np.where(r == n, np.where(fwd, fwd_extra, bwd_extra),
-                         np.where((e > 0) & (r + e == n), np.where(fwd, fwd_e_extra, bwd_e_extra), 0.0))
-        during = (np.where(fwd, after, after + held_r) - grads_after + grads_during
-                  + np.where(fwd, fwd_work, bwd_work) + extra)
+        extra = np.where(wgt, 0.0, np.where(r == n, np.where(fwd, fwd_extra, bwd_extra),
+                                            np.where((e > 0) & (r + e == n), np.where(fwd, fwd_e_extra, bwd_e_extra),
+                                                     0.0)))
+        during = (np.where(fwd, after, after - delta) - grads_after + grads_during
+                  + np.where(fwd, fwd_work, np.where(wgt, 0.0, bwd_work)) + extra)
         states = cost.model_state_bytes(n, first, is_last)
         times = np.empty(2 * len(ivs) + 1)
         levels = np.empty(2 * len(ivs) + 1)
@@ -277,6 +283,25 @@ def gradient_store_bytes(plan: Plan, stage: int, cost: CostModel,
         during[at[last]:at[first] + 1] += size
         after[at[last]:at[first]] += size
     return during, after
+
+
+def deferred_weight_store(plan: Plan, stage: int, cost: CostModel,
+                          shapes: list[ChunkShape] | None = None) -> np.ndarray:
+    """Bytes that backwards which left their weight gradients to a W action keep on ``stage``
+    during each of its actions (in plan order): from the action after the backward to the W."""
+    actions = plan.stage_actions[stage]
+    held = np.zeros(len(actions))
+    if not any(a.kind == "W" for a in actions):
+        return held
+    shapes = shapes if shapes is not None else [ChunkShape.of(c, plan.seq_lengths) for c in plan.chunks]
+    n = plan.layers_per_stage[stage]
+    b_at: dict[int, int] = {}
+    for i, a in enumerate(actions):
+        if a.kind == "B":
+            b_at[a.chunk_id] = i
+        elif a.kind == "W":
+            held[b_at[a.chunk_id] + 1:i + 1] += cost.deferred_weight_bytes(shapes[a.chunk_id], n)
+    return held
 
 
 def iteration_time(plan: Plan, cost: CostModel, link: LinkModel | None = None) -> float:
@@ -427,14 +452,17 @@ def _play(plan: Plan, cost: CostModel, link: LinkModel | None, record: bool) -> 
 
     @functools.cache  # stages with the same role and layer count cost a chunk alike
     def duration(n_layers: int, first: bool, is_last: bool, kind: str, cid: int, rec: int,
-                 elem: int) -> tuple[float, float]:
-        if kind == "F":
-            return cost.forward_ms(shapes[cid], n_layers, first, is_last) / 1e3, 0.0
+                 elem: int, deferred: bool) -> tuple[float, float]:
+        ms = cost.action_ms(kind, shapes[cid], n_layers, first, is_last, deferred) / 1e3
+        if kind != "B":
+            return ms, 0.0
         r = cost.recompute_ms(shapes[cid], rec, elem) / 1e3
-        return r + cost.backward_ms(shapes[cid], n_layers, first, is_last) / 1e3, r
+        return r + ms, r
+
+    deferred = [deferred_chunks(actions) for actions in plan.stage_actions]
 
     # end[s][kind][cid]: when stage s finished that action (nan: not yet run).
-    end = [{"F": [math.nan] * n, "B": [math.nan] * n} for _ in range(stages)]
+    end = [{"F": [math.nan] * n, "B": [math.nan] * n, "W": [math.nan] * n} for _ in range(stages)]
     free = [gather for gather, _ in fsdp]
     busy, recompute = [0.0] * stages, [0.0] * stages
     intervals: list[Interval] = []
@@ -449,7 +477,7 @@ def _play(plan: Plan, cost: CostModel, link: LinkModel | None, record: bool) -> 
             while i < len(actions):
                 a = actions[i]
                 kind, cid = a.kind, a.chunk_id
-                src = s - 1 if kind == "F" else s + 1
+                src = s - 1 if kind == "F" else (s + 1 if kind == "B" else -1)
                 if 0 <= src < stages:
                     done = end[src][kind][cid]
                     if done != done:  # nan: the input is not there yet
@@ -460,7 +488,8 @@ def _play(plan: Plan, cost: CostModel, link: LinkModel | None, record: bool) -> 
                 start = max(free[s], ready)
                 if copying:
                     start = tier.before(s, i, kind, cid, start)
-                dur, rec = duration(n_layers, first, is_last, kind, cid, a.recompute_layers, a.elementwise_layers)
+                dur, rec = duration(n_layers, first, is_last, kind, cid, a.recompute_layers, a.elementwise_layers,
+                                    kind == "B" and cid in deferred[s])
                 free[s] = mine[kind][cid] = stop = start + dur
                 busy[s] += stop - start
                 recompute[s] += rec
