@@ -381,6 +381,7 @@ class Offloader:
     def __init__(self, copies: CopyEngine, tier: HostTier, device: torch.device):
         self.copies, self.tier, self.device = copies, tier, device
         self._chunks: dict[int, dict[int, _Moved]] = {}
+        self._shared: dict[int, Callable[[], Iterable[torch.Tensor]]] = {}
         self._leaving: list[_Moved] = []
         self._arriving: list[_Moved] = []
         self.moved_bytes = 0
@@ -388,11 +389,14 @@ class Offloader:
     def saving(self, chunk_id: int, shared: Callable[[], Iterable[torch.Tensor]]) -> torch.autograd.graph.saved_tensors_hooks:
         """Hooks for the chunk's offloaded layers; ``shared`` gives the tensors that stay (K/V
         stores, the chunk's metadata and RoPE tables), read when a tensor is saved because the
-        tables are made inside the first layer."""
+        tables are made inside the first layer. Autograd keeps the hooks with every tensor saved
+        under them until the backward, so ``shared`` is held apart and let go when the forward
+        ends (`offload`): hooks that held it would keep the chunk's metadata on the device."""
         moved = self._chunks.setdefault(chunk_id, {})
+        self._shared[chunk_id] = shared
 
         def pack(t: torch.Tensor):
-            if not self._movable(t, shared):
+            if not self._movable(t, self._shared[chunk_id]):
                 return t
             storage = t.untyped_storage()
             record = moved.get(storage.data_ptr())
@@ -445,6 +449,7 @@ class Offloader:
 
     def offload(self, chunk_id: int) -> None:
         """The chunk's forward has ended: copy its recorded storages out."""
+        del self._shared[chunk_id]
         self.poll()
         for moved in self._chunks.get(chunk_id, {}).values():
             moved.region = self.tier.take(moved.nbytes)
