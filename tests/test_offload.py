@@ -16,7 +16,8 @@ from infinipipe.runtime.batch import Batch
 from infinipipe.runtime.full_sequence import reference_loss
 from infinipipe.runtime.live_bytes import LiveBytesMeter
 from infinipipe.runtime.local import build_stages, run_plan_local
-from infinipipe.runtime.offload import LATE_COPIES_MS_VAR, HostTier, LateCopies, Offloader, reload_points
+from infinipipe.runtime.offload import LATE_COPIES_MS_VAR, HostTier, ImmediateCopies, LateCopies, Offloader, reload_points
+from infinipipe.runtime.stage_compute import StageCompute
 from reference_check import assert_matches_reference
 
 CFG = ModelConfig(vocab_size=97, hidden=32, layers=5, heads=4, kv_heads=2, ffn=64)
@@ -156,6 +157,37 @@ def test_offloading_lowers_the_device_peak_by_what_waits_on_the_host(whole, elem
     (device, host), (device_offloaded, host_offloaded) = peaks
     assert host == 0 and host_offloaded > 0
     assert device - device_offloaded == pytest.approx(host_offloaded * 4 / 5, rel=0.10)
+
+
+@pytest.mark.parametrize("room", [1 << 24, 0])
+@pytest.mark.parametrize("whole, elementwise, offloaded", [(0, 0, 3), (1, 1, 3), (2, 0, 2), (0, 2, 1), (3, 0, 3)])
+def test_a_reloaded_chunks_backward_frees_each_tensor_when_autograd_lets_it_go(whole, elementwise, offloaded, room):
+    """Autograd frees a saved tensor once the node that reads it has run backward; a reloaded one
+    goes then too, not when the chunk's whole backward ends (which would keep a reloaded layer's
+    bytes beside every layer that backward runs after it), and so does one that stayed for want of
+    host room; the hooks autograd keeps until then hold none of the chunk's metadata. So once
+    reloaded, a middle stage's offloaded chunk peaks in its backward as the
+    chunk kept on the device does, to the byte. The meter counts a storage the first time an
+    operator returns it, a parameter's through a view too, so every parameter is viewed once
+    before either run."""
+    chunk = Chunk(0, (Segment(0, 0, 256),))
+    batch = Batch((torch.randint(0, CFG.vocab_size, (256,), generator=torch.Generator().manual_seed(0)),))
+    model = build_stages(CFG, [1, 3, 1])[1]
+    x, grad = (torch.randn(256, CFG.hidden, generator=torch.Generator().manual_seed(i)) for i in (1, 2))
+    peaks = []
+    for off in (0, 0, offloaded):  # the first run warms up
+        compute = StageCompute(model, batch, offloader=Offloader(ImmediateCopies(), HostTier(CPU, room), CPU))
+        with LiveBytesMeter(CPU) as meter:
+            for p in model.parameters():
+                p.detach()
+            compute.forward(chunk, x, whole, elementwise, off)
+            compute.reload(chunk)
+            meter.reset_peak()
+            compute.backward(chunk, grad)
+        peaks.append(meter.peak)
+        model.zero_grad(set_to_none=True)
+    _, kept, reloaded = peaks
+    assert reloaded == kept
 
 
 def test_a_storage_saved_twice_moves_once_and_weights_and_shared_tensors_stay():

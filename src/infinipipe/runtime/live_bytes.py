@@ -29,10 +29,14 @@ _host_slabs: set[int] = set()
 
 
 def host_tier_storage(storage: torch.UntypedStorage, held: bool) -> None:
-    """A host-tier slab comes (``held``) or goes: operators on it are not device bytes."""
+    """A host-tier slab comes (``held``) or goes: operators on it are not device bytes. A slab
+    also goes with its tier: its address may then start a device tensor, which is counted."""
     key = storage.data_ptr()
-    if key:
-        (_host_slabs.add if held else _host_slabs.discard)(key)
+    if key and held:
+        _host_slabs.add(key)
+        weakref.finalize(storage, _host_slabs.discard, key)
+    elif key:
+        _host_slabs.discard(key)
 
 
 def host_tier_bytes(delta: int) -> None:

@@ -13,7 +13,9 @@ chunk's metadata and RoPE tables). Each storage moves once, however many saved t
 Once the chunk's forward ends its storages are copied device->host into a `HostTier` (one slab,
 pinned on CUDA, grown only between steps) and the device copies are dropped when the copy is
 known to be done; the copy back starts at the beginning of the action ``reload_lead`` places
-before the chunk's backward, and the backward waits for it where autograd first unpacks a tensor.
+before the chunk's backward, the backward waits for it where autograd first unpacks a tensor, and
+its device bytes go where autograd lets go of the last saved tensor that views them, as they
+would have had they never left.
 
 Every wait goes through a `CopyEngine`: CUDA streams and events (`CudaCopies`), copies done at
 once (`ImmediateCopies`, CPU), or `LateCopies`, the CPU emulation of asynchronous copies
@@ -344,11 +346,13 @@ class HostTier:
 class _Moved:
     """One device storage saved by an offloaded layer: copied out once and back once, however many
     saved tensors view it. ``source`` keeps the device bytes alive until the copy out has happened;
-    ``home`` is where the backward reads them (the source itself where the host tier had no room)."""
+    ``home`` is where the backward reads them (the source itself where the host tier had no room)
+    until autograd lets go of the last of its ``views``."""
 
     def __init__(self, source: torch.Tensor):
         self.source: torch.Tensor | None = source
         self.nbytes = source.numel()
+        self.views = 0
         self.home: torch.Tensor | None = None
         self.region: _Region | None = None
         self.host: torch.Tensor | None = None
@@ -371,11 +375,13 @@ class _SavedView:
 class Offloader:
     """A stage's offloaded storages during one step, per chunk: recorded during the forward
     (`saving`), copied out when it ends (`offload`), copied back at the reload point (`reload`),
-    read by the backward (the hooks' unpack) and dropped with it (`drop`)."""
+    read by the backward (the hooks' unpack) and released as autograd lets go of them; `drop`
+    forgets the chunk when its backward has ended."""
 
     def __init__(self, copies: CopyEngine, tier: HostTier, device: torch.device):
         self.copies, self.tier, self.device = copies, tier, device
         self._chunks: dict[int, dict[int, _Moved]] = {}
+        self._shared: dict[int, Callable[[], Iterable[torch.Tensor]]] = {}
         self._leaving: list[_Moved] = []
         self._arriving: list[_Moved] = []
         self.moved_bytes = 0
@@ -383,17 +389,23 @@ class Offloader:
     def saving(self, chunk_id: int, shared: Callable[[], Iterable[torch.Tensor]]) -> torch.autograd.graph.saved_tensors_hooks:
         """Hooks for the chunk's offloaded layers; ``shared`` gives the tensors that stay (K/V
         stores, the chunk's metadata and RoPE tables), read when a tensor is saved because the
-        tables are made inside the first layer."""
+        tables are made inside the first layer. Autograd keeps the hooks with every tensor saved
+        under them until the backward, so ``shared`` is held apart and let go when the forward
+        ends (`offload`): hooks that held it would keep the chunk's metadata on the device."""
         moved = self._chunks.setdefault(chunk_id, {})
+        self._shared[chunk_id] = shared
 
         def pack(t: torch.Tensor):
-            if not self._movable(t, shared):
+            if not self._movable(t, self._shared[chunk_id]):
                 return t
             storage = t.untyped_storage()
             record = moved.get(storage.data_ptr())
             if record is None:
                 record = moved[storage.data_ptr()] = _Moved(bytes_of(storage, t.device))
-            return _SavedView(record, t.dtype, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+            view = _SavedView(record, t.dtype, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+            record.views += 1
+            weakref.finalize(view, self._released, record)
+            return view
 
         return torch.autograd.graph.saved_tensors_hooks(pack, self._unpack)
 
@@ -413,6 +425,18 @@ class Offloader:
         return torch.empty(0, dtype=saved.dtype, device=self.device).set_(
             home.untyped_storage(), saved.offset, saved.size, saved.stride)
 
+    def _released(self, moved: _Moved) -> None:
+        """Autograd let go of a saved view (its node's backward ran). Once no view of a storage is
+        left, the backward has read it for the last time and its device bytes go, as a saved tensor
+        that was never offloaded goes: held until the chunk's backward ended, a reloaded layer's
+        bytes would sit beside the layers that backward runs after it."""
+        moved.views -= 1
+        if moved.views or moved.home is None:
+            return
+        if moved.copied_in is not None:
+            self._arrived(moved)  # never read: a block the allocator reuses must have been written
+        moved.home = None
+
     def _arrived(self, moved: _Moved) -> torch.Tensor:
         """The device bytes of a storage for its backward: the compute stream waits for the reload."""
         if moved.home is None:
@@ -425,11 +449,12 @@ class Offloader:
 
     def offload(self, chunk_id: int) -> None:
         """The chunk's forward has ended: copy its recorded storages out."""
+        del self._shared[chunk_id]
         self.poll()
         for moved in self._chunks.get(chunk_id, {}).values():
             moved.region = self.tier.take(moved.nbytes)
             if moved.region is None:
-                moved.home = moved.source
+                moved.home, moved.source = moved.source, None
                 continue
             moved.host = self.tier.view(moved.region, moved.nbytes)
             moved.copied_out = self.copies.copy(moved.host, moved.source, "out", moved.region.fences)
