@@ -21,7 +21,7 @@ import torch
 from chunking import with_offload
 from infinipipe.contract.cost import CostModel, default_profile
 from infinipipe.contract.host import HostLink
-from infinipipe.contract.ir import Plan
+from infinipipe.contract.ir import Action, Plan
 from infinipipe.contract.model_config import preset
 from infinipipe.contract.shapes import ChunkShape
 from infinipipe.planners.options import PlannerOptions
@@ -106,6 +106,23 @@ SHARES = ((0.0, 0.0), (0.5, 0.0), (1.0, 0.0), (0.0, 0.5), (0.5, 0.5))  # (whole,
 # (whole, elementwise), offloaded: stored layers; an elementwise and a stored layer; a recomputed
 # layer's checkpoint input and a stored layer.
 OFFLOADS = (((0.0, 0.0), 0.5), ((0.0, 0.5), 1.0), ((0.5, 0.0), 1.0))
+# (whole, elementwise), where each backward's W runs: with every backward's weight gradients left
+# to the stage's end (all stashes held at once) or to two actions later.
+DEFERS = (((0.0, 0.0), "end"), ((0.5, 0.5), 2))
+
+
+def _with_weights(plan: Plan, share: tuple[float, float], where) -> Plan:
+    """`_with_recompute`, every backward leaving its weight gradients to a W at ``where``."""
+    plan = _with_recompute(plan, share)
+    stages = []
+    for actions in plan.stage_actions:
+        out = list(actions)
+        for a in actions:
+            if a.kind == "B":
+                at = out.index(a) + 1
+                out.insert(len(out) if where == "end" else min(at + where, len(out)), Action("W", a.chunk_id))
+        stages.append(tuple(out))
+    return dataclasses.replace(plan, stage_actions=tuple(stages))
 
 
 @pytest.fixture(scope="module")
@@ -116,10 +133,11 @@ def measured() -> dict[str, tuple[list[Plan], list[list[tuple[int, int]]]]]:
     bases = {name: _chunking(name) for name in CHUNKINGS}
     (layers,) = {b.layers_per_stage for b in bases.values()}
     plans = [p for name in CHUNKINGS for p in [_with_recompute(bases[name], share) for share in SHARES]
-             + [_with_offload(bases[name], *off) for off in OFFLOADS]]
+             + [_with_offload(bases[name], *off) for off in OFFLOADS]
+             + [_with_weights(bases[name], *d) for d in DEFERS]]
     reserve = int(max(max(simulate(p, _cost()).peak_host_bytes) for p in plans) * 1.5)
     peaks = launch_local(measure_peaks, STAGES, (plans, layers, reserve), timeout_s=300)
-    k = len(SHARES) + len(OFFLOADS)
+    k = len(SHARES) + len(OFFLOADS) + len(DEFERS)
     return {name: (plans[i * k:(i + 1) * k], [stage[i * k:(i + 1) * k] for stage in peaks])
             for i, name in enumerate(CHUNKINGS)}
 
@@ -151,6 +169,22 @@ def test_offloading_plans_peak_device_and_host_bytes_within_10_percent(chunking,
                 f"{label}: device {device / 2**20:.2f} MiB, simulated {sim.peak_step_bytes[s] / 2**20:.2f} MiB")
             assert host == pytest.approx(sim.peak_host_bytes[s], rel=0.10), (
                 f"{label}: host {host / 2**20:.2f} MiB, simulated {sim.peak_host_bytes[s] / 2**20:.2f} MiB")
+
+
+@pytest.mark.parametrize("chunking", CHUNKINGS)
+def test_deferred_weight_gradients_peak_step_bytes_within_10_percent(chunking, measured):
+    """What a backward keeps for its W (each projection's input and output gradient) is on the
+    device from that backward to the W, as the simulator charges it."""
+    plans, peaks = measured[chunking]
+    cost = _cost()
+    first = len(SHARES) + len(OFFLOADS)
+    for i, ((share, where), plan) in enumerate(zip(DEFERS, plans[first:]), start=first):
+        sim = simulate(plan, cost)
+        for s in range(STAGES):
+            got = peaks[s][i][0]
+            assert got == pytest.approx(sim.peak_step_bytes[s], rel=0.10), (
+                f"{chunking}, recompute {share}, W {where}, stage {s}: measured {got / 2**20:.2f} MiB, "
+                f"simulated {sim.peak_step_bytes[s] / 2**20:.2f} MiB")
 
 
 def measure_with_optimizer(plans, layers):

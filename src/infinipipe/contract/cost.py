@@ -347,13 +347,14 @@ class CostModel:
         weights and stays in the backward."""
         return n_layers * self._layer_fwd.coef.get("tokens", 0.0) * shape.tokens
 
-    def deferred_weight_bytes(self, shape: ChunkShape, n_layers: int) -> float:
+    def deferred_weight_bytes(self, shape: ChunkShape, n_layers: int, grads_only: bool = False) -> float:
         """What a backward that defers its layers' weight gradients keeps until its W action: per
         layer and token, each projection's input (Q/K/V's and gate/up's normalised input, the
-        attention output, the SwiGLU product) and output gradient."""
+        attention output, the SwiGLU product) and output gradient (``grads_only``: the gradients
+        alone, which the backward allocates anew; the inputs are activations it would free)."""
         cfg = self.model
         q = cfg.heads * cfg.head_dim
-        inputs = 2 * cfg.hidden + q + cfg.ffn
+        inputs = 0 if grads_only else 2 * cfg.hidden + q + cfg.ffn
         grads = q + 2 * cfg.kv_dim + cfg.hidden + 2 * cfg.ffn + cfg.hidden
         return n_layers * shape.tokens * (inputs + grads) * self.dtype_bytes / self.layout.sp
 

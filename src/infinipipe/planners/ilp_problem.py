@@ -23,7 +23,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from ..contract.cost import CostModel
-from ..contract.ir import Plan
+from ..contract.ir import Plan, deferred_chunks
 from ..contract.shapes import ChunkShape
 from ..contract.units import format_bytes
 from ..sim.host_schedule import action_starts
@@ -284,11 +284,18 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
         first, last, n_l = s == 0, s == num_stages - 1, layers[s]
         if (n_l, first, last) not in by_role:  # stages alike in role and layers share their terms
             by_role[(n_l, first, last)] = [np.array(col) for col in zip(*(memory_terms(sh, n_l, first, last) for sh in shapes))]
-        base, _, fwd_work, _, bwd_work, *_ = by_role[(n_l, first, last)]
+        base, per_layer, fwd_work, _, bwd_work, *_ = by_role[(n_l, first, last)]
         lens, flat, own, forward = stage_windows(plan, s)
         row = np.repeat(np.arange(len(lens)), lens)
         weights = np.fromiter((a.kind == "W" for a in plan.stage_actions[s]), dtype=bool, count=len(own))
-        work = np.where(forward, fwd_work[own], np.where(weights, 0.0, bwd_work[own]))
+        deferring = ~forward & ~weights & np.isin(own, list(deferred_chunks(plan.stage_actions[s])))
+        # A deferring backward's stash grows as its layers run (`simulate`), taken at full recompute.
+        stash = np.array([term(cost.deferred_weight_bytes, shapes[c], n_l) if d else 0.0
+                          for c, d in zip(own.tolist(), deferring.tolist())])
+        fresh = np.array([term(cost.deferred_weight_bytes, shapes[c], 1, True) if d else 0.0
+                          for c, d in zip(own.tolist(), deferring.tolist())])
+        growth = (np.maximum((n_l - 1) / n_l * (stash - base[own] + n_l * per_layer[own]), 0.0) + fresh) * deferring
+        work = np.where(forward, fwd_work[own], np.where(weights, 0.0, bwd_work[own])) + growth
         # Constant per window: split sequences' dK/dV and what deferred weight gradients keep.
         grads = gradient_store_bytes(plan, s, cost, shapes)[0] + deferred_weight_store(plan, s, cost, shapes)
         stages.append((lens, flat, own, forward, weights, row, work, grads))

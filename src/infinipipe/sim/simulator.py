@@ -182,8 +182,13 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
         extra = np.where(wgt, 0.0, np.where(r == n, np.where(fwd, fwd_extra, bwd_extra),
                                             np.where((e > 0) & (r + e == n), np.where(fwd, fwd_e_extra, bwd_e_extra),
                                                      0.0)))
+        # A deferring backward's stash grows layer by layer while each layer frees what it held:
+        # in its last layer, the others' share of both, and that layer's new output gradients.
+        fresh = np.array([cost.deferred_weight_bytes(shapes[c], 1, grads_only=True) if c in deferred else 0.0
+                          for c in cid.tolist()])
+        growth = np.where(~fwd & ~wgt & (stash > 0), np.maximum((n - 1) / n * (stash - held_r), 0.0) + fresh, 0.0)
         during = (np.where(fwd, after, after - delta) - grads_after + grads_during
-                  + np.where(fwd, fwd_work, np.where(wgt, 0.0, bwd_work)) + extra)
+                  + np.where(fwd, fwd_work, np.where(wgt, 0.0, bwd_work)) + extra + growth)
         states = cost.model_state_bytes(n, first, is_last)
         times = np.empty(2 * len(ivs) + 1)
         levels = np.empty(2 * len(ivs) + 1)
