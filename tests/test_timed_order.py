@@ -163,3 +163,19 @@ def test_exact_timed_order_with_recompute_in_process(dtype):
     stages = build_stages(CFG, layers, dtype=dtype)
     loss = run_plan_local(plan, stages, batch)
     assert_matches_reference(loss, _grads(stages), *_reference(batch, dtype), TOL[dtype])
+
+
+def test_the_search_keeps_a_timed_order_only_where_it_simulates_faster_than_its_1f1b_trial():
+    from infinipipe.planners.options import PlannerOptions
+    from infinipipe.planners.registry import make_plan
+    from infinipipe.planners.request import PlanRequest
+
+    cost, lengths, _, layers = _bench_like()
+    plan = make_plan("epp", PlanRequest(lengths, cost, 4, 80 * GIB, layers, PlannerOptions(deadline_share=0)))
+    order = plan_order(plan)
+    trials = {t["candidate"]: t for t in plan.metadata["search"] if not t["screened"] and t["feasible"]}
+    won = Candidate.from_json(plan.metadata["winner"])
+    base = dataclasses.replace(won, order=Order()).label
+    assert order.kind == "timed" and base in trials
+    assert plan.metadata["iteration_time_s"] <= trials[base]["iteration_time_s"]
+    assert simulate(plan, cost, 80 * GIB).iteration_time_s == pytest.approx(plan.metadata["iteration_time_s"])

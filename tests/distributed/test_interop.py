@@ -12,7 +12,7 @@ from torch.distributed.pipelining.schedules import (
     _validate_schedule,
 )
 
-from chunking import random_chunks
+from chunking import random_chunks, with_weight_actions
 from infinipipe.planners.schedule import epp_schedule
 from infinipipe.runtime.interop import pipeline_order_table, pipelining_actions, write_pipelining_csv
 
@@ -39,6 +39,18 @@ def test_csv_export_is_read_back_by_torch_parser_action_for_action(tmp_path):
 def test_exported_schedule_lowers_to_deadlock_free_communication_in_torch():
     plan = _plan(4)
     order = {r: [_Action.from_str(s) for s in row] for r, row in pipelining_actions(plan).items()}
+    with_comms = _add_send_recv(order, stage_to_rank=lambda s: s, num_stages=plan.num_stages)
+    _simulate_comms_compute(with_comms, stage_to_rank=lambda s: s, num_stages=plan.num_stages)
+
+
+def test_deferred_weight_gradients_export_as_torchs_input_and_weight_backwards():
+    plan = with_weight_actions(_plan(4), random.Random(2))
+    order = {r: [_Action.from_str(s) for s in row] for r, row in pipelining_actions(plan).items()}
+    for stage, actions in enumerate(plan.stage_actions):
+        deferred = {a.chunk_id for a in actions if a.kind == "W"}
+        kinds = [a.computation_type for a in order[stage]]
+        assert kinds.count(_ComputationType.BACKWARD_WEIGHT) == len(deferred) > 0
+        assert kinds.count(_ComputationType.BACKWARD_INPUT) == len(deferred)
     with_comms = _add_send_recv(order, stage_to_rank=lambda s: s, num_stages=plan.num_stages)
     _simulate_comms_compute(with_comms, stage_to_rank=lambda s: s, num_stages=plan.num_stages)
 

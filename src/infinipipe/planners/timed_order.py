@@ -12,6 +12,9 @@ fewer than its cap of chunks are in flight. The cap is 1F1B's warm-up plus ``lea
 ``lead`` whole chunks, the lightest, go ahead of the split sequences in both orders: they turn
 round quickly, so the first stages run their backwards while the split sequences' forwards fill
 the pipeline, and the pipeline's fill pays for light chunks rather than heavy slices.
+
+With ``defer``, backwards leave their layers' weight gradients to W actions (`Action`), which
+run where a stage would otherwise wait: the zero-bubble split of a backward, on token slices.
 """
 from __future__ import annotations
 

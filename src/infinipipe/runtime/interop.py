@@ -12,12 +12,17 @@ import csv
 import io
 from pathlib import Path
 
-from ..contract.ir import Plan
+from ..contract.ir import Plan, deferred_chunks
 
 
 def pipelining_actions(plan: Plan) -> dict[int, list[str]]:
-    """Rank -> ordered action strings (``"0F3"``, ``"0B3"``)."""
-    return {s: [f"{s}{a.kind}{a.chunk_id}" for a in actions] for s, actions in enumerate(plan.stage_actions)}
+    """Rank -> ordered action strings (``"0F3"``, ``"0B3"``; a backward that leaves its weight
+    gradients to a W is torch's input-gradient backward, ``"0I3"``, and the W its ``"0W3"``)."""
+    out = {}
+    for s, actions in enumerate(plan.stage_actions):
+        deferred = deferred_chunks(actions)
+        out[s] = [f"{s}{'I' if a.kind == 'B' and a.chunk_id in deferred else a.kind}{a.chunk_id}" for a in actions]
+    return out
 
 
 def pipelining_csv(plan: Plan) -> str:
