@@ -35,7 +35,7 @@ from .search_trials import PLANNER_NAMES, TrialBook, _cyclic_gc_paused
 
 MIN_SLICE_TOKENS = 1024  # below this, slices waste the GPU; the search stops there
 RETIME_MARGIN = 0.01  # a timed order this far behind its 1F1B base at a little slack gets no slack grid
-DEFER_CAPS = (1, 3, 5)  # W actions a timed order's stage may leave pending at once
+DEFER_CAPS = (1, 3, 5, 16)  # W actions a timed order's stage may leave pending at once
 
 
 class OutOfTime(Exception):
