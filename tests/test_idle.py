@@ -20,6 +20,7 @@ from infinipipe.planners.request import PlanRequest
 from infinipipe.planners.schedule import epp_schedule
 from infinipipe.sim.idle import CATEGORIES, IdleBreakdown
 from infinipipe.sim.simulator import SimResult, simulate
+from test_host_tier import offloading
 from test_simulator import NO_LINK, equal_chunks_plan, h100_like_cost
 
 GiB = 2**30
@@ -65,15 +66,6 @@ def host_offload() -> tuple[Plan, CostModel]:
 def late_copy_back() -> tuple[Plan, CostModel]:
     cost = with_link(h100_like_cost(head=False), SLOW_LINK)
     return offloading(equal_chunks_plan(8, 4, 4096, cost), 0, 0, 8, 1), cost
-
-
-def offloading(plan: Plan, stage: int, chunk: int, layers: int, lead: int) -> Plan:
-    acts = [list(a) for a in plan.stage_actions]
-    acts[stage] = [dataclasses.replace(a, offload_layers=layers, reload_lead=lead if a.kind == "B" else 0)
-                   if a.chunk_id == chunk else a for a in acts[stage]]
-    out = dataclasses.replace(plan, stage_actions=tuple(tuple(a) for a in acts))
-    validate_plan(out)
-    return out
 
 
 def durations(cost: CostModel, shape: ChunkShape, layers: int, stage: int, stages: int) -> tuple[float, float]:

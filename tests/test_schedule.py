@@ -20,19 +20,24 @@ def order(plan, stage, kind):
     return [a.chunk_id for a in plan.stage_actions[stage] if a.kind == kind]
 
 
+def pipelines_by_sequence(chunks, groups: int) -> list[list[int]]:
+    """Chunk ids in up to ``groups`` pipelines, every chunk of a sequence in one of them."""
+    home: dict[int, int] = {}
+    pipes: list[list[int]] = [[] for _ in range(groups)]
+    for c in chunks:
+        g = home.setdefault(c.segments[0].seq_id, c.segments[0].seq_id % groups)
+        for s in c.segments:
+            home.setdefault(s.seq_id, g)
+        pipes[g].append(c.id)
+    return [p for p in pipes if p]
+
+
 @settings(max_examples=40, deadline=None)
 @given(lengths=st.lists(st.integers(1, 256 * 1024), min_size=1, max_size=30), k=st.integers(1, 12),
        stages=st.integers(1, 16), groups=st.integers(1, 3))
 def test_schedules_of_processed_batches_pass_the_validator(lengths, k, stages, groups):
     chunks = process_sequences(lengths, COST, k, 10**9)
-    seq_home = {}
-    pipes = [[] for _ in range(groups)]
-    for c in chunks:
-        g = seq_home.setdefault(c.segments[0].seq_id, c.segments[0].seq_id % groups)
-        for s in c.segments:
-            seq_home.setdefault(s.seq_id, g)
-        pipes[g].append(c.id)
-    pipes = [p for p in pipes if p]
+    pipes = pipelines_by_sequence(chunks, groups)
     plan = epp_schedule(chunks, lengths, stages, layers_for(stages), pipelines=pipes)
     validate_plan(plan)
     assert len(plan.pipelines) == len(pipes)

@@ -26,7 +26,7 @@ from infinipipe.runtime.local import build_stages, run_plan_local
 from infinipipe.sim.simulator import simulate
 from reference_check import assert_matches_reference
 from test_exactness import TOL, _grads, _random_batch, _reference
-from test_schedule import COST, layers_for
+from test_schedule import COST, layers_for, pipelines_by_sequence
 
 CFG = ModelConfig(vocab_size=97, hidden=32, layers=4, heads=4, kv_heads=2, ffn=64)
 
@@ -47,14 +47,7 @@ def _in_flight_peaks(plan: Plan) -> list[int]:
        stages=st.integers(1, 8), lead=st.integers(0, 12), slack=st.integers(0, 8), groups=st.integers(1, 3))
 def test_timed_orders_pass_the_validator_and_hold_no_more_than_their_cap(lengths, k, stages, lead, slack, groups):
     chunks = process_sequences(lengths, COST, k, 10**9)
-    home: dict[int, int] = {}
-    pipes = [[] for _ in range(groups)]
-    for c in chunks:
-        g = home.setdefault(c.segments[0].seq_id, c.segments[0].seq_id % groups)
-        for s in c.segments:
-            home.setdefault(s.seq_id, g)
-        pipes[g].append(c.id)
-    pipes = [p for p in pipes if p]
+    pipes = pipelines_by_sequence(chunks, groups)
     plan = epp_schedule(chunks, lengths, stages, layers_for(stages), pipelines=pipes,
                         order=Order("timed", lead, slack), cost=COST)
     validate_plan(plan)
