@@ -166,7 +166,7 @@ def test_exact_parts_planned_apart_and_joined_with_whole_chunks_between_split_se
     sequence (one pipeline), and the same chunks as three pipelines planned apart and joined."""
     from infinipipe.planners.compose import join_plans
     from infinipipe.planners.grouping import sub_batch
-    from infinipipe.planners.schedule import epp_schedule
+    from infinipipe.planners.schedule import Order, epp_schedule
 
     lengths = [30, 24, 5, 4, 6, 3, 7]
     batch = _random_batch(lengths, 11)
@@ -176,7 +176,7 @@ def test_exact_parts_planned_apart_and_joined_with_whole_chunks_between_split_se
     split = [2, 2]
     rng = random.Random(3)
     rec = {(s, c.id): rng.randint(0, 2) for s in range(2) for c in chunks}
-    one = epp_schedule(chunks, lengths, 2, split, recompute=lambda s, c: rec[s, c], interleave=True)
+    one = epp_schedule(chunks, lengths, 2, split, recompute=lambda s, c: rec[s, c], order=Order("interleaved"))
     forward = [a.chunk_id for a in one.stage_actions[0] if a.kind == "F"]
     assert forward.index(3) - forward.index(2) > 1  # whole chunks sit between the two sequences
     parts = []

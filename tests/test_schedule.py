@@ -4,7 +4,7 @@ from hypothesis import strategies as st
 
 from infinipipe.contract.ir import Chunk, Segment, validate_plan
 from infinipipe.planners.processor import process_sequences
-from infinipipe.planners.schedule import epp_schedule, split_gap
+from infinipipe.planners.schedule import Order, epp_schedule, split_gap
 from test_simulator import h100_like_cost
 
 COST = h100_like_cost()
@@ -60,7 +60,7 @@ def test_longer_sequences_first_slices_forward_in_order_backward_in_reverse():
     """Interleaved, whole chunk 5 sits between the two split sequences: it fills the first one's backward."""
     chunks, lengths = split_batch()
     plan = epp_schedule(chunks, lengths, 3, [10, 11, 11])
-    interleaved = epp_schedule(chunks, lengths, 3, [10, 11, 11], interleave=True)
+    interleaved = epp_schedule(chunks, lengths, 3, [10, 11, 11], order=Order("interleaved"))
     for p in range(3):
         assert order(plan, p, "F") == [1, 2, 4, 0, 3, 5]
         assert order(plan, p, "B") == [4, 2, 1, 3, 0, 5]
@@ -81,7 +81,7 @@ def test_whole_chunks_keep_split_sequences_out_of_flight_together_where_there_ar
     for _ in range(whole):
         lengths.append(500)
         chunks.append(Chunk(len(chunks), (Segment(len(lengths) - 1, 0, 500),)))
-    plan = epp_schedule(chunks, lengths, stages, layers_for(stages), interleave=True)
+    plan = epp_schedule(chunks, lengths, stages, layers_for(stages), order=Order("interleaved"))
     first = {seq: next(c.id for c in chunks if c.segments[0] == Segment(seq, 0, 1000)) for seq in range(3)}
     gap = split_gap(stages, max(slices))
     forward = order(plan, 0, "F")

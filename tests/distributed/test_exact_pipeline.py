@@ -14,7 +14,7 @@ from infinipipe.contract.model_config import ModelConfig
 from infinipipe.planners.compose import join_plans
 from infinipipe.planners.data_parallel import split_batch, whole_sequence_cost
 from infinipipe.planners.grouping import sequence_units, sub_batch
-from infinipipe.planners.schedule import epp_schedule
+from infinipipe.planners.schedule import Order, epp_schedule
 from infinipipe.runtime.batch import Batch
 from infinipipe.runtime.executor import PipelineWorker, RuntimeSettings
 from infinipipe.runtime.full_sequence import reference_loss
@@ -92,7 +92,7 @@ def hand_plans(lengths, layers, rng: random.Random) -> dict[str, Plan]:
         "1f1b-multi-pipeline+recompute": epp_schedule(chunks, lengths, len(layers), layers, pipes,
                                                       recompute=lambda s, c: per_stage[s, c]),
         "1f1b-whole-chunks-between-split-sequences+recompute": epp_schedule(
-            chunks, lengths, len(layers), layers, recompute=lambda s, c: per_stage[s, c], interleave=True),
+            chunks, lengths, len(layers), layers, recompute=lambda s, c: per_stage[s, c], order=Order("interleaved")),
         "parts-planned-apart-and-joined": joined_parts(chunks, lengths, layers, rng),
         "timed-order-multi-pipeline+recompute": timed_plan(chunks, lengths, layers, CFG,
                                                            lambda s, c: per_stage[s, c], rng, pipes),

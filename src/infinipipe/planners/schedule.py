@@ -178,7 +178,6 @@ def epp_schedule(
     recompute: Callable[[int, int], int] | None = None,
     metadata: dict[str, Any] | None = None,
     validate: bool = True,
-    interleave: bool = False,
     order: Order | None = None,
     cost: "CostModel | None" = None,
     link: "LinkModel | None" = None,
@@ -188,12 +187,12 @@ def epp_schedule(
     ``recompute(stage, chunk_id)`` gives the layers that chunk recomputes on that stage (0 if
     omitted). A sequence's chunks must all sit in one pipeline (its K/V lives there).
     ``validate=False`` skips `validate_plan` for plans built only to be costed (a planner's
-    throw-away candidates); a plan handed to the runtime must be validated. ``interleave`` puts
-    whole chunks between split sequences (`pipeline_orders`), as ``order`` of kind
-    ``interleaved`` does; a ``timed`` order needs ``cost`` (and takes ``link``, as the simulator
-    does). The order is recorded in the metadata where it is not 1F1B.
+    throw-away candidates); a plan handed to the runtime must be validated. ``order`` (default
+    1F1B) of kind ``interleaved`` puts whole chunks between split sequences (`pipeline_orders`);
+    a ``timed`` one needs ``cost`` (and takes ``link``, as the simulator does). The order is
+    recorded in the metadata where it is not 1F1B.
     """
-    order = order or Order("interleaved" if interleave else "1f1b")
+    order = order or Order()
     if order.kind == "timed" and cost is None:
         raise ValueError("a timed order needs the cost model its list schedule runs on")
     if num_stages < 1:
