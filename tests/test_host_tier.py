@@ -200,7 +200,11 @@ def test_optimizer_state_waits_on_the_host_copied_out_at_the_start_and_back_befo
     # step, the same plan would need more.
     held = simulate(dataclasses.replace(plan, metadata={**plan.metadata, "offload_optimizer": False}), COST_7B)
     assert max(held.peak_memory_bytes) > max(sim.peak_memory_bytes)
-    assert max(sim.exposed_copy_s) == pytest.approx(0.0, abs=1e-9)
+    # No backward waits for a copy. The state's copy back may end a moment after the last action
+    # where what the stage's last W actions hold keeps it off the device until they are done: the
+    # simulator charges that wait, and the search kept the plan as the fastest anyway.
+    assert max(e - o for e, o in zip(sim.exposed_copy_s, sim.optimizer_wait_s)) == pytest.approx(0.0, abs=1e-9)
+    assert max(sim.optimizer_wait_s) <= 0.01 * sim.iteration_time_s
 
 
 def test_actions_json_of_an_offloading_plan_round_trip():

@@ -318,7 +318,13 @@ class TrialBook:
                              order=cand.order, cost=self.cost, link=self.request.link)]
         if cand.family == "whole":  # the baseline may also run these chunks in GPipe's order
             bare.append(gpipe_schedule(chunks, self.lengths, self.layers, {}))
-        return min(iteration_time(p, self.cost, self.request.link) for p in bare)
+        return min(self._recompute_free_s(p) for p in bare)
+
+    def _recompute_free_s(self, plan) -> float:
+        """``plan``'s time with no recompute and nothing on the host: a floor on any checkpointed
+        plan of its order (the optimizer state's copies, timed for another order or not yet
+        planned, could only add to it)."""
+        return iteration_time(plan, dataclasses.replace(self.cost, optimizer_on_host=False), self.request.link)
 
     @staticmethod
     def _pruned(cand: Candidate, bare_s: float, leader: Trial) -> Trial | None:
@@ -372,11 +378,12 @@ class TrialBook:
             return Trial(cand, False, None, None, "skipped: past the planning deadline")
         t0 = time.perf_counter()
         old = base.plan
-        meta = {k: v for k, v in old.metadata.items() if k not in ("checkpointing", "order")}
+        # What the old order's checkpointing decided (recompute, when the optimizer state comes back) goes.
+        meta = {k: v for k, v in old.metadata.items() if k not in ("checkpointing", "order", "optimizer_reload_lead")}
         plan = epp_schedule(old.chunks, old.seq_lengths, old.num_stages, old.layers_per_stage, old.pipelines,
                             metadata=meta, validate=False, order=order, cost=self.cost, link=self.request.link)
         leader = self.leader()
-        bare = iteration_time(plan, self.cost, self.request.link)
+        bare = self._recompute_free_s(plan)
         if leader is not None and bare >= leader.sim.iteration_time_s:
             trial = Trial(cand, False, None, None, f"pruned: {bare:.2f} s without any recompute is no faster "
                                                    f"than {leader.candidate.label} ({leader.sim.iteration_time_s:.2f} s)")

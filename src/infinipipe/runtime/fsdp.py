@@ -78,14 +78,18 @@ class ShardedStage:
 
     def end_step(self) -> None:
         """After the stage's last backward: reduce the accumulated gradients into shards, every
-        unit in the same order on every rank, and free the gathered weights."""
+        unit in the same order on every rank, and free the gathered weights. Gradients that W
+        actions made after a unit's last backward are first added, as a backward's would be, to
+        what the unit accumulates in the reduce dtype."""
+        state = fully_shard.state(self.model)
+        groups = [group for unit_state in state._state_ctx.all_states for group in unit_state._fsdp_param_groups]
+        for group in groups:
+            group.post_backward()
         self.root.set_requires_gradient_sync(True)
         self.root.set_reshard_after_backward(True)
         self.root.set_is_last_backward(True)
-        state = fully_shard.state(self.model)
-        for unit_state in state._state_ctx.all_states:
-            for group in unit_state._fsdp_param_groups:
-                group.post_backward()
+        for group in groups:
+            group.post_backward()
         state._root_post_backward_final_callback()
 
 

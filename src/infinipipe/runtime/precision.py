@@ -24,6 +24,8 @@ class MasterWeights:
 
     @staticmethod
     def _accumulate(p: torch.Tensor, m: torch.Tensor) -> None:
+        if p.grad is None:  # a backward that left this weight's gradient to a W action
+            return
         if m.grad is None:
             m.grad = p.grad.to(m.dtype)
         else:
