@@ -35,6 +35,7 @@ from .search_trials import PLANNER_NAMES, TrialBook, _cyclic_gc_paused
 
 MIN_SLICE_TOKENS = 1024  # below this, slices waste the GPU; the search stops there
 RETIME_MARGIN = 0.01  # a timed order this far behind its 1F1B base at a little slack gets no slack grid
+SLACK = 8  # more chunks in flight than 1F1B's warm-up, tried on the best lead
 DEFER_CAPS = (1, 3, 5, 16)  # W actions a timed order's stage may leave pending at once
 
 
@@ -417,9 +418,9 @@ class _Search(TrialBook):
     def retime(self) -> None:
         """The best full trial's chunks and pipelines also in timed orders (`timed_order`): the
         lead of light chunks on a grid of the stage count, then the best lead with more slack,
-        then the best orders of the two best leads with weight gradients deferred (`DEFER_CAPS`).
-        The simulator judges; all but the lead grid is skipped where its best lost by more than
-        RETIME_MARGIN (memory binds: more in flight only adds recompute)."""
+        then the best orders of the two best leads with weight gradients deferred (`DEFER_CAPS`). The simulator
+        judges; all but the lead grid is skipped where its best lost by more than RETIME_MARGIN
+        (memory binds: more in flight only adds recompute)."""
         fits = [t for (c, screen), t in self.trials.items()
                 if not screen and t.feasible and c.order.kind == "1f1b" and c.family not in ("composite", "frugal")]
         if self.checkpointing != "ilp" or not fits:
@@ -431,9 +432,10 @@ class _Search(TrialBook):
         best = min(tried, key=lambda t: t.score())
         if not best.feasible or best.sim.iteration_time_s > base.sim.iteration_time_s * (1 + RETIME_MARGIN):
             return
-        tried += [self.reordered(base, Order("timed", best.candidate.order.lead, slack)) for slack in (2, 8)]
+        tried.append(self.reordered(base, Order("timed", best.candidate.order.lead, SLACK)))
         # Weight gradients left to W actions where a stage would wait: the stash they keep until
-        # then is memory, so a few caps on how many may wait at once.
+        # then is memory, so a few caps on how many may wait at once, on the best orders of the
+        # two best leads.
         by_lead: dict[int, Trial] = {}
         for t in sorted((t for t in tried if t.feasible), key=lambda t: t.score()):
             by_lead.setdefault(t.candidate.order.lead, t)

@@ -67,20 +67,22 @@ class SliceTimer:
         return max(int(np.floor(root)), 1)
 
     def _search(self, prefix: int, budget_ms: float, start: int) -> int:
-        """Galloping from ``start`` to a bracket, then bisection: the largest fitting length."""
+        """The largest fitting length, galloping from ``start`` in steps that double (where the
+        root is exact, two evaluations), then bisecting the last step."""
         def fits(n: int) -> bool:
-            return self.slice_ms(prefix, n) <= budget_ms
+            return n <= 1 or self.slice_ms(prefix, n) <= budget_ms
 
+        step = 1
         if fits(start):
-            lo, hi = start, start * 2
-            while fits(hi):
-                lo, hi = hi, hi * 2
+            lo = start
+            while fits(lo + step):
+                lo, step = lo + step, step * 2
+            hi = lo + step
         else:
-            lo, hi = start // 2, start
-            while lo >= 1 and not fits(lo):
-                lo, hi = lo // 2, lo
-            if lo < 1:
-                return 1
+            hi = start
+            while not fits(hi - step):
+                hi, step = hi - step, step * 2
+            lo = max(hi - step, 1)
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
