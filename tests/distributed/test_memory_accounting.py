@@ -106,9 +106,9 @@ SHARES = ((0.0, 0.0), (0.5, 0.0), (1.0, 0.0), (0.0, 0.5), (0.5, 0.5))  # (whole,
 # (whole, elementwise), offloaded: stored layers; an elementwise and a stored layer; a recomputed
 # layer's checkpoint input and a stored layer.
 OFFLOADS = (((0.0, 0.0), 0.5), ((0.0, 0.5), 1.0), ((0.5, 0.0), 1.0))
-# (whole, elementwise), where each backward's W runs: with every backward's weight gradients left
-# to the stage's end (all stashes held at once) or to two actions later.
-DEFERS = (((0.0, 0.0), "end"), ((0.5, 0.5), 2))
+# (whole, elementwise), where each backward's W runs: every backward's weight gradients left to
+# the stage's end (all stashes held at once), one layer recomputed and one stored.
+DEFERS = (((0.5, 0.0), "end"),)
 
 
 def _with_weights(plan: Plan, share: tuple[float, float], where) -> Plan:

@@ -418,14 +418,20 @@ class _Search(TrialBook):
     def retime(self) -> None:
         """The best full trial's chunks and pipelines also in timed orders (`timed_order`): the
         lead of light chunks on a grid of the stage count, then the best lead with more slack,
-        then the best orders of the two best leads with weight gradients deferred (`DEFER_CAPS`). The simulator
-        judges; all but the lead grid is skipped where its best lost by more than RETIME_MARGIN
-        (memory binds: more in flight only adds recompute)."""
+        then the best orders of the two best leads with weight gradients deferred (`DEFER_CAPS`).
+        The simulator judges; all but the lead grid is skipped where its best lost by more than
+        RETIME_MARGIN (memory binds: more in flight only adds recompute), and all of it where no
+        order could gain that much."""
         fits = [t for (c, screen), t in self.trials.items()
                 if not screen and t.feasible and c.order.kind == "1f1b" and c.family not in ("composite", "frugal")]
         if self.checkpointing != "ilp" or not fits:
             return
         base = min(fits, key=lambda t: t.score())
+        # No order makes a stage's own work shorter: where the base is already within
+        # RETIME_MARGIN of its busiest stage's recompute-free work, no reordering can pay.
+        work = max(b - r for b, r in zip(base.sim.busy_s, base.sim.recompute_s))
+        if base.sim.iteration_time_s <= work * (1 + RETIME_MARGIN):
+            return
         stages = len(self.layers)
         leads = sorted({0, max(stages // 2, 1), stages, 3 * stages // 2})
         tried = [self.reordered(base, Order("timed", lead)) for lead in leads]
