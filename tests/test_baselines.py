@@ -4,7 +4,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from infinipipe.contract.ir import check_coverage, validate_plan
+from infinipipe.contract.ir import check_coverage, deferred_chunks, validate_plan
 from infinipipe.contract.shapes import ChunkShape
 from infinipipe.planners.baselines import uniform_faster_than, with_uniform_recompute
 from infinipipe.planners.options import PlannerOptions
@@ -23,25 +23,28 @@ BASELINES = ["batch-1f1b", "seq1f1b", "gpipe", "epp-uniform"]
 
 def critical_path_s(plan, cost):
     """A lower bound no correct simulation can beat: stage s starts only after the first chunk's
-    forward crossed stages 0..s-1, and its last backward must still cross stages s-1..0."""
+    forward crossed stages 0..s-1, and its last backward must still cross stages s-1..0 (W
+    actions after it on stage s may overlap that crossing)."""
     last = plan.num_stages - 1
 
     def action_s(s, a):
         n, first, is_last = plan.layers_per_stage[s], s == 0, s == last
         shape = ChunkShape.of(plan.chunks[a.chunk_id], plan.seq_lengths)
-        if a.kind == "F":
-            return cost.forward_ms(shape, n, first, is_last) / 1e3
-        return (cost.backward_ms(shape, n, first, is_last) + cost.recompute_ms(shape, a.recompute_layers)) / 1e3
+        later = a.kind == "B" and a.chunk_id in deferred_chunks(plan.stage_actions[s])
+        return (cost.action_ms(a.kind, shape, n, first, is_last, later)
+                + (cost.recompute_ms(shape, a.recompute_layers) if a.kind == "B" else 0.0)) / 1e3
 
     def on_stage(t, a):
         return next(b for b in plan.stage_actions[t] if (b.kind, b.chunk_id) == (a.kind, a.chunk_id))
 
     out = []
     for s, actions in enumerate(plan.stage_actions):
-        head, tail = actions[0], actions[-1]  # the first chunk's forward, the last backward
+        head = actions[0]  # the first chunk's forward
+        at = max(i for i, a in enumerate(actions) if a.kind == "B")  # the last backward
         before = sum(action_s(t, on_stage(t, head)) for t in range(s))
-        after = sum(action_s(t, on_stage(t, tail)) for t in range(s))
-        out.append(before + sum(action_s(s, a) for a in actions) + after)
+        after = sum(action_s(t, on_stage(t, actions[at])) for t in range(s))
+        through = sum(action_s(s, a) for a in actions[:at + 1])
+        out.append(before + max(through + after, sum(action_s(s, a) for a in actions)))
     return max(out)
 
 

