@@ -164,7 +164,7 @@ def test_the_search_keeps_a_timed_order_only_where_it_simulates_faster_than_its_
     from infinipipe.planners.request import PlanRequest
 
     cost, lengths, _, layers = _bench_like()
-    plan = make_plan("epp", PlanRequest(lengths, cost, 4, 80 * GIB, layers, PlannerOptions(deadline_share=0)))
+    plan = make_plan("epp", PlanRequest(lengths, cost, 4, 80 * GIB, layers, PlannerOptions(deadline_share=0, timed_orders=True)))
     order = plan_order(plan)
     trials = {t["candidate"]: t for t in plan.metadata["search"] if not t["screened"] and t["feasible"]}
     won = Candidate.from_json(plan.metadata["winner"])

@@ -424,7 +424,7 @@ class _Search(TrialBook):
         order could gain that much."""
         fits = [t for (c, screen), t in self.trials.items()
                 if not screen and t.feasible and c.order.kind == "1f1b" and c.family not in ("composite", "frugal")]
-        if self.checkpointing != "ilp" or not fits:
+        if self.checkpointing != "ilp" or not fits or not self.options.timed_orders:
             return
         base = min(fits, key=lambda t: t.score())
         # No order makes a stage's own work shorter: where the base is already within
