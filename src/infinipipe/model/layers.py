@@ -158,6 +158,11 @@ def _weight_grad(grad: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
     return grad.reshape(-1, grad.shape[-1]).t() @ inp.reshape(-1, inp.shape[-1])
 
 
+def _bias_grad(grad: torch.Tensor) -> torch.Tensor:
+    """A projection's bias gradient: its output gradient summed over every token."""
+    return grad.reshape(-1, grad.shape[-1]).sum(0)
+
+
 class WeightGrads:
     """Projections' weight gradients a backward left for later (a plan's W action): each entry is
     the weight, its bias (or None), the projection's input and its output gradient. `run` turns
@@ -201,8 +206,7 @@ def _projection_grads(grad, inp, weight, bias, needs_weight: bool, needs_bias: b
         _Deferral.target.entries.append((weight, bias if needs_bias else None, inp.detach(), grad.detach().clone()))
         return None, None
     dweight = _weight_grad(grad, inp) if needs_weight else None
-    dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if needs_bias else None
-    return dweight, dbias
+    return dweight, _bias_grad(grad) if needs_bias else None
 
 
 class _AccumulateWeightGrad(torch.autograd.Function):
@@ -217,8 +221,7 @@ class _AccumulateWeightGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _):
         inp, grad = ctx.saved_tensors
-        dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-        return _weight_grad(grad, inp), dbias, None, None
+        return _weight_grad(grad, inp), _bias_grad(grad) if ctx.has_bias else None, None, None
 
 
 class _Linear(torch.autograd.Function):

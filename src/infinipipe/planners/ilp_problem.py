@@ -23,11 +23,11 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from ..contract.cost import CostModel
-from ..contract.ir import Plan, deferred_chunks
+from ..contract.ir import Plan
 from ..contract.shapes import ChunkShape
 from ..contract.units import format_bytes
 from ..sim.host_schedule import action_starts
-from ..sim.simulator import deferred_weight_store, gradient_store_bytes
+from ..sim.simulator import deferred_bytes, deferred_weight_store, gradient_store_bytes
 from .offload import Offload, plan_offload
 from .schedule import plan_order
 
@@ -288,13 +288,10 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
         lens, flat, own, forward = stage_windows(plan, s)
         row = np.repeat(np.arange(len(lens)), lens)
         weights = np.fromiter((a.kind == "W" for a in plan.stage_actions[s]), dtype=bool, count=len(own))
-        deferring = ~forward & ~weights & np.isin(own, list(deferred_chunks(plan.stage_actions[s])))
         # A deferring backward's stash grows as its layers run (`simulate`), taken at full recompute.
-        stash = np.array([term(cost.deferred_weight_bytes, shapes[c], n_l) if d else 0.0
-                          for c, d in zip(own.tolist(), deferring.tolist())])
-        fresh = np.array([term(cost.deferred_weight_bytes, shapes[c], 1, True) if d else 0.0
-                          for c, d in zip(own.tolist(), deferring.tolist())])
-        growth = (np.maximum((n_l - 1) / n_l * (stash - base[own] + n_l * per_layer[own]), 0.0) + fresh) * deferring
+        stash, fresh = (a[own] * (~forward & ~weights) for a in deferred_bytes(plan, s, cost, shapes))
+        growth = np.where(stash > 0, np.maximum((n_l - 1) / n_l * (stash - base[own] + n_l * per_layer[own]), 0.0)
+                          + fresh, 0.0)
         work = np.where(forward, fwd_work[own], np.where(weights, 0.0, bwd_work[own])) + growth
         # Constant per window: split sequences' dK/dV and what deferred weight gradients keep.
         grads = gradient_store_bytes(plan, s, cost, shapes)[0] + deferred_weight_store(plan, s, cost, shapes)

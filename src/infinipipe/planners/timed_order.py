@@ -117,12 +117,11 @@ def list_schedule(forward: Sequence[int], backward: Sequence[int], num_stages: i
         elif kind == "B":
             b_end[s][c] = free[s]
             bi[s] += 1
-            placed += 1
             if later:
                 pending[s].append(c)
         else:
             pending[s].pop(0)
-        placed += kind == "F"
+        placed += kind != "W"
         out[s].append((kind, c))
         for t in {s, max(s - 1, 0), min(s + 1, last)}:
             push(t)

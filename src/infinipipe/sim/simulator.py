@@ -173,8 +173,8 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
         base, slope, fwd_work, fwd_extra, bwd_work, bwd_extra, e_slope, fwd_e_extra, bwd_e_extra = terms[cid].T
         held_r = base - r * slope - e * e_slope
         # A backward that leaves its weight gradients to a W keeps what they need until the W.
-        deferred = deferred_chunks(plan.stage_actions[s])
-        stash = np.array([cost.deferred_weight_bytes(shapes[c], n) if c in deferred else 0.0 for c in cid.tolist()])
+        stash_of, fresh_of = deferred_bytes(plan, s, cost, shapes)
+        stash = stash_of[cid]
         delta = np.where(fwd, held_r, np.where(wgt, -stash, stash - held_r))
         grads_during, grads_after = gradient_store_bytes(plan, s, cost, shapes)
         after = np.cumsum(delta) + grads_after
@@ -184,9 +184,8 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
                                                      0.0)))
         # A deferring backward's stash grows layer by layer while each layer frees what it held:
         # in its last layer, the others' share of both, and that layer's new output gradients.
-        fresh = np.array([cost.deferred_weight_bytes(shapes[c], 1, grads_only=True) if c in deferred else 0.0
-                          for c in cid.tolist()])
-        growth = np.where(~fwd & ~wgt & (stash > 0), np.maximum((n - 1) / n * (stash - held_r), 0.0) + fresh, 0.0)
+        growth = np.where(~fwd & ~wgt & (stash > 0), np.maximum((n - 1) / n * (stash - held_r), 0.0) + fresh_of[cid],
+                          0.0)
         during = (np.where(fwd, after, after - delta) - grads_after + grads_during
                   + np.where(fwd, fwd_work, np.where(wgt, 0.0, bwd_work)) + extra + growth)
         states = cost.model_state_bytes(n, first, is_last)
@@ -288,6 +287,18 @@ def gradient_store_bytes(plan: Plan, stage: int, cost: CostModel,
         during[at[last]:at[first] + 1] += size
         after[at[last]:at[first]] += size
     return during, after
+
+
+def deferred_bytes(plan: Plan, stage: int, cost: CostModel,
+                    shapes: list[ChunkShape]) -> tuple[np.ndarray, np.ndarray]:
+    """Per chunk, what its backward on ``stage`` keeps for a W action, and of that the output
+    gradients one layer allocates anew (zero for a chunk whose backward keeps its weight gradients)."""
+    stash, fresh = np.zeros(len(shapes)), np.zeros(len(shapes))
+    n = plan.layers_per_stage[stage]
+    for c in deferred_chunks(plan.stage_actions[stage]):
+        stash[c] = cost.deferred_weight_bytes(shapes[c], n)
+        fresh[c] = cost.deferred_weight_bytes(shapes[c], 1, grads_only=True)
+    return stash, fresh
 
 
 def deferred_weight_store(plan: Plan, stage: int, cost: CostModel,
