@@ -1,9 +1,11 @@
 """The gloo emulation of NCCL's semantics catches the schedules that hang on a GPU.
 
-A device-wide synchronize waits for every posted receive, and a batched P2P group completes as a
-whole; the emulation makes gloo wait the same way, so a hang shows up as `NcclHang` within the
-process group's timeout instead of a CI job that never ends. Every planner's plans run under the
-emulation in `test_exact_pipeline.py`; these tests show that the emulation fails where NCCL hangs.
+A device-wide synchronize waits for every posted receive, a batched P2P group completes as a
+whole, and a process's groups run in the order they were posted; the emulation makes gloo wait
+the same way, so a hang shows up as `NcclHang` within the process group's timeout instead of a CI
+job that never ends. Every planner's plans run under the emulation in `test_exact_pipeline.py`;
+these tests show that the emulation fails where NCCL hangs, and that the executor's posting order
+(`p2p_order`) survives even a device-wide synchronize after every action.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def _one_f_one_b():
 
 
 def _with_device_sync_after_every_action() -> None:
-    """The executor as it was: a device-wide synchronize right after each action's compute."""
+    """A device-wide synchronize right after each action's compute (an executor timing its actions so)."""
     for name in ("forward", "backward"):
         run = getattr(StageCompute, name)
 
@@ -56,17 +58,14 @@ def _run_step(lookahead: int, device_sync: bool) -> float:
     return worker.run_step(_one_f_one_b(), BATCH).loss
 
 
-def test_device_sync_after_each_action_with_recv_lookahead_hangs_under_nccl_semantics():
-    with pytest.raises(RankFailed, match="NcclHang"):
-        launch_local(_run_step, 2, (1, True), collective_timeout_s=HANG_TIMEOUT_S, timeout_s=60)
-
-
 def _completing_runs() -> dict[str, object]:
     """Worker: every run that must complete under the emulation, one process group for all (the
     device-synchronize patch last: it stays for the process's life)."""
     return {"batched group, op by op": _group_then_reply(False),
+            "posting order, op by op": _later_group_first(False),
+            "receive before a sync, op by op": _receive_then_sync(False),
             "executor with recv lookahead": _run_step(1, False),
-            "device sync without lookahead": _run_step(0, True)}
+            "device sync with lookahead": _run_step(2, True)}
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +73,59 @@ def completed() -> list[dict[str, object]]:
     return launch_local(_completing_runs, 2, collective_timeout_s=HANG_TIMEOUT_S, timeout_s=90)
 
 
-def test_device_sync_after_each_action_without_lookahead_completes_under_nccl_semantics(completed):
-    losses = [r["device sync without lookahead"] for r in completed]
-    assert losses[0] == losses[1] > 0
-
-
 def test_executor_with_recv_lookahead_completes_under_nccl_semantics(completed):
     losses = [r["executor with recv lookahead"] for r in completed]
     assert losses[0] == losses[1] > 0
+
+
+def test_executor_survives_a_device_sync_after_every_action_under_nccl_semantics(completed):
+    """A stage posts no receive past its next send, so a device-wide synchronize after a compute
+    waits only for transfers its neighbours can make without this stage."""
+    losses = [r["device sync with lookahead"] for r in completed]
+    assert losses[0] == losses[1] == completed[0]["executor with recv lookahead"]
+
+
+def _receive_then_sync(emulate: bool) -> bool:
+    """Rank 0 posts the receive of y, synchronizes the device, then sends x; rank 1 sends y only
+    after receiving x. Fine op by op; under NCCL the synchronize waits for y."""
+    x, y = torch.zeros(3), torch.zeros(3)
+    if dist.get_rank() == 0:
+        group = P2PGroup([dist.P2POp(dist.irecv, y, 1)], ["recv y"], emulate)
+        if emulate:
+            device_synchronize(torch.device("cpu"))
+        dist.send(x, 1)
+        group.wait(0)
+    else:
+        dist.recv(x, 0)
+        dist.send(y, 0)
+    return True
+
+
+def test_a_device_sync_waits_for_every_posted_receive_under_nccl_semantics(completed):
+    assert all(r["receive before a sync, op by op"] for r in completed)
+    with pytest.raises(RankFailed, match="NcclHang"):
+        launch_local(_receive_then_sync, 2, (True,), collective_timeout_s=HANG_TIMEOUT_S, timeout_s=60)
+
+
+def _later_group_first(emulate: bool) -> bool:
+    """Rank 0 posts [recv y], then [send x], and waits for the send; rank 1 sends y only after
+    receiving x. Fine op by op; under NCCL the second group's kernel waits behind the first."""
+    x, y = torch.zeros(3), torch.zeros(3)
+    if dist.get_rank() == 0:
+        first = P2PGroup([dist.P2POp(dist.irecv, y, 1)], ["recv y"], emulate)
+        second = P2PGroup([dist.P2POp(dist.isend, x, 1)], ["send x"], emulate)
+        second.wait(0)
+        first.wait(0)
+    else:
+        dist.recv(x, 0)
+        dist.send(y, 0)
+    return True
+
+
+def test_groups_run_in_the_order_they_were_posted_under_nccl_semantics(completed):
+    assert all(r["posting order, op by op"] for r in completed)
+    with pytest.raises(RankFailed, match="NcclHang"):
+        launch_local(_later_group_first, 2, (True,), collective_timeout_s=HANG_TIMEOUT_S, timeout_s=60)
 
 
 def _group_then_reply(emulate: bool) -> bool:
@@ -90,8 +134,7 @@ def _group_then_reply(emulate: bool) -> bool:
     once its receive is posted); under NCCL rank 0's group waits for x."""
     x, y, z = (torch.zeros(3) for _ in range(3))
     if dist.get_rank() == 0:
-        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, x, 1), dist.P2POp(dist.irecv, y, 1)])
-        group = P2PGroup(works, ["send x", "recv y"], emulate)
+        group = P2PGroup([dist.P2POp(dist.isend, x, 1), dist.P2POp(dist.irecv, y, 1)], ["send x", "recv y"], emulate)
         group.wait(1)
         dist.send(z, 1, tag=1)
         group.wait(0)

@@ -15,7 +15,6 @@ then moves the state of the optimizer it was given (`PipelineWorker.attach_optim
 """
 from __future__ import annotations
 
-import bisect
 import contextlib
 import copy
 import time
@@ -26,7 +25,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..contract.cost import LOSS_BLOCK_TOKENS
-from ..contract.ir import Plan, deferred_chunks, downstream_stage, upstream_stage, validate_plan
+from ..contract.ir import Plan, deferred_chunks, validate_plan
 from ..contract.model_config import ModelConfig
 from ..model.stage import StageModel, init_weights
 from .batch import Batch
@@ -36,6 +35,7 @@ from .nccl_semantics import emulation_from_env
 from .offload import HostTier, Offloader, copy_engine, late_copies_from_env, reload_points
 from .optimizer_host import OptimizerOffload, optimizer_back_at
 from .p2p import StageLink, TransferMismatch, plan_digest
+from .p2p_order import input_of, output_of, stage_posts
 from .parallel_dims import ParallelMesh
 from .precision import MasterWeights
 from .sequence_parallel import SequenceParallel, token_shares
@@ -66,7 +66,8 @@ class RuntimeSettings:
     """Plan-independent settings of a worker.
 
     ``recv_lookahead`` is how many input-needing actions ahead a receive is posted, so the
-    transfer overlaps the current compute; ``seed`` gives the same weights as `build_stages`.
+    transfer overlaps the current compute (where the stage's queue allows: `p2p_order`); ``seed``
+    gives the same weights as `build_stages`.
     ``nccl_semantics`` makes P2P waits behave as under NCCL (see `nccl_semantics`); it defaults to
     the ``INFINIPIPE_NCCL_SEMANTICS`` environment variable. ``master_dtype`` keeps master weights
     and gradients in that dtype while the stage computes in ``dtype`` (`precision.MasterWeights`).
@@ -260,13 +261,7 @@ class PipelineWorker:
         deferred = deferred_chunks(actions)
         tokens = [token_shares(c.tokens, mesh.sp)[mesh.sp_rank] for c in plan.chunks]
 
-        def incoming(a):
-            if upstream_stage(a.kind, stage, n_stages) is None:
-                return None
-            return "act" if a.kind == "F" else "grad"
-
-        needs = [i for i, a in enumerate(actions) if incoming(a)]
-        posted = 0
+        posts = stage_posts(plan, stage, self.settings.recv_lookahead)
         spans: list[tuple[int, int]] = []
         losses: list[torch.Tensor] = []
         pipe_start = clock.mark()
@@ -278,15 +273,10 @@ class PipelineWorker:
                 if i == back_at:
                     parked.back()
                 parked.poll()
-                due = bisect.bisect_right(needs, i) + self.settings.recv_lookahead
-                while posted < min(due, len(needs)):
-                    b = actions[needs[posted]]
-                    link.post_recv(incoming(b), b.chunk_id, tokens[b.chunk_id])
-                    posted += 1
-                link.flush()
+                link.post(posts[i], tokens)
                 chunk = plan.chunks[a.chunk_id]
-                direction = incoming(a)
-                x = link.wait_recv(direction, a.chunk_id, tokens[a.chunk_id]) if direction else None
+                need = input_of(a, stage, n_stages)
+                x = link.wait_recv(need.direction, a.chunk_id) if need is not None else None
                 t0 = clock.mark()
                 if a.kind == "F":
                     out = compute.forward(chunk, x, a.recompute_layers, a.elementwise_layers, a.offload_layers)
@@ -295,12 +285,14 @@ class PipelineWorker:
                 else:
                     out = compute.weights(chunk)
                 spans.append((t0, clock.mark()))
-                if downstream_stage(a.kind, stage, n_stages) is not None:
-                    link.send("act" if a.kind == "F" else "grad", a.chunk_id, out)
+                sent = output_of(a, stage, n_stages)
+                if sent is not None:
+                    link.send(sent.direction, a.chunk_id, out)
                 elif a.kind == "F":
                     losses.append(out)
             if back_at == len(actions):
                 parked.back()
+            link.post(posts[-1], tokens)
             link.wait_sends()
             compute.finish()
             pipe_end = clock.mark()

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 
 from ..contract.ir import Plan
 from .nccl_semantics import P2PGroup
+from .p2p_order import Direction, Transfer
 
-Direction = Literal["act", "grad"]
 _DIRECTION_CODES = {"act": 1, "grad": 2}
 _DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3, torch.float16: 4}
 _DTYPE_NAMES = {v: str(k).removeprefix("torch.") for k, v in _DTYPE_CODES.items()}
@@ -59,9 +59,9 @@ class _Send:
 class StageLink:
     """Sends to and receives from the neighbouring stages of one pipeline.
 
-    Operations are queued and issued together by `flush` (one `batch_isend_irecv`), so a stage's
-    send of a result and its receive for a later action go out as one group, as NCCL needs.
-    ``emulate_nccl`` makes a group complete as a whole (`nccl_semantics`).
+    A result waits in `send` until `post` issues the group that holds its transfer, with the
+    receives around it in the stage's queue (`p2p_order` says which go together). ``emulate_nccl``
+    makes gloo wait as NCCL does (`nccl_semantics`).
     """
 
     group: dist.ProcessGroup
@@ -72,7 +72,7 @@ class StageLink:
     device: torch.device
     digest: int
     emulate_nccl: bool = False
-    _queued: list = field(default_factory=list)
+    _staged: dict = field(default_factory=dict)
     _recvs: dict = field(default_factory=dict)
     _sends: list = field(default_factory=list)
 
@@ -86,53 +86,48 @@ class StageLink:
     def _source(self, direction: Direction) -> int:
         return self.stage - 1 if direction == "act" else self.stage + 1
 
-    def post_recv(self, direction: Direction, chunk_id: int, tokens: int) -> None:
-        """Queue the receive of ``chunk_id``'s activation (from the previous stage) or gradient."""
-        key = (direction, chunk_id)
-        if key in self._recvs:
-            return
-        src = self._source(direction)
-        if not 0 <= src < self.num_stages:
-            raise ValueError(f"stage {self.stage} has no neighbour to receive a {direction} from")
-        rec = _Recv(torch.empty(_HEADER, dtype=torch.long, device=self.device),
-                    torch.empty(tokens, self.hidden, dtype=self.dtype, device=self.device))
-        self._recvs[key] = rec
-        peer = self._peer(src)
-        what = f"recv {direction} {chunk_id} from stage {src}"
-        self._queued.append((rec, what, dist.P2POp(dist.irecv, rec.header, peer, self.group)))
-        self._queued.append((None, what, dist.P2POp(dist.irecv, rec.payload, peer, self.group)))
-
     def send(self, direction: Direction, chunk_id: int, tensor: torch.Tensor) -> None:
-        """Queue the send of an activation (to the next stage) or a gradient (to the previous)."""
-        dst = self.stage + 1 if direction == "act" else self.stage - 1
-        payload = tensor.detach().to(self.dtype).contiguous()
-        header = torch.tensor([self.digest, _DIRECTION_CODES[direction], chunk_id, payload.numel(),
-                               _DTYPE_CODES[payload.dtype]], dtype=torch.long, device=self.device)
-        snd = _Send((header, payload))
-        self._sends.append(snd)
-        peer = self._peer(dst)
-        what = f"send {direction} {chunk_id} to stage {dst}"
-        self._queued.append((snd, what, dist.P2POp(dist.isend, header, peer, self.group)))
-        self._queued.append((None, what, dist.P2POp(dist.isend, payload, peer, self.group)))
+        """Keep an activation (for the next stage) or a gradient (for the previous) until `post`
+        reaches its transfer."""
+        self._staged[direction, chunk_id] = tensor.detach().to(self.dtype).contiguous()
 
-    def flush(self) -> None:
-        """Issue everything queued as one batch."""
-        if not self._queued:
+    def post(self, transfers: Sequence[Transfer], tokens: Sequence[int]) -> None:
+        """Post ``transfers`` (this stage's sends and receives, in its queue's order: `p2p_order`)
+        as one `batch_isend_irecv` group; ``tokens[c]`` is chunk ``c``'s rows on this rank."""
+        queued = []
+        for t in transfers:
+            key = (t.direction, t.chunk_id)
+            if t.src == self.stage:
+                payload = self._staged.pop(key)
+                header = torch.tensor([self.digest, _DIRECTION_CODES[t.direction], t.chunk_id, payload.numel(),
+                                       _DTYPE_CODES[payload.dtype]], dtype=torch.long, device=self.device)
+                snd = _Send((header, payload))
+                self._sends.append(snd)
+                what = f"send {t.direction} {t.chunk_id} to stage {t.dst}"
+                queued += [(snd, what, dist.P2POp(dist.isend, header, self._peer(t.dst), self.group)),
+                           (None, what, dist.P2POp(dist.isend, payload, self._peer(t.dst), self.group))]
+            else:
+                rec = _Recv(torch.empty(_HEADER, dtype=torch.long, device=self.device),
+                            torch.empty(tokens[t.chunk_id], self.hidden, dtype=self.dtype, device=self.device))
+                self._recvs[key] = rec
+                what = f"recv {t.direction} {t.chunk_id} from stage {t.src}"
+                queued += [(rec, what, dist.P2POp(dist.irecv, rec.header, self._peer(t.src), self.group)),
+                           (None, what, dist.P2POp(dist.irecv, rec.payload, self._peer(t.src), self.group))]
+        if not queued:
             return
-        works = dist.batch_isend_irecv([op for _, _, op in self._queued])
-        batch = P2PGroup(works, [what for owner, what, _ in self._queued if owner is not None], self.emulate_nccl)
-        for i, (owner, _, _) in enumerate(self._queued):
+        batch = P2PGroup([op for _, _, op in queued], [what for owner, what, _ in queued if owner is not None],
+                         self.emulate_nccl)
+        for i, (owner, _, _) in enumerate(queued):
             if owner is not None:
                 owner.batch, owner.index = batch, i
-        self._queued = []
         self._sends = [s for s in self._sends if not s.done()]
 
-    def wait_recv(self, direction: Direction, chunk_id: int, tokens: int) -> torch.Tensor:
+    def wait_recv(self, direction: Direction, chunk_id: int) -> torch.Tensor:
         """The received tensor, after checking its header against what the Plan expects."""
-        if (direction, chunk_id) not in self._recvs:
-            self.post_recv(direction, chunk_id, tokens)
-        self.flush()
-        rec = self._recvs.pop((direction, chunk_id))
+        rec = self._recvs.pop((direction, chunk_id), None)
+        if rec is None:
+            raise RuntimeError(f"stage {self.stage} waits for the {direction} of chunk {chunk_id} before posting "
+                               "its receive")
         rec.batch.wait(rec.index)
         self._check(direction, chunk_id, rec)
         rec.batch.wait(rec.index + 1)
@@ -158,7 +153,8 @@ class StageLink:
                 f"{numel} elements of {_DTYPE_NAMES.get(dtype, f'dtype code {dtype}')}")
 
     def wait_sends(self) -> None:
-        self.flush()
+        if self._staged:
+            raise RuntimeError(f"stage {self.stage} never posted {sorted(self._staged)}")
         for s in self._sends:
             s.batch.wait(s.index)
             s.batch.wait(s.index + 1)
