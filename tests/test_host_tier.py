@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from infinipipe.contract.cost import CostModel, default_profile
@@ -15,6 +15,7 @@ from infinipipe.contract.ir import Action, Plan, validate_plan
 from infinipipe.contract.model_config import preset
 from infinipipe.contract.shapes import ChunkShape
 from infinipipe.planners.bound import memory_lower_bound
+from infinipipe.planners.epp import RETIME_MARGIN
 from infinipipe.planners.options import PlannerOptions
 from infinipipe.planners.registry import make_plan
 from infinipipe.planners.request import PlanRequest
@@ -27,7 +28,9 @@ LINK = HostLink(h2d_Bps=4e9, d2h_Bps=8e9, h2d_concurrent_Bps=1e9, d2h_concurrent
                 host_memory_bytes=64 * GiB)
 COST_7B = CostModel(default_profile("llama-7b"), preset("llama-7b"))
 FAST = PlannerOptions(time_limit_s=1.0)
-SEARCH_PATH_TOLERANCE = 0.005
+# Each search reorders the chunkings it ranks best, and leaves a reordering that could gain less
+# than RETIME_MARGIN untried: two searches that rank their chunkings apart can end that far apart.
+SEARCH_PATH_TOLERANCE = RETIME_MARGIN
 
 
 def with_link(cost: CostModel, link: HostLink | None = LINK) -> CostModel:
@@ -152,6 +155,8 @@ def test_the_host_tier_lowers_the_memory_bound_to_the_store_that_never_moves():
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(long=[16384, 18719, 51026], short=[124, 757, 266, 734, 443, 363, 64, 196, 64, 845, 64, 536, 64], stages=8,
+         memory_gib=64, factor=1.0, host_gib=8)  # an order that only ties 1F1B gains once W actions are on
 @given(long=st.lists(st.integers(16384, 96 * 1024), min_size=1, max_size=3),
        short=st.lists(st.integers(64, 6000), min_size=4, max_size=30),
        stages=st.sampled_from([4, 8]), memory_gib=st.sampled_from([40, 64]), factor=st.sampled_from([1.0, 0.5]),
@@ -160,8 +165,8 @@ def test_host_tier_plans_fit_both_tiers_never_wait_on_a_copy_and_are_no_slower(l
                                                                               factor, host_gib):
     """What the planner offloads the link carries in time (at the profile's bandwidth or half of
     it: no backward waits for a copy back), within the device and host budgets, and the plan is no
-    slower than EPP's without it (within SEARCH_PATH_TOLERANCE: the timed orders' grid is walked
-    from each search's own best trial) (an optimizer state whose copy back the last actions' memory
+    slower than EPP's without it (within SEARCH_PATH_TOLERANCE: each search reorders the
+    chunkings it ranks best) (an optimizer state whose copy back the last actions' memory
     holds off may be waited for at the step's end; the simulator charges it)."""
     lengths = sorted(long + short, reverse=True)
     cost = with_link(COST_7B, PUBLISHED_H100_HOST.scaled(factor))
@@ -179,7 +184,7 @@ def test_host_tier_plans_fit_both_tiers_never_wait_on_a_copy_and_are_no_slower(l
     assert sim.feasible, sim.oom
     assert max(sim.peak_host_bytes) <= host_gib * GiB
     assert max(e - o for e, o in zip(sim.exposed_copy_s, sim.optimizer_wait_s)) == pytest.approx(0.0, abs=1e-9)
-    if without is not None:  # the two searches walk the timed orders' grid from other bases
+    if without is not None:
         assert sim.iteration_time_s <= without.iteration_time_s * (1 + SEARCH_PATH_TOLERANCE)
     assert np.isclose(sum(sim.offloaded_bytes), sum(plan.metadata["offloaded_bytes"]))
     assert plan.metadata["offload_optimizer"] == (

@@ -64,7 +64,9 @@ class Candidate:
 
 @dataclasses.dataclass
 class Trial:
-    """One candidate planned: ``screened`` (one or two pipelines, loose ILP gap) or in full."""
+    """One candidate planned: ``screened`` (one or two pipelines, loose ILP gap) or in full.
+    ``floor_s``: where it was pruned unplanned, its time without any recompute (no plan of it is
+    faster)."""
 
     candidate: Candidate
     screened: bool
@@ -74,10 +76,16 @@ class Trial:
     seconds: float = 0.0
     memory_error: InfeasibleMemoryError | None = None
     largest_chunk: int = 0
+    floor_s: float = math.inf
 
     @property
     def feasible(self) -> bool:
         return self.sim is not None and self.sim.feasible
+
+    def reach_s(self) -> float:
+        """The fastest this candidate could be: its time where it was planned and fits, else its
+        pruning floor (infinite where neither is known)."""
+        return self.sim.iteration_time_s if self.feasible else self.floor_s
 
     def score(self) -> tuple[int, float]:
         """Fitting plans first, by time; then the least over budget."""

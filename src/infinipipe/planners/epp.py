@@ -416,17 +416,18 @@ class _Search(TrialBook):
                 self.trial(cand, False)
 
     def retime(self) -> None:
-        """The best full trial's chunks and pipelines also in timed orders (`timed_order`): the
-        lead of light chunks on a grid of the stage count, then the best lead with more slack,
-        then the best orders of the two best leads with weight gradients deferred (`DEFER_CAPS`).
-        The simulator judges; all but the lead grid is skipped where its best lost by more than
-        RETIME_MARGIN (memory binds: more in flight only adds recompute), and all of it where no
-        order could gain that much."""
+        """The best full 1F1B trial's chunks and pipelines also in timed orders (`timed_order`)."""
         fits = [t for (c, screen), t in self.trials.items()
                 if not screen and t.feasible and c.order.kind == "1f1b" and c.family not in ("composite", "frugal")]
-        if self.checkpointing != "ilp" or not fits or not self.options.timed_orders:
-            return
-        base = min(fits, key=lambda t: t.score())
+        if self.checkpointing == "ilp" and fits and self.options.timed_orders:
+            self._retime_from(min(fits, key=lambda t: t.score()))
+
+    def _retime_from(self, base: Trial) -> None:
+        """``base`` reordered: the lead of light chunks on a grid of the stage count, then the best
+        lead with more slack, then the best orders of the two best leads with weight gradients
+        deferred (`DEFER_CAPS`). The simulator judges; all but the lead grid is skipped where its
+        best lost by more than RETIME_MARGIN (memory binds: more in flight only adds recompute),
+        and all of it where no order could gain that much."""
         # No order makes a stage's own work shorter: where the base is already within
         # RETIME_MARGIN of its busiest stage's recompute-free work, no reordering can pay.
         work = max(b - r for b, r in zip(base.sim.busy_s, base.sim.recompute_s))
@@ -434,16 +435,18 @@ class _Search(TrialBook):
             return
         stages = len(self.layers)
         leads = sorted({0, max(stages // 2, 1), stages, 3 * stages // 2})
+        # An order pruned for tying the leader without W actions may still gain with them: the
+        # grid goes by what each order could reach.
         tried = [self.reordered(base, Order("timed", lead)) for lead in leads]
-        best = min(tried, key=lambda t: t.score())
-        if not best.feasible or best.sim.iteration_time_s > base.sim.iteration_time_s * (1 + RETIME_MARGIN):
+        best = min(tried, key=lambda t: t.reach_s())
+        if best.reach_s() > base.sim.iteration_time_s * (1 + RETIME_MARGIN):
             return
         tried.append(self.reordered(base, Order("timed", best.candidate.order.lead, SLACK)))
         # Weight gradients left to W actions where a stage would wait: the stash they keep until
         # then is memory, so a few caps on how many may wait at once, on the best orders of the
         # two best leads.
         by_lead: dict[int, Trial] = {}
-        for t in sorted((t for t in tried if t.feasible), key=lambda t: t.score()):
+        for t in sorted((t for t in tried if t.reach_s() < math.inf), key=lambda t: t.reach_s()):
             by_lead.setdefault(t.candidate.order.lead, t)
         for top in list(by_lead.values())[:2]:
             for defer in DEFER_CAPS:

@@ -60,9 +60,9 @@ class PlannerOptions:
     deadline_s: float | None = None
     deadline_share: float = 0.0
     pool_size: int = 0
-    # The search also reorders its best plan in timed orders with W actions (`timed_order`): off by
-    # default until a 20-step training run that once hung with it is understood.
-    timed_orders: bool = False
+    # The search also reorders its best plans in timed orders with W actions (`timed_order`);
+    # false keeps to 1F1B and interleaved orders.
+    timed_orders: bool = True
 
     FIELD_PREFIX: ClassVar[str] = ""  # how error messages name a field ("epp." in a run config)
 

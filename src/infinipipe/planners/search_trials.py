@@ -386,7 +386,8 @@ class TrialBook:
         bare = self._recompute_free_s(plan)
         if leader is not None and bare >= leader.sim.iteration_time_s:
             trial = Trial(cand, False, None, None, f"pruned: {bare:.2f} s without any recompute is no faster "
-                                                   f"than {leader.candidate.label} ({leader.sim.iteration_time_s:.2f} s)")
+                                                   f"than {leader.candidate.label} ({leader.sim.iteration_time_s:.2f} s)",
+                          floor_s=bare)
         else:
             try:
                 plan = solve_checkpointing(plan, self.cost, self.memory, self.plan_gap, self.options.time_limit_s,
