@@ -35,7 +35,7 @@ def test_epp_is_never_slower_than_a_feasible_baseline_on_cap_heavy_batches(cap, 
     check_never_slower([cap] * at_cap + [min(n, cap) for n in short], stages, memory_gib)
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(long=st.lists(st.integers(8192, 96 * 1024), min_size=1, max_size=3),
        short=st.lists(st.integers(64, 6000), min_size=4, max_size=40),
        stages=st.sampled_from([4, 8]), memory_gib=st.sampled_from([40, 64, 80]), host_gib=st.sampled_from([16, 128]))

@@ -154,7 +154,7 @@ def test_the_host_tier_lowers_the_memory_bound_to_the_store_that_never_moves():
     assert tier.bytes < plain.bytes
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @example(long=[16384, 18719, 51026], short=[124, 757, 266, 734, 443, 363, 64, 196, 64, 845, 64, 536, 64], stages=8,
          memory_gib=64, factor=1.0, host_gib=8)  # an order that only ties 1F1B gains once W actions are on
 @given(long=st.lists(st.integers(16384, 96 * 1024), min_size=1, max_size=3),

@@ -147,6 +147,9 @@ class Job:
 
 
 STOP_RUN = ["--training.steps=40", "--checkpoint.enable=true", "--checkpoint.interval=100"]
+# A job that must still be training after a second job has started and been refused (seconds of
+# start-up on a loaded machine): far more steps than it will run.
+LONG_RUN = ["--training.steps=4000", *STOP_RUN[1:]]
 
 
 @pytest.mark.parametrize("target, sig, code", [
@@ -187,17 +190,18 @@ def test_stop_to_one_rank_whose_step_outlasts_the_grace_ends_the_job_at_once_nam
     _left_at_once(err, job.run_dir)
 
 
-def _stopped_with_a_checkpoint(job: Job, sig: signal.Signals, code: int) -> None:
-    """No process of the job within 30 s, exit ``code``, one stop line, a checkpoint at the step it names."""
+def _stopped_with_a_checkpoint(job: Job, sig: signal.Signals, code: int, steps: int = 40) -> None:
+    """No process of the job within 30 s, exit ``code``, one stop line, a checkpoint at the step it
+    names (of the job's ``steps``)."""
     assert job.gone_within(30) < 30
     assert job.proc.wait() == code
     assert not list(job.tmp.glob("infinipipe-launch-*")), "the launcher's results folder was left behind"
     stop = [line for line in job.err.read_text().splitlines() if line.startswith("stopped by")]
     assert len(stop) == 1, job.err.read_text()[-3000:]
     reason = signal.SIGTERM if sig == signal.SIGKILL else sig
-    done = int(re.search(rf"stopped by {reason.name} after step (\d+) of 40; checkpoint (\S+); "
+    done = int(re.search(rf"stopped by {reason.name} after step (\d+) of {steps}; checkpoint (\S+); "
                          r"to resume, run the same command again", stop[0]).group(1))
-    assert 2 <= done < 40
+    assert 2 <= done < steps
     assert (job.run_dir / "checkpoint" / "latest").read_text().strip() == f"step-{done}"
     assert len((job.run_dir / "metrics.jsonl").read_text().splitlines()) == done
 
@@ -207,9 +211,9 @@ def refused_then_stopped(tmp_path_factory, cache_dir) -> tuple[Job, subprocess.C
     """A job, a second job on its run directory while it trains, then the first job's SIGTERM
     stop: (the first job, signalled; the second's result). Its checkpoint also serves the resume
     below (one launch for the stop, the refusal and the resharding)."""
-    first = Job(tmp_path_factory.mktemp("refused") / "run", cache_dir, *STOP_RUN)
+    first = Job(tmp_path_factory.mktemp("refused") / "run", cache_dir, *LONG_RUN)
     first.wait_for_rows(2)
-    second = subprocess.run([sys.executable, *_train_args(first.run_dir, cache_dir, *STOP_RUN)],
+    second = subprocess.run([sys.executable, *_train_args(first.run_dir, cache_dir, *LONG_RUN)],
                             capture_output=True, text=True, timeout=120)
     os.kill(first.proc.pid, signal.SIGTERM)
     return first, second
@@ -221,7 +225,7 @@ def test_second_job_on_a_running_jobs_run_dir_is_refused_naming_the_holder(refus
     assert second.returncode == 2
     assert f"is in use by pid {first.proc.pid} on host" in second.stderr
     assert "Traceback" not in second.stderr
-    _stopped_with_a_checkpoint(first, signal.SIGTERM, 128 + signal.SIGTERM)
+    _stopped_with_a_checkpoint(first, signal.SIGTERM, 128 + signal.SIGTERM, steps=4000)
 
 
 def test_failed_checkpoint_write_is_one_error_line_naming_it_with_the_tracebacks_in_the_run_dir(tmp_path, cache_dir):
