@@ -102,7 +102,7 @@ def test_chunkings_cut_as_named():
 
 
 CHUNKINGS = ("packed", "split", "hybrid")
-SHARES = ((0.0, 0.0), (1.0, 0.0), (0.0, 0.5), (0.5, 0.5))  # (whole, elementwise)
+SHARES = ((0.0, 0.0), (1.0, 0.0), (0.5, 0.5))  # (whole, elementwise)
 # (whole, elementwise), offloaded: stored layers; an elementwise and a stored layer; a recomputed
 # layer's checkpoint input and a stored layer.
 OFFLOADS = (((0.0, 0.0), 0.5), ((0.0, 0.5), 1.0), ((0.5, 0.0), 1.0))
