@@ -18,7 +18,7 @@ COST = CostModel(default_profile("llama-7b"), preset("llama-7b"))
 FAST = PlannerOptions(time_limit_s=1.0)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(long=st.lists(st.integers(8192, 96 * 1024), min_size=1, max_size=3),
        short=st.lists(st.integers(64, 6000), min_size=4, max_size=40),
        stages=st.sampled_from([2, 4, 8]), memory_gib=st.sampled_from([40, 64, 80]))
@@ -26,7 +26,7 @@ def test_epp_is_never_slower_than_a_feasible_baseline(long, short, stages, memor
     check_never_slower(sorted(long + short, reverse=True), stages, memory_gib)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cap=st.sampled_from([32768, 65536, 98304]), at_cap=st.integers(2, 5),
        short=st.lists(st.integers(64, 8000), min_size=8, max_size=40),
        stages=st.sampled_from([4, 8]), memory_gib=st.sampled_from([64, 80]))
