@@ -62,8 +62,8 @@ def _completing_runs() -> dict[str, object]:
     """Worker: every run that must complete under the emulation, one process group for all (the
     device-synchronize patch last: it stays for the process's life)."""
     return {"batched group, op by op": _group_then_reply(False),
-            "posting order, op by op": _later_group_first(False),
-            "receive before a sync, op by op": _receive_then_sync(False),
+            "posting order, op by op": _receive_posted_before_the_send(False, "group"),
+            "receive before a sync, op by op": _receive_posted_before_the_send(False, "sync"),
             "executor with recv lookahead": _run_step(1, False),
             "device sync with lookahead": _run_step(2, True)}
 
@@ -85,16 +85,20 @@ def test_executor_survives_a_device_sync_after_every_action_under_nccl_semantics
     assert losses[0] == losses[1] == completed[0]["executor with recv lookahead"]
 
 
-def _receive_then_sync(emulate: bool) -> bool:
-    """Rank 0 posts the receive of y, synchronizes the device, then sends x; rank 1 sends y only
-    after receiving x. Fine op by op; under NCCL the synchronize waits for y."""
+def _receive_posted_before_the_send(emulate: bool, behind: str) -> bool:
+    """Rank 0 posts the receive of y, then sends x; rank 1 sends y only after receiving x. Fine op
+    by op; under NCCL x waits for y, ``behind`` a device synchronize (which waits for the posted
+    receive) or in a second group (whose kernel starts only once the first group's ended)."""
     x, y = torch.zeros(3), torch.zeros(3)
     if dist.get_rank() == 0:
-        group = P2PGroup([dist.P2POp(dist.irecv, y, 1)], ["recv y"], emulate)
-        if emulate:
-            device_synchronize(torch.device("cpu"))
-        dist.send(x, 1)
-        group.wait(0)
+        first = P2PGroup([dist.P2POp(dist.irecv, y, 1)], ["recv y"], emulate)
+        if behind == "sync":
+            if emulate:
+                device_synchronize(torch.device("cpu"))
+            dist.send(x, 1)
+        else:
+            P2PGroup([dist.P2POp(dist.isend, x, 1)], ["send x"], emulate).wait(0)
+        first.wait(0)
     else:
         dist.recv(x, 0)
         dist.send(y, 0)
@@ -104,28 +108,15 @@ def _receive_then_sync(emulate: bool) -> bool:
 def test_a_device_sync_waits_for_every_posted_receive_under_nccl_semantics(completed):
     assert all(r["receive before a sync, op by op"] for r in completed)
     with pytest.raises(RankFailed, match="NcclHang"):
-        launch_local(_receive_then_sync, 2, (True,), collective_timeout_s=HANG_TIMEOUT_S, timeout_s=60)
-
-
-def _later_group_first(emulate: bool) -> bool:
-    """Rank 0 posts [recv y], then [send x], and waits for the send; rank 1 sends y only after
-    receiving x. Fine op by op; under NCCL the second group's kernel waits behind the first."""
-    x, y = torch.zeros(3), torch.zeros(3)
-    if dist.get_rank() == 0:
-        first = P2PGroup([dist.P2POp(dist.irecv, y, 1)], ["recv y"], emulate)
-        second = P2PGroup([dist.P2POp(dist.isend, x, 1)], ["send x"], emulate)
-        second.wait(0)
-        first.wait(0)
-    else:
-        dist.recv(x, 0)
-        dist.send(y, 0)
-    return True
+        launch_local(_receive_posted_before_the_send, 2, (True, "sync"), collective_timeout_s=HANG_TIMEOUT_S,
+                     timeout_s=60)
 
 
 def test_groups_run_in_the_order_they_were_posted_under_nccl_semantics(completed):
     assert all(r["posting order, op by op"] for r in completed)
     with pytest.raises(RankFailed, match="NcclHang"):
-        launch_local(_later_group_first, 2, (True,), collective_timeout_s=HANG_TIMEOUT_S, timeout_s=60)
+        launch_local(_receive_posted_before_the_send, 2, (True, "group"), collective_timeout_s=HANG_TIMEOUT_S,
+                     timeout_s=60)
 
 
 def _group_then_reply(emulate: bool) -> bool:
