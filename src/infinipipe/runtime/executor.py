@@ -254,14 +254,14 @@ class PipelineWorker:
         sp = SequenceParallel(mesh.sp_group, mesh.sp_rank, mesh.sp) if mesh.sp > 1 else None
         compute = StageCompute(self.model, batch, normaliser, self.settings.loss_block_tokens, sp, self.settings.dtype,
                                Offloader(self.copies, self.host_tier, self.device))
-        link = StageLink(self.mesh.pp_group, stage, self.mesh.pp, self.cfg.hidden, self.settings.dtype,
-                         self.device, digest, emulate_nccl=self.settings.nccl_semantics)
         actions = plan.stage_actions[stage]
         reloads = reload_points(actions)
         deferred = deferred_chunks(actions)
         tokens = [token_shares(c.tokens, mesh.sp)[mesh.sp_rank] for c in plan.chunks]
 
-        posts = stage_posts(plan, stage, self.settings.recv_lookahead)
+        link = StageLink(self.mesh.pp_group, stage, self.mesh.pp, self.cfg.hidden, self.settings.dtype,
+                         self.device, digest, stage_posts(plan, stage, self.settings.recv_lookahead), tokens,
+                         emulate_nccl=self.settings.nccl_semantics)
         spans: list[tuple[int, int]] = []
         losses: list[torch.Tensor] = []
         pipe_start = clock.mark()
@@ -273,7 +273,7 @@ class PipelineWorker:
                 if i == back_at:
                     parked.back()
                 parked.poll()
-                link.post(posts[i], tokens)
+                link.post_next()
                 chunk = plan.chunks[a.chunk_id]
                 need = input_of(a, stage, n_stages)
                 x = link.wait_recv(need.direction, a.chunk_id) if need is not None else None
@@ -292,7 +292,7 @@ class PipelineWorker:
                     losses.append(out)
             if back_at == len(actions):
                 parked.back()
-            link.post(posts[-1], tokens)
+            link.post_next()
             link.wait_sends()
             compute.finish()
             pipe_end = clock.mark()

@@ -38,30 +38,32 @@ class TransferMismatch(ValueError):
 
 
 @dataclass
-class _Recv:
+class _Op:
+    """A posted send or receive: its header row and payload, and the group that carries them."""
+
     header: torch.Tensor
     payload: torch.Tensor
-    batch: P2PGroup | None = None
-    index: int = 0
+    batch: P2PGroup
+    index: int
+    seq: int
 
-
-@dataclass
-class _Send:
-    tensors: tuple[torch.Tensor, torch.Tensor]
-    batch: P2PGroup | None = None
-    index: int = 0
-
-    def done(self) -> bool:
-        return self.batch is not None and self.batch.done(self.index) and self.batch.done(self.index + 1)
+    def wait(self) -> None:
+        self.batch.wait(self.index)
+        self.batch.wait(self.index + 1)
 
 
 @dataclass
 class StageLink:
     """Sends to and receives from the neighbouring stages of one pipeline.
 
-    A result waits in `send` until `post` issues the group that holds its transfer, with the
-    receives around it in the stage's queue (`p2p_order` says which go together). ``emulate_nccl``
-    makes gloo wait as NCCL does (`nccl_semantics`).
+    ``posts`` are the stage's groups in posting order (`p2p_order.stage_posts`); ``tokens[c]`` is
+    chunk ``c``'s rows on this rank. A result waits in `send` until `post_next` issues the group
+    that holds its transfer. Every header is known from the Plan, so all of them are built in one
+    tensor when the link is made: no per-transfer host-to-device copy inside the step, and no
+    allocation whose lifetime depends on timing. A sent payload is released when a receive posted
+    in the same or a later group has completed; under NCCL's rules (groups complete whole and in
+    posting order) the send is then done, so what a stage holds at any action is fixed by the Plan,
+    not by how fast a peer was. ``emulate_nccl`` makes gloo wait as NCCL does (`nccl_semantics`).
     """
 
     group: dist.ProcessGroup
@@ -71,14 +73,25 @@ class StageLink:
     dtype: torch.dtype
     device: torch.device
     digest: int
+    posts: Sequence[Sequence[Transfer]]
+    tokens: Sequence[int]
     emulate_nccl: bool = False
     _staged: dict = field(default_factory=dict)
     _recvs: dict = field(default_factory=dict)
     _sends: list = field(default_factory=list)
+    _next: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPE_CODES:
             raise ValueError(f"dtype {self.dtype} cannot be sent between stages; use one of {list(_DTYPE_CODES)}")
+        queue = [t for group in self.posts for t in group]
+        self._row = {(t.direction, t.chunk_id): i for i, t in enumerate(queue)}
+        rows = [[self.digest, _DIRECTION_CODES[t.direction], t.chunk_id, self._numel(t.chunk_id),
+                 _DTYPE_CODES[self.dtype]] if t.src == self.stage else [0] * _HEADER for t in queue]
+        self._headers = torch.tensor(rows, dtype=torch.long).reshape(len(queue), _HEADER).to(self.device)
+
+    def _numel(self, chunk_id: int) -> int:
+        return self.tokens[chunk_id] * self.hidden
 
     def _peer(self, stage: int) -> int:
         return dist.get_global_rank(self.group, stage)
@@ -87,40 +100,40 @@ class StageLink:
         return self.stage - 1 if direction == "act" else self.stage + 1
 
     def send(self, direction: Direction, chunk_id: int, tensor: torch.Tensor) -> None:
-        """Keep an activation (for the next stage) or a gradient (for the previous) until `post`
-        reaches its transfer."""
+        """Keep an activation (for the next stage) or a gradient (for the previous) until
+        `post_next` reaches its transfer."""
+        if tensor.numel() != self._numel(chunk_id):
+            raise RuntimeError(f"stage {self.stage}, chunk {chunk_id}: the {direction} to send has "
+                               f"{tensor.numel()} elements, the Plan says {self.tokens[chunk_id]}x{self.hidden}")
         self._staged[direction, chunk_id] = tensor.detach().to(self.dtype).contiguous()
 
-    def post(self, transfers: Sequence[Transfer], tokens: Sequence[int]) -> None:
-        """Post ``transfers`` (this stage's sends and receives, in its queue's order: `p2p_order`)
-        as one `batch_isend_irecv` group; ``tokens[c]`` is chunk ``c``'s rows on this rank."""
+    def post_next(self) -> None:
+        """Post the next of ``posts`` (this stage's sends and receives, in its queue's order) as one
+        `batch_isend_irecv` group."""
+        seq, self._next = self._next, self._next + 1
         queued = []
-        for t in transfers:
+        for t in self.posts[seq]:
             key = (t.direction, t.chunk_id)
+            header = self._headers[self._row[key]]
             if t.src == self.stage:
                 payload = self._staged.pop(key)
-                header = torch.tensor([self.digest, _DIRECTION_CODES[t.direction], t.chunk_id, payload.numel(),
-                                       _DTYPE_CODES[payload.dtype]], dtype=torch.long, device=self.device)
-                snd = _Send((header, payload))
-                self._sends.append(snd)
-                what = f"send {t.direction} {t.chunk_id} to stage {t.dst}"
-                queued += [(snd, what, dist.P2POp(dist.isend, header, self._peer(t.dst), self.group)),
-                           (None, what, dist.P2POp(dist.isend, payload, self._peer(t.dst), self.group))]
+                what, peer, op = f"send {t.direction} {t.chunk_id} to stage {t.dst}", t.dst, dist.isend
             else:
-                rec = _Recv(torch.empty(_HEADER, dtype=torch.long, device=self.device),
-                            torch.empty(tokens[t.chunk_id], self.hidden, dtype=self.dtype, device=self.device))
-                self._recvs[key] = rec
-                what = f"recv {t.direction} {t.chunk_id} from stage {t.src}"
-                queued += [(rec, what, dist.P2POp(dist.irecv, rec.header, self._peer(t.src), self.group)),
-                           (None, what, dist.P2POp(dist.irecv, rec.payload, self._peer(t.src), self.group))]
+                payload = torch.empty(self.tokens[t.chunk_id], self.hidden, dtype=self.dtype, device=self.device)
+                what, peer, op = f"recv {t.direction} {t.chunk_id} from stage {t.src}", t.src, dist.irecv
+            queued.append((key, t.src == self.stage, what, header, payload,
+                           [dist.P2POp(op, header, self._peer(peer), self.group),
+                            dist.P2POp(op, payload, self._peer(peer), self.group)]))
         if not queued:
             return
-        batch = P2PGroup([op for _, _, op in queued], [what for owner, what, _ in queued if owner is not None],
+        batch = P2PGroup([op for *_, ops in queued for op in ops], [what for _, _, what, *_ in queued],
                          self.emulate_nccl)
-        for i, (owner, _, _) in enumerate(queued):
-            if owner is not None:
-                owner.batch, owner.index = batch, i
-        self._sends = [s for s in self._sends if not s.done()]
+        for i, (key, sending, _, header, payload, _) in enumerate(queued):
+            posted = _Op(header, payload, batch, 2 * i, seq)
+            if sending:
+                self._sends.append(posted)
+            else:
+                self._recvs[key] = posted
 
     def wait_recv(self, direction: Direction, chunk_id: int) -> torch.Tensor:
         """The received tensor, after checking its header against what the Plan expects."""
@@ -131,9 +144,19 @@ class StageLink:
         rec.batch.wait(rec.index)
         self._check(direction, chunk_id, rec)
         rec.batch.wait(rec.index + 1)
+        self._release(rec.seq)
         return rec.payload
 
-    def _check(self, direction: Direction, chunk_id: int, rec: _Recv) -> None:
+    def _release(self, seq: int) -> None:
+        """Drop the sends of groups up to ``seq``: done under NCCL once a receive of group ``seq``
+        is (a wait that returns at once); on gloo, waited for, which cannot hang since both ends
+        of every transfer before that receive in the stage's queue are posted."""
+        for s in self._sends:
+            if s.seq <= seq:
+                s.wait()
+        self._sends = [s for s in self._sends if s.seq > seq]
+
+    def _check(self, direction: Direction, chunk_id: int, rec: _Op) -> None:
         digest, kind, cid, numel, dtype = (int(x) for x in rec.header.tolist())
         src = self._source(direction)
         want = f"the {direction} of chunk {chunk_id} from stage {src}"
@@ -153,9 +176,8 @@ class StageLink:
                 f"{numel} elements of {_DTYPE_NAMES.get(dtype, f'dtype code {dtype}')}")
 
     def wait_sends(self) -> None:
-        if self._staged:
-            raise RuntimeError(f"stage {self.stage} never posted {sorted(self._staged)}")
-        for s in self._sends:
-            s.batch.wait(s.index)
-            s.batch.wait(s.index + 1)
-        self._sends = []
+        """At the step's end: every group posted, every send done."""
+        if self._staged or self._next != len(self.posts):
+            raise RuntimeError(f"stage {self.stage} never posted {sorted(self._staged)} "
+                               f"(groups posted: {self._next} of {len(self.posts)})")
+        self._release(self._next)
