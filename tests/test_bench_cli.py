@@ -29,6 +29,9 @@ def test_bench_prints_every_planner_simulated_on_the_committed_profile(capsys):
     text = capsys.readouterr().out
     assert text.startswith("SIMULATED") and "host tier 128GiB per device" in text and "epp speedup" in text
     assert re.search(r"^  host tier: ([\d,]+ GiB offloaded|off)", text, re.M)
+    split = re.search(r"^  epp bubble (\d+\.\d)%: (\d+\.\d)% stage imbalance \(stage \d+ .*\), (\d+\.\d)% the schedule's",
+                      text, re.M)
+    assert split and abs(float(split[1]) - float(split[2]) - float(split[3])) <= 0.11
     assert re.search(r"^  epp planning: \d+\.\d\ds MEASURED here \((deadline \d+\.\d\ds, \d+ candidate\(s\) skipped "
                      r"for time|no deadline), (no|\d+) pool processes\)$", text, re.M)
 

@@ -88,6 +88,36 @@ def test_busy_and_the_idle_categories_add_up_to_the_iteration_on_every_stage(bui
         assert result.busy_s[s] + idle.total_s == pytest.approx(result.iteration_time_s, rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.parametrize("build", [epp_1f1b, split_sequences, two_pipelines, fsdp_layout, host_offload,
+                                   late_copy_back])
+def test_the_bubble_is_the_stages_imbalance_plus_the_busiest_stages_idle(build):
+    """Each stage idles at least as long as the busiest stage works more than it; what is left of
+    the bubble is the busiest stage's idle share, and the JSON carries both."""
+    plan, cost = build()
+    result = simulate(plan, cost)
+    n, t = plan.num_stages, result.iteration_time_s
+    assert min(result.imbalance_s) == 0.0
+    assert all(0.0 <= gap <= idle + 1e-12 for gap, idle in zip(result.imbalance_s, result.idle_s))
+    assert 0.0 <= result.schedule_bubble_ratio <= result.bubble_ratio
+    assert result.bubble_ratio * n * t == pytest.approx(sum(result.imbalance_s) + result.schedule_bubble_ratio * n * t)
+    out = result.to_json()
+    assert out["imbalance_s"] == list(result.imbalance_s) and out["schedule_bubble_ratio"] == result.schedule_bubble_ratio
+
+
+def test_a_last_stage_with_the_lm_head_makes_imbalance_that_no_order_removes():
+    """Equal chunks on equal layer counts: the last stage also runs the LM head and the loss, so
+    every other stage idles that much whatever the order, and the simulate text says so."""
+    cost = h100_like_cost()
+    plan = equal_chunks_plan(8, 4, 4096, cost)
+    result = simulate(plan, cost)
+    shape = ChunkShape((4096,))
+    head = [sum(durations(cost, shape, plan.layers_per_stage[s], s, 4)) for s in range(4)]
+    assert result.busy_s.index(max(result.busy_s)) == 3
+    for s in range(3):
+        assert result.imbalance_s[s] == pytest.approx(8 * (head[3] - head[s]))
+    assert result.schedule_bubble_ratio < result.bubble_ratio
+
+
 def test_fill_forward_wait_chain_and_drain_of_a_two_stage_plan_are_known_exactly():
     """Stage 0 runs F0 F1 B0 B1, stage 1 F0 B0 F1 B1, chunk 1 so long that stage 1 waits for its
     forward after B0, and stage 0 waits for B1's gradient with no forward left."""
@@ -179,6 +209,10 @@ def test_text_output_names_each_stages_idle_and_the_costliest_category(tmp_path,
     assert len(idle_lines) == 4 and all("fill" in line and "chain" in line and "drain" in line for line in idle_lines)
     total = IdleBreakdown.summed(simulate(plan, cost).idle_breakdown)
     assert any(line.strip().startswith(f"most idle time: {total.largest.replace('_', ' ')},") for line in lines)
+    result = simulate(plan, cost)
+    schedule = result.schedule_bubble_ratio
+    assert any(f"({result.bubble_ratio - schedule:.1%} stage imbalance, {schedule:.1%} the schedule's)" in line
+               for line in lines)
 
 
 def test_chart_shades_idle_gaps_by_category(tmp_path):

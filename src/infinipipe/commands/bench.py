@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         BASELINES,
         NO_HOST_TIER,
         UNLIMITED_MEMORY,
+        bubble_line,
         compare_planners,
         compare_sp_baselines,
         compute_floor_s,
@@ -103,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"  no plan of this batch beats {floor:.2f}s: the busiest stage's forward and backward of every "
           f"token, as one chunk, with no bubble or recompute{versus}")
     print(f"  memory: {bound}")
+    for name in ("epp", UNLIMITED_MEMORY):
+        if rows.get(name, {}).get("planned"):
+            print(bubble_line(name, rows[name]))
     if epp["planned"]:
         print(host_tier_line(epp))
         print(f"  {planning_line(epp)}")

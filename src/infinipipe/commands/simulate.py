@@ -64,14 +64,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"SIMULATED with profile {profile}: {result.planner or 'plan'}, {result.num_chunks} chunks, "
               f"{result.num_pipelines} pipeline(s)")
         print(f"  {describe_layout(cost.layout)}")
-        print(f"  iteration time {result.iteration_time_s:.4f} s, bubble ratio {result.bubble_ratio:.1%}, "
+        schedule = result.schedule_bubble_ratio
+        print(f"  iteration time {result.iteration_time_s:.4f} s, bubble ratio {result.bubble_ratio:.1%} "
+              f"({result.bubble_ratio - schedule:.1%} stage imbalance, {schedule:.1%} the schedule's), "
               f"recompute {result.recompute_time_s:.4f} s (all stages)")
         for s, peak in enumerate(result.peak_memory_bytes):
             host = ""
             if result.offloaded_bytes[s] or result.peak_host_bytes[s]:
                 host = (f"; host: {result.offloaded_bytes[s] / GIB:.1f} GiB offloaded, "
                         f"peak {result.peak_host_bytes[s] / GIB:.2f} GiB, waited {result.exposed_copy_s[s]:.4f} s for copies")
-            print(f"  stage {s}: busy {result.busy_s[s]:.4f} s, peak memory {peak / GIB:.2f} GiB{host}")
+            print(f"  stage {s}: busy {result.busy_s[s]:.4f} s ({result.imbalance_s[s]:.4f} s less than the busiest), "
+                  f"peak memory {peak / GIB:.2f} GiB{host}")
             print(f"    {describe_idle(result.idle_breakdown[s])}")
         print(f"  {most_idle(result.idle_breakdown)}")
         print("  fits in memory" if result.feasible else "  OUT OF MEMORY: " + "; ".join(map(str, result.oom)))

@@ -108,6 +108,17 @@ def format_rows(rows: dict[str, dict], reference: str = "epp") -> list[str]:
     return lines
 
 
+def bubble_line(name: str, row: dict) -> str:
+    """A plan's bubble split into the stages' imbalance (idle no order removes: the busiest stage
+    holds more work) and the schedule's share (the busiest stage's own idle)."""
+    total, schedule = row["bubble_ratio"], row["schedule_bubble_ratio"]
+    busy = row["busy_s"]
+    busiest = max(range(len(busy)), key=busy.__getitem__)
+    return (f"  {name} bubble {total:.1%}: {total - schedule:.1%} stage imbalance (stage {busiest} is busy "
+            f"{busy[busiest] - min(busy):.2f}s longer than the least busy stage: layers, embedding, LM head or recompute), "
+            f"{schedule:.1%} the schedule's (the busiest stage's idle)")
+
+
 def host_tier_line(row: dict) -> str:
     """What a plan's host tier did: bytes copied out per stage, copy time a stage waited, host peak."""
     moved = row.get("offloaded_bytes") or []

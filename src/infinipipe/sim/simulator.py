@@ -102,6 +102,21 @@ class SimResult:
         return sum(self.idle_s) / total if total > 0 else 0.0
 
     @property
+    def imbalance_s(self) -> tuple[float, ...]:
+        """Per stage, idle that no order of these actions removes: how much longer the busiest
+        stage is busy (more layers, the embedding or the LM head, more recompute)."""
+        most = max(self.busy_s, default=0.0)
+        return tuple(most - b for b in self.busy_s)
+
+    @property
+    def schedule_bubble_ratio(self) -> float:
+        """The bubble less the stages' imbalance, which is the busiest stage's idle share: its fill,
+        drain and waits, what the order of the same actions decides."""
+        if not self.busy_s or self.iteration_time_s <= 0:
+            return 0.0
+        return max(0.0, 1.0 - max(self.busy_s) / self.iteration_time_s)
+
+    @property
     def recompute_time_s(self) -> float:
         """Recompute time summed over stages."""
         return sum(self.recompute_s)
@@ -115,6 +130,8 @@ class SimResult:
             "planner": self.planner,
             "iteration_time_s": self.iteration_time_s,
             "bubble_ratio": self.bubble_ratio,
+            "schedule_bubble_ratio": self.schedule_bubble_ratio,
+            "imbalance_s": list(self.imbalance_s),
             "recompute_time_s": self.recompute_time_s,
             "feasible": self.feasible,
             "peak_memory_bytes": list(self.peak_memory_bytes),
