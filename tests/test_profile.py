@@ -154,3 +154,20 @@ def test_per_action_overhead_is_measured_and_added_to_every_action_of_a_stage():
     for first, last in ((True, False), (False, False), (False, True)):
         assert extra.forward_ms(shape, 2, first, last) - plain.forward_ms(shape, 2, first, last) == pytest.approx(1.5)
         assert extra.backward_ms(shape, 2, first, last) - plain.backward_ms(shape, 2, first, last) == pytest.approx(2.5)
+
+
+def test_sdpa_fit_recovers_a_fixed_cost_per_packed_sequence():
+    """SDPA runs one call per segment, so each sequence packed beside the first costs a fixed
+    time; the SDPA fit has a feature for it (flash varlen, one kernel, does not)."""
+    from infinipipe.profiling.fit import TIME_FEATURES_FLASH, TIME_FEATURES_SDPA, Measurement, fit_layer
+
+    truth = {"attn": 5e-6, "tokens": 3e-3, "chunk": 0.4, "extra_segments": 0.03}
+    shapes = fit_grid(1024)
+    rows = [Measurement(s, sum(c * s.features[k] for k, c in truth.items()),
+                        2 * sum(c * s.features[k] for k, c in truth.items()), 4000.0 * s.tokens) for s in shapes]
+    fitted = fit_layer(rows, time_features=TIME_FEATURES_SDPA, mem_features=("tokens",)).terms
+    assert fitted["layer_fwd"].coef["extra_segments"] == pytest.approx(0.03, rel=1e-6)
+    assert fitted["layer_bwd"].coef["extra_segments"] == pytest.approx(0.06, rel=1e-6)
+    assert "extra_segments" not in TIME_FEATURES_FLASH
+    assert ChunkShape((64,) * 16).features["extra_segments"] == 15 and ChunkShape((512,), prefix=64).features[
+        "extra_segments"] == 0

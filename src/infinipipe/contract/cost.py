@@ -270,7 +270,7 @@ class CostModel:
             )
         sp = self.layout.sp
         heads = math.ceil(self.model.heads / sp) / self.model.heads
-        scale = {"attn": heads, "mask_area": heads, "kv": heads, "tokens": 1 / sp, "chunk": 1.0}
+        scale = {"attn": heads, "mask_area": heads, "kv": heads, "tokens": 1 / sp, "chunk": 1.0, "extra_segments": 1.0}
         for name in ("layer_fwd", "layer_bwd", "layer_act_bytes", "head_fwd", "head_bwd", "embed_fwd", "embed_bwd"):
             term = getattr(self.profile, name)
             object.__setattr__(self, f"_{name}", LinearTerm({k: v * scale[k] for k, v in term.coef.items()}))

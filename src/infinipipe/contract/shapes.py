@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 
 from .ir import Chunk
 
-FEATURES = ("attn", "mask_area", "tokens", "kv", "chunk")
+# ``extra_segments``: sequences packed beside the first. Attention that runs one call per
+# segment (SDPA on CPU) pays a fixed cost for each; one varlen kernel does not.
+FEATURES = ("attn", "mask_area", "tokens", "kv", "chunk", "extra_segments")
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,8 @@ class ChunkShape:
         object.__setattr__(self, "_hash", hash((self.seg_lens, self.prefix, self.kept)))
         # Planners cost each shape many times (every term, stage and candidate): derive once.
         object.__setattr__(self, "features", {"attn": self.attn_pairs, "mask_area": self.mask_area,
-                                              "tokens": float(self.tokens), "kv": float(self.kv_len), "chunk": 1.0})
+                                              "tokens": float(self.tokens), "kv": float(self.kv_len), "chunk": 1.0,
+                                              "extra_segments": float(len(self.seg_lens) - 1)})
 
     def __hash__(self) -> int:
         return self._hash  # shapes key the planners' cost memos; hash the segment tuple once

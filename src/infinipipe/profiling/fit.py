@@ -22,8 +22,10 @@ from ..contract.shapes import FEATURES, ChunkShape
 TIME_FEATURES_FLASH = ("attn", "tokens", "kv", "chunk")
 MEM_FEATURES_FLASH = ("tokens", "kv", "chunk")
 # SDPA per segment runs causal segments with a flash kernel, but a slice with a cached prefix
-# needs an explicit mask: the kernel then computes and keeps the whole masked rectangle.
-TIME_FEATURES_SDPA = ("attn", "mask_area", "tokens", "kv", "chunk")
+# needs an explicit mask: the kernel then computes and keeps the whole masked rectangle. One
+# call per segment also costs a fixed time per packed sequence (on a CPU 0.03 ms forward and
+# 0.08 ms backward per layer for the tiny model: 1.6 ms on a 2-layer stage's chunk of 16).
+TIME_FEATURES_SDPA = ("attn", "mask_area", "tokens", "kv", "chunk", "extra_segments")
 MEM_FEATURES_SDPA = ("mask_area", "tokens", "kv", "chunk")
 
 ERROR_MIN_TOKENS = 1024
@@ -217,8 +219,8 @@ def scale_profile(base: Profile, target: ModelConfig, base_name: str) -> Profile
     lin = layer_matmul_flops_per_token(target) / layer_matmul_flops_per_token(src)
     kv = attn  # the measured kernels read and keep K/V at full head count (repeated for GQA)
     width = layer_saved_width(target) / layer_saved_width(src)
-    time_scale = {"attn": attn, "mask_area": attn, "tokens": lin, "kv": kv, "chunk": 1.0}
-    mem_scale = {"attn": attn, "mask_area": attn, "tokens": width, "kv": kv, "chunk": 1.0}
+    time_scale = {"attn": attn, "mask_area": attn, "tokens": lin, "kv": kv, "chunk": 1.0, "extra_segments": 1.0}
+    mem_scale = {"attn": attn, "mask_area": attn, "tokens": width, "kv": kv, "chunk": 1.0, "extra_segments": 1.0}
 
     def scaled(term: LinearTerm, factors: Mapping[str, float]) -> LinearTerm:
         return LinearTerm({k: v * factors[k] for k, v in term.coef.items()})

@@ -65,7 +65,7 @@ def fit_grid(max_tokens: int, min_len: int = 64) -> list[ChunkShape]:
     slices attending to long cached prefixes, and hybrid chunks (a slice plus whole shorts)."""
     lens = _pow2_upto(min_len, max_tokens)
     shapes = [ChunkShape((n,)) for n in lens]
-    shapes += [ChunkShape((n,) * k) for n in lens for k in (2, 4, 8) if 4 * min_len <= n * k <= max_tokens]
+    shapes += [ChunkShape((n,) * k) for n in lens for k in (2, 4, 8, 16) if 4 * min_len <= n * k <= max_tokens]
     shapes += [ChunkShape((s,), prefix=c)
                for s in lens for c in lens if s <= max_tokens // 2 and c + s <= 2 * max_tokens]
     shapes += [ChunkShape((s, min_len, min_len), prefix=c)
