@@ -9,9 +9,11 @@ predicts with the committed CPU profile. As an outside reference the same batch 
 sequences are packed into rows of the longest sequence's length and padded (the padding fraction
 is printed); each row keeps per-document causal attention.
 
-Every process runs one intra-op thread. The simulated times assume each stage has a core of its
-own and runs as fast as when the profile was measured; on a machine with fewer free cores than
-stages (2 stages on a busy 2-core machine) measured times are longer for that reason alone.
+Every process runs one intra-op thread. Profiles time the measuring thread's CPU time, which
+leaves out the time other processes hold the cores, while the pipeline is timed on the wall clock;
+so before simulating, every time term of the profile is scaled by the wall time a layer takes
+here with as many processes running layers at once as the pipeline has stages (printed). On a
+machine with fewer free cores than stages measured times are longer for that reason alone.
 
 The committed CPU profile is used only if this machine runs its layer shapes within 5% of it
 (the runtime's per-action overhead is then measured here and added); otherwise the machine is
@@ -191,6 +193,36 @@ def profile_for_this_host(model: str, longest: int) -> tuple[Profile, str]:
                   f"layers at x{ratio:.2f}, beyond +-{HOST_TOLERANCE:.0%}")
 
 
+TIME_TERMS = ("layer_fwd", "layer_bwd", "head_fwd", "head_bwd", "embed_fwd", "embed_bwd", "action_fwd", "action_bwd",
+              "layer_elementwise_ms")
+
+
+def wall_ratio(model: str, prof: Profile) -> float:
+    """Wall time of a layer's forward and backward over ``prof``'s prediction, in one of the
+    processes that run at once: profiles time the measuring thread's CPU time, which leaves out
+    the time other processes hold the cores; a pipeline's stages are timed on the wall clock."""
+    torch.set_num_threads(1)
+    bench = LayerBench(preset(model), layers=1, warmup=2, reps=5)
+    ratios = []
+    for shape in CHECK_SHAPES:
+        walls = []
+        for _ in range(bench.warmup + bench.reps):
+            t0 = time.perf_counter()
+            bench.time_once(shape)
+            walls.append((time.perf_counter() - t0) * 1e3)
+        ratios.append(statistics.median(walls[bench.warmup:]) / (prof.layer_fwd(shape) + prof.layer_bwd(shape)))
+    return statistics.median(ratios)
+
+
+def under_load(prof: Profile, model: str, stages: int) -> tuple[Profile, float]:
+    """``prof`` with every time term scaled to the wall time its layers take here while
+    ``stages`` processes run them at once (the pipeline's condition)."""
+    factor = statistics.median(launch_local(wall_ratio, stages, (model, prof), timeout_s=600))
+    scaled = {name: LinearTerm({k: v * factor for k, v in term.coef.items()})
+              for name in TIME_TERMS if (term := getattr(prof, name)) is not None}
+    return dataclasses.replace(prof, **scaled), factor
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stages", type=int, default=2)
@@ -204,7 +236,9 @@ def main() -> None:
     if args.stages > cfg.layers:
         raise SystemExit(f"--stages {args.stages} exceeds the {cfg.layers} layers of {args.model!r}")
     profile, provenance = profile_for_this_host(args.model, args.longest)
-    print(f"profile: {provenance}")
+    profile, factor = under_load(profile, args.model, args.stages)
+    print(f"profile: {provenance}; every time term x{factor:.2f}: the wall time of its layers here with "
+          f"{args.stages} processes running them at once (profiles time a thread's CPU time)")
     cost = CostModel(profile, cfg)
     lengths = skewed_lengths(args.seed, args.longest)
     g = torch.Generator().manual_seed(args.seed)
