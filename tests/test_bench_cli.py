@@ -85,3 +85,19 @@ def test_bench_without_the_host_tier_plans_as_before_and_a_host_budget_the_host_
     assert main([*args, "--host-memory-budget", "300GiB"]) == 2
     err = capsys.readouterr().err
     assert "--host-memory-budget 300GiB (322122547200 bytes) is more than the 274877906944 bytes" in err
+
+
+def test_the_memory_bound_bench_prints_counts_the_host_tier_and_names_the_bound_without_it(capsys):
+    """With the host tier the optimizer state leaves the device during the step, so the bound is
+    the one a plan that offloads must meet; the bound without the tier is printed beside it."""
+    args = ["bench", "--model", "llama-30b", "--stages", "8", "--batch", "8", "--max-len", "8192",
+            "--option", "deadline_share=0"]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["memory_lower_bound"] < out["memory_lower_bound_without_host_tier"]
+    assert main([*args, "--host-memory-budget", "0", "--json"]) == 0
+    off = json.loads(capsys.readouterr().out)
+    assert off["memory_lower_bound"] == off["memory_lower_bound_without_host_tier"] == out["memory_lower_bound_without_host_tier"]
+    assert main(args) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("  memory: "))
+    assert f"; without the host tier, {out['memory_lower_bound_without_host_tier'] / GIB:.2f} GiB" in line
