@@ -16,6 +16,7 @@ from infinipipe.contract.model_config import preset
 from infinipipe.contract.shapes import ChunkShape
 from infinipipe.planners.bound import memory_lower_bound
 from infinipipe.planners.epp import RETIME_MARGIN
+from infinipipe.planners.explain import host_tier_lines
 from infinipipe.planners.options import PlannerOptions
 from infinipipe.planners.registry import make_plan
 from infinipipe.planners.request import PlanRequest
@@ -167,7 +168,8 @@ def test_host_tier_plans_fit_both_tiers_never_wait_on_a_copy_and_are_no_slower(l
     it: no backward waits for a copy back), within the device and host budgets, and the plan is no
     slower than EPP's without it (within SEARCH_PATH_TOLERANCE: each search reorders the
     chunkings it ranks best) (an optimizer state whose copy back the last actions' memory
-    holds off may be waited for at the step's end; the simulator charges it)."""
+    holds off may be waited for at the step's end, and its copy out at the start by first
+    actions with no room for it; the simulator charges both)."""
     lengths = sorted(long + short, reverse=True)
     cost = with_link(COST_7B, PUBLISHED_H100_HOST.scaled(factor))
     request = PlanRequest(lengths, cost, stages, memory_gib * GiB, options=FAST, host_memory_budget=host_gib * GiB)
@@ -183,7 +185,8 @@ def test_host_tier_plans_fit_both_tiers_never_wait_on_a_copy_and_are_no_slower(l
     sim = simulate(plan, cost)
     assert sim.feasible, sim.oom
     assert max(sim.peak_host_bytes) <= host_gib * GiB
-    assert max(e - o for e, o in zip(sim.exposed_copy_s, sim.optimizer_wait_s)) == pytest.approx(0.0, abs=1e-9)
+    waited = [e - o - w for e, o, w in zip(sim.exposed_copy_s, sim.optimizer_wait_s, sim.optimizer_out_wait_s)]
+    assert max(waited) == pytest.approx(0.0, abs=1e-9)
     if without is not None:
         assert sim.iteration_time_s <= without.iteration_time_s * (1 + SEARCH_PATH_TOLERANCE)
     assert np.isclose(sum(sim.offloaded_bytes), sum(plan.metadata["offloaded_bytes"]))
@@ -212,6 +215,27 @@ def test_optimizer_state_waits_on_the_host_copied_out_at_the_start_and_back_befo
     # simulator charges that wait, and the search kept the plan as the fastest anyway.
     assert max(e - o for e, o in zip(sim.exposed_copy_s, sim.optimizer_wait_s)) == pytest.approx(0.0, abs=1e-9)
     assert max(sim.optimizer_wait_s) <= 0.01 * sim.iteration_time_s
+
+
+def test_first_actions_without_room_for_the_optimizer_state_wait_for_its_copy_out():
+    """60 GiB for 7B on 2 stages: the state and the longest chunk, which runs first, do not fit
+    together, so those stages start once the state's copy out has ended (no plan fitted before).
+    Played without the wait, the same plan does not fit."""
+    lengths = [16384, 8192, 4096, 2048, 1024, 1024, 512, 512]
+    request = PlanRequest(lengths, COST_7B, 2, 60 * GiB, options=FAST, host_memory_budget=128 * GiB)
+    plan = make_plan("epp", request)
+    waits = plan.metadata["optimizer_out_wait"]
+    sim = simulate(plan, COST_7B)
+    assert any(waits) and max(sim.peak_memory_bytes) <= 60 * GiB
+    for s in (s for s, wait in enumerate(waits) if wait):
+        (out,) = [c for c in sim.copies if c[0] == s and c[1] == "d2h" and c[2] == 0.0]
+        first = min(iv.start_s for iv in sim.intervals if iv.stage == s)
+        assert first >= out[3] > 0.0 and sim.optimizer_out_wait_s[s] <= out[3]
+    eager = simulate(dataclasses.replace(plan, metadata={**plan.metadata, "optimizer_out_wait": [False, False]}),
+                     COST_7B)
+    assert max(eager.peak_memory_bytes) > 60 * GiB
+    waiting = ", ".join(str(s) for s, wait in enumerate(waits) if wait)
+    assert f"(stages {waiting} start once its copy out has ended)" in host_tier_lines(plan.metadata)[0]
 
 
 def test_actions_json_of_an_offloading_plan_round_trip():

@@ -23,7 +23,7 @@ from infinipipe.runtime.batch import Batch
 from infinipipe.runtime.executor import PipelineWorker, RuntimeSettings
 from infinipipe.runtime.launch import launch_local
 from infinipipe.runtime.offload import LATE_COPIES_MS_VAR, LateCopies
-from infinipipe.runtime.optimizer_host import optimizer_back_at
+from infinipipe.runtime.optimizer_host import optimizer_back_at, optimizer_out_wait
 from infinipipe.runtime.parallel_dims import ParallelDims
 from infinipipe.sim.simulator import simulate
 from infinipipe.train.planning import StepPlanner
@@ -46,15 +46,17 @@ LONG = [256, 192, 128]
 
 def _plan(leads: list[int | None] | None, split=SPLIT, long=False) -> Plan:
     """The split chunking in EPP's 1F1B order (or `LONG` in order); ``leads`` (per stage) keep
-    the optimizer state on the host (None: never)."""
+    the optimizer state on the host (None: never); with `OUT_WAIT`'s leads every stage's first
+    action also waits for the copy out."""
     if long:
         plan = sequential_plan([Chunk(i, (Segment(i, 0, n),)) for i, n in enumerate(LONG)], LONG, split)
     else:
         plan = epp_schedule(HAND_CHUNKS["split"], HAND_LENGTHS, len(split), list(split))
     if leads is None:
         return plan
+    wait = {"optimizer_out_wait": [True] * len(split)} if tuple(leads) == OUT_WAIT else {}
     return dataclasses.replace(plan, metadata={**plan.metadata, "offload_optimizer": True,
-                                               "optimizer_reload_lead": list(leads)})
+                                               "optimizer_reload_lead": list(leads), **wait})
 
 
 def train(split, precision, late, leads, steps=STEPS, count=False, long=False):
@@ -85,7 +87,8 @@ def train_cases(cases):
     return [train(*case) for case in cases]
 
 
-LEADS = ([0, 1], [3, None], [len(_plan(None).stage_actions[0]), 2])
+OUT_WAIT = (0, 1)
+LEADS = (list(OUT_WAIT), [3, None], [len(_plan(None).stage_actions[0]), 2])
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +106,9 @@ def runs():
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_optimizer_steps_with_the_state_on_the_host_equal_the_device_ones_bit_for_bit(precision, late, leads, runs):
     """Leads of 0 (copy back after the last action), 1, 3 and every action (back at the first, before
-    the copy out is known done); a stage with lead None keeps its state and moves nothing."""
+    the copy out is known done); a stage with lead None keeps its state and moves nothing; the
+    first leads with every stage's first action waiting for the copy out (late copies: an
+    emptied storage the copy had not read would come back as garbage)."""
     reference, got = runs[precision, late, None], runs[precision, late, tuple(leads)]
     for stage, (ref_steps, steps) in enumerate(zip(reference, got)):
         for step, (ref, run) in enumerate(zip(ref_steps, steps)):
@@ -123,6 +128,11 @@ def test_a_stage_with_lead_none_keeps_its_state_and_offload_optimizer_off_moves_
         optimizer_back_at(dataclasses.replace(plan, metadata={"offload_optimizer": True}), 0)
     with pytest.raises(ValueError, match="outside its"):
         optimizer_back_at(_plan([99, 0]), 0)
+    assert not optimizer_out_wait(plan, 0) and optimizer_out_wait(_plan(list(OUT_WAIT)), 1)
+    waiting = dataclasses.replace(plan, metadata={**plan.metadata, "optimizer_out_wait": [True, True]})
+    assert optimizer_out_wait(waiting, 0) and not optimizer_out_wait(waiting, 1)  # stage 1 keeps its state
+    with pytest.raises(ValueError, match="one entry per stage"):
+        optimizer_out_wait(dataclasses.replace(plan, metadata={**plan.metadata, "optimizer_out_wait": [True]}), 0)
 
 
 def train_without_a_wait(precision):

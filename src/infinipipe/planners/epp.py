@@ -250,14 +250,15 @@ def plan_in_parts(request: PlanRequest, parts: list[list[int]], checkpointing: s
     joined = join_plans([(planned[tuple(request.lengths[i] for i in p)], p) for p in parts], request.lengths,
                         {"planner": PLANNER_NAMES[checkpointing], "memory_budget": float(request.memory_budget),
                          "chunking": "composite", "parts": len(parts), "screened": False, "part_winners": winners})
-    return _joined_host_tier(joined, request, planned[tuple(request.lengths[i] for i in parts[-1])])
+    return _joined_host_tier(joined, request, planned[tuple(request.lengths[i] for i in parts[0])],
+                             planned[tuple(request.lengths[i] for i in parts[-1])])
 
 
-def _joined_host_tier(joined: Plan, request: PlanRequest, last: Plan) -> Plan:
+def _joined_host_tier(joined: Plan, request: PlanRequest, first: Plan, last: Plan) -> Plan:
     """The joined plan with what its parts planned on the host tier: the optimizer state's copy
     back where the last part's planning put it (its windows hold it there), else (the last part
     alone kept the state on the device, all its windows holding it) where the whole step's timing
-    puts it."""
+    puts it. The first part's planning says which stages wait for the state's copy out."""
     cost = request.with_host_tier().cost
     if not cost.host_budget:
         return joined
@@ -266,6 +267,8 @@ def _joined_host_tier(joined: Plan, request: PlanRequest, last: Plan) -> Plan:
         timed = optimizer_back_leads(joined, cost)
         ends = last.metadata.get("optimizer_reload_lead") or [None] * joined.num_stages
         meta["optimizer_reload_lead"] = [timed[s] if lead is None else lead for s, lead in enumerate(ends)]
+        if "optimizer_out_wait" in first.metadata:
+            meta["optimizer_out_wait"] = first.metadata["optimizer_out_wait"]
     return dataclasses.replace(joined, metadata={**joined.metadata, **meta})
 
 

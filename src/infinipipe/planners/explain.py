@@ -64,6 +64,9 @@ def host_tier_lines(meta: dict[str, Any]) -> list[str]:
         return []
     moved, exposed = meta.get("offloaded_bytes") or [], meta.get("exposed_copy_s") or []
     where = "waits on the host during the step" if meta.get("offload_optimizer") else "stays on the device"
+    waiting = [s for s, wait in enumerate(meta.get("optimizer_out_wait") or []) if wait]
+    if waiting:
+        where += f" (stages {', '.join(map(str, waiting))} start once its copy out has ended)"
     lines = [f"host tier ({meta['host_memory_budget'] / 2**30:.0f} GiB per device): the optimizer state {where}"]
     lines += [f"  stage {s}: {b / 2**30:.1f} GiB of saved activations offloaded, {e:.3f}s waited for copies back"
               for s, (b, e) in enumerate(zip(moved, exposed))]

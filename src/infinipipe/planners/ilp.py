@@ -379,6 +379,8 @@ def apply_solution(pp: PlanProblem, c: np.ndarray, info: dict[str, Any]) -> Plan
     extra = {}
     if pp.offload is not None and any(pp.offload.optimizer_out_s):
         extra["optimizer_reload_lead"] = list(pp.offload.optimizer_back_lead)
+        if any(pp.offload.optimizer_out_wait):
+            extra["optimizer_out_wait"] = list(pp.offload.optimizer_out_wait)
     return dataclasses.replace(plan, stage_actions=stage_actions,
                                metadata={**plan.metadata, "checkpointing": meta, **extra})
 

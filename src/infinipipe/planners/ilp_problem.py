@@ -303,6 +303,7 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
     act_bytes = np.array([term(cost.layer_act_bytes, sh) for sh in shapes])
     ckpt_bytes = np.array([term(cost.ckpt_layer_bytes, sh) for sh in shapes])
     back_leads: list[int | None] = list(offload.optimizer_back_lead) if offload is not None else []
+    out_waits = [False] * num_stages
     n_rows = 0
     win_stage, win_start, win_len, win_flat, win_own, win_fwd = [], [], [], [], [], []
     need, full_mem, rows, cols, slope, lcap = [], [], [], [], [], []
@@ -330,7 +331,8 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
         held_full = base[flat] - moved - cap * per_layer[flat]
         if offload is not None and cost.optimizer_on_host:
             least = states + work + grads + extra + np.bincount(row, weights=held_full, minlength=len(lens))
-            states = states + _optimizer_on_device(plan, cost, s, shapes, offload, least, budgets[s], back_leads, memo)
+            states = states + _optimizer_on_device(plan, cost, s, shapes, offload, least, budgets[s], back_leads,
+                                                   out_waits, memo)
         no_ckpt = states + work + grads + np.bincount(row, weights=base[flat] - moved, minlength=len(lens))
         keep = no_ckpt > budgets[s]
         if not keep.any():
@@ -377,7 +379,7 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
     windows = Windows(cat(win_stage, np.int64), cat(win_start, np.int64), cat(win_len, np.int64),
                       cat(win_flat, np.int64), cat(win_own, np.int64), cat(win_fwd, bool))
     if offload is not None:
-        offload = dataclasses.replace(offload, optimizer_back_lead=tuple(back_leads))
+        offload = dataclasses.replace(offload, optimizer_back_lead=tuple(back_leads), optimizer_out_wait=tuple(out_waits))
     cache.problems[key] = PlanProblem(plan=plan, var_of=var_of, windows=windows, full_memory=cat(full_mem, float),
                                       budgets=budgets, problem=problem, elementwise_of=u_of,
                                       offload=offload)
@@ -385,14 +387,19 @@ def build_problem(plan: Plan, cost: CostModel, memory_budget: float | Sequence[f
 
 
 def _optimizer_on_device(plan: Plan, cost: CostModel, stage: int, shapes: list[ChunkShape], offload: Offload,
-                         least: np.ndarray, budget: float, back_leads: list[int], memo: dict) -> np.ndarray:
+                         least: np.ndarray, budget: float, back_leads: list[int], out_waits: list[bool],
+                         memo: dict) -> np.ndarray:
     """Per action of ``stage``: the optimizer state on the device while it runs, where the state
     waits on the host: until its copy out ends (`Offload.optimizer_out_s`; actions back to back
     start no later than they do) and again from the start of its copy back, which begins
     `Offload.optimizer_back_lead` actions before the stage's end, or later where the last
     actions could not hold it even at their ``least`` memory (full recompute): at the latest,
-    after the stage's last action (``back_leads[stage]`` is set to the lead used). A stage
-    whose step is too short for the round trip (lead None) keeps the state all step."""
+    after the stage's last action (``back_leads[stage]`` is set to the lead used). Symmetrically,
+    where the actions the copy out overlaps could not hold it at their least memory, the stage's
+    first action waits for the copy out to end (``out_waits[stage]``), which no action then
+    overlaps: a second or so of the step's start against a plan that has no room for the state
+    beside the batch's longest chunks (which run first). A stage whose step is too short for the
+    round trip (lead None) keeps the state all step."""
     actions = plan.stage_actions[stage]
     start, _ = action_starts(plan, cost, stage, shapes, memo)
     last = plan.num_stages - 1
@@ -403,7 +410,9 @@ def _optimizer_on_device(plan: Plan, cost: CostModel, stage: int, shapes: list[C
     while lead and least[len(actions) - lead:].max() + opt > budget:
         lead -= 1
     back_leads[stage] = lead
-    on_device = np.where(start < offload.optimizer_out_s[stage], opt, 0.0)
+    overlaps = start < offload.optimizer_out_s[stage]
+    out_waits[stage] = bool(overlaps.any() and least[overlaps].max() + opt > budget)
+    on_device = np.where(overlaps & (not out_waits[stage]), opt, 0.0)
     on_device[len(actions) - lead:] = opt if lead else 0.0  # copied back for the optimizer step
     return on_device
 

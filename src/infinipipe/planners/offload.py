@@ -54,11 +54,14 @@ class Offload:
     """A plan's offload on every stage; where the optimizer state waits on the host, how long its
     copy out takes at the step's start (the device holds it until then) and how many actions
     before the stage's end its copy back starts (so the optimizer step need not wait for it;
-    None: the step is too short for the round trip and the state stays on the device)."""
+    None: the step is too short for the round trip and the state stays on the device);
+    ``optimizer_out_wait``: the stages whose first action waits for the copy out to end, where
+    the actions it would overlap cannot hold the state beside their own bytes (empty: none)."""
 
     stages: tuple[StageOffload, ...]
     optimizer_out_s: tuple[float, ...]
     optimizer_back_lead: tuple[int | None, ...]
+    optimizer_out_wait: tuple[bool, ...] = ()
 
 
 

@@ -379,7 +379,8 @@ class TrialBook:
         t0 = time.perf_counter()
         old = base.plan
         # What the old order's checkpointing decided (recompute, when the optimizer state comes back) goes.
-        meta = {k: v for k, v in old.metadata.items() if k not in ("checkpointing", "order", "optimizer_reload_lead")}
+        meta = {k: v for k, v in old.metadata.items() if k not in ("checkpointing", "order", "optimizer_reload_lead",
+                                                                 "optimizer_out_wait")}
         plan = epp_schedule(old.chunks, old.seq_lengths, old.num_stages, old.layers_per_stage, old.pipelines,
                             metadata=meta, validate=False, order=order, cost=self.cost, link=self.request.link)
         leader = self.leader()

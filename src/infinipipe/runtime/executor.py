@@ -33,7 +33,7 @@ from .fsdp import ShardedStage
 from .live_bytes import LiveBytesMeter
 from .nccl_semantics import emulation_from_env
 from .offload import HostTier, Offloader, copy_engine, late_copies_from_env, reload_points
-from .optimizer_host import OptimizerOffload, optimizer_back_at
+from .optimizer_host import OptimizerOffload, optimizer_back_at, optimizer_out_wait
 from .p2p import StageLink, TransferMismatch, plan_digest
 from .p2p_order import input_of, output_of, stage_posts
 from .parallel_dims import ParallelMesh
@@ -267,6 +267,8 @@ class PipelineWorker:
         pipe_start = clock.mark()
         with meter:
             parked.leave()
+            if optimizer_out_wait(plan, stage):
+                parked.wait_out()
             for i, a in enumerate(actions):
                 for cid in reloads.get(i, ()):
                     compute.reload(plan.chunks[cid])

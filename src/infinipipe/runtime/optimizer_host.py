@@ -44,6 +44,17 @@ def optimizer_back_at(plan: Plan, stage: int) -> int | None:
     return n - lead
 
 
+def optimizer_out_wait(plan: Plan, stage: int) -> bool:
+    """Whether the stage's first action waits for the optimizer state's copy out (the plan's
+    actions at the step's start have no room for the state beside their own bytes)."""
+    waits = plan.metadata.get("optimizer_out_wait")
+    if waits is None:
+        return False
+    if len(waits) != plan.num_stages:
+        raise ValueError(f"the plan's optimizer_out_wait is {waits!r}, not one entry per stage ({plan.num_stages})")
+    return bool(waits[stage]) and optimizer_back_at(plan, stage) is not None
+
+
 @dataclass
 class _Parked:
     """One device storage of the optimizer state: ``source`` keeps its bytes alive until the copy
@@ -105,6 +116,14 @@ class OptimizerOffload:
         live_bytes.storage_emptied(p.storage)
         p.source = None
         p.storage.resize_(0)
+
+    def wait_out(self) -> None:
+        """The compute stream waits for every copy out, and the storages are emptied: what runs
+        next holds none of the state (its blocks are reused only after the copies read them)."""
+        for p in self._parked:
+            if p.source is not None:
+                self.copies.compute_waits(p.copied_out)
+                self._empty(p)
 
     def back(self) -> None:
         """Start the copy back: a storage whose copy out is not known to be done is waited for

@@ -76,6 +76,7 @@ class SimResult:
     offloaded_bytes: tuple[float, ...] = ()
     exposed_copy_s: tuple[float, ...] = ()
     optimizer_wait_s: tuple[float, ...] = ()
+    optimizer_out_wait_s: tuple[float, ...] = ()
     host_memory_budget: float | None = None
     copies: tuple[tuple[int, str, float, float], ...] = ()
     step_fsdp_s: tuple[tuple[float, float], ...] = ()
@@ -149,6 +150,7 @@ class SimResult:
             "offloaded_bytes": list(self.offloaded_bytes),
             "exposed_copy_s": list(self.exposed_copy_s),
             "optimizer_wait_s": list(self.optimizer_wait_s),
+            "optimizer_out_wait_s": list(self.optimizer_out_wait_s),
             "host_memory_budget": self.host_memory_budget,
             "oom": [{"stage": o.stage, "time_s": o.time_s, "over_bytes": o.over_bytes, "tier": o.tier,
                      "message": str(o)} for o in self.oom],
@@ -246,6 +248,7 @@ def simulate(plan: Plan, cost: CostModel, memory_budget: float | None = None,
         offloaded_bytes=tuple(run.offloaded_bytes),
         exposed_copy_s=tuple(run.exposed_copy_s),
         optimizer_wait_s=tuple(run.optimizer_wait_s),
+        optimizer_out_wait_s=tuple(run.optimizer_out_wait_s),
         host_memory_budget=None if host_budget is None else float(host_budget),
         copies=tuple(run.copies),
         step_fsdp_s=tuple(run.step_fsdp_s),
@@ -360,6 +363,7 @@ class _Run:
     offloaded_bytes: list[float]
     exposed_copy_s: list[float]
     optimizer_wait_s: list[float]
+    optimizer_out_wait_s: list[float]
     copies: list[tuple[int, str, float, float]]
     step_fsdp_s: list[tuple[float, float]]
 
@@ -369,7 +373,8 @@ class _HostTier:
     ahead of backwards (`Action.offload_layers`, `Action.reload_lead`), and the optimizer state
     copied out at the step's start and back from the start of the action
     ``metadata.optimizer_reload_lead`` places before the stage's end (`optimizer_back_leads`
-    where the plan does not say)."""
+    where the plan does not say); a stage ``metadata.optimizer_out_wait`` marks starts its first
+    action once the copy out has ended."""
 
     def __init__(self, plan: Plan, cost: CostModel, shapes: list[ChunkShape]):
         link = cost.host_link
@@ -387,10 +392,12 @@ class _HostTier:
         self.optimizer = [0.0 if lead is None else nbytes for nbytes, lead in zip(opt, leads)]
         self.kept = [nbytes if lead is None else 0.0 for nbytes, lead in zip(opt, leads)]
         self.optimizer_back_at = [len(actions) - (lead or 0) for actions, lead in zip(plan.stage_actions, leads)]
+        self.out_wait = plan.metadata.get("optimizer_out_wait") or [False] * stages
         self.optimizer_out: list[Copy | None] = [None] * stages
         self.optimizer_in: list[Copy | None] = [None] * stages
         self.exposed = [0.0] * stages
         self.optimizer_wait = [0.0] * stages
+        self.optimizer_out_wait = [0.0] * stages
         for s, actions in enumerate(plan.stage_actions):
             n = plan.layers_per_stage[s]
             moved = {a.chunk_id: cost.offloaded_bytes(shapes[a.chunk_id], n, a.recompute_layers, a.elementwise_layers,
@@ -410,6 +417,13 @@ class _HostTier:
 
     def before(self, stage: int, index: int, kind: str, cid: int, start: float) -> float:
         """Release the copies back that start with this action; return when it can start."""
+        out = self.optimizer_out[stage]
+        if index == 0 and self.out_wait[stage] and out is not None:
+            self.lanes[stage].finish(out)
+            if out.done_s > start:
+                self.exposed[stage] += out.done_s - start
+                self.optimizer_out_wait[stage] = out.done_s - start
+                start = out.done_s
         for c in self.reload_at[stage].get(index, ()):
             self.back[stage][c] = self.lanes[stage].add("h2d", start, self.moved[stage][c], self.out[stage][c])
         if index == self.optimizer_back_at[stage] and self.optimizer[stage]:
@@ -546,4 +560,4 @@ def _play(plan: Plan, cost: CostModel, link: LinkModel | None, record: bool) -> 
         moved.append(m)
         copies += c
     return _Run(shapes, busy, recompute, max(ends), intervals, device, host, moved, list(tier.exposed),
-                list(tier.optimizer_wait), copies, fsdp)
+                list(tier.optimizer_wait), list(tier.optimizer_out_wait), copies, fsdp)
