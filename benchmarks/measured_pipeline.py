@@ -169,18 +169,32 @@ HOST_TOLERANCE = 0.05
 CHECK_SHAPES = (ChunkShape((512,)), ChunkShape((1024,)), ChunkShape((256,) * 4))
 
 
+def speed_ratio(model: str, prof: Profile, wall: bool = False) -> float:
+    """A layer's forward and backward here over ``prof``'s prediction (the median over
+    CHECK_SHAPES): the measuring thread's CPU time, as profiles are timed, or with ``wall`` the
+    wall clock, which also counts the time other processes hold the cores."""
+    torch.set_num_threads(1)
+    bench = LayerBench(preset(model), layers=1, warmup=2, reps=5)
+    ratios = []
+    for shape in CHECK_SHAPES:
+        runs = []
+        for _ in range(bench.warmup + bench.reps):
+            t0 = time.perf_counter()
+            fwd, bwd = bench.time_once(shape)
+            runs.append((fwd, bwd, (time.perf_counter() - t0) * 1e3))
+        runs = runs[bench.warmup:]
+        measured = (statistics.median(w for *_, w in runs) if wall
+                    else statistics.median(f for f, *_ in runs) + statistics.median(b for _, b, _ in runs))
+        ratios.append(measured / (prof.layer_fwd(shape) + prof.layer_bwd(shape)))
+    return statistics.median(ratios)
+
+
 def profile_for_this_host(model: str, longest: int) -> tuple[Profile, str]:
     """The committed CPU profile if this machine runs its layer shapes within HOST_TOLERANCE of
     it (with the runtime's per-action overhead measured here added), else a fresh profile of
     this machine: a CPU profile does not carry over between hosts."""
     cfg, prof = preset(model), default_profile(model)
-    bench = LayerBench(cfg, layers=1, warmup=2, reps=5)
-    ratios = []
-    for shape in CHECK_SHAPES:
-        runs = [bench.time_once(shape) for _ in range(bench.warmup + bench.reps)][bench.warmup:]
-        measured = statistics.median(f for f, _ in runs) + statistics.median(b for _, b in runs)
-        ratios.append(measured / (prof.layer_fwd(shape) + prof.layer_bwd(shape)))
-    ratio = statistics.median(ratios)
+    ratio = speed_ratio(model, prof)
     if abs(ratio - 1) <= HOST_TOLERANCE:
         fwd, bwd = measure_action_overhead(cfg, "cpu", "float32", prof.layer_fwd, prof.layer_bwd)
         prof = dataclasses.replace(prof, action_fwd=LinearTerm({"chunk": fwd}), action_bwd=LinearTerm({"chunk": bwd}))
@@ -197,27 +211,10 @@ TIME_TERMS = ("layer_fwd", "layer_bwd", "head_fwd", "head_bwd", "embed_fwd", "em
               "layer_elementwise_ms")
 
 
-def wall_ratio(model: str, prof: Profile) -> float:
-    """Wall time of a layer's forward and backward over ``prof``'s prediction, in one of the
-    processes that run at once: profiles time the measuring thread's CPU time, which leaves out
-    the time other processes hold the cores; a pipeline's stages are timed on the wall clock."""
-    torch.set_num_threads(1)
-    bench = LayerBench(preset(model), layers=1, warmup=2, reps=5)
-    ratios = []
-    for shape in CHECK_SHAPES:
-        walls = []
-        for _ in range(bench.warmup + bench.reps):
-            t0 = time.perf_counter()
-            bench.time_once(shape)
-            walls.append((time.perf_counter() - t0) * 1e3)
-        ratios.append(statistics.median(walls[bench.warmup:]) / (prof.layer_fwd(shape) + prof.layer_bwd(shape)))
-    return statistics.median(ratios)
-
-
 def under_load(prof: Profile, model: str, stages: int) -> tuple[Profile, float]:
     """``prof`` with every time term scaled to the wall time its layers take here while
     ``stages`` processes run them at once (the pipeline's condition)."""
-    factor = statistics.median(launch_local(wall_ratio, stages, (model, prof), timeout_s=600))
+    factor = statistics.median(launch_local(speed_ratio, stages, (model, prof, True), timeout_s=600))
     scaled = {name: LinearTerm({k: v * factor for k, v in term.coef.items()})
               for name in TIME_TERMS if (term := getattr(prof, name)) is not None}
     return dataclasses.replace(prof, **scaled), factor

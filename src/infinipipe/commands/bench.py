@@ -85,12 +85,12 @@ def run(args: argparse.Namespace) -> int:
         rows |= compare_sp_baselines(cost, lengths, sp_gpus, budget, options)
     floor = compute_floor_s(cost, lengths, args.stages)
     layers = balance_layers(cost, args.stages)
-    bound = memory_lower_bound(cost.with_host_tier(host, layers) if host else cost, layers, lengths)
-    device_only = memory_lower_bound(cost, layers, lengths) if host and cost.host_link else None
+    bound = memory_lower_bound(cost.with_host_tier(host, layers), layers, lengths)
+    device_only = memory_lower_bound(cost, layers, lengths)
     if args.json:
         print(json.dumps({"simulated": True, "profile": name, "layout": cost.layout.to_json(), "rows": rows,
                           "compute_floor_s": floor, "memory_lower_bound": bound.bytes,
-                          "memory_lower_bound_without_host_tier": (device_only or bound).bytes}, indent=1, default=str))
+                          "memory_lower_bound_without_host_tier": device_only.bytes}, indent=1, default=str))
         return 0
     origin = f"derived from {profile.derived_from}" if profile.derived_from else profile.source.split(";")[0]
     shown = args.hf_path or args.model or BENCH_MODEL
@@ -106,8 +106,7 @@ def run(args: argparse.Namespace) -> int:
     versus = f"; epp runs at {epp['iteration_time_s'] / floor:.2f}x it" if epp["planned"] and epp["feasible"] else ""
     print(f"  no plan of this batch beats {floor:.2f}s: the busiest stage's forward and backward of every "
           f"token, as one chunk, with no bubble or recompute{versus}")
-    without = (f"; without the host tier, {format_bytes(device_only.bytes)}"
-               if device_only is not None and device_only.bytes != bound.bytes else "")
+    without = f"; without the host tier, {format_bytes(device_only.bytes)}" if device_only.bytes != bound.bytes else ""
     print(f"  memory: {bound}{without}")
     for name in ("epp", UNLIMITED_MEMORY):
         if rows.get(name, {}).get("planned"):

@@ -129,10 +129,8 @@ class OptimizerOffload:
         """Start the copy back: a storage whose copy out is not known to be done is waited for
         (the compute stream, not the host) and emptied first, then every storage is refilled on
         the compute stream and copied into after its copy out."""
+        self.wait_out()
         for p in self._parked:
-            if p.source is not None:
-                self.copies.compute_waits(p.copied_out)
-                self._empty(p)
             self.copies.refill(p.storage, p.nbytes)
             live_bytes.storage_refilled(p.storage)
             p.copied_in = self.copies.copy(bytes_of(p.storage, self.device), p.host, "in", [p.copied_out])
