@@ -158,6 +158,8 @@ def test_the_host_tier_lowers_the_memory_bound_to_the_store_that_never_moves():
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @example(long=[16384, 18719, 51026], short=[124, 757, 266, 734, 443, 363, 64, 196, 64, 845, 64, 536, 64], stages=8,
          memory_gib=64, factor=1.0, host_gib=8)  # an order that only ties 1F1B gains once W actions are on
+@example(long=[25437, 19014], short=[1664, 64, 5974, 64, 64, 64], stages=8, memory_gib=40, factor=1.0,
+         host_gib=8)  # every W-less timed order pruned just past the margin, its W variants 7% faster
 @given(long=st.lists(st.integers(16384, 96 * 1024), min_size=1, max_size=3),
        short=st.lists(st.integers(64, 6000), min_size=4, max_size=30),
        stages=st.sampled_from([4, 8]), memory_gib=st.sampled_from([40, 64]), factor=st.sampled_from([1.0, 0.5]),

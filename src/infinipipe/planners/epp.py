@@ -429,7 +429,7 @@ class _Search(TrialBook):
         """``base`` reordered: the lead of light chunks on a grid of the stage count, then the best
         lead with more slack, then the best orders of the two best leads with weight gradients
         deferred (`DEFER_CAPS`). The simulator judges; all but the lead grid is skipped where its
-        best lost by more than RETIME_MARGIN (memory binds: more in flight only adds recompute),
+        best was planned and lost by more than RETIME_MARGIN (memory binds: more in flight only adds recompute),
         and all of it where no order could gain that much."""
         # No order makes a stage's own work shorter: where the base is already within
         # RETIME_MARGIN of its busiest stage's recompute-free work, no reordering can pay.
@@ -439,10 +439,12 @@ class _Search(TrialBook):
         stages = len(self.layers)
         leads = sorted({0, max(stages // 2, 1), stages, 3 * stages // 2})
         # An order pruned for tying the leader without W actions may still gain with them: the
-        # grid goes by what each order could reach.
+        # grid goes by what each order could reach, and only a planned order that lost (memory
+        # binds: its recompute) ends it; a pruned one's floor says nothing of its W variants,
+        # which are pruned on their own floors at the cost of a simulation.
         tried = [self.reordered(base, Order("timed", lead)) for lead in leads]
         best = min(tried, key=lambda t: t.reach_s())
-        if best.reach_s() > base.sim.iteration_time_s * (1 + RETIME_MARGIN):
+        if best.feasible and best.sim.iteration_time_s > base.sim.iteration_time_s * (1 + RETIME_MARGIN):
             return
         tried.append(self.reordered(base, Order("timed", best.candidate.order.lead, SLACK)))
         # Weight gradients left to W actions where a stage would wait: the stash they keep until
