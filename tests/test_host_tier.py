@@ -215,11 +215,14 @@ def test_optimizer_state_waits_on_the_host_copied_out_at_the_start_and_back_befo
     # step, the same plan would need more.
     held = simulate(dataclasses.replace(plan, metadata={**plan.metadata, "offload_optimizer": False}), COST_7B)
     assert max(held.peak_memory_bytes) > max(sim.peak_memory_bytes)
-    # No backward waits for a copy. The state's copy back may end a moment after the last action
-    # where what the stage's last W actions hold keeps it off the device until they are done: the
-    # simulator charges that wait, and the search kept the plan as the fastest anyway.
+    # No backward waits for a copy. The state's copy back may end after the last action where
+    # what the stage's last W actions hold keeps it off the device until they are done: the
+    # simulator charges that wait, and the search kept the plan as the fastest anyway. The wait is
+    # then the tail of the last copy back, which starts no later than the stage's last action ends.
     assert max(e - o for e, o in zip(sim.exposed_copy_s, sim.optimizer_wait_s)) == pytest.approx(0.0, abs=1e-9)
-    assert max(sim.optimizer_wait_s) <= 0.01 * sim.iteration_time_s
+    for s, wait in enumerate(sim.optimizer_wait_s):
+        last_back = max((c for c in sim.copies if c[0] == s and c[1] == "h2d"), key=lambda c: c[3])
+        assert wait <= last_back[3] - last_back[2] + 1e-9, f"stage {s} waited {wait:.3f}s, longer than its last copy back"
 
 
 def test_first_actions_without_room_for_the_optimizer_state_wait_for_its_copy_out():

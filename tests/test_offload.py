@@ -24,6 +24,7 @@ CFG = ModelConfig(vocab_size=97, hidden=32, layers=5, heads=4, kv_heads=2, ffn=6
 TOL = {torch.float64: 1e-5, torch.float32: 1e-4}
 CPU = torch.device("cpu")
 SPLIT = (2, 3)
+LOSS_BLOCK = 16
 
 
 def _batch(seed=5):
@@ -137,13 +138,15 @@ def test_offloading_lowers_the_device_peak_by_what_waits_on_the_host(whole, elem
     when the reload of the chunk before it has started: the device then holds four chunks' moved
     bytes fewer, and the host held all five's at the end of the forwards (within 10%, the memory
     accounting's tolerance: after other tests in the process a run's peak can differ by one of its
-    tensors). A run first warms up: what a first run creates and caches is not the plan's."""
+    tensors). A run first warms up: what a first run creates and caches is not the plan's. The loss
+    runs in small blocks: its logits, formed in the last chunk's forward, would otherwise peak there,
+    where every earlier chunk waits on the host."""
     lengths = [64] * 5 + [256]
     chunks = [Chunk(i, (Segment(i, 0, n),)) for i, n in enumerate(lengths)]
     g = torch.Generator().manual_seed(0)
     batch = Batch(tuple(torch.randint(0, CFG.vocab_size, (n,), generator=g) for n in lengths))
     base = sequential_plan(chunks, lengths, [CFG.layers], {c.id: whole for c in chunks})
-    run_plan_local(base, build_stages(CFG, [CFG.layers]), batch, late_copies=False)
+    run_plan_local(base, build_stages(CFG, [CFG.layers]), batch, late_copies=False, loss_block_tokens=LOSS_BLOCK)
     peaks = []
     for off in (0, offloaded):
         actions = tuple(dataclasses.replace(
@@ -152,7 +155,7 @@ def test_offloading_lowers_the_device_peak_by_what_waits_on_the_host(whole, elem
         plan = dataclasses.replace(base, stage_actions=(actions,))
         with LiveBytesMeter(CPU) as meter:
             run_plan_local(plan, build_stages(CFG, [CFG.layers]), batch, host_tiers=[HostTier(CPU, 1 << 24)],
-                           late_copies=False)
+                           late_copies=False, loss_block_tokens=LOSS_BLOCK)
         peaks.append((meter.peak, meter.host_peak))
     (device, host), (device_offloaded, host_offloaded) = peaks
     assert host == 0 and host_offloaded > 0

@@ -439,24 +439,23 @@ class CostModel:
     def chunk_memory(self, shape: ChunkShape, n_layers: int, first: bool = False, last: bool = False) -> ChunkMemory:
         """What a chunk holds on a stage during its forward, between, and during its backward.
 
-        The running action's transient is the larger of the layers' (their output or incoming
-        gradient, a backward's work, a checkpointed forward's intermediates, a rematerialised
-        layer) and, on the last stage, the loss's: the two run one after the other.
+        The running action's transient is its layers' (their output or incoming gradient, a
+        backward's work, a checkpointed forward's intermediates, a rematerialised layer) or, in a
+        forward on the last stage when larger, the loss's: its working memory beside the last
+        layer's output, whose gradient it forms (`model.loss`). The loss's backward forms nothing.
         """
         base = self.activation_bytes(shape, n_layers, 0, first, last)
         slope = self.layer_act_bytes(shape) - self.ckpt_layer_bytes(shape)
         e_slope = self.elementwise_saved_bytes(shape)
         boundary = self.boundary_bytes(shape)
-        head = self.head_work_bytes(shape) if last else 0.0
-        fwd = max(head, boundary)
+        fwd = boundary + (self.head_work_bytes(shape) if last else 0.0)
         fwd_full = max(fwd, self._layer_fwd_work_bytes(shape))
-        bwd_layers = self._layer_bwd_work_bytes(shape) + boundary
-        bwd = max(head, bwd_layers)
+        bwd = self._layer_bwd_work_bytes(shape) + boundary
         # What a layer brings back (all it does not keep, or an elementwise layer's part) adds to
-        # the forward up to its no-grad work, and to the backward beyond the loss's working memory.
+        # the forward up to its no-grad work, and to the backward whole.
         return ChunkMemory(n_layers, base, slope, fwd_work=fwd, fwd_extra=min(fwd_full - fwd, slope),
-                           bwd_work=bwd, bwd_extra=max(head, bwd_layers + slope) - bwd, e_slope=e_slope,
-                           fwd_e_extra=min(fwd_full - fwd, e_slope), bwd_e_extra=max(head, bwd_layers + e_slope) - bwd)
+                           bwd_work=bwd, bwd_extra=slope, e_slope=e_slope,
+                           fwd_e_extra=min(fwd_full - fwd, e_slope), bwd_e_extra=e_slope)
 
     def head_work_bytes(self, shape: ChunkShape) -> float:
         """Transient working memory of the blocked loss on the last stage.
@@ -472,16 +471,19 @@ class CostModel:
         Sharded over ``fsdp`` ranks once per step: gathered weights and accumulated gradients are
         whole, the optimizer state and a master copy of the weights are sharded. Per chunk (ZeRO-3,
         the paper's Eqs. 5-10): everything is sharded, plus two gathered layers (the one computing
-        and the one prefetched) and one layer's whole gradients.
+        and the one prefetched) and one layer's whole gradients. The last stage also holds the
+        final norm's and LM head's weight gradients that the loss forms in forward, whole and in
+        the computing weights' dtype, until a backward takes them (`model.loss.HeadGradients`).
         """
         params = self._stage_params(n_layers, first, last)
         opt, d = self.optimizer, self.layout.fsdp
+        head = self._head_grad_bytes(last)
         if d == 1:
-            return params * opt.per_param
+            return params * opt.per_param + head
         if not self.layout.reshard_per_chunk:
-            return params * (opt.param_bytes + opt.grad_bytes) + params * (opt.param_bytes + opt.state_bytes) / d
+            return params * (opt.param_bytes + opt.grad_bytes) + params * (opt.param_bytes + opt.state_bytes) / d + head
         layer = self.model.layer_params()
-        return params * opt.per_param / d + layer * (2 * opt.param_bytes + opt.grad_bytes)
+        return params * opt.per_param / d + layer * (2 * opt.param_bytes + opt.grad_bytes) + head
 
     def model_state_bytes(self, n_layers: int, first: bool = False, last: bool = False) -> float:
         """What a stage keeps on the device through a step: `all_model_state_bytes` less the
@@ -530,11 +532,19 @@ class CostModel:
 
     def grad_bytes(self, n_layers: int, first: bool = False, last: bool = False) -> float:
         """The part of `model_state_bytes` a step allocates itself: its gradients (set to None
-        between steps), whole where they accumulate before a once-per-step reduce-scatter."""
+        between steps), whole where they accumulate before a once-per-step reduce-scatter, and
+        on the last stage the loss's weight gradients waiting for a backward."""
         params = self._stage_params(n_layers, first, last)
+        head = self._head_grad_bytes(last)
         if self.layout.fsdp > 1 and self.layout.reshard_per_chunk:
-            return params * self.optimizer.grad_bytes / self.layout.fsdp + self.model.layer_params() * self.optimizer.grad_bytes
-        return params * self.optimizer.grad_bytes
+            return (params * self.optimizer.grad_bytes / self.layout.fsdp
+                    + self.model.layer_params() * self.optimizer.grad_bytes + head)
+        return params * self.optimizer.grad_bytes + head
+
+    def _head_grad_bytes(self, last: bool) -> float:
+        """The final norm's and LM head's weight gradients the loss forms in forward (whole, in the
+        computing weights' dtype), held until a backward takes them: `model.loss.HeadGradients`."""
+        return (self.model.vocab_size + 1) * self.model.hidden * self.optimizer.param_bytes if last else 0.0
 
     def check_range(self, shape: ChunkShape) -> None:
         """Warn when a chunk lies far outside the shapes the profile was fitted on."""

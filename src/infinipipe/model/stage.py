@@ -13,7 +13,7 @@ from ..contract.cost import LOSS_BLOCK_TOKENS
 from ..contract.model_config import ModelConfig
 from .kv_store import LayerKV
 from .layers import ChunkMeta, DecoderLayer, FusedLinear, HeadExchange, RMSNorm
-from .loss import blocked_cross_entropy
+from .loss import HeadGradients, blocked_cross_entropy
 
 
 class StageModel(nn.Module):
@@ -44,7 +44,8 @@ class StageModel(nn.Module):
                 shard: HeadExchange | None = None, recompute_layers: int = 0, labels: torch.Tensor | None = None,
                 normaliser: int = 1, loss_block_tokens: int = LOSS_BLOCK_TOKENS,
                 elementwise_layers: int = 0, offload_layers: int = 0,
-                offload_hooks: AbstractContextManager | None = None) -> torch.Tensor:
+                offload_hooks: AbstractContextManager | None = None,
+                head_grads: HeadGradients | None = None) -> torch.Tensor:
         """One chunk through the stage: token ids in on the first stage, hidden states otherwise; the
         chunk's loss (its token losses over ``normaliser``) out of the last stage, hidden states otherwise.
 
@@ -52,7 +53,9 @@ class StageModel(nn.Module):
         recompute only their elementwise parts (`DecoderLayer`): backward reaches them after the
         stored layers have freed their activations. The last ``offload_layers`` layers, whatever
         their mode, run inside ``offload_hooks`` (saved-tensor hooks that move what they save to
-        the host; a recomputed layer's checkpoint saves its input under them). The whole chunk is
+        the host; a recomputed layer's checkpoint saves its input under them). The loss forms its
+        weights' gradients in forward and adds them to ``head_grads`` (`blocked_cross_entropy`):
+        a stage running many chunks passes one for all of them. The whole chunk is
         one call of the module, so wrappers that hook ``forward`` (FSDP) see one forward per chunk.
         """
         h = self.embed_tokens(x) if self.first else x
@@ -67,12 +70,7 @@ class StageModel(nn.Module):
         meta.forget_rope()
         if not self.last:
             return h
-        out = blocked_cross_entropy(h, self.norm, self.head, labels, normaliser, loss_block_tokens)
-        if shard is not None and not out.requires_grad:
-            # This rank's share of the chunk holds no token, but its backward must still take part
-            # in the SP group's all-to-alls.
-            out = out + 0 * h.sum()
-        return out
+        return blocked_cross_entropy(h, self.norm, self.head, labels, normaliser, loss_block_tokens, head_grads)
 
     def ordered_layers(self) -> list[DecoderLayer]:
         return [self.layers[str(i)] for i in self.layer_ids]

@@ -169,18 +169,19 @@ def flops_head_terms(cfg: ModelConfig, dtype: str, matmul_tflops: float,
                      block_tokens: int = LOSS_BLOCK_TOKENS) -> dict[str, LinearTerm]:
     """Head and embedding terms where only a matmul throughput is known.
 
-    The LM head is a ``hidden x vocab`` matmul (2 FLOPs per weight per token forward); the
-    blocked loss recomputes the logits in backward and then forms both gradients: 6 FLOPs per
-    weight per token. The embedding does no FLOPs: its forward gathers rows and its backward
-    fills a dense ``vocab x hidden`` gradient once per chunk, both at memory bandwidth.
+    The LM head is a ``hidden x vocab`` matmul; the loss forms the logits and both their
+    gradients in forward (`model.loss`): 6 FLOPs per weight per token. Its backward only scales
+    what forward kept, at memory bandwidth: the hidden states' gradient per token and the head's
+    weight gradient once per chunk. The embedding does no FLOPs: its forward gathers rows and its
+    backward fills a dense ``vocab x hidden`` gradient once per chunk, both at memory bandwidth.
     """
     ms_per_flop = 1e3 / (matmul_tflops * 1e12)
     head = cfg.hidden * cfg.vocab_size
     b = DTYPE_BYTES[dtype]
     ms_per_byte = 1e3 / bytes_per_s
     return {
-        "head_fwd": LinearTerm({"tokens": 2 * head * ms_per_flop}),
-        "head_bwd": LinearTerm({"tokens": 6 * head * ms_per_flop}),
+        "head_fwd": LinearTerm({"tokens": 6 * head * ms_per_flop}),
+        "head_bwd": LinearTerm({"tokens": 2 * cfg.hidden * b * ms_per_byte, "chunk": 2 * head * b * ms_per_byte}),
         "embed_fwd": LinearTerm({"tokens": 2 * cfg.hidden * b * ms_per_byte}),
         "embed_bwd": LinearTerm({"tokens": 2 * cfg.hidden * b * ms_per_byte,
                                  "chunk": 3 * cfg.embedding_params() * b * ms_per_byte}),

@@ -23,6 +23,7 @@ from ..contract.cost import LOSS_BLOCK_TOKENS
 from ..contract.ir import Chunk
 from ..model.kv_store import LayerKV
 from ..model.layers import ChunkMeta, WeightGrads, deferring
+from ..model.loss import HeadGradients
 from ..model.stage import StageModel
 from .batch import Batch
 from .offload import HostTier, Offloader, copy_engine
@@ -72,6 +73,7 @@ class StageCompute:
         self._live: dict[int, _Live] = {}
         self._kv: dict[int, _SequenceKV] = {}
         self._weights: dict[int, WeightGrads] = {}
+        self._head_grads = HeadGradients()
         self.offloader = offloader or Offloader(copy_engine(self.device), HostTier(self.device), self.device)
 
     def _split(self, chunk: Chunk):
@@ -136,7 +138,7 @@ class StageCompute:
             kv = [t for store in stores or () for t in (store.k, store.v)]
             hooks = self.offloader.saving(chunk.id, lambda: [*meta.shared_tensors(), *kv])
         out = model(x, meta, stores, shard, recompute_layers, labels, self.normaliser, self.loss_block_tokens,
-                    elementwise_layers, offload_layers, hooks)
+                    elementwise_layers, offload_layers, hooks, self._head_grads)
         self._live[chunk.id] = _Live(inp, out)
         if offload_layers:
             self.offloader.offload(chunk.id)
@@ -154,8 +156,11 @@ class StageCompute:
         self.offloader.reload(chunk.id)
 
     def finish(self) -> None:
-        """End of the step: no copy of this stage is left running."""
+        """End of the step: no copy of this stage is left running, and every gradient the loss
+        formed in forward went to a backward."""
         self.offloader.finish()
+        if not self._head_grads.empty:
+            raise ValueError("the LM head's weight gradient formed in forward was left without a backward to take it")
 
     def backward(self, chunk: Chunk, grad: torch.Tensor | None = None, defer: bool = False) -> torch.Tensor | None:
         """Runs the chunk's backward; returns the gradient of its input (None on the first stage).
