@@ -1,6 +1,8 @@
 """Start the processes of a job: a local launcher for one machine, and torchrun's environment.
 
-The local launcher spawns one process per rank with a localhost rendezvous, sets the collective
+The local launcher spawns one process per rank with a rendezvous in a file of its results folder
+(a TCP port picked free could be taken, by another job's connection, before rank 0 listened on
+it), sets the collective
 timeout and threads per process, and watches them: the first rank that raises or dies gets the
 others killed at once, and `RankFailed` names it with its own traceback (ranks that only saw
 their peer vanish are not blamed; when peers time out waiting, the rank that neither finished
@@ -25,7 +27,6 @@ import os
 import pickle
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -66,12 +67,6 @@ class RankFailed(RuntimeError):
         return f"rank {self.rank} failed: {self.last_line}"
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Inherited:
     """A file descriptor a rank holds open, the same open file as the launcher's (a spawned
     process keeps only descriptors registered while it is pickled)."""
@@ -92,7 +87,6 @@ class _Job:
     fn: Callable[..., Any]
     args: tuple
     world_size: int
-    port: int
     backend: str
     threads: int
     timeout_s: float
@@ -106,7 +100,7 @@ def _child(rank: int, job: _Job) -> None:
     try:
         exit_with_parent(job.parent_pid, signal.SIGKILL)  # nothing to save until it runs ``fn``
         torch.set_num_threads(job.threads)
-        dist.init_process_group(job.backend, init_method=f"tcp://127.0.0.1:{job.port}", rank=rank,
+        dist.init_process_group(job.backend, init_method=(out / "rendezvous").as_uri(), rank=rank,
                                 world_size=job.world_size, timeout=datetime.timedelta(seconds=job.timeout_s))
         try:
             exit_with_parent(job.parent_pid)  # from here a stop, so it can write a checkpoint
@@ -156,7 +150,7 @@ def launch_local(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, backe
         raise ValueError(f"threads must be >= 1, got {threads}")
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="infinipipe-launch-") as outdir:
-        job = _Job(fn, tuple(args), nprocs, free_port(), backend, threads, collective_timeout_s, outdir, os.getpid(),
+        job = _Job(fn, tuple(args), nprocs, backend, threads, collective_timeout_s, outdir, os.getpid(),
                    tuple(_Inherited(fd) for fd in inherit_fds))
         procs = [ctx.Process(target=_child, args=(r, job), daemon=False) for r in range(nprocs)]
         try:
