@@ -15,6 +15,9 @@ so before simulating, every time term of the profile is scaled by the wall time 
 here with as many processes running layers at once as the pipeline has stages (printed). On a
 machine with fewer free cores than stages measured times are longer for that reason alone.
 
+The link between stage processes is measured first (a gloo ping-pong of a small and a large
+tensor: latency and bandwidth, printed) and every planner and the simulator price sends on it.
+
 The committed CPU profile is used only if this machine runs its layer shapes within 5% of it
 (the runtime's per-action overhead is then measured here and added); otherwise the machine is
 re-profiled first, and the output says which.
@@ -57,8 +60,38 @@ from infinipipe.runtime.parallel_dims import ParallelDims
 from infinipipe.sim.simulator import simulate
 
 PLANNERS = ("epp", "batch-1f1b", "seq1f1b")
-# Loopback gloo between processes on one machine: measured order of magnitude, not a profile.
-LOCAL_LINK = LinkModel(latency_s=100e-6, bandwidth_Bps=1e9)
+PING_BYTES = (256, 4 << 20)
+
+
+def ping_pong(reps: int = 30) -> list[float]:
+    """Median seconds of a one-way gloo send between ranks 0 and 1 (half a round trip), per size
+    in PING_BYTES: what a stage's send to the next stage costs here."""
+    rank = dist.get_rank()
+    out = []
+    for size in PING_BYTES:
+        x = torch.zeros(size // 4)
+        times = []
+        for _ in range(reps + 3):
+            dist.barrier()
+            t0 = time.perf_counter()
+            if rank == 0:
+                dist.send(x, 1)
+                dist.recv(x, 1)
+            elif rank == 1:
+                dist.recv(x, 0)
+                dist.send(x, 0)
+            times.append((time.perf_counter() - t0) / 2)
+        out.append(statistics.median(times[3:]))
+    return out
+
+
+def measure_link(stages: int) -> LinkModel:
+    """The link between this machine's stage processes (loopback gloo, one thread each), from a
+    small and a large ping-pong: latency and bandwidth, as the simulator prices a send."""
+    small, large = launch_local(ping_pong, stages, (), timeout_s=120)[0]
+    latency = small
+    bandwidth = (PING_BYTES[1] - PING_BYTES[0]) / max(large - small, 1e-9)
+    return LinkModel(latency_s=latency, bandwidth_Bps=bandwidth)
 
 
 def skewed_lengths(seed: int, longest: int = 2048) -> list[int]:
@@ -68,12 +101,12 @@ def skewed_lengths(seed: int, longest: int = 2048) -> list[int]:
             + [rng.randint(8, 64) for _ in range(12)])
 
 
-def in_orders(plan, cost, memory) -> dict[str, object]:
+def in_orders(plan, cost, memory, link) -> dict[str, object]:
     """``plan``'s chunks and pipelines in the 1F1B order and in a timed one, each checkpointed."""
     out = {}
     for name, order in (("epp 1f1b", Order()), ("epp timed", Order("timed", plan.num_stages, 2))):
         bare = epp_schedule(plan.chunks, plan.seq_lengths, plan.num_stages, plan.layers_per_stage, plan.pipelines,
-                            metadata={"memory_budget": memory}, order=order, cost=cost, link=LOCAL_LINK)
+                            metadata={"memory_budget": memory}, order=order, cost=cost, link=link)
         out[name] = solve_checkpointing(bare, cost, memory)
     return out
 
@@ -236,6 +269,9 @@ def main() -> None:
     profile, factor = under_load(profile, args.model, args.stages)
     print(f"profile: {provenance}; every time term x{factor:.2f}: the wall time of its layers here with "
           f"{args.stages} processes running them at once (profiles time a thread's CPU time)")
+    link = measure_link(args.stages)
+    print(f"link between stages MEASURED here (gloo ping-pong): {link.latency_s * 1e6:.0f} us latency, "
+          f"{link.bandwidth_Bps / 1e9:.2f} GB/s")
     cost = CostModel(profile, cfg)
     lengths = skewed_lengths(args.seed, args.longest)
     g = torch.Generator().manual_seed(args.seed)
@@ -246,15 +282,15 @@ def main() -> None:
     names, plans, sims = [], [], []
     for name in PLANNERS:
         try:
-            plan = make_plan(name, PlanRequest(lengths, cost, args.stages, memory, link=LOCAL_LINK))
+            plan = make_plan(name, PlanRequest(lengths, cost, args.stages, memory, link=link))
         except ValueError as exc:
             print(f"{name}: no plan ({exc})")
             continue
-        more = in_orders(plan, cost, memory) if name == "epp" else {}
+        more = in_orders(plan, cost, memory, link) if name == "epp" else {}
         for label, p in {name: plan, **more}.items():
             names.append(label)
             plans.append(p)
-            sims.append(simulate(p, cost, memory, LOCAL_LINK))
+            sims.append(simulate(p, cost, memory, link))
     layers = plans[0].layers_per_stage
     if any(p.layers_per_stage != layers for p in plans):
         raise SystemExit("planners chose different layer splits; this benchmark needs one")
