@@ -2,7 +2,8 @@
 
 Each planner plans the same skewed batch of the ``tiny`` model; the plan runs on real processes
 (gloo, one process per stage, one thread each) and the table prints the measured iteration time
-(median over steps of the slowest stage's pipeline phase) and each stage's measured peak step
+(median over steps of the slowest stage's pipeline phase; the plans take turns, a step each, so
+that every plan meets the same spells of a busy machine) and each stage's measured peak step
 bytes (every allocation, counted in a separate untimed step), beside what the simulator
 predicts with the committed CPU profile. As an outside reference the same batch goes through
 ``torch.distributed.pipelining.Schedule1F1B``: it needs micro-batches of equal shape, so
@@ -112,17 +113,15 @@ def in_orders(plan, cost, memory, link) -> dict[str, object]:
 
 
 def run_plans(model, plans, batch, layers, steps):
-    """Timed steps first; then one step with every allocation counted (that slows each op, so it
-    is kept out of the timing) for each stage's peak."""
+    """Timed steps first, in rounds of one step per plan (a warm-up round first), so that every
+    plan meets the same spells of a busy machine; then one step per plan with every allocation
+    counted (that slows each op, so it is kept out of the timing) for each stage's peak."""
     mesh = ParallelDims(pp=len(layers), dp_replicate=1).build_mesh()
     timed = PipelineWorker(preset(model), layers, mesh, RuntimeSettings())
     counted = PipelineWorker(preset(model), layers, mesh, RuntimeSettings(count_live_bytes=True))
-    out = []
-    for plan in plans:
-        results = [timed.run_step(plan, batch) for _ in range(steps + 1)][1:]
-        peak = counted.run_step(plan, batch).peak_step_bytes
-        out.append([(r.pipeline_s, r.busy_s, peak) for r in results])
-    return out
+    rounds = [[timed.run_step(plan, batch) for plan in plans] for _ in range(steps + 1)][1:]
+    peaks = [counted.run_step(plan, batch).peak_step_bytes for plan in plans]
+    return [[(r[i].pipeline_s, r[i].busy_s, peaks[i]) for r in rounds] for i in range(len(plans))]
 
 
 def pack_rows(lengths: list[int], row: int) -> list[list[int]]:
