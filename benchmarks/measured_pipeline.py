@@ -90,9 +90,7 @@ def measure_link(stages: int) -> LinkModel:
     """The link between this machine's stage processes (loopback gloo, one thread each), from a
     small and a large ping-pong: latency and bandwidth, as the simulator prices a send."""
     small, large = launch_local(ping_pong, stages, (), timeout_s=120)[0]
-    latency = small
-    bandwidth = (PING_BYTES[1] - PING_BYTES[0]) / max(large - small, 1e-9)
-    return LinkModel(latency_s=latency, bandwidth_Bps=bandwidth)
+    return LinkModel(latency_s=small, bandwidth_Bps=(PING_BYTES[1] - PING_BYTES[0]) / max(large - small, 1e-9))
 
 
 def skewed_lengths(seed: int, longest: int = 2048) -> list[int]:

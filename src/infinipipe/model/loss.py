@@ -85,10 +85,11 @@ class _LossWithGradients(torch.autograd.Function):
         total = h.new_zeros((), dtype=torch.float64 if h.dtype == torch.float64 else torch.float32)
         scale = torch.full((), 1.0 / normaliser, dtype=total.dtype, device=h.device)
         grad_h = torch.empty_like(h)
+        weight = head_weight.detach()
         for b in range(0, h.shape[0], block_tokens):
             # A block that predicts nothing adds zero; asking the labels first would wait for the device.
             total = total + _block(h[b:b + block_tokens], labels[b:b + block_tokens], norm, norm_weight,
-                                   head_weight.detach(), scale, grad_h[b:b + block_tokens], sink)
+                                   weight, scale, grad_h[b:b + block_tokens], sink)
         ctx.save_for_backward(grad_h)
         ctx.sink = sink
         return total / normaliser

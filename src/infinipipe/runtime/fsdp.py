@@ -21,8 +21,8 @@ once-per-step timing (`StageLayout.reshard_per_chunk=False`).
 The reduction runs after the backwards rather than inside the last one (sync switched on before
 it, with FSDP's public setters only) because FSDP's hooks fire in autograd's order, and the ranks
 of a shard group run different chunks (each replica trains its own sequences): a last chunk
-whose tokens predict nothing runs no backward at all, and one whose graph differs fires the units'
-hooks in another order, so the ranks' collectives would not match. Calling each parameter
+whose graph differs fires the units' hooks in another order, so the ranks' collectives would not
+match. Calling each parameter
 group's ``post_backward`` and then the root's final callback is what
 ``torch.distributed.pipelining`` does for FSDP stages (``perform_reduce_grad``); it reaches
 into FSDP's state for the groups.
